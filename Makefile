@@ -1,0 +1,33 @@
+# Two commands for a fresh machine: `make demo` (main job on the embedded default) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.r2r-installed
+DEMO_DATA ?= build/demo-data
+DEMO_OUT ?= demo-out
+
+.PHONY: setup demo test lint clean
+
+# torch is pinned and installed first: a bare `torch` requirement would pull the CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	@test -f $(DEMO_DATA)/dataset.json || $(BIN)/r2r-train data --out $(DEMO_DATA) --count 200 --size 256x256 --seed 0 --overwrite
+	$(BIN)/r2r-run --input $(DEMO_DATA)/test/rendered --output $(DEMO_OUT)
+
+# pytest exits 5 when it collects nothing: that is a failure here, said in words.
+test: $(STAMP)
+	@$(BIN)/python -m pytest -q; rc=$$?; [ $$rc -ne 5 ] || echo "make test: pytest collected no test" >&2; exit $$rc
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
+
+clean:
+	rm -rf $(VENV) build $(DEMO_OUT)

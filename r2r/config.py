@@ -1,0 +1,48 @@
+"""The method's parameters: one typed config used by the reference, the export and the runtime."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+# Defaults of the paper's public code (DESIGN.md, "Defaults").
+DEFAULT_STEPS = 50
+DEFAULT_STRENGTH = 0.3
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_TAC_RATIO = 0.9
+DEFAULT_TAC_DIVISOR = 256
+SD15_DEFAULT_RESOLUTION = (768, 1024)  # (W, H), the public code's default for SD 1.5 models
+
+TacTarget = Literal["null", "both"]
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Realistic Image Generation parameters (DESIGN.md, "The method")."""
+
+    steps: int = DEFAULT_STEPS
+    strength: float = DEFAULT_STRENGTH
+    guidance: float = DEFAULT_GUIDANCE
+    tac_ratio: float = DEFAULT_TAC_RATIO
+    tac_divisor: int = DEFAULT_TAC_DIVISOR
+    tac_target: TacTarget = "null"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= 1000:
+            raise ValueError(f"steps must be in [1, 1000], got {self.steps}")
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        if min(int(self.steps * self.strength), self.steps) < 1:
+            raise ValueError(
+                f"steps * strength = {self.steps * self.strength:g} gives no denoising step; "
+                "raise --steps or --strength"
+            )
+        if not 0.0 <= self.tac_ratio <= 1.0:
+            raise ValueError(f"tac_ratio must be in [0, 1], got {self.tac_ratio}")
+        if self.tac_divisor < 1:
+            raise ValueError(f"tac_divisor must be >= 1, got {self.tac_divisor}")
+        if self.tac_target not in ("null", "both"):
+            raise ValueError(f"tac_target must be 'null' or 'both', got {self.tac_target!r}")
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return asdict(self)

@@ -1,0 +1,204 @@
+"""Model loading: diffusers-format SD-1.x directories and textual-inversion embeddings.
+
+Weights are read from safetensors only (never unpickled) and only from local files: a directory
+holding .bin/.ckpt weights alone is refused with a message naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+import r2r
+from r2r.config import SD15_DEFAULT_RESOLUTION
+from r2r.schedule import SchedulerConfig
+
+EMBEDDED_DEFAULT = Path(r2r.__file__).resolve().parent / "embedded" / "tiny"
+EMBEDDING_FILE = "negative_embedding.safetensors"
+DEFAULTS_FILE = "r2r_defaults.json"  # a model's own default resolution (the tiny default's 256x256)
+DEFAULT_TOKEN = "<rendered>"
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+MAX_TOKENS = 77
+
+# The SD 1.5 UNet configuration (architecture only; tests and benchmarks build random weights from it).
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+
+class ModelLoadError(ValueError):
+    """A model directory or embedding that cannot be used; the message names the file and the fix."""
+
+
+@dataclass
+class Components:
+    """The loaded parts of an SD-1.x model that the method needs."""
+
+    model_dir: Path
+    unet: Any  # diffusers UNet2DConditionModel
+    vae: Any  # diffusers AutoencoderKL
+    text_encoder: Any  # transformers CLIPTextModel
+    tokenizer: Any  # transformers CLIPTokenizer
+    scheduler: SchedulerConfig
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+
+def default_resolution(model_dir: str | Path) -> tuple[int, int]:
+    """(W, H): the model's r2r_defaults.json if it has one, else the public code's 768x1024."""
+    path = Path(model_dir) / DEFAULTS_FILE
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return int(data["width"]), int(data["height"])
+    return SD15_DEFAULT_RESOLUTION
+
+
+def check_model_dir(model_dir: str | Path) -> Path:
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise ModelLoadError(f"{root}: no such model directory (a diffusers directory with {', '.join(COMPONENTS)})")
+    for sub in COMPONENTS:
+        if not (root / sub).is_dir():
+            raise ModelLoadError(f"{root}: missing {sub}/; is this a diffusers-format SD 1.x directory?")
+    for sub in ("unet", "vae", "text_encoder"):
+        folder = root / sub
+        if not any(folder.glob("*.safetensors")):
+            pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".ckpt", ".pt", ".pth"))
+            hint = f" (found {pickled[0]}; convert it to safetensors first)" if pickled else ""
+            raise ModelLoadError(f"{folder}: no .safetensors weights{hint}; r2r never unpickles weights")
+    return root
+
+
+def load_components(model_dir: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> Components:
+    """Load an SD-1.x diffusers directory from local safetensors files."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = check_model_dir(model_dir)
+    kw = {"local_files_only": True, "use_safetensors": True}
+    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw)
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)
+    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", **kw)
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    scheduler = SchedulerConfig.from_model_dir(root)
+    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+        raise ModelLoadError(
+            f"{root}: unet cross_attention_dim {unet.config.cross_attention_dim} != text encoder width "
+            f"{text_encoder.config.hidden_size}; not an SD 1.x model"
+        )
+    for module in (unet, vae, text_encoder):
+        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return Components(root, unet, vae, text_encoder, tokenizer, scheduler)
+
+
+def load_embedding(path: str | Path, hidden_size: int | None = None) -> tuple[str, torch.Tensor]:
+    """Read a diffusers textual-inversion safetensors file: one key (the token) -> [n, d]."""
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        raise ModelLoadError(f"{p}: embeddings are read from .safetensors only (never unpickled)")
+    if not p.is_file():
+        raise ModelLoadError(f"{p}: no such embedding file")
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            keys = list(fh.keys())
+            if len(keys) != 1:
+                raise ModelLoadError(f"{p}: expected one key (the token string), found {len(keys)}: {keys[:4]}")
+            tensor = fh.get_tensor(keys[0])
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types on malformed headers
+        raise ModelLoadError(f"{p}: not a valid safetensors file ({exc})") from exc
+    if tensor.ndim == 1:
+        tensor = tensor[None]
+    if tensor.ndim != 2 or not tensor.is_floating_point():
+        raise ModelLoadError(f"{p}: expected a float [n, d] tensor, got {tuple(tensor.shape)} {tensor.dtype}")
+    if not 1 <= tensor.shape[0] <= MAX_TOKENS - 2:
+        raise ModelLoadError(f"{p}: {tensor.shape[0]} vectors; at most {MAX_TOKENS - 2} fit in a prompt")
+    if hidden_size is not None and tensor.shape[1] != hidden_size:
+        raise ModelLoadError(f"{p}: vectors of width {tensor.shape[1]}, the text encoder has {hidden_size}")
+    if not torch.isfinite(tensor).all():
+        raise ModelLoadError(f"{p}: contains non-finite values")
+    return keys[0], tensor.float()
+
+
+def placeholder_tokens(token: str, count: int) -> list[str]:
+    """diffusers' multi-vector naming: token, token_1, ..., token_{count-1}."""
+    return [token] + [f"{token}_{i}" for i in range(1, count)]
+
+
+@torch.no_grad()
+def encode_conditioning(components: Components, embedding_path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_null, c_neg), each [1, 77, d] float32, as DESIGN.md's "Conditioning" defines them.
+
+    The text encoder and tokenizer are copied before the placeholder rows are added, so the loaded
+    components stay those of the model directory.
+    """
+    import copy
+
+    te = components.text_encoder
+    token, vectors = load_embedding(embedding_path, te.config.hidden_size)
+    tokenizer = copy.deepcopy(components.tokenizer)
+    text_encoder = copy.deepcopy(te).float().cpu()
+    names = placeholder_tokens(token, vectors.shape[0])
+    clash = [n for n in names if n in tokenizer.get_vocab()]
+    if clash:
+        raise ModelLoadError(f"{embedding_path}: token {clash[0]!r} already exists in the tokenizer")
+    tokenizer.add_tokens(names)
+    ids = tokenizer.convert_tokens_to_ids(names)
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.get_input_embeddings().weight[ids] = vectors.to(text_encoder.dtype)
+
+    def encode(prompt: str) -> torch.Tensor:
+        tok = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt")
+        return text_encoder(tok.input_ids)[0].float()
+
+    c_null = encode("")
+    neg_ids = tokenizer(" ".join(names), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True).input_ids
+    if neg_ids[1 : 1 + len(ids)] != ids:
+        raise ModelLoadError(f"{embedding_path}: placeholder tokens did not tokenize to their own ids")
+    c_neg = encode(" ".join(names))
+    return c_null, c_neg
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_tree(root: str | Path) -> str:
+    """Hash of a directory's files (relative names and contents), order-independent of the walk."""
+    base = Path(root)
+    h = hashlib.sha256()
+    for p in sorted(q for q in base.rglob("*") if q.is_file()):
+        h.update(p.relative_to(base).as_posix().encode() + b"\0" + sha256_file(p).encode())
+    return h.hexdigest()

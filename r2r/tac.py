@@ -1,0 +1,257 @@
+"""Texture-preserving Attention Control: the plan (which layers, which steps) and the processor.
+
+This is the one definition of TAC (paper eq. 9, DESIGN.md). The PyTorch reference and the ONNX
+export both install `TACProcessor` through diffusers' attention-processor API; a `TACState` owned by
+the caller switches it between plain attention, capture (the emit graph), injection (the inject
+graph) and the fused three-way batch.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+SUPPORTED_UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+SUPPORTED_MID = {"UNetMidBlock2DCrossAttn": True, None: False}
+
+
+@dataclass(frozen=True)
+class TACLayer:
+    """One self-attention layer under control: its module name, tokens N and channels C."""
+
+    name: str  # e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    level: int  # latent resolution level (0 = full latent)
+    tokens: int
+    channels: int
+
+    @property
+    def processor_key(self) -> str:
+        return f"{self.name}.processor"
+
+
+@dataclass(frozen=True)
+class TACPlan:
+    """The TAC layers of a UNet at one resolution, in UNet execution order."""
+
+    layers: tuple[TACLayer, ...]
+    width: int
+    height: int
+    divisor: int
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(layer.name for layer in self.layers)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "width": self.width,
+            "height": self.height,
+            "divisor": self.divisor,
+            "layers": [
+                {"name": lyr.name, "level": lyr.level, "tokens": lyr.tokens, "channels": lyr.channels}
+                for lyr in self.layers
+            ],
+        }
+
+
+def tac_window(n: int, tac_ratio: float) -> int:
+    """Number of leading generation steps under TAC: i < int(n * tac_ratio)."""
+    return int(n * tac_ratio)
+
+
+def _per_block(value: int | Sequence[int], count: int) -> list[int]:
+    return [int(value)] * count if isinstance(value, int) else [int(v) for v in value]
+
+
+def self_attention_layers(unet_config: Mapping[str, Any], width: int, height: int) -> list[TACLayer]:
+    """Every attn1 layer of an SD-1.x-family UNet with its token count at (width, height) pixels.
+
+    Derived from the config alone (no weights), in execution order: down blocks, mid, up blocks.
+    """
+    down_types = list(unet_config["down_block_types"])
+    up_types = list(unet_config["up_block_types"])
+    mid_type = unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    channels = list(unet_config["block_out_channels"])
+    levels = len(channels)
+    layers_per_block = _per_block(unet_config.get("layers_per_block", 2), levels)
+    tlayers = _per_block(unet_config.get("transformer_layers_per_block", 1), levels)
+    for t in down_types:
+        if t not in SUPPORTED_DOWN:
+            raise ValueError(f"down block {t!r} is not an SD-1.x block; supported: {sorted(SUPPORTED_DOWN)}")
+    for t in up_types:
+        if t not in SUPPORTED_UP:
+            raise ValueError(f"up block {t!r} is not an SD-1.x block; supported: {sorted(SUPPORTED_UP)}")
+    if mid_type not in SUPPORTED_MID:
+        raise ValueError(f"mid block {mid_type!r} is not supported")
+
+    # Latent size per level: VAE factor 8, then a stride-2 conv (padding 1) per level.
+    h, w = height // 8, width // 8
+    sizes = []
+    for _ in range(levels):
+        sizes.append(h * w)
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+
+    out: list[TACLayer] = []
+    for i, t in enumerate(down_types):
+        if SUPPORTED_DOWN[t]:
+            for a in range(layers_per_block[i]):
+                for k in range(tlayers[i]):
+                    name = f"down_blocks.{i}.attentions.{a}.transformer_blocks.{k}.attn1"
+                    out.append(TACLayer(name, i, sizes[i], channels[i]))
+    if SUPPORTED_MID[mid_type]:
+        for k in range(tlayers[-1]):
+            out.append(TACLayer(f"mid_block.attentions.0.transformer_blocks.{k}.attn1",
+                                levels - 1, sizes[-1], channels[-1]))
+    rev_layers = list(reversed(layers_per_block))
+    rev_t = _per_block(unet_config.get("reverse_transformer_layers_per_block") or list(reversed(tlayers)),
+                       levels)
+    for i, t in enumerate(up_types):
+        level = levels - 1 - i
+        if SUPPORTED_UP[t]:
+            for a in range(rev_layers[i] + 1):
+                for k in range(rev_t[i]):
+                    name = f"up_blocks.{i}.attentions.{a}.transformer_blocks.{k}.attn1"
+                    out.append(TACLayer(name, level, sizes[level], channels[level]))
+    return out
+
+
+def plan_tac(unet_config: Mapping[str, Any], width: int, height: int, divisor: int) -> TACPlan:
+    """Paper eq. 9's f > F, as the public code's attn_replace_layers: N * divisor >= H * W."""
+    if width % 8 or height % 8:
+        raise ValueError(f"width and height must be multiples of 8, got {width}x{height}")
+    chosen = tuple(
+        layer for layer in self_attention_layers(unet_config, width, height)
+        if layer.tokens * divisor >= width * height
+    )
+    return TACPlan(chosen, width, height, divisor)
+
+
+class TACMode(enum.Enum):
+    OFF = "off"  # plain self-attention
+    CAPTURE = "capture"  # record Q, K of the whole batch (the cg pass; the emit graph)
+    INJECT = "inject"  # batch [neg x B, null x B]: null half's Q, K := given tensors
+    FUSED = "fused"  # batch [cg x B, neg x B, null x B]: null third's Q, K := cg third's
+
+
+@dataclass
+class TACState:
+    """Switch shared by one UNet's TAC processors; owned by a pipeline or an export wrapper."""
+
+    num_layers: int
+    mode: TACMode = TACMode.OFF
+    target: str = "null"  # "both": the negative pass is controlled too
+    captured: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    injected: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()
+
+    def __post_init__(self) -> None:
+        self.captured = [None] * self.num_layers
+
+    def take_captured(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for i, qk in enumerate(self.captured):
+            if qk is None:
+                raise RuntimeError(f"TAC layer {i} captured nothing: does the plan match the UNet?")
+            out.append(qk)
+        self.captured = [None] * self.num_layers
+        return out
+
+
+class TACProcessor:
+    """Self-attention of one TAC layer, with the Q/K routing of the state's mode.
+
+    Plain mode performs the same operations as diffusers' default SDPA processor, so TAC with an
+    empty window is bit-identical to the unmodified model.
+    """
+
+    def __init__(self, index: int, layer: TACLayer, state: TACState) -> None:
+        self.index = index
+        self.layer = layer
+        self.state = state
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError(f"{self.layer.name}: TAC applies to self-attention (attn1) only")
+        if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.ndim != 3:
+            raise ValueError(f"{self.layer.name}: unsupported attention layout for TAC")
+        batch, tokens, _ = hidden_states.shape
+        if not torch.jit.is_tracing() and not torch.compiler.is_compiling() and tokens != self.layer.tokens:
+            raise ValueError(
+                f"{self.layer.name}: {tokens} tokens, the TAC plan expects {self.layer.tokens}; "
+                "the plan was made for another resolution"
+            )
+        residual = hidden_states
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        query, key = self._route(query, key)
+
+        heads = attn.heads
+        head_dim = key.shape[-1] // heads
+        query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _route(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        st = self.state
+        mode = st.mode
+        if mode is TACMode.OFF:
+            return q, k
+        if mode is TACMode.CAPTURE:
+            st.captured[self.index] = (q, k)
+            return q, k
+        both = st.target == "both"
+        if mode is TACMode.INJECT:
+            qi, ki = st.injected[self.index]
+            b = qi.shape[0]
+            if both:
+                return torch.cat([qi, qi]), torch.cat([ki, ki])
+            return torch.cat([q[:b], qi]), torch.cat([k[:b], ki])
+        # FUSED: thirds [cg, neg, null]
+        b = q.shape[0] // 3
+        qc, kc = q[:b], k[:b]
+        if both:
+            return torch.cat([qc, qc, qc]), torch.cat([kc, kc, kc])
+        return torch.cat([q[: 2 * b], qc]), torch.cat([k[: 2 * b], kc])
+
+
+def install_tac(unet: torch.nn.Module, plan: TACPlan, target: str = "null") -> TACState:
+    """Put a TACProcessor on every planned layer (others keep theirs) and return their state."""
+    processors = dict(unet.attn_processors)  # type: ignore[attr-defined]
+    missing = [lyr.processor_key for lyr in plan.layers if lyr.processor_key not in processors]
+    if missing:
+        raise ValueError(f"TAC plan names layers the UNet lacks: {missing[:3]}")
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for key, proc in processors.items():  # a previous plan's layers return to plain attention
+        if isinstance(proc, TACProcessor):
+            processors[key] = AttnProcessor2_0()
+    state = TACState(num_layers=len(plan.layers), target=target)
+    for i, layer in enumerate(plan.layers):
+        processors[layer.processor_key] = TACProcessor(i, layer, state)
+    unet.set_attn_processor(processors)  # type: ignore[attr-defined]
+    return state

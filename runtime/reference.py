@@ -1,0 +1,133 @@
+"""The PyTorch reference of Realistic Image Generation (DESIGN.md, "The method"): the oracle.
+
+Written for clarity and exactness, not speed: inversion with the empty prompt (one pass per step),
+then generation with negative-embedding guidance against null text, TAC on the null pass in the
+window (cg pass with capture, then the [neg, null] pass with injection). Every fast path is checked
+against this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from r2r.config import MethodConfig
+from r2r.imageio import to_model_input
+from r2r.models import Components, encode_conditioning
+from r2r.schedule import Schedule, ddim_transfer, guide, make_schedule
+from r2r.tac import TACMode, TACPlan, TACState, install_tac, plan_tac, tac_window
+
+
+@dataclass
+class EvalCount:
+    """UNet evaluations: every latent of every UNet batch counts one."""
+
+    evaluations: int = 0
+    images: int = 0
+    by_stage: dict[str, int] = field(default_factory=dict)
+
+    def add(self, stage: str, latents: int) -> None:
+        self.evaluations += latents
+        self.by_stage[stage] = self.by_stage.get(stage, 0) + latents
+
+    @property
+    def per_image(self) -> float:
+        return self.evaluations / max(self.images, 1)
+
+
+class ReferencePipeline:
+    """FashionR2R's generation on a loaded SD-1.x model, batch of B images of one size."""
+
+    def __init__(self, components: Components, embedding: str | Path, width: int, height: int) -> None:
+        self.c = components
+        self.width, self.height = width, height
+        self.c_null, self.c_neg = encode_conditioning(components, embedding)
+        dev, dt = self.device, self.dtype
+        self.c_null, self.c_neg = self.c_null.to(dev, dt), self.c_neg.to(dev, dt)
+        self._plan: TACPlan | None = None
+        self._state: TACState | None = None
+        self.count = EvalCount()
+
+    @property
+    def device(self) -> torch.device:
+        return self.c.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.c.unet.dtype
+
+    def tac(self, method: MethodConfig) -> tuple[TACPlan, TACState]:
+        """The TAC plan for this resolution and divisor, installed on the UNet (re-planned on change)."""
+        if self._plan is None or self._plan.divisor != method.tac_divisor or self._state is None \
+                or self._state.target != method.tac_target:
+            self._plan = plan_tac(self.c.unet.config, self.width, self.height, method.tac_divisor)
+            self._state = install_tac(self.c.unet, self._plan, method.tac_target)
+        return self._plan, self._state
+
+    def schedule(self, method: MethodConfig) -> Schedule:
+        return make_schedule(self.c.scheduler, method)
+
+    def _unet(self, stage: str, z: torch.Tensor, t: int, cond: torch.Tensor) -> torch.Tensor:
+        self.count.add(stage, z.shape[0])
+        ts = torch.tensor(t, dtype=torch.long, device=z.device)
+        return self.c.unet(z, ts, encoder_hidden_states=cond).sample
+
+    @torch.no_grad()
+    def encode(self, images: list[np.ndarray]) -> torch.Tensor:
+        """uint8 [H, W, 3] images of the pipeline's size -> z0 [B, 4, h, w]."""
+        for im in images:
+            if im.shape != (self.height, self.width, 3):
+                raise ValueError(f"image of shape {im.shape}, pipeline expects {(self.height, self.width, 3)}")
+        x = torch.from_numpy(np.stack([to_model_input(im) for im in images])).to(self.device, self.dtype)
+        return self.c.vae.encode(x).latent_dist.mean * self.c.scaling_factor
+
+    @torch.no_grad()
+    def invert(self, z0: torch.Tensor, sched: Schedule) -> list[torch.Tensor]:
+        """DDIM inversion over ts ascending; returns z_t indexed like sched.timesteps (descending)."""
+        b = z0.shape[0]
+        cond = self.c_null.expand(b, -1, -1)
+        z = z0
+        latents: list[torch.Tensor] = [z0] * sched.n
+        for j in reversed(range(sched.n)):
+            eps = self._unet("inversion", z, sched.timesteps[j], cond)
+            z = ddim_transfer(z, eps, sched.alpha_prev[j], sched.alpha[j])
+            latents[j] = z
+        return latents
+
+    @torch.no_grad()
+    def generate(self, latents: list[torch.Tensor], sched: Schedule, method: MethodConfig) -> torch.Tensor:
+        """Negative-embedding guidance from z_{ts[0]}, TAC on the null pass in the window."""
+        _, state = self.tac(method)
+        b = latents[0].shape[0]
+        cond_pair = torch.cat([self.c_neg.expand(b, -1, -1), self.c_null.expand(b, -1, -1)])
+        cond_cg = self.c_null.expand(b, -1, -1)
+        window = tac_window(sched.n, method.tac_ratio)
+        zr = latents[0]
+        for i, t in enumerate(sched.timesteps):
+            if i < window:
+                state.mode = TACMode.CAPTURE
+                self._unet("generation_cg", latents[i], t, cond_cg)
+                state.injected = state.take_captured()
+                state.mode = TACMode.INJECT
+            try:
+                eps = self._unet("generation", torch.cat([zr, zr]), t, cond_pair)
+            finally:
+                state.mode, state.injected = TACMode.OFF, ()
+            e_neg, e_null = eps.chunk(2)
+            zr = ddim_transfer(zr, guide(e_neg, e_null, method.guidance), sched.alpha[i], sched.alpha_prev[i])
+        return zr
+
+    @torch.no_grad()
+    def decode(self, zr: torch.Tensor) -> list[np.ndarray]:
+        x = self.c.vae.decode(zr / self.c.scaling_factor).sample
+        u8 = (x.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+        return [im.permute(1, 2, 0).cpu().numpy() for im in u8]
+
+    def __call__(self, images: list[np.ndarray], method: MethodConfig) -> list[np.ndarray]:
+        sched = self.schedule(method)
+        self.count.images += len(images)
+        z0 = self.encode(images)
+        return self.decode(self.generate(self.invert(z0, sched), sched, method))

@@ -1,0 +1,28 @@
+"""Shared fixtures: a seeded random-init tiny model of the embedded default's family."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from r2r.tiny import build_random_embedding, build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny") / "model"
+    build_tiny_model(root, seed=0)
+    build_random_embedding(root, root / "negative_embedding.safetensors", seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_components(tiny_model_dir: Path):
+    from r2r.models import load_components
+
+    return load_components(tiny_model_dir)

@@ -1,0 +1,85 @@
+"""The TAC processor on a real UNet: plain mode is the default attention, the modes route Q/K."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from r2r.tac import TACMode, install_tac, plan_tac, self_attention_layers
+
+
+@pytest.fixture()
+def unet(tiny_components):
+    return copy.deepcopy(tiny_components.unet)
+
+
+def _inputs(batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, 32, 32, generator=g), torch.tensor(261), torch.randn(batch, 77, 64, generator=g)
+
+
+def test_plan_token_counts_match_what_the_tiny_unet_computes(unet) -> None:
+    seen: dict[str, int] = {}
+    hooks = [mod.to_q.register_forward_hook(lambda m, i, o, n=name: seen.__setitem__(n, o.shape[1]))
+             for name, mod in unet.named_modules() if name.endswith("attn1")]
+    with torch.no_grad():
+        unet(*_inputs(1)[:2], encoder_hidden_states=_inputs(1)[2])
+    for h in hooks:
+        h.remove()
+    planned = {lyr.name: lyr.tokens for lyr in self_attention_layers(unet.config, 256, 256)}
+    assert planned == seen
+    assert [lyr.level for lyr in plan_tac(unet.config, 256, 256, 256).layers] == [0, 1, 1, 1, 0, 0]
+
+
+def test_plain_mode_is_bit_identical_to_the_default_processor(unet) -> None:
+    z, t, c = _inputs(2)
+    with torch.no_grad():
+        before = unet(z, t, encoder_hidden_states=c).sample
+        install_tac(unet, plan_tac(unet.config, 256, 256, 256))
+        after = unet(z, t, encoder_hidden_states=c).sample
+    assert torch.equal(before, after)
+
+
+def test_fused_batch_equals_capture_then_inject(unet) -> None:
+    state = install_tac(unet, plan_tac(unet.config, 256, 256, 256))
+    zc, t, c_null = _inputs(1, 1)
+    zr, _, c_neg = _inputs(1, 2)
+    with torch.no_grad():
+        state.mode = TACMode.CAPTURE
+        unet(zc, t, encoder_hidden_states=c_null)
+        state.injected = state.take_captured()
+        state.mode = TACMode.INJECT
+        pair = unet(torch.cat([zr, zr]), t, encoder_hidden_states=torch.cat([c_neg, c_null])).sample
+        state.mode = TACMode.FUSED
+        fused = unet(torch.cat([zc, zr, zr]), t, encoder_hidden_states=torch.cat([c_null, c_neg, c_null])).sample
+        state.mode = TACMode.OFF
+        plain = unet(torch.cat([zr, zr]), t, encoder_hidden_states=torch.cat([c_neg, c_null])).sample
+    torch.testing.assert_close(fused[1:], pair, rtol=1e-5, atol=1e-5)
+    assert (pair[1] - plain[1]).abs().max() > 1e-4  # the null pass is controlled
+    torch.testing.assert_close(pair[0], plain[0], rtol=1e-5, atol=1e-5)  # negative pass is not
+
+
+def test_capture_returns_projections_before_the_head_split(unet) -> None:
+    plan = plan_tac(unet.config, 256, 256, 256)
+    state = install_tac(unet, plan)
+    state.mode = TACMode.CAPTURE
+    with torch.no_grad():
+        unet(*_inputs(3)[:2], encoder_hidden_states=_inputs(3)[2])
+    qk = state.take_captured()
+    assert [tuple(q.shape) for q, _ in qk] == [(3, lyr.tokens, lyr.channels) for lyr in plan.layers]
+    assert [tuple(k.shape) for _, k in qk] == [(3, lyr.tokens, lyr.channels) for lyr in plan.layers]
+
+
+def test_a_plan_for_another_resolution_is_refused_at_run_time(unet) -> None:
+    install_tac(unet, plan_tac(unet.config, 512, 512, 256))
+    with torch.no_grad(), pytest.raises(ValueError, match="another resolution"):
+        unet(*_inputs(1)[:2], encoder_hidden_states=_inputs(1)[2])
+
+
+def test_replanning_returns_dropped_layers_to_plain_attention(unet) -> None:
+    install_tac(unet, plan_tac(unet.config, 256, 256, 256))
+    install_tac(unet, plan_tac(unet.config, 256, 256, 64))
+    kinds = {k: type(v).__name__ for k, v in unet.attn_processors.items() if ".attn1." in k}
+    assert sum(v == "TACProcessor" for v in kinds.values()) == 3
