@@ -1,0 +1,199 @@
+"""`r2r-export onnx`: a model directory + embedding -> a bundle (graphs, conditioning, manifest).
+
+Each artefact has a key: the hash of what it is made from (the relevant weights, resolution, batch
+range, TAC plan, tool versions). A re-run with an unchanged key rebuilds nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from r2r.export.graphs import VAE_SPECS, UNetEmit, UNetFused, UNetInject, UNetPlain, VaeDecoder, VaeEncoder, unet_specs
+from r2r.export.to_onnx import OPSET, export_graph
+from safetensors.torch import save_file
+
+from r2r import __version__
+from r2r import graph_io as io
+from r2r.config import MethodConfig
+from r2r.manifest import (
+    COND_FILE,
+    ONNX_DIR,
+    GraphEntry,
+    Manifest,
+    TensorSpec,
+    bundle_path,
+    read_manifest,
+    record_file,
+    verify_files,
+    write_manifest,
+)
+from r2r.models import Components, encode_conditioning, load_components, sha256_file, sha256_tree
+from r2r.tac import TACPlan, install_tac, plan_tac
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model: Path
+    embedding: Path
+    out: Path
+    width: int
+    height: int
+    batch_max: int = 4
+    tac_divisor: int = 256
+    graphs: tuple[str, ...] = io.ALL_GRAPHS
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    import onnx
+
+    return {"r2r": __version__, "torch": torch.__version__, "onnx": onnx.__version__, "opset": str(OPSET)}
+
+
+def _graph_file(name: str) -> str:
+    return f"{ONNX_DIR}/{name}/{name}.onnx"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _files_of(bundle: Path, rel: str) -> list[str]:
+    """The graph file and any external-data files beside it, relative to the bundle."""
+    folder = bundle_path(bundle, rel).parent
+    return sorted(str(p.relative_to(bundle.resolve())) for p in folder.iterdir() if p.is_file())
+
+
+def _examples(name: str, comps: Components, plan: TACPlan, h: int, w: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    d = comps.text_encoder.config.hidden_size
+    t = torch.tensor([261.0])
+
+    def unet_args(k: int) -> tuple[torch.Tensor, ...]:
+        return torch.randn(2 * k, 4, h // 8, w // 8, generator=g), t, torch.randn(2 * k, 77, d, generator=g)
+
+    if name == io.UNET_INJECT:
+        qk = [torch.randn(2, lyr.tokens, lyr.channels, generator=g) for lyr in plan.layers for _ in range(2)]
+        return (*unet_args(2), *qk)
+    if name == io.UNET_FUSED:
+        return unet_args(3)
+    if name in (io.UNET, io.UNET_EMIT):
+        return unet_args(1)
+    if name == io.VAE_ENCODER:
+        return (torch.rand(2, 3, h, w, generator=g) * 2 - 1,)
+    return (torch.randn(2, 4, h // 8, w // 8, generator=g),)
+
+
+def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = _log) -> Manifest:
+    """Write or refresh the bundle at cfg.out; returns its manifest."""
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    comps = load_components(cfg.model)
+    plan = plan_tac(comps.unet.config, cfg.width, cfg.height, cfg.tac_divisor)
+    tools = tool_versions()
+    model_dir = comps.model_dir
+    part_hash = {p: sha256_tree(model_dir / p) for p in ("unet", "vae", "text_encoder", "tokenizer")}
+    emb_hash = sha256_file(cfg.embedding)
+    shape_key = (cfg.width, cfg.height, cfg.batch_max)
+    keys = {
+        **{g: _key(g, part_hash["unet"], shape_key, plan.as_dict(), tools) for g in unet_specs(plan)},
+        **{g: _key(g, part_hash["vae"], shape_key, tools) for g in VAE_SPECS},
+        "cond": _key(part_hash["text_encoder"], part_hash["tokenizer"], emb_hash, tools["r2r"]),
+    }
+    try:
+        old = read_manifest(out)
+    except ValueError:
+        old = None
+
+    manifest = Manifest(
+        source={"model": model_dir.name, "model_sha256": sha256_tree(model_dir), "parts_sha256": part_hash,
+                "embedding": Path(cfg.embedding).name, "embedding_sha256": emb_hash},
+        width=cfg.width, height=cfg.height, batch_min=1, batch_max=cfg.batch_max,
+        latent={"channels": int(comps.unet.config.in_channels), "height": cfg.height // 8, "width": cfg.width // 8},
+        scaling_factor=comps.scaling_factor,
+        tac_plan={**plan.as_dict(), "target": "null"},
+        schedule={"scheduler": comps.scheduler.as_dict(),
+                  "defaults": MethodConfig(tac_divisor=cfg.tac_divisor).as_dict()},
+        tools=tools,
+    )
+    if old is not None:
+        manifest.engines = old.engines  # engines keep their own keys; engines/ re-checks them
+
+    def reusable(name: str, files: list[str]) -> bool:
+        if old is None:
+            return False
+        entry_key = old.graphs[name].key if name in old.graphs else old.cond.get("key")
+        if entry_key != keys[name]:
+            return False
+        try:
+            verify_files(out, old, only=files)
+        except ValueError:
+            return False
+        return all(f in old.files for f in files)
+
+    # Conditioning (text encoder + embedding), computed once: the runtime needs no text encoder.
+    if old is not None and reusable("cond", [COND_FILE]):
+        manifest.cond = old.cond
+        manifest.files[COND_FILE] = old.files[COND_FILE]
+        progress(f"  cond        up to date ({COND_FILE})")
+    else:
+        t0 = time.perf_counter()
+        c_null, c_neg = encode_conditioning(comps, cfg.embedding)
+        path = bundle_path(out, COND_FILE)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+        os.close(fd)
+        save_file({io.COND_NULL: c_null.contiguous(), io.COND_NEG: c_neg.contiguous()}, tmp)
+        os.replace(tmp, path)
+        record_file(out, manifest, COND_FILE)
+        manifest.cond = {"file": COND_FILE, "key": keys["cond"], "tensors": [
+            TensorSpec(io.COND_NULL, list(c_null.shape), "float32").__dict__,
+            TensorSpec(io.COND_NEG, list(c_neg.shape), "float32").__dict__]}
+        progress(f"  cond        built in {time.perf_counter() - t0:.1f} s ({path.stat().st_size / 1e3:.0f} kB)")
+
+    state = install_tac(comps.unet, plan)
+    modules = {
+        io.UNET: lambda: UNetPlain(comps.unet, state),
+        io.UNET_EMIT: lambda: UNetEmit(comps.unet, state),
+        io.UNET_INJECT: lambda: UNetInject(comps.unet, state),
+        io.UNET_FUSED: lambda: UNetFused(comps.unet, state),
+        io.VAE_ENCODER: lambda: VaeEncoder(comps.vae),
+        io.VAE_DECODER: lambda: VaeDecoder(comps.vae),
+    }
+    specs = {**unet_specs(plan), **VAE_SPECS}
+    for name in cfg.graphs:
+        rel = _graph_file(name)
+        old_files = [f for f in old.files if f.startswith(f"{ONNX_DIR}/{name}/")] if old is not None else []
+        if old is not None and name in old.graphs and old_files and reusable(name, old_files):
+            manifest.graphs[name] = old.graphs[name]
+            manifest.files.update({f: old.files[f] for f in old_files})
+            progress(f"  {name:<11} up to date ({rel})")
+            continue
+        t0 = time.perf_counter()
+        folder = bundle_path(out, rel).parent
+        if folder.exists():
+            for f in folder.iterdir():
+                f.unlink()
+        module = modules[name]().eval()
+        inputs, outputs, external = export_graph(module, _examples(name, comps, plan, cfg.height, cfg.width),
+                                                 specs[name], bundle_path(out, rel), cfg.batch_max)
+        for f in _files_of(out, rel):
+            record_file(out, manifest, f)
+        manifest.graphs[name] = GraphEntry(rel, inputs, outputs, keys[name], external)
+        size = sum(bundle_path(out, f).stat().st_size for f in _files_of(out, rel))
+        progress(f"  {name:<11} exported in {time.perf_counter() - t0:.1f} s ({size / 1e6:.1f} MB"
+                 f"{', external data' if external else ''})")
+    write_manifest(out, manifest)
+    return manifest

@@ -1,0 +1,161 @@
+"""The bundle manifest (DESIGN.md, "The bundle"): schema, atomic writing and verification.
+
+One module reads and writes `manifest.json` for every stage: export fills the graphs and
+conditioning, engines add their builds, the runtime verifies hashes before it loads anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from r2r.models import sha256_file
+
+MANIFEST = "manifest.json"
+FORMAT = "r2r-bundle"
+FORMAT_VERSION = 1
+ONNX_DIR = "onnx"
+COND_DIR = "cond"
+COND_FILE = "cond/conditioning.safetensors"
+ENGINES_DIR = "engines"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used as it is; the message names the file and the command that fixes it."""
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    shape: list[int | str]  # symbolic dims by name ("B", "2*B", "3*B")
+    dtype: str  # numpy dtype name
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(d["name"], list(d["shape"]), d["dtype"])
+
+
+@dataclass
+class GraphEntry:
+    file: str  # relative to the bundle
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    key: str  # hash of everything the graph was made from; unchanged key = nothing to rebuild
+    external_data: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GraphEntry:
+        return cls(d["file"], [TensorSpec.from_dict(t) for t in d["inputs"]],
+                   [TensorSpec.from_dict(t) for t in d["outputs"]], d["key"], d.get("external_data", False))
+
+
+@dataclass
+class EngineEntry:
+    """One built graph for one backend and precision."""
+
+    backend: str
+    precision: str
+    graph: str
+    files: list[str]
+    key: str
+    info: dict[str, Any] = field(default_factory=dict)  # versions, GPU, session options, parity
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EngineEntry:
+        return cls(d["backend"], d["precision"], d["graph"], list(d["files"]), d["key"], dict(d.get("info", {})))
+
+
+@dataclass
+class Manifest:
+    source: dict[str, Any]  # model dir name, model/embedding sha256, token
+    width: int
+    height: int
+    batch_min: int
+    batch_max: int
+    latent: dict[str, int]  # channels, height, width
+    scaling_factor: float
+    tac_plan: dict[str, Any]  # TACPlan.as_dict() plus the target
+    schedule: dict[str, Any]  # scheduler config + method defaults
+    graphs: dict[str, GraphEntry] = field(default_factory=dict)
+    cond: dict[str, Any] = field(default_factory=dict)  # file, key, tensor specs
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    engines: dict[str, EngineEntry] = field(default_factory=dict)  # "backend/precision/graph" -> entry
+    tools: dict[str, str] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        if d.get("format") != FORMAT:
+            raise BundleError(f"not an r2r bundle manifest (format {d.get('format')!r})")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise BundleError(
+                f"bundle format version {d.get('format_version')} is not {FORMAT_VERSION}; "
+                "re-export it with `r2r-export onnx`"
+            )
+        d = dict(d)
+        d["graphs"] = {k: GraphEntry.from_dict(v) for k, v in d.get("graphs", {}).items()}
+        d["engines"] = {k: EngineEntry.from_dict(v) for k, v in d.get("engines", {}).items()}
+        return cls(**d)
+
+
+def read_manifest(bundle: str | Path) -> Manifest:
+    path = Path(bundle) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; make the bundle with `r2r-export onnx --out {bundle}`")
+    try:
+        return Manifest.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BundleError(f"{path}: malformed manifest ({exc}); re-export with `r2r-export onnx`") from exc
+
+
+def write_manifest(bundle: str | Path, manifest: Manifest) -> Path:
+    """Write atomically: a crash mid-write leaves the previous manifest, never half of one."""
+    root = Path(bundle)
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".json.part", dir=root)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(manifest.to_dict(), fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        os.replace(tmp, root / MANIFEST)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return root / MANIFEST
+
+
+def bundle_path(bundle: str | Path, relative: str) -> Path:
+    """Resolve a manifest-relative path, refusing any that leaves the bundle."""
+    root = Path(bundle).resolve()
+    p = (root / relative).resolve()
+    if root != p and root not in p.parents:
+        raise BundleError(f"{relative}: path leaves the bundle {root}")
+    return p
+
+
+def record_file(bundle: str | Path, manifest: Manifest, relative: str) -> str:
+    digest = sha256_file(bundle_path(bundle, relative))
+    manifest.files[relative] = digest
+    return digest
+
+
+def verify_files(bundle: str | Path, manifest: Manifest, only: list[str] | None = None) -> None:
+    """Refuse a bundle whose files do not match their recorded hashes."""
+    for rel, digest in manifest.files.items():
+        if only is not None and rel not in only:
+            continue
+        p = bundle_path(bundle, rel)
+        if not p.is_file():
+            raise BundleError(f"{p}: listed in the manifest but missing; rebuild with `r2r-export onnx --out {bundle}`")
+        if sha256_file(p) != digest:
+            raise BundleError(
+                f"{p}: contents do not match the manifest's sha256; rebuild with `r2r-export onnx --out {bundle}`"
+            )

@@ -1,0 +1,199 @@
+"""ONNX export parity: every graph against PyTorch on fresh random inputs.
+
+Relative error here is max|onnx - torch| / max|torch| over a whole tensor (element-wise relative
+error is meaningless where values cross zero); the bound is 1e-4 for every output, Q/K included.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from r2r.export.bundle import ExportConfig, export_bundle
+from safetensors.torch import load_file
+
+from r2r import graph_io as io
+from r2r.manifest import read_manifest, verify_files
+from r2r.models import encode_conditioning
+from r2r.tac import TACMode, install_tac, plan_tac
+
+W = H = 256
+BOUND = 1e-4
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundle")
+    export_bundle(ExportConfig(tiny_model_dir, tiny_model_dir / "negative_embedding.safetensors", out, W, H,
+                               batch_max=4))
+    return out
+
+
+@pytest.fixture(scope="module")
+def torch_unet(tiny_components):
+    unet = copy.deepcopy(tiny_components.unet)
+    plan = plan_tac(unet.config, W, H, 256)
+    return unet, plan, install_tac(unet, plan)
+
+
+def _session(bundle: Path, name: str) -> ort.InferenceSession:
+    m = read_manifest(bundle)
+    return ort.InferenceSession(str(bundle / m.graphs[name].file), providers=["CPUExecutionProvider"])
+
+
+def _rel(got: np.ndarray, ref: torch.Tensor) -> float:
+    r = ref.detach().numpy()
+    return float(np.abs(got - r).max() / max(np.abs(r).max(), 1e-12))
+
+
+def _inputs(batch: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {io.SAMPLE: torch.randn(batch, 4, H // 8, W // 8, generator=g),
+            io.TIMESTEP: torch.tensor([float(torch.randint(1, 1000, (1,), generator=g))]),
+            io.ENCODER_HIDDEN_STATES: torch.randn(batch, 77, 64, generator=g)}
+
+
+def _np(d: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in d.items()}
+
+
+def _run_torch(unet, state, mode, x, injected=()):
+    state.mode, state.injected = mode, injected
+    try:
+        with torch.no_grad():
+            eps = unet(x[io.SAMPLE], x[io.TIMESTEP], encoder_hidden_states=x[io.ENCODER_HIDDEN_STATES]).sample
+            qk = state.take_captured() if mode is TACMode.CAPTURE else []
+    finally:
+        state.mode, state.injected = TACMode.OFF, ()
+    return eps, qk
+
+
+def test_manifest_names_every_graph_with_the_contract_io(bundle: Path) -> None:
+    m = read_manifest(bundle)
+    assert set(m.graphs) == set(io.ALL_GRAPHS)
+    n = len(m.tac_plan["layers"])
+    assert n == 6
+    emit = m.graphs[io.UNET_EMIT]
+    assert [t.name for t in emit.outputs] == [io.EPS, *io.tac_names(n)]
+    assert [t.shape for t in emit.outputs[1:3]] == [["B", 1024, 32], ["B", 1024, 32]]
+    inject = m.graphs[io.UNET_INJECT]
+    assert [t.name for t in inject.inputs] == [io.SAMPLE, io.TIMESTEP, io.ENCODER_HIDDEN_STATES, *io.tac_names(n)]
+    assert inject.inputs[0].shape == ["2*B", 4, 32, 32]
+    assert m.graphs[io.UNET_FUSED].inputs[0].shape == ["3*B", 4, 32, 32]
+    verify_files(bundle, m)
+    raw = json.loads((bundle / "manifest.json").read_text())
+    assert raw["source"]["embedding_sha256"] and raw["schedule"]["defaults"]["steps"] == 50
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_unet_and_emit_match_torch_including_every_qk(bundle: Path, torch_unet, batch: int) -> None:
+    unet, _, state = torch_unet
+    x = _inputs(batch, batch)
+    eps, qk = _run_torch(unet, state, TACMode.CAPTURE, x)
+    out = _session(bundle, io.UNET_EMIT).run(None, _np(x))
+    assert _rel(out[0], eps) < BOUND
+    flat = [t for pair in qk for t in pair]
+    assert len(out) == 1 + len(flat)
+    for got, ref in zip(out[1:], flat, strict=True):
+        assert got.shape == tuple(ref.shape)
+        assert _rel(got, ref) < BOUND
+    plain = _session(bundle, io.UNET).run(None, _np(x))[0]
+    assert _rel(plain, eps) < BOUND
+
+
+def test_inject_fed_with_emit_qk_equals_the_torch_tac_pass(bundle: Path, torch_unet) -> None:
+    unet, plan, state = torch_unet
+    cg = _inputs(2, 10)
+    pair = _inputs(4, 11)
+    pair[io.TIMESTEP] = cg[io.TIMESTEP]
+    emit = _session(bundle, io.UNET_EMIT).run(None, _np(cg))
+    feeds = _np(pair) | dict(zip(io.tac_names(len(plan.layers)), emit[1:], strict=True))
+    got = _session(bundle, io.UNET_INJECT).run(None, feeds)[0]
+    _, qk = _run_torch(unet, state, TACMode.CAPTURE, cg)
+    ref, _ = _run_torch(unet, state, TACMode.INJECT, pair, qk)
+    assert _rel(got, ref) < BOUND
+    untouched, _ = _run_torch(unet, state, TACMode.OFF, pair)
+    assert _rel(got[2:], untouched[2:]) > 1e-3  # the null half really was controlled
+
+
+def test_fused_equals_emit_then_inject(bundle: Path, torch_unet) -> None:
+    _, plan, _ = torch_unet
+    cg, pair = _inputs(2, 20), _inputs(4, 21)
+    pair[io.TIMESTEP] = cg[io.TIMESTEP]
+    emit = _session(bundle, io.UNET_EMIT).run(None, _np(cg))
+    feeds = _np(pair) | dict(zip(io.tac_names(len(plan.layers)), emit[1:], strict=True))
+    two_calls = _session(bundle, io.UNET_INJECT).run(None, feeds)[0]
+    fused_in = {io.SAMPLE: np.concatenate([cg[io.SAMPLE].numpy(), pair[io.SAMPLE].numpy()]),
+                io.TIMESTEP: cg[io.TIMESTEP].numpy(),
+                io.ENCODER_HIDDEN_STATES: np.concatenate([cg[io.ENCODER_HIDDEN_STATES].numpy(),
+                                                          pair[io.ENCODER_HIDDEN_STATES].numpy()])}
+    fused = _session(bundle, io.UNET_FUSED).run(None, fused_in)[0]
+    assert np.abs(fused[2:] - two_calls).max() / np.abs(two_calls).max() < BOUND
+    assert np.abs(fused[:2] - emit[0]).max() / np.abs(emit[0]).max() < BOUND
+
+
+def test_vae_graphs_match_torch(bundle: Path, tiny_components) -> None:
+    vae = tiny_components.vae
+    g = torch.Generator().manual_seed(5)
+    img = torch.rand(2, 3, H, W, generator=g) * 2 - 1
+    with torch.no_grad():
+        ref_lat = vae.encode(img).latent_dist.mean * vae.config.scaling_factor
+        lat = torch.randn(3, 4, H // 8, W // 8, generator=g)
+        ref_img = (vae.decode(lat / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    assert _rel(_session(bundle, io.VAE_ENCODER).run(None, {io.IMAGE: img.numpy()})[0], ref_lat) < BOUND
+    assert _rel(_session(bundle, io.VAE_DECODER).run(None, {io.LATENT: lat.numpy()})[0], ref_img) < BOUND
+
+
+def test_conditioning_in_the_bundle_equals_the_reference_encoding(bundle: Path, tiny_components,
+                                                                 tiny_model_dir: Path) -> None:
+    cond = load_file(bundle / read_manifest(bundle).cond["file"])
+    c_null, c_neg = encode_conditioning(tiny_components, tiny_model_dir / "negative_embedding.safetensors")
+    assert torch.equal(cond[io.COND_NULL], c_null) and torch.equal(cond[io.COND_NEG], c_neg)
+
+
+def test_rerun_with_unchanged_inputs_rebuilds_nothing(bundle: Path, tiny_model_dir: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in bundle.rglob("*.onnx")}
+    lines: list[str] = []
+    export_bundle(ExportConfig(tiny_model_dir, tiny_model_dir / "negative_embedding.safetensors", bundle, W, H,
+                               batch_max=4), progress=lines.append)
+    assert all("up to date" in line for line in lines), lines
+    assert {p: p.stat().st_mtime_ns for p in bundle.rglob("*.onnx")} == before
+
+
+def test_a_tampered_graph_is_detected_and_rebuilt(bundle: Path, tiny_model_dir: Path) -> None:
+    m = read_manifest(bundle)
+    path = bundle / m.graphs[io.VAE_DECODER].file
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="do not match"):
+        verify_files(bundle, m)
+    lines: list[str] = []
+    export_bundle(ExportConfig(tiny_model_dir, tiny_model_dir / "negative_embedding.safetensors", bundle, W, H,
+                               batch_max=4), progress=lines.append)
+    rebuilt = [line for line in lines if "exported" in line]
+    assert len(rebuilt) == 1 and io.VAE_DECODER in rebuilt[0]
+    verify_files(bundle, read_manifest(bundle))
+
+
+def test_onnxruntime_engines_keep_parity_and_are_not_rebuilt(bundle: Path, torch_unet) -> None:
+    from r2r.engines.onnxruntime import build_ort_engines, session_options
+
+    built = build_ort_engines(bundle, "fp32", "cpu", graphs=[io.UNET_EMIT], progress=lambda s: None)
+    assert [e.graph for e in built] == [io.UNET_EMIT]
+    sess = ort.InferenceSession(str(bundle / built[0].files[0]), sess_options=session_options(),
+                                providers=["CPUExecutionProvider"])
+    unet, _, state = torch_unet
+    x = _inputs(2, 30)
+    eps, qk = _run_torch(unet, state, TACMode.CAPTURE, x)
+    out = sess.run(None, _np(x))
+    for got, ref in zip(out, [eps, *[t for pair in qk for t in pair]], strict=True):
+        assert _rel(got, ref) < BOUND
+    lines: list[str] = []
+    build_ort_engines(bundle, "fp32", "cpu", graphs=[io.UNET_EMIT], progress=lines.append)
+    assert len(lines) == 1 and "up to date" in lines[0]
+    assert read_manifest(bundle).engines[f"onnxruntime/cpu-fp32/{io.UNET_EMIT}"].info["provider"] == \
+        "CPUExecutionProvider"
