@@ -17,7 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from r2r.export.graphs import VAE_SPECS, UNetEmit, UNetFused, UNetInject, UNetPlain, VaeDecoder, VaeEncoder, unet_specs
+from r2r.export.graphs import (
+    STEP_SPECS,
+    VAE_SPECS,
+    DdimStep,
+    GuidedStep,
+    UNetEmit,
+    UNetFused,
+    UNetInject,
+    UNetPlain,
+    VaeDecoder,
+    VaeEncoder,
+    unet_specs,
+)
 from r2r.export.to_onnx import OPSET, export_graph
 from safetensors.torch import save_file
 
@@ -93,6 +105,10 @@ def _examples(name: str, comps: Components, plan: TACPlan, h: int, w: int) -> tu
         return unet_args(1)
     if name == io.VAE_ENCODER:
         return (torch.rand(2, 3, h, w, generator=g) * 2 - 1,)
+    if name in (io.DDIM_STEP, io.GUIDED_STEP):
+        k = 2 if name == io.DDIM_STEP else 4
+        lat = torch.randn(2, 4, h // 8, w // 8, generator=g)
+        return lat, torch.randn(k, 4, h // 8, w // 8, generator=g), torch.tensor([0.9, 0.1, 7.5])
     return (torch.randn(2, 4, h // 8, w // 8, generator=g),)
 
 
@@ -110,6 +126,7 @@ def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = _log) -> 
     keys = {
         **{g: _key(g, part_hash["unet"], shape_key, plan.as_dict(), tools) for g in unet_specs(plan)},
         **{g: _key(g, part_hash["vae"], shape_key, tools) for g in VAE_SPECS},
+        **{g: _key(g, shape_key, tools) for g in STEP_SPECS},
         "cond": _key(part_hash["text_encoder"], part_hash["tokenizer"], emb_hash, tools["r2r"]),
     }
     try:
@@ -171,8 +188,10 @@ def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = _log) -> 
         io.UNET_FUSED: lambda: UNetFused(comps.unet, state),
         io.VAE_ENCODER: lambda: VaeEncoder(comps.vae),
         io.VAE_DECODER: lambda: VaeDecoder(comps.vae),
+        io.DDIM_STEP: DdimStep,
+        io.GUIDED_STEP: GuidedStep,
     }
-    specs = {**unet_specs(plan), **VAE_SPECS}
+    specs = {**unet_specs(plan), **VAE_SPECS, **STEP_SPECS}
     for name in cfg.graphs:
         rel = _graph_file(name)
         old_files = [f for f in old.files if f.startswith(f"{ONNX_DIR}/{name}/")] if old is not None else []

@@ -94,6 +94,23 @@ class VaeDecoder(torch.nn.Module):
         return (x / 2 + 0.5).clamp(0, 1)
 
 
+class DdimStep(torch.nn.Module):
+    """`ddim_step`: the inversion update of r2r.schedule.transfer_coefficients, on the device."""
+
+    def forward(self, z: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        return coef[0] * z + coef[1] * eps
+
+
+class GuidedStep(torch.nn.Module):
+    """`guided_step`: paper eq. 8 then the generation update, written to both halves of the next batch."""
+
+    def forward(self, z: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        e_neg, e_null = eps.chunk(2)
+        e = e_neg + coef[2] * (e_null - e_neg)
+        z_next = coef[0] * z + coef[1] * e
+        return torch.cat([z_next, z_next])
+
+
 @dataclass(frozen=True)
 class GraphSpec:
     """Names and batch multiplicity of one graph's inputs and outputs, from the contract."""
@@ -117,6 +134,11 @@ def unet_specs(plan: TACPlan) -> dict[str, GraphSpec]:
         io.UNET_FUSED: GraphSpec(io.UNET_FUSED, times("3*B"), ((io.EPS, "3*B"),)),
     }
 
+
+STEP_SPECS = {
+    io.DDIM_STEP: GraphSpec(io.DDIM_STEP, ((io.Z, "B"), (io.EPS, "B"), (io.COEF, "")), ((io.Z_NEXT, "B"),)),
+    io.GUIDED_STEP: GraphSpec(io.GUIDED_STEP, ((io.Z, "B"), (io.EPS, "2*B"), (io.COEF, "")), ((io.Z_PAIR, "2*B"),)),
+}
 
 VAE_SPECS = {
     io.VAE_ENCODER: GraphSpec(io.VAE_ENCODER, ((io.IMAGE, "B"),), ((io.LATENT, "B"),)),

@@ -9,8 +9,12 @@ UNET_INJECT = "unet_inject"
 UNET_FUSED = "unet_fused"
 VAE_ENCODER = "vae_encoder"
 VAE_DECODER = "vae_decoder"
+# The scheduler's arithmetic as graphs, so that it runs on the device next to the UNet (TensorRT).
+DDIM_STEP = "ddim_step"  # z_next = cz * z + ce * eps
+GUIDED_STEP = "guided_step"  # e = e_neg + w (e_null - e_neg); z_pair = [z_next, z_next]
 UNET_GRAPHS = (UNET, UNET_EMIT, UNET_INJECT, UNET_FUSED)
-ALL_GRAPHS = (*UNET_GRAPHS, VAE_ENCODER, VAE_DECODER)
+STEP_GRAPHS = (DDIM_STEP, GUIDED_STEP)
+ALL_GRAPHS = (*UNET_GRAPHS, VAE_ENCODER, VAE_DECODER, *STEP_GRAPHS)
 
 # UNet inputs and output.
 SAMPLE = "sample"
@@ -21,6 +25,12 @@ EPS = "eps"
 # VAE graphs.
 IMAGE = "image"  # [B, 3, H, W] in [-1, 1] (encoder input); [B, 3, H, W] in [0, 1] (decoder output)
 LATENT = "latent"  # [B, 4, h, w], scaled by the VAE's scaling factor
+
+# Step graphs.
+Z = "z"  # [B, 4, h, w]
+COEF = "coef"  # [3] float32: cz, ce, w (w unused by ddim_step)
+Z_NEXT = "z_next"  # ddim_step output [B, 4, h, w]
+Z_PAIR = "z_pair"  # guided_step output [2B, 4, h, w]: the next [zr, zr] batch
 
 # Conditioning files in the bundle's cond/ folder.
 COND_NULL = "c_null"

@@ -26,3 +26,14 @@ def tiny_components(tiny_model_dir: Path):
     from r2r.models import load_components
 
     return load_components(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's ONNX bundle at 256x256, batch 1-4 (exported once per session, ~1 min)."""
+    from r2r.export.bundle import ExportConfig, export_bundle
+
+    out = tmp_path_factory.mktemp("bundle")
+    export_bundle(ExportConfig(tiny_model_dir, tiny_model_dir / "negative_embedding.safetensors", out, 256, 256,
+                               batch_max=4), progress=lambda s: None)
+    return out

@@ -27,11 +27,8 @@ BOUND = 1e-4
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bundle")
-    export_bundle(ExportConfig(tiny_model_dir, tiny_model_dir / "negative_embedding.safetensors", out, W, H,
-                               batch_max=4))
-    return out
+def bundle(tiny_bundle: Path) -> Path:
+    return tiny_bundle
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,80 @@
+"""Opening a bundle for the runtime: hashes verified, conditioning loaded, method flags checked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from r2r import graph_io as io
+from r2r.config import MethodConfig
+from r2r.manifest import BundleError, Manifest, bundle_path, read_manifest, verify_files
+from r2r.schedule import Schedule, SchedulerConfig, make_schedule
+from r2r.tac import tac_window
+
+
+@dataclass
+class Bundle:
+    root: Path
+    manifest: Manifest
+    c_null: np.ndarray  # [1, 77, d] float32
+    c_neg: np.ndarray
+    scheduler: SchedulerConfig
+
+    @property
+    def width(self) -> int:
+        return self.manifest.width
+
+    @property
+    def height(self) -> int:
+        return self.manifest.height
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        lat = self.manifest.latent
+        return lat["channels"], lat["height"], lat["width"]
+
+    @property
+    def tac_layers(self) -> list[dict]:
+        return list(self.manifest.tac_plan["layers"])
+
+    def graph_path(self, name: str) -> Path:
+        if name not in self.manifest.graphs:
+            raise BundleError(f"{self.root}: the bundle has no {name} graph; re-export with `r2r-export onnx`")
+        return bundle_path(self.root, self.manifest.graphs[name].file)
+
+    def method_defaults(self) -> MethodConfig:
+        return MethodConfig(**self.manifest.schedule["defaults"])
+
+    def check(self, method: MethodConfig, batch: int) -> None:
+        """Refuse flags the bundle was not built for, naming the rebuild."""
+        plan = self.manifest.tac_plan
+        if method.tac_divisor != plan["divisor"]:
+            raise BundleError(
+                f"--tac-divisor {method.tac_divisor}: the bundle's TAC layers were chosen with divisor "
+                f"{plan['divisor']}; re-export with `r2r-export onnx --tac-divisor {method.tac_divisor}`")
+        if method.tac_target != plan.get("target", "null"):
+            raise BundleError(f"--tac-target {method.tac_target}: the bundle controls the {plan['target']} pass only")
+        if not self.manifest.batch_min <= batch <= self.manifest.batch_max:
+            raise BundleError(
+                f"--batch-size {batch}: the bundle supports {self.manifest.batch_min}-{self.manifest.batch_max}; "
+                f"re-export with `r2r-export onnx --batch-max {batch}`")
+
+    def schedule(self, method: MethodConfig) -> tuple[Schedule, int]:
+        sched = make_schedule(self.scheduler, method)
+        return sched, tac_window(sched.n, method.tac_ratio)
+
+
+def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    root = Path(path)
+    manifest = read_manifest(root)
+    if verify:
+        verify_files(root, manifest)
+    cond_path = bundle_path(root, manifest.cond["file"])
+    cond = load_file(str(cond_path))
+    if set(cond) != {io.COND_NULL, io.COND_NEG}:
+        raise BundleError(f"{cond_path}: expected tensors {io.COND_NULL}, {io.COND_NEG}; re-export the bundle")
+    sched = SchedulerConfig.from_dict(manifest.schedule["scheduler"])
+    return Bundle(root, manifest, cond[io.COND_NULL].astype(np.float32), cond[io.COND_NEG].astype(np.float32), sched)

@@ -1,0 +1,143 @@
+"""The backend interface of the coupled scheduler: device arrays, prepared calls, programs.
+
+A backend allocates every buffer once, binds graphs to buffers by name once (a prepared call), and
+runs a program: the flat list of prepared calls and scheduler updates for one batch of images.
+Nothing in a program allocates, copies Q/K or synchronizes with the host.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Op = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class DeviceArray:
+    """A tensor in a backend's memory. `host` is that memory itself on CPU backends and in the GPU
+    simulation; on a real GPU it is None and `ptr` is a device address."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    host: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def __getitem__(self, index: int | slice) -> DeviceArray:
+        """A view along the first axis (no copy): an int drops the axis, a slice keeps it."""
+        n = self.shape[0]
+        row = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        if isinstance(index, int):
+            if not -n <= index < n:
+                raise IndexError(index)
+            i = index % n
+            host = self.host[i] if self.host is not None else None
+            return DeviceArray(self.ptr + i * row, self.shape[1:], self.dtype, host)
+        start, stop, step = index.indices(n)
+        if step != 1:
+            raise ValueError("device views are contiguous slices")
+        host = self.host[start:stop] if self.host is not None else None
+        return DeviceArray(self.ptr + start * row, (stop - start, *self.shape[1:]), self.dtype, host)
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """One scheduler update: z' = cz z + ce e, with e = e_neg + w (e_null - e_neg) when guided."""
+
+    cz: float
+    ce: float
+    w: float = 1.0
+
+
+class Backend(ABC):
+    """What the coupled scheduler needs from an execution engine."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def empty(self, shape: Sequence[int], dtype: np.dtype | type = np.float32) -> DeviceArray: ...
+
+    @abstractmethod
+    def upload(self, dst: DeviceArray, src: np.ndarray) -> None:
+        """Host -> device, outside the denoising loop."""
+
+    @abstractmethod
+    def download(self, src: DeviceArray) -> np.ndarray:
+        """Device -> host, outside the denoising loop (waits for the work that writes `src`)."""
+
+    @abstractmethod
+    def call(self, graph: str, bindings: Mapping[str, DeviceArray]) -> Op:
+        """Bind every input and output of `graph` to buffers, once; the returned op runs it."""
+
+    @abstractmethod
+    def ddim(self, dst: DeviceArray, z: DeviceArray, eps: DeviceArray, coef: Coefficients,
+             coef_dev: DeviceArray) -> Op:
+        """dst = cz z + ce eps. `coef_dev` holds (cz, ce, w) on the device for backends that need it."""
+
+    @abstractmethod
+    def guided(self, dst_pair: DeviceArray, z: DeviceArray, eps_pair: DeviceArray, coef: Coefficients,
+               coef_dev: DeviceArray) -> Op:
+        """e = e_neg + w (e_null - e_neg); dst_pair = [cz z + ce e, same]."""
+
+    @abstractmethod
+    def copy(self, dst: DeviceArray, src: DeviceArray) -> Op:
+        """Device-to-device copy of a latent (the [z, z] batch at the start of generation)."""
+
+    def execute(self, program: Sequence[Op], key: object) -> None:
+        """Run a program. CPU backends call the ops in order; a CUDA backend captures it once per key."""
+        for op in program:
+            op()
+
+    def synchronize(self) -> None:
+        """Wait for all enqueued work (a no-op on synchronous backends)."""
+
+    def describe(self) -> dict[str, str]:
+        return {"backend": self.name}
+
+
+class NumpyArithmetic:
+    """The scheduler updates as in-place numpy ufuncs: float32, the step graphs' order of operations,
+    no allocation (every result goes to a preallocated `out`)."""
+
+    def __init__(self, scratch: Callable[[tuple[int, ...]], np.ndarray]) -> None:
+        self._scratch = scratch
+
+    def ddim(self, dst: DeviceArray, z: DeviceArray, eps: DeviceArray, coef: Coefficients) -> Op:
+        d, a, e = dst.host, z.host, eps.host
+        tmp = self._scratch(e.shape)
+        cz, ce = np.float32(coef.cz), np.float32(coef.ce)
+        mul, add = np.multiply, np.add
+
+        def op() -> None:
+            mul(a, cz, out=d)
+            mul(e, ce, out=tmp)
+            add(d, tmp, out=d)
+
+        return op
+
+    def guided(self, dst_pair: DeviceArray, z: DeviceArray, eps_pair: DeviceArray, coef: Coefficients) -> Op:
+        b = z.shape[0]
+        d, a = dst_pair.host, z.host
+        e_neg, e_null = eps_pair.host[:b], eps_pair.host[b:]
+        d0, d1 = d[:b], d[b:]
+        tmp = self._scratch(a.shape)
+        cz, ce, w = np.float32(coef.cz), np.float32(coef.ce), np.float32(coef.w)
+        mul, add, sub, copyto = np.multiply, np.add, np.subtract, np.copyto
+
+        def op() -> None:
+            sub(e_null, e_neg, out=tmp)
+            mul(tmp, w, out=tmp)
+            add(e_neg, tmp, out=tmp)
+            mul(a, cz, out=d0)
+            mul(tmp, ce, out=tmp)
+            add(d0, tmp, out=d0)
+            copyto(d1, d0)
+
+        return op

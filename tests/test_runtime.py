@@ -1,0 +1,132 @@
+"""The coupled scheduler on ONNX Runtime against the PyTorch reference, and its buffer discipline."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from r2r.runtime.backend_ort import OrtBackend
+from r2r.runtime.bundle import open_bundle
+from r2r.runtime.reference import ReferencePipeline
+from r2r.runtime.scheduler import CoupledScheduler
+
+from r2r import graph_io as io
+from r2r.config import MethodConfig
+from r2r.manifest import BundleError
+from r2r.models import load_components
+
+W = H = 256
+
+
+def _image(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = np.full((H, W, 3), 255, np.uint8)
+    yy, xx = np.mgrid[:H, :W]
+    mask = ((yy - 128) / 90.0) ** 2 + ((xx - 128) / 70.0) ** 2 < 1
+    stripes = ((xx + 2 * yy) // int(rng.integers(3, 8))) % 2 == 0
+    img[mask & stripes] = rng.integers(0, 255, 3)
+    img[mask & ~stripes] = rng.integers(0, 255, 3)
+    return img
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle: Path):
+    return open_bundle(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(tiny_model_dir: Path) -> list[np.ndarray]:
+    ref = ReferencePipeline(load_components(tiny_model_dir), tiny_model_dir / "negative_embedding.safetensors", W, H)
+    return ref([_image(1), _image(2)], MethodConfig())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_onnxruntime_matches_the_reference_above_45_db(bundle, reference_outputs, fused: bool) -> None:
+    sched = CoupledScheduler(bundle, OrtBackend(bundle), 2, MethodConfig(), fused=fused)
+    outs = sched([_image(1), _image(2)])
+    for got, ref in zip(outs, reference_outputs, strict=True):
+        assert psnr(got, ref) >= 45.0
+
+
+def test_fused_program_equals_emit_inject_program(bundle) -> None:
+    imgs = [_image(3)]
+    a = CoupledScheduler(bundle, OrtBackend(bundle), 1, MethodConfig())(imgs)[0]
+    b = CoupledScheduler(bundle, OrtBackend(bundle), 1, MethodConfig(), fused=True)(imgs)[0]
+    assert psnr(a, b) > 50
+
+
+def test_batch_of_b_equals_b_single_runs(bundle) -> None:
+    imgs = [_image(4), _image(5), _image(6)]
+    m = MethodConfig(steps=20, strength=0.5)
+    batched = CoupledScheduler(bundle, OrtBackend(bundle), 3, m)(imgs)
+    single = CoupledScheduler(bundle, OrtBackend(bundle), 1, m)
+    for img, out in zip(imgs, batched, strict=True):
+        assert psnr(single([img])[0], out) > 50
+
+
+def test_a_short_batch_is_padded_and_returns_only_its_images(bundle) -> None:
+    sched = CoupledScheduler(bundle, OrtBackend(bundle), 3, MethodConfig(steps=10, strength=0.5))
+    outs = sched([_image(7)])
+    assert len(outs) == 1 and outs[0].shape == (H, W, 3)
+
+
+@pytest.mark.parametrize(("inversion", "fused", "count"), [("exact", False, 58), ("exact", True, 58),
+                                                           ("single-pass", False, 46)])
+def test_unet_evaluations_per_image_at_the_defaults(bundle, inversion: str, fused: bool, count: int) -> None:
+    sched = CoupledScheduler(bundle, OrtBackend(bundle), 1, MethodConfig(), inversion=inversion, fused=fused)
+    assert sched.unet_evaluations_per_image == count
+
+
+class RecordingBackend(OrtBackend):
+    """Records every binding so the test can compare buffer addresses."""
+
+    def __init__(self, bundle) -> None:
+        super().__init__(bundle)
+        self.calls: list[tuple[str, dict]] = []
+
+    def call(self, graph, bindings):
+        self.calls.append((graph, {k: (v.ptr, v.shape) for k, v in bindings.items()}))
+        return super().call(graph, bindings)
+
+
+@pytest.mark.parametrize("inversion", ["exact", "single-pass"])
+def test_emit_qk_outputs_are_the_inject_qk_inputs(bundle, inversion: str) -> None:
+    be = RecordingBackend(bundle)
+    CoupledScheduler(bundle, be, 2, MethodConfig(), inversion=inversion)
+    names = io.tac_names(len(bundle.tac_layers))
+    emits = [b for g, b in be.calls if g == io.UNET_EMIT]
+    injects = [b for g, b in be.calls if g == io.UNET_INJECT]
+    assert len(emits) == len(injects) == 13
+    # Inversion runs before generation: emit i (generation order) feeds inject i.
+    if inversion == "single-pass":
+        emits = emits[::-1]
+    for e, i in zip(emits, injects, strict=True):
+        assert [e[n] for n in names] == [i[n] for n in names]
+
+
+def test_the_denoising_loop_allocates_nothing(bundle) -> None:
+    sched = CoupledScheduler(bundle, OrtBackend(bundle), 2, MethodConfig())
+    sched([_image(8), _image(9)])  # warm-up: sessions' arenas settle
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        sched.backend.execute(sched.plan.ops, key=0)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = [d for d in after.compare_to(before, "lineno") if d.size_diff >= 1024]
+    assert grown == []  # no array (a latent is 16 KiB, a Q/K tensor 128 KiB) is created in the loop
+
+
+def test_flags_the_bundle_was_not_built_for_are_refused(bundle) -> None:
+    with pytest.raises(BundleError, match="--tac-divisor 64"):
+        CoupledScheduler(bundle, OrtBackend(bundle), 1, MethodConfig(tac_divisor=64))
+    with pytest.raises(BundleError, match="--batch-size 9"):
+        CoupledScheduler(bundle, OrtBackend(bundle), 9, MethodConfig())
