@@ -95,8 +95,8 @@ class Backend(ABC):
         for op in program:
             op()
 
-    def synchronize(self) -> None:
-        """Wait for all enqueued work (a no-op on synchronous backends)."""
+    def synchronize(self) -> None:  # noqa: B027 - synchronous backends have nothing to wait for
+        """Wait for all enqueued work."""
 
     def describe(self) -> dict[str, str]:
         return {"backend": self.name}

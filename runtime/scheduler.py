@@ -115,7 +115,7 @@ class CoupledScheduler:
         return self.backend.call(graph, binds)
 
     def _build(self) -> Plan:
-        be, s, b, n = self.backend, self.schedule, self.batch, self.schedule.n
+        be, b, n = self.backend, self.batch, self.schedule.n
         plan = Plan([])
         ops = plan.ops
         ops.append(be.call(io.VAE_ENCODER, {io.IMAGE: self.image_in, io.LATENT: self.z0}))
