@@ -17,6 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
+from r2r import __version__
+from r2r import graph_io as io
+from r2r.config import MethodConfig
 from r2r.export.graphs import (
     STEP_SPECS,
     VAE_SPECS,
@@ -31,11 +36,6 @@ from r2r.export.graphs import (
     unet_specs,
 )
 from r2r.export.to_onnx import OPSET, export_graph
-from safetensors.torch import save_file
-
-from r2r import __version__
-from r2r import graph_io as io
-from r2r.config import MethodConfig
 from r2r.manifest import (
     COND_FILE,
     ONNX_DIR,

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from r2r.export.graphs import GraphSpec
 
+from r2r.export.graphs import GraphSpec
 from r2r.manifest import TensorSpec
 
 OPSET = 18

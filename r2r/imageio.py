@@ -77,6 +77,7 @@ def save_png(path: str | os.PathLike[str], rgb: np.ndarray, text: Mapping[str, s
         info.add_text(str(key), str(value))
     fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=".png.part", dir=p.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make outputs private to the writer
         with os.fdopen(fd, "wb") as fh:
             Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB").save(fh, format="PNG", pnginfo=info)
         os.replace(tmp, p)
@@ -84,6 +85,15 @@ def save_png(path: str | os.PathLike[str], rgb: np.ndarray, text: Mapping[str, s
         Path(tmp).unlink(missing_ok=True)
         raise
     return p
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import, before any worker threads exist
 
 
 def read_png_text(path: str | os.PathLike[str]) -> dict[str, str]:

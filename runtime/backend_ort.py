@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from r2r.runtime.bundle import Bundle
-from r2r.runtime.device import Backend, Coefficients, DeviceArray, NumpyArithmetic, Op
 
 from r2r.manifest import bundle_path
+from r2r.runtime.bundle import Bundle
+from r2r.runtime.device import Backend, Coefficients, DeviceArray, NumpyArithmetic, Op
 
 _ORT_TYPES = {np.dtype(np.float32): np.float32, np.dtype(np.float16): np.float16, np.dtype(np.int64): np.int64}
 
@@ -88,7 +88,7 @@ class OrtBackend(Backend):
         for name in names_out:
             a = bindings[name]
             binding.bind_output(name, "cpu", 0, _ORT_TYPES[a.dtype], list(a.shape), a.ptr)
-        self._keep.append(binding)
+        self._keep.append((binding, dict(bindings)))  # the buffers must live as long as the binding
         run = sess.run_with_iobinding
 
         def op() -> None:

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from r2r.runtime.bundle import Bundle
-from r2r.runtime.device import Backend, Coefficients, DeviceArray, Op
 
 from r2r import graph_io as io
 from r2r.config import MethodConfig
 from r2r.imageio import from_model_output, to_model_input
+from r2r.runtime.bundle import Bundle
+from r2r.runtime.device import Backend, Coefficients, DeviceArray, Op
 from r2r.schedule import Schedule, transfer_coefficients
 
 Inversion = Literal["exact", "single-pass"]

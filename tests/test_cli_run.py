@@ -1,16 +1,17 @@
-"""`r2r-run --backend torch`: one PNG per input, named after it, with the parameters inside."""
+"""`r2r-run`: one PNG per input, named after it, parameters inside; failures and --resume."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 from click.testing import CliRunner
 from PIL import Image
-from r2r.runtime.cli import main
 
 from r2r.imageio import read_png_text
+from r2r.runtime.cli import main
 
 
 def _write_inputs(folder: Path) -> list[Path]:
@@ -25,48 +26,72 @@ def _write_inputs(folder: Path) -> list[Path]:
     return paths
 
 
-def test_run_writes_one_png_per_input_with_parameters(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_torch_backend_writes_one_png_per_input_with_parameters(tiny_model_dir: Path, tmp_path: Path) -> None:
     _write_inputs(tmp_path / "in")
     out = tmp_path / "out"
-    res = CliRunner().invoke(main, ["--input", str(tmp_path / "in"), "--output", str(out), "--model",
-                                    str(tiny_model_dir), "--steps", "10", "--strength", "0.5"])
+    res = CliRunner().invoke(main, ["--backend", "torch", "--input", str(tmp_path / "in"), "--output", str(out),
+                                    "--model", str(tiny_model_dir), "--steps", "10", "--strength", "0.5"])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == ["dress.png", "shirt.png"]
     with Image.open(out / "dress.png") as im:
         assert im.size == (256, 256) and im.mode == "RGB"
     params = json.loads(read_png_text(out / "shirt.png")["r2r:parameters"])
     assert params["steps"] == 10 and params["strength"] == 0.5 and params["tac_divisor"] == 256
-    assert params["width"] == 256 and params["source"] == "shirt.png"
-    assert "2 written, 0 failed" in res.output
+    assert params["width"] == 256 and params["source"] == "shirt.png" and params["backend"] == "torch"
+    assert "2 written, 0 skipped (complete), 0 failed" in res.output
+    assert "19 UNet evaluations per image" in res.output  # n = 5, window 4: 5 + 4 + 2 * 5
 
 
-def test_a_broken_input_fails_alone_and_sets_the_exit_code(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_engine_run_records_the_bundle_hash_and_resume_skips_done_work(tiny_bundle: Path, tmp_path: Path) -> None:
+    _write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    args = ["--engine", str(tiny_bundle), "--input", str(tmp_path / "in"), "--output", str(out),
+            "--steps", "10", "--strength", "0.5", "--fused", "off"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    params = json.loads(read_png_text(out / "dress.png")["r2r:parameters"])
+    assert params["backend"] == "onnxruntime" and len(params["bundle_sha256"]) == 64
+    (out / "shirt.png").write_bytes((out / "shirt.png").read_bytes()[:100])  # a truncated output
+    res = CliRunner().invoke(main, [*args, "--resume"])
+    assert res.exit_code == 0, res.output
+    assert "1 written, 1 skipped (complete)" in res.output
+    res = CliRunner().invoke(main, [*args, "--resume", "--guidance", "3"])
+    assert "2 written, 0 skipped" in res.output  # other parameters: nothing counts as done
+
+
+def test_a_broken_input_fails_alone_and_sets_the_exit_code(tiny_bundle: Path, tmp_path: Path) -> None:
     _write_inputs(tmp_path / "in")
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     out = tmp_path / "out"
-    res = CliRunner().invoke(main, ["--input", str(tmp_path / "in"), "--output", str(out), "--model",
-                                    str(tiny_model_dir), "--steps", "4", "--strength", "0.5"])
+    res = CliRunner().invoke(main, ["--engine", str(tiny_bundle), "--input", str(tmp_path / "in"),
+                                    "--output", str(out), "--steps", "4", "--strength", "0.5", "--batch-size", "2"])
     assert res.exit_code == 1
     assert "broken.png" in res.output
     assert sorted(p.name for p in out.iterdir()) == ["dress.png", "shirt.png"]
 
 
 def test_pickled_weights_are_refused_with_the_file_named(tmp_path: Path, tiny_model_dir: Path) -> None:
-    import shutil
-
     bad = tmp_path / "model"
     shutil.copytree(tiny_model_dir, bad)
     for f in (bad / "unet").glob("*.safetensors"):
         f.unlink()
     (bad / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
-    (tmp_path / "x.png").write_bytes(b"")
-    res = CliRunner().invoke(main, ["--input", str(tmp_path / "x.png"), "--output", str(tmp_path / "o"),
-                                    "--model", str(bad)])
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    res = CliRunner().invoke(main, ["--backend", "torch", "--input", str(tmp_path / "x.png"),
+                                    "--output", str(tmp_path / "o"), "--model", str(bad)])
     assert res.exit_code != 0
     assert "diffusion_pytorch_model.bin" in res.output and "never unpickles" in res.output
 
 
+def test_flags_the_bundle_does_not_support_are_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    res = CliRunner().invoke(main, ["--engine", str(tiny_bundle), "--input", str(tmp_path / "x.png"),
+                                    "--output", str(tmp_path / "o"), "--tac-divisor", "64"])
+    assert res.exit_code == 1 and "r2r-export onnx --tac-divisor 64" in res.output
+
+
 def test_invalid_method_flags_are_refused_before_any_work(tmp_path: Path) -> None:
-    res = CliRunner().invoke(main, ["--input", str(tmp_path), "--output", str(tmp_path / "o"),
-                                    "--steps", "10", "--strength", "0.05"])
-    assert res.exit_code == 2 and "no denoising step" in res.output
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    res = CliRunner().invoke(main, ["--backend", "torch", "--input", str(tmp_path / "x.png"),
+                                    "--output", str(tmp_path / "o"), "--steps", "10", "--strength", "0.05"])
+    assert res.exit_code == 1 and "no denoising step" in res.output

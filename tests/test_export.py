@@ -14,10 +14,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from r2r.export.bundle import ExportConfig, export_bundle
 from safetensors.torch import load_file
 
 from r2r import graph_io as io
+from r2r.export.bundle import ExportConfig, export_bundle
 from r2r.manifest import read_manifest, verify_files
 from r2r.models import encode_conditioning
 from r2r.tac import TACMode, install_tac, plan_tac

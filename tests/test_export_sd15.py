@@ -11,10 +11,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from r2r.export.graphs import UNetEmit, unet_specs
-from r2r.export.to_onnx import export_graph
 
 from r2r import graph_io as io
+from r2r.export.graphs import UNetEmit, unet_specs
+from r2r.export.to_onnx import export_graph
 from r2r.models import SD15_UNET_CONFIG
 from r2r.tac import install_tac, plan_tac
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
-from r2r.runtime.reference import ReferencePipeline
 
 from r2r.config import MethodConfig
 from r2r.models import load_components
+from r2r.runtime.reference import ReferencePipeline
 
 W = H = 256
 

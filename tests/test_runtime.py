@@ -7,15 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from r2r.runtime.backend_ort import OrtBackend
-from r2r.runtime.bundle import open_bundle
-from r2r.runtime.reference import ReferencePipeline
-from r2r.runtime.scheduler import CoupledScheduler
 
 from r2r import graph_io as io
 from r2r.config import MethodConfig
 from r2r.manifest import BundleError
 from r2r.models import load_components
+from r2r.runtime.backend_ort import OrtBackend
+from r2r.runtime.bundle import open_bundle
+from r2r.runtime.reference import ReferencePipeline
+from r2r.runtime.scheduler import CoupledScheduler
 
 W = H = 256
 

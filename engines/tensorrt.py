@@ -1,0 +1,501 @@
+"""TensorRT engines from a bundle's ONNX graphs (DESIGN.md, "The bundle", "Backends", "The GPU path").
+
+Written against the TensorRT 10 Python API as shipped (`engines/trt_api/tensorrt_api.json` lists it, extracted
+from the `tensorrt-cu12-bindings` wheel) and the documentation of each call; TensorRT 11 is handled where it
+differs (it has no weakly typed networks). `tensorrt` and cuda-python are optional: both are imported inside the
+functions that need them, and every function that builds takes the module as an argument (`trt=`), so that
+tests and the CPU simulation can pass a strict stand-in (`r2r.engines.trt_api.strict`).
+
+The flow per graph, in the order of the TensorRT documentation's "Python API Documentation: The Build Phase":
+Logger -> Builder -> `create_network(flags)` -> `OnnxParser(network, logger).parse_from_file(path)` (the path
+form, so that ONNX external data next to the graph is found) -> builder config (precision, optimization level,
+workspace pool, refit, one optimization profile over the bundle's batch range, the bundle's timing cache) ->
+`build_serialized_network` -> the plan file, written atomically, and the grown timing cache written back.
+
+Precision (`TrtBuildConfig.precision`):
+
+- fp32: a strongly typed network (`NetworkDefinitionCreationFlag.STRONGLY_TYPED`): every tensor keeps the ONNX
+  graph's type (fp32); no precision flag.
+- fp16 / bf16 from an fp32 graph (what `r2r-export onnx` writes): on TensorRT 10, a weakly typed network
+  (flags 0) with `BuilderFlag.FP16` / `BuilderFlag.BF16`, so the builder may pick fp16/bf16 kernels per layer.
+  TensorRT 11 removed weak typing and those flags ("Migrating from TensorRT 10.x to 11.x"): there the graph itself
+  must carry the precision (ModelOpt AutoCast), and a build from an fp32 graph is refused with that advice.
+  A graph already in fp16/bf16 is built strongly typed, on either version.
+- int8 / fp8: only from a quantized graph with QuantizeLinear/DequantizeLinear nodes of that type (ModelOpt
+  export): explicit quantization. The documentation ("Explicit Quantization") says to use it with strong typing
+  and that precision-control flags (INT8, FP8) "are not required and should not be specified"; so the network
+  is strongly typed and no flag is set; layers outside the Q/DQ pairs run in the graph's own float type (so a
+  fast int8/fp8 graph is exported fp16 around its Q/DQ nodes). An unquantized graph is refused: TensorRT 10.1
+  deprecated implicit INT8 calibration ("superseded by explicit quantization") and r2r ships no calibrator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from r2r import graph_io as io
+from r2r.manifest import (
+    ENGINES_DIR,
+    BundleError,
+    EngineEntry,
+    Manifest,
+    TensorSpec,
+    bundle_path,
+    read_manifest,
+    record_file,
+    verify_files,
+    write_manifest,
+)
+
+BACKEND = "tensorrt"
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+TIMING_CACHE = f"{ENGINES_DIR}/{BACKEND}/timing.cache"
+INSTALL_HINT = "TensorRT is not installed: pip install 'r2r[gpu]' on a machine with an NVIDIA GPU"
+CUDA_INSTALL_HINT = "cuda-python is not installed: pip install 'r2r[gpu]' on a machine with an NVIDIA GPU"
+
+_FLOAT_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class TensorRTNotInstalled(ImportError):
+    """The `gpu` extra is missing (or TensorRT's libraries cannot be loaded)."""
+
+
+class TensorRTBuildError(RuntimeError):
+    """An engine could not be built; the message says why and what to do."""
+
+
+class EngineCompatError(BundleError):
+    """The bundle's engines were built for another TensorRT or GPU; the message names the rebuild command."""
+
+
+def import_tensorrt() -> ModuleType:
+    try:
+        import tensorrt
+    except (ImportError, OSError):  # the package, or libnvinfer behind it
+        raise TensorRTNotInstalled(INSTALL_HINT) from None
+    return tensorrt
+
+
+def import_cudart() -> ModuleType:
+    try:
+        from cuda.bindings import runtime
+    except (ImportError, OSError):
+        raise TensorRTNotInstalled(CUDA_INSTALL_HINT) from None
+    return runtime
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class TrtBuildConfig:
+    precision: str = "fp16"
+    builder_optimization_level: int = 3  # 0-5; TensorRT's default is 3
+    workspace_bytes: int | None = None  # MemoryPoolType.WORKSPACE limit; None leaves TensorRT's (device memory)
+    refit: bool = False  # BuilderFlag.REFIT: weights can be swapped later without a rebuild
+    batch_opt: int | None = None  # the batch the kernels are tuned for; None: the bundle's batch_max
+    timing_cache: str = TIMING_CACHE  # bundle-relative
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: one of {', '.join(PRECISIONS)}")
+        if not 0 <= self.builder_optimization_level <= 5:
+            raise ValueError(f"builder_optimization_level {self.builder_optimization_level}: 0 to 5")
+        if self.workspace_bytes is not None and self.workspace_bytes <= 0:
+            raise ValueError(f"workspace_bytes {self.workspace_bytes}: positive, or None for TensorRT's default")
+        if self.batch_opt is not None and self.batch_opt < 1:
+            raise ValueError(f"batch_opt {self.batch_opt}: at least 1")
+        if Path(self.timing_cache).is_absolute() or ".." in Path(self.timing_cache).parts:
+            raise ValueError(f"timing_cache {self.timing_cache}: a path inside the bundle")
+
+
+# ---- GPU identity ---------------------------------------------------------------------------------------------
+
+def gpu_info(device: int = 0, cudart: ModuleType | None = None) -> dict[str, Any]:
+    """Name, compute capability and memory of a CUDA device, from `cudaGetDeviceProperties` (cuda-python)."""
+    rt = cudart or import_cudart()
+    err, prop = rt.cudaGetDeviceProperties(device)
+    if err != rt.cudaError_t.cudaSuccess:
+        raise TensorRTBuildError(f"CUDA device {device} is not usable ({getattr(err, 'name', err)}): "
+                                 "TensorRT engines are built on the GPU they will run on")
+    name = prop.name
+    if isinstance(name, bytes | bytearray):
+        name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
+    return {"name": str(name), "compute_capability": f"{prop.major}.{prop.minor}",
+            "total_memory_bytes": int(prop.totalGlobalMem), "device": device}
+
+
+# ---- shapes and graph inspection ------------------------------------------------------------------------------
+
+def batch_multiple(dim: int | str) -> int | None:
+    """k for a batch dim "B" / "k*B"; None for a fixed dim."""
+    if isinstance(dim, int):
+        return None
+    text = dim.replace(" ", "")
+    if text == "B":
+        return 1
+    head, sep, tail = text.partition("*")
+    if sep and tail == "B" and head.isdigit():
+        return int(head)
+    raise ValueError(f"dimension {dim!r}: a TensorRT profile needs a fixed size, 'B' or 'k*B'")
+
+
+def profile_shapes(spec: TensorSpec, batch_min: int, batch_opt: int, batch_max: int
+                   ) -> tuple[list[int], list[int], list[int]]:
+    """min/opt/max shapes of one input: k*B dims scale with the batch, fixed dims stay."""
+    shapes: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for dim in spec.shape:
+        k = batch_multiple(dim)
+        for shape, b in zip(shapes, (batch_min, batch_opt, batch_max), strict=True):
+            shape.append(int(dim) if k is None else k * b)
+    return shapes
+
+
+@dataclass(frozen=True)
+class OnnxTypes:
+    float_type: str  # the type most float initializers have: float32 / float16 / bfloat16 ("" if none)
+    quantized: frozenset[str]  # "int8", "fp8", "int4", "fp4" from Q/DQ nodes
+
+
+def inspect_onnx(path: str | Path) -> OnnxTypes:
+    """Weight precision and Q/DQ types of a graph (its external data is not read)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise TensorRTBuildError(f"{path}: not a readable ONNX graph ({exc}); re-export the bundle with "
+                                 "`r2r-export onnx`") from exc
+    tp = onnx.TensorProto
+    names = {tp.FLOAT: "float32", tp.FLOAT16: "float16", tp.BFLOAT16: "bfloat16", tp.DOUBLE: "float32"}
+    inits = {t.name: t for t in model.graph.initializer}
+    counts: dict[str, int] = {}
+    for t in model.graph.initializer:
+        if t.data_type in names:
+            counts[names[t.data_type]] = counts.get(names[t.data_type], 0) + 1
+    qtypes = {tp.INT8: "int8", tp.UINT8: "int8", tp.FLOAT8E4M3FN: "fp8", tp.INT4: "int4"}
+    if hasattr(tp, "FLOAT4E2M1"):
+        qtypes[tp.FLOAT4E2M1] = "fp4"
+    quantized: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type.startswith("TRT_FP8"):  # ModelOpt's TensorRT-specific FP8 Q/DQ
+            quantized.add("fp8")
+        elif node.op_type.startswith("TRT_INT4"):
+            quantized.add("int4")
+        elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zero = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            attrs = {a.name: a.i for a in node.attribute}
+            dtype = zero.data_type if zero is not None else attrs.get("output_dtype", tp.UINT8)
+            quantized.add(qtypes.get(dtype, "int8") if dtype else "int8")
+    float_type = max(counts, key=lambda k: counts[k]) if counts else ""
+    return OnnxTypes(float_type, frozenset(quantized))
+
+
+def network_plan(trt: ModuleType, precision: str, types: OnnxTypes, onnx_path: str | Path
+                 ) -> tuple[bool, list[str]]:
+    """(strongly typed?, BuilderFlag names to set) for a precision; see the module docstring."""
+    if precision in ("int8", "fp8"):
+        if precision not in types.quantized:
+            found = ", ".join(sorted(types.quantized)) or "no Q/DQ nodes"
+            raise TensorRTBuildError(
+                f"{onnx_path}: --precision {precision} needs a graph quantized to {precision} with "
+                f"QuantizeLinear/DequantizeLinear nodes (e.g. from TensorRT Model Optimizer); this one has {found}. "
+                "Build fp16 or bf16 instead, or export a quantized graph")
+        return True, []
+    want = _FLOAT_TYPES[precision]
+    have = types.float_type or "float32"
+    if have == want:
+        return True, []  # the graph already carries the precision: strong typing keeps it exactly
+    if have != "float32":
+        raise TensorRTBuildError(f"{onnx_path}: the graph's weights are {have}; it cannot be built as {precision}")
+    if precision == "fp32":
+        return True, []
+    flag = precision.upper()
+    if not hasattr(trt.BuilderFlag, flag):
+        raise TensorRTBuildError(
+            f"TensorRT {trt.__version__} builds only strongly typed networks (weak typing and BuilderFlag.{flag} "
+            f"were removed in TensorRT 11), and {onnx_path} is fp32: convert it to {precision} first (ModelOpt "
+            f"AutoCast), build with --precision fp32, or use TensorRT 10")
+    return False, [flag]
+
+
+# ---- files ----------------------------------------------------------------------------------------------------
+
+def _atomic_write(path: Path, data: Any) -> int:
+    """Write bytes-like `data` (bytes, IHostMemory) to `path` through a temporary file and os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(memoryview(data))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+# ---- one engine -----------------------------------------------------------------------------------------------
+
+def _parse_onnx(trt: ModuleType, network: Any, logger: Any, onnx_path: Path) -> Any:
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse_from_file(str(onnx_path))
+    if not ok or parser.num_errors:
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "no details"
+        raise TensorRTBuildError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors}")
+    return parser
+
+
+def _check_inputs(network: Any, inputs: Sequence[TensorSpec], onnx_path: Path) -> None:
+    got = {}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = tensor.shape
+        got[tensor.name] = [shape[j] for j in range(len(shape))]
+    if set(got) != {s.name for s in inputs}:
+        raise TensorRTBuildError(f"{onnx_path}: network inputs {sorted(got)} differ from the manifest's "
+                                 f"{sorted(s.name for s in inputs)}; re-export the bundle with `r2r-export onnx`")
+    for spec in inputs:
+        dims = got[spec.name]
+        fixed_ok = len(dims) == len(spec.shape) and all(
+            d == -1 or batch_multiple(s) is not None or d == int(s) for d, s in zip(dims, spec.shape, strict=True))
+        if not fixed_ok:
+            raise TensorRTBuildError(f"{onnx_path}: input {spec.name} is {dims} in the graph but {spec.shape} in the "
+                                     "manifest; re-export the bundle with `r2r-export onnx`")
+
+
+def _load_timing_cache(config: Any, path: Path | None, progress: Callable[[str], None]) -> tuple[Any, int, bool]:
+    """Attach the bundle's timing cache (or a fresh one); returns (cache, entries loaded, loaded from file?)."""
+    blob = path.read_bytes() if path is not None and path.is_file() else b""
+    try:
+        cache = config.create_timing_cache(blob)
+        # ignore_mismatch=False: a cache from another GPU is refused rather than trusted
+        attached = cache is not None and config.set_timing_cache(cache, False)
+    except (RuntimeError, ValueError, TypeError):  # a damaged file
+        attached = False
+    if not attached:
+        if blob:
+            progress(f"  timing cache {path} does not fit this TensorRT/GPU; starting a new one")
+        blob = b""
+        cache = config.create_timing_cache(blob)
+        config.set_timing_cache(cache, False)
+    return cache, len(cache.queryKeys()), bool(blob)
+
+
+def build_engine(onnx_path: str | Path, engine_path: str | Path, inputs: Sequence[TensorSpec], batch_min: int,
+                 batch_max: int, batch_opt: int, cfg: TrtBuildConfig, trt: ModuleType | None = None, *,
+                 timing_cache: str | Path | None = None, gpu: dict[str, Any] | None = None,
+                 progress: Callable[[str], None] = _log) -> dict[str, Any]:
+    """Build one serialized engine (plan) from an ONNX graph; returns the facts the manifest records.
+
+    `inputs` are the graph's input specs (TensorSpec shapes with "B", "2*B", "3*B" batch dims); the single
+    optimization profile spans batch_min..batch_max, tuned for batch_opt. `timing_cache` is a file to load and
+    grow (None: an in-memory cache). `gpu` is `gpu_info()`'s answer (asked when None).
+    """
+    t = trt or import_tensorrt()
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    if not 1 <= batch_min <= batch_opt <= batch_max:
+        raise ValueError(f"batch range min {batch_min} <= opt {batch_opt} <= max {batch_max} does not hold")
+    if not onnx_path.is_file():
+        raise TensorRTBuildError(f"{onnx_path}: missing; re-export the bundle with `r2r-export onnx`")
+    gpu = gpu if gpu is not None else gpu_info()
+    strongly_typed, flags = network_plan(t, cfg.precision, inspect_onnx(onnx_path), onnx_path)
+
+    logger = t.Logger(t.Logger.WARNING)
+    builder = t.Builder(logger)
+    net_flags = 1 << int(t.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(net_flags)
+    # The parser owns the memory of the weights the network points to: it must live until the build has run
+    # (developer guide, "The Build Phase"), hence the name held to the end of this function.
+    parser = _parse_onnx(t, network, logger, onnx_path)
+    _check_inputs(network, inputs, onnx_path)
+
+    config = builder.create_builder_config()
+    for flag in flags:
+        config.set_flag(getattr(t.BuilderFlag, flag))
+    if cfg.refit:
+        config.set_flag(t.BuilderFlag.REFIT)
+    config.builder_optimization_level = cfg.builder_optimization_level
+    if cfg.workspace_bytes is not None:
+        config.set_memory_pool_limit(t.MemoryPoolType.WORKSPACE, cfg.workspace_bytes)
+
+    profile = builder.create_optimization_profile()
+    shapes: dict[str, dict[str, list[int]]] = {}
+    for spec in inputs:
+        mn, opt, mx = profile_shapes(spec, batch_min, batch_opt, batch_max)
+        profile.set_shape(spec.name, t.Dims(mn), t.Dims(opt), t.Dims(mx))
+        shapes[spec.name] = {"min": mn, "opt": opt, "max": mx}
+    config.add_optimization_profile(profile)
+
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    cache, loaded_entries, loaded = _load_timing_cache(config, cache_path, progress)
+
+    t0 = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - t0
+    del parser
+    if plan is None:
+        raise TensorRTBuildError(
+            f"{onnx_path}: TensorRT {t.__version__} could not build a {cfg.precision} engine (the builder's log above "
+            "says why: unsupported layer, out of memory, or an invalid profile)")
+    size = _atomic_write(engine_path, plan)
+
+    grown = config.get_timing_cache() or cache
+    entries = len(grown.queryKeys())
+    if cache_path is not None:
+        _atomic_write(cache_path, grown.serialize())
+    return {
+        "tensorrt_version": t.__version__,
+        "precision": cfg.precision,
+        "strongly_typed": strongly_typed,
+        "builder_flags": flags + (["REFIT"] if cfg.refit else []),
+        "builder_optimization_level": cfg.builder_optimization_level,
+        "workspace_bytes": cfg.workspace_bytes,
+        "refit": cfg.refit,
+        "batch": {"min": batch_min, "opt": batch_opt, "max": batch_max},
+        "profile": shapes,
+        "build_seconds": round(seconds, 3),
+        "size_bytes": size,
+        "timing_cache": {"loaded": loaded, "loaded_entries": loaded_entries, "entries": entries,
+                         "new_entries": entries - loaded_entries, "hit": loaded and entries == loaded_entries},
+        "gpu_name": gpu["name"],
+        "compute_capability": gpu["compute_capability"],
+        "gpu_memory_bytes": gpu.get("total_memory_bytes"),
+    }
+
+
+# ---- a bundle's engines ---------------------------------------------------------------------------------------
+
+def engine_file(precision: str, graph: str) -> str:
+    return f"{ENGINES_DIR}/{BACKEND}/{precision}/{graph}.plan"
+
+
+def engine_entry_key(precision: str, graph: str) -> str:
+    """The manifest.engines key of one engine."""
+    return f"{BACKEND}/{precision}/{graph}"
+
+
+def engine_key(graph_key: str, cfg: TrtBuildConfig, trt_version: str, gpu: dict[str, Any],
+               batch: tuple[int, int, int]) -> str:
+    """Hash of everything an engine is made from: unchanged key and file = nothing to rebuild."""
+    parts = {"graph": graph_key, "precision": cfg.precision, "opt_level": cfg.builder_optimization_level,
+             "refit": cfg.refit, "workspace": cfg.workspace_bytes, "batch": list(batch), "tensorrt": trt_version,
+             "gpu": gpu["name"], "cc": gpu["compute_capability"]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _up_to_date(bundle: Path, manifest: Manifest, entry: EngineEntry | None, key: str) -> bool:
+    if entry is None or entry.key != key or not entry.files:
+        return False
+    if any(f not in manifest.files for f in entry.files):
+        return False
+    try:
+        verify_files(bundle, manifest, only=entry.files)
+    except BundleError:
+        return False
+    return True
+
+
+def build_bundle_engines(bundle: str | Path, cfg: TrtBuildConfig, graphs: Sequence[str] | None = None,
+                         trt: ModuleType | None = None, gpu: dict[str, Any] | None = None,
+                         progress: Callable[[str], None] = _log) -> list[EngineEntry]:
+    """Build (or keep) `engines/tensorrt/<precision>/<graph>.plan` for the bundle's graphs; updates the manifest.
+
+    `graphs`: names from the manifest (default: all it has, in contract order). An engine whose key (graph key,
+    build settings, TensorRT version, GPU) and file hash are unchanged is kept ("up to date").
+    """
+    root = Path(bundle)
+    manifest = read_manifest(root)
+    t = trt or import_tensorrt()
+    gpu = gpu if gpu is not None else gpu_info()
+    order = [g for g in io.ALL_GRAPHS if g in manifest.graphs] + [g for g in manifest.graphs if g not in io.ALL_GRAPHS]
+    names = list(graphs) if graphs is not None else order
+    unknown = [g for g in names if g not in manifest.graphs]
+    if unknown:
+        raise BundleError(f"{root}: no graph {', '.join(unknown)} in the manifest (it has "
+                          f"{', '.join(manifest.graphs) or 'none'}); export it with `r2r-export onnx --out {root}`")
+    batch_opt = cfg.batch_opt if cfg.batch_opt is not None else manifest.batch_max
+    if not manifest.batch_min <= batch_opt <= manifest.batch_max:
+        raise ValueError(f"batch_opt {batch_opt} is outside the bundle's batch range "
+                         f"{manifest.batch_min}..{manifest.batch_max}")
+    batch = (manifest.batch_min, batch_opt, manifest.batch_max)
+    cache_rel = cfg.timing_cache
+    entries = []
+    for name in names:
+        graph = manifest.graphs[name]
+        rel = engine_file(cfg.precision, name)
+        entry_key = engine_entry_key(cfg.precision, name)
+        key = engine_key(graph.key, cfg, t.__version__, gpu, batch)
+        old = manifest.engines.get(entry_key)
+        if _up_to_date(root, manifest, old, key):
+            assert old is not None
+            progress(f"  {name:<11} up to date ({rel})")
+            entries.append(old)
+            continue
+        graph_files = [f for f in manifest.files if f.startswith(str(Path(graph.file).parent) + "/")]
+        verify_files(root, manifest, only=graph_files)  # never build from a graph that is not the recorded one
+        info = build_engine(bundle_path(root, graph.file), bundle_path(root, rel), graph.inputs, batch[0], batch[2],
+                            batch[1], cfg, trt=t, timing_cache=bundle_path(root, cache_rel), gpu=gpu,
+                            progress=progress)
+        info["graph_key"] = graph.key
+        record_file(root, manifest, rel)
+        record_file(root, manifest, cache_rel)
+        entry = EngineEntry(BACKEND, cfg.precision, name, [rel], key, info)
+        manifest.engines[entry_key] = entry
+        write_manifest(root, manifest)  # after each engine: an interrupted run keeps what it built
+        entries.append(entry)
+        cache = info["timing_cache"]
+        cache_note = "hit" if cache["hit"] else f"+{cache['new_entries']} entries"
+        progress(f"  {name:<11} built in {info['build_seconds']:.1f} s ({info['size_bytes'] / 1e6:.1f} MB, "
+                 f"{cfg.precision}, timing cache {cache_note})")
+    return entries
+
+
+# ---- the runtime's check --------------------------------------------------------------------------------------
+
+def rebuild_command(precision: str, bundle: str | Path | None = None) -> str:
+    return f"r2r-export build-engines --backend {BACKEND} --precision {precision} --out {bundle or 'BUNDLE'}"
+
+
+def check_engine_compat(manifest: Manifest, trt_version: str, gpu_name: str, cc: str | tuple[int, int], *,
+                        precision: str | None = None, bundle: str | Path | None = None) -> list[EngineEntry]:
+    """Refuse engines built for another TensorRT version or GPU (a plan only runs where it was built).
+
+    Returns the bundle's TensorRT engines (of `precision`, if given); raises EngineCompatError naming the
+    rebuild command when there are none or any differs.
+    """
+    want_cc = cc if isinstance(cc, str) else f"{cc[0]}.{cc[1]}"
+    engines = [e for e in manifest.engines.values()
+               if e.backend == BACKEND and (precision is None or e.precision == precision)]
+    if not engines:
+        which = f"{precision} " if precision else ""
+        raise EngineCompatError(f"the bundle has no TensorRT {which}engines; build them with "
+                                f"`{rebuild_command(precision or 'fp16', bundle)}`")
+    for e in engines:
+        built = (e.info.get("tensorrt_version"), e.info.get("gpu_name"), str(e.info.get("compute_capability")))
+        if built != (trt_version, gpu_name, want_cc):
+            raise EngineCompatError(
+                f"TensorRT engine {e.graph} ({e.precision}) was built with TensorRT {built[0]} for {built[1]} "
+                f"(compute capability {built[2]}); this machine has TensorRT {trt_version} and {gpu_name} "
+                f"(compute capability {want_cc}). Rebuild the engines here with "
+                f"`{rebuild_command(e.precision, bundle)}`")
+    return engines
+
+
+__all__ = [
+    "BACKEND", "INSTALL_HINT", "PRECISIONS", "TIMING_CACHE", "EngineCompatError", "OnnxTypes", "TensorRTBuildError",
+    "TensorRTNotInstalled", "TrtBuildConfig", "batch_multiple", "build_bundle_engines", "build_engine",
+    "check_engine_compat", "engine_entry_key", "engine_file", "engine_key", "gpu_info", "import_cudart",
+    "import_tensorrt", "inspect_onnx", "network_plan", "profile_shapes", "rebuild_command",
+]

@@ -1,0 +1,61 @@
+"""Choosing and constructing a backend for a bundle, and the embedded default's cached bundle."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, default_resolution, sha256_tree
+from r2r.runtime.bundle import Bundle
+from r2r.runtime.device import Backend
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+
+
+def cache_dir() -> Path:
+    """R2R_CACHE, else $XDG_CACHE_HOME/r2r, else ~/.cache/r2r."""
+    if os.environ.get("R2R_CACHE"):
+        return Path(os.environ["R2R_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "r2r"
+
+
+def default_bundle(batch_max: int = 4) -> Path:
+    """The embedded default's bundle, exported once into the cache (a re-run checks hashes only)."""
+    from r2r.export.bundle import ExportConfig, export_bundle
+
+    w, h = default_resolution(EMBEDDED_DEFAULT)
+    digest = sha256_tree(EMBEDDED_DEFAULT)[:12]
+    out = cache_dir() / "bundles" / f"embedded-{digest}-{w}x{h}-b{batch_max}"
+    print(f"r2r-run: using the embedded default's bundle {out}", file=sys.stderr)
+    export_bundle(ExportConfig(EMBEDDED_DEFAULT, EMBEDDED_DEFAULT / EMBEDDING_FILE, out, w, h, batch_max))
+    return out
+
+
+def _tensorrt_usable(bundle: Bundle) -> bool:
+    if not any(e.backend == "tensorrt" for e in bundle.manifest.engines.values()):
+        return False
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(name: str, bundle: Bundle) -> str:
+    if name != "auto":
+        return name
+    return "tensorrt" if _tensorrt_usable(bundle) else "onnxruntime"
+
+
+def make_backend(name: str, bundle: Bundle, precision: str = "fp32") -> Backend:
+    if name == "onnxruntime":
+        from r2r.runtime.backend_ort import OrtBackend
+
+        return OrtBackend(bundle, precision=precision)
+    if name == "tensorrt":
+        from r2r.runtime.backend_trt import TrtBackend
+
+        return TrtBackend(bundle, precision=precision)
+    raise ValueError(f"backend {name!r} does not run bundles; choose one of {', '.join(BACKENDS)}")
