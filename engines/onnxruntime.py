@@ -40,9 +40,13 @@ def session_options(threads: int = 0, optimized: bool = True) -> Any:
 
 
 def engine_key(graph_key: str, precision: str, provider: str) -> str:
+    """Fully optimized ORT graphs carry layout choices for this CPU, so its model and ISA are in the key."""
     import onnxruntime as ort
 
-    return hashlib.sha256(json.dumps([graph_key, precision, provider, ort.__version__]).encode()).hexdigest()
+    from r2r.machine import describe_machine
+
+    cpu = describe_machine()["cpu"]
+    return hashlib.sha256(json.dumps([graph_key, precision, provider, ort.__version__, cpu]).encode()).hexdigest()
 
 
 def build_ort_engines(bundle: Path, precision: str = "fp32", device: str = "cpu", graphs: list[str] | None = None,
@@ -77,6 +81,7 @@ def build_ort_engines(bundle: Path, precision: str = "fp32", device: str = "cpu"
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.part")
         so = session_options(optimized=False)
+        so.log_severity_level = 3  # the saved graph is hardware specific: the key records this CPU
         so.optimized_model_filepath = str(tmp)
         if g.external_data:
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name",

@@ -60,7 +60,8 @@ def onnx_cmd(model, embedding, width, height, batch_max, tac_divisor, out: Path)
 
 
 @main.command("build-engines")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "openvino"]), default="onnxruntime",
+              show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "fp8"]), default="fp32",
               show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
@@ -88,6 +89,13 @@ def build_engines_cmd(backend, precision, device, opt_level, refit, model, embed
         try:
             build_ort_engines(out, precision=precision, device=device)
         except (ValueError, RuntimeError) as exc:
+            raise click.ClickException(str(exc)) from exc
+    elif backend == "openvino":
+        from r2r.engines.openvino import build_ov_engines
+
+        try:
+            build_ov_engines(out, precision=precision, batches=sorted({1, batch_max}))
+        except (ImportError, ValueError) as exc:
             raise click.ClickException(str(exc)) from exc
     else:
         from r2r.engines.tensorrt import TrtBuildConfig, build_bundle_engines

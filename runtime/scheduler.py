@@ -34,6 +34,8 @@ class Plan:
     ops: list[Op]
     unet_evaluations: Counter = field(default_factory=Counter)  # graph -> latents evaluated per image
     graph_calls: Counter = field(default_factory=Counter)
+    stages: dict[str, slice] = field(default_factory=dict)  # encode / inversion / generation / decode
+    unet_ops: dict[int, int] = field(default_factory=dict)  # op index -> latents per image it evaluates
 
 
 class CoupledScheduler:
@@ -112,6 +114,7 @@ class CoupledScheduler:
             binds |= dict(zip(io.tac_names(len(self.bundle.tac_layers)), qk, strict=True))
         plan.unet_evaluations[graph] += sample.shape[0] // self.batch
         plan.graph_calls[graph] += 1
+        plan.unet_ops[len(plan.ops)] = sample.shape[0] // self.batch
         return self.backend.call(graph, binds)
 
     def _build(self) -> Plan:
@@ -119,6 +122,7 @@ class CoupledScheduler:
         plan = Plan([])
         ops = plan.ops
         ops.append(be.call(io.VAE_ENCODER, {io.IMAGE: self.image_in, io.LATENT: self.z0}))
+        plan.stages["encode"] = slice(0, len(ops))
         single = self.inversion == "single-pass"
 
         # Inversion over ts ascending (j = n-1 .. 0), z_t of step j into zs[j].
@@ -137,6 +141,8 @@ class CoupledScheduler:
                 elif j > 0:
                     ops.append(self._unet_call(plan, io.UNET, self.zs[j], j, self.c_null, self.eps1))
             src = self.zs[j]
+
+        plan.stages["inversion"] = slice(plan.stages["encode"].stop, len(ops))
 
         # Generation from zr = z_{ts[0]}.
         def pair(i: int) -> DeviceArray:
@@ -163,7 +169,9 @@ class CoupledScheduler:
                 ops.append(self._unet_call(plan, io.UNET, cur, i, self.c_pair, eps))
             ops.append(be.guided(nxt, cur[:b], eps, self.coef_host[n + i], self.coefs[n + i]))
         self.final = nxt[:b]
+        plan.stages["generation"] = slice(plan.stages["inversion"].stop, len(ops))
         ops.append(be.call(io.VAE_DECODER, {io.LATENT: self.final, io.IMAGE: self.image_out}))
+        plan.stages["decode"] = slice(plan.stages["generation"].stop, len(ops))
         return plan
 
     @property

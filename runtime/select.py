@@ -10,7 +10,7 @@ from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, default_resolution, sha
 from r2r.runtime.bundle import Bundle
 from r2r.runtime.device import Backend
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino", "torch")
 
 
 def cache_dir() -> Path:
@@ -54,6 +54,10 @@ def make_backend(name: str, bundle: Bundle, precision: str = "fp32") -> Backend:
         from r2r.runtime.backend_ort import OrtBackend
 
         return OrtBackend(bundle, precision=precision)
+    if name == "openvino":
+        from r2r.runtime.backend_ov import OpenVinoBackend
+
+        return OpenVinoBackend(bundle, precision=precision)
     if name == "tensorrt":
         from r2r.runtime.backend_trt import TrtBackend
 

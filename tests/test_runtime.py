@@ -130,3 +130,13 @@ def test_flags_the_bundle_was_not_built_for_are_refused(bundle) -> None:
         CoupledScheduler(bundle, OrtBackend(bundle), 1, MethodConfig(tac_divisor=64))
     with pytest.raises(BundleError, match="--batch-size 9"):
         CoupledScheduler(bundle, OrtBackend(bundle), 9, MethodConfig())
+
+
+def test_openvino_fp32_matches_onnxruntime(bundle) -> None:
+    from r2r.runtime.backend_ov import OpenVinoBackend
+
+    imgs = [_image(10)]
+    m = MethodConfig(steps=20, strength=0.5)
+    ort_out = CoupledScheduler(bundle, OrtBackend(bundle), 1, m)(imgs)[0]
+    ov_out = CoupledScheduler(bundle, OpenVinoBackend(bundle, "fp32"), 1, m, fused=True)(imgs)[0]
+    assert psnr(ov_out, ort_out) > 45

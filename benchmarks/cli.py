@@ -1,0 +1,158 @@
+"""`r2r-bench`: latency, throughput, memory and fidelity of every backend beside the baselines.
+
+Each configuration runs in its own process on the same images with the same parameters; ratios are
+taken between configurations of one run. Reports: report.json (every figure), report.md, charts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+import numpy as np
+
+from r2r.benchmarks.worker import BenchConfig
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def make_images(out: Path, count: int, width: int, height: int, seed: int = 1234) -> Path:
+    """Procedural renders (the dataset generator's rendered domain), seeded."""
+    from r2r.training.data import render_pair, sample_design
+
+    imgs = []
+    for i in range(count):
+        rng = np.random.default_rng([seed, i])
+        rendered, _ = render_pair(sample_design(rng, (width, height)), (width, height))
+        imgs.append(rendered)
+    path = out / "inputs.npz"
+    np.savez_compressed(path, images=np.stack(imgs))
+    return path
+
+
+def run_config(cfg: BenchConfig, work: Path, timeout: float = 3600) -> dict:
+    cfg_path = work / f"{cfg.name}.json"
+    res_path = work / f"{cfg.name}.result.json"
+    cfg_path.write_text(json.dumps(asdict(cfg)))
+    t0 = time.perf_counter()
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "r2r.benchmarks.worker", str(cfg_path), str(res_path)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
+        raise click.ClickException(f"benchmark {cfg.name} failed:\n{tail}")
+    result = json.loads(res_path.read_text())
+    _log(f"  {cfg.name:<40} {time.perf_counter() - t0:6.1f} s")
+    return result
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
+
+
+def host_overhead(bundle: Path, work: Path, repeats: int = 30) -> dict:
+    """The scheduler's own time per denoising step, on null graphs with the bundle's I/O."""
+    from r2r.config import MethodConfig
+    from r2r.runtime.backend_ort import OrtBackend
+    from r2r.runtime.bundle import open_bundle
+    from r2r.runtime.null_graphs import make_null_bundle
+    from r2r.runtime.scheduler import CoupledScheduler
+
+    nb = open_bundle(make_null_bundle(bundle, work / "null-bundle"))
+    out = {}
+    for fused in (False, True):
+        sched = CoupledScheduler(nb, OrtBackend(nb, threads=1), 1, MethodConfig(), fused=fused)
+        s = sched.plan.stages
+        loop = sched.plan.ops[s["inversion"].start : s["generation"].stop]
+        steps = 2 * sched.schedule.n
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            sched.backend.execute(loop, key=0)
+            times.append((time.perf_counter() - t0) / steps)
+        times = sorted(times[1:])
+        out["fused" if fused else "emit+inject"] = {"ms_per_step_min": times[0] * 1e3,
+                                                    "ms_per_step_median": times[len(times) // 2] * 1e3,
+                                                    "ops": len(loop), "steps": steps}
+    return out
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--quick", is_flag=True, help="The embedded default, 2 images, batch 1-2, 2 repeats (< 3 min).")
+@click.option("--model", type=click.Path(path_type=Path), default=None,
+              help="Diffusers SD 1.x directory [default: the embedded default].")
+@click.option("--embedding", type=click.Path(path_type=Path), default=None)
+@click.option("--sd15", is_flag=True, help="Benchmark an SD 1.5-architecture model (random weights) at 256x256.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True)
+@click.option("--images", "n_images", type=int, default=None, help="[default: 2 quick, 4 full]")
+@click.option("--batch-sizes", default=None, help="Comma list [default: 1,2 quick; 1,2,4 full].")
+@click.option("--repeats", type=int, default=None, help="Timed passes after the warm-up [default: 2 quick, 3].")
+@click.option("--threads", type=int, default=0, help="Threads per configuration [default: all cores].")
+def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, out: Path, n_images: int | None,
+         batch_sizes: str | None, repeats: int | None, threads: int) -> None:
+    """Benchmark r2r's backends beside the public code and the PyTorch reference."""
+    from r2r.benchmarks.report import write_reports
+    from r2r.engines.onnxruntime import build_ort_engines
+    from r2r.export.bundle import ExportConfig, export_bundle
+    from r2r.machine import describe_machine
+    from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, default_resolution
+
+    sizes = [int(x) for x in (batch_sizes or ("1,2" if quick else "1,2,4")).split(",")]
+    repeats = repeats or (2 if quick else 3)
+    n_images = n_images or (2 if quick else 4)
+    if any(n_images % b for b in sizes):
+        raise click.BadParameter(f"--images {n_images} must be a multiple of every batch size {sizes}")
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    if sd15:
+        from r2r.benchmarks.sd15 import build_sd15_architecture
+
+        _log("r2r-bench: building the SD 1.5-architecture model (random weights)")
+        model = build_sd15_architecture(out / "models" / "sd15-random")
+    model = model or EMBEDDED_DEFAULT
+    embedding = embedding or model / EMBEDDING_FILE
+    w, h = default_resolution(model)
+    start = time.perf_counter()
+    _log(f"r2r-bench: {model} at {w}x{h}; images {n_images}, batch sizes {sizes}, repeats {repeats}")
+    images = make_images(work, n_images, w, h)
+    bundle = out / "bundles" / f"{model.name}-{w}x{h}"
+    export_bundle(ExportConfig(model, embedding, bundle, w, h, batch_max=max(sizes)), progress=_log)
+    build_ort_engines(bundle, "fp32", "cpu", progress=_log)
+
+    method = {}
+    common = {"model": str(model), "embedding": str(embedding), "width": w, "height": h, "images": str(images),
+              "method": method, "repeats": repeats, "threads": threads}
+
+    def cfg(name: str, kind: str, **kw: object) -> BenchConfig:
+        return BenchConfig(name=name, kind=kind, outputs=str(work / f"{name}.out.npz"), **common, **kw)
+
+    configs = [cfg("public-code", "public-code"), cfg("torch-reference", "torch-reference")]
+    for b in sizes:
+        configs.append(cfg(f"onnxruntime-fp32-b{b}", "r2r", bundle=str(bundle), batch=b))
+    configs.append(cfg("onnxruntime-fp32-fused-b1", "r2r", bundle=str(bundle), fused=True))
+    configs.append(cfg("onnxruntime-fp32-single-pass-b1", "r2r", bundle=str(bundle), inversion="single-pass"))
+    _log(f"r2r-bench: {len(configs)} configurations, each in its own process")
+    results = [run_config(c, work) for c in configs]
+    ref_out = np.load(work / "torch-reference.out.npz")["images"]
+    for r in results:
+        got = np.load(r["config"]["outputs"])["images"]
+        r["fidelity_vs_torch_reference"] = {
+            "psnr_db": [psnr(a, b) for a, b in zip(got, ref_out, strict=True)],
+            "max_abs_error": int(np.abs(got.astype(int) - ref_out.astype(int)).max())}
+    overhead = host_overhead(bundle, work)
+    report = {"machine": describe_machine(), "model": str(model), "resolution": [w, h], "images": n_images,
+              "repeats": repeats, "batch_sizes": sizes, "method": "defaults (steps 50, strength 0.3, "
+              "guidance 7.5, TAC ratio 0.9, divisor 256)", "results": results, "host_overhead": overhead,
+              "command": "r2r-bench " + " ".join(sys.argv[1:]), "wall_s": time.perf_counter() - start}
+    paths = write_reports(report, out)
+    _log(f"r2r-bench: done in {report['wall_s']:.0f} s -> {', '.join(str(p) for p in paths)}")

@@ -1,0 +1,116 @@
+"""report.json, report.md and the charts, from one r2r-bench run's figures."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+STAGES = ("encode", "inversion", "generation", "decode")
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """min / median / max over the timed passes, per image and per stage."""
+    passes = result["passes"]
+    per_image = sorted(p["wall_s"] / p["images"] for p in passes)
+    stages = {s: statistics.median(p["per_image_s"][s] for p in passes) for s in STAGES}
+    fid = result.get("fidelity_vs_torch_reference", {})
+    cfg = result["config"]
+    return {
+        "name": cfg["name"], "batch": cfg["batch"],
+        "latency_s": {"min": per_image[0], "median": statistics.median(per_image), "max": per_image[-1]},
+        "stages_s": stages, "images_per_s": 1.0 / statistics.median(per_image),
+        "unet_evaluations_per_image": result["unet_evaluations_per_image"],
+        "peak_rss_mb": result["peak_rss_mb"],
+        "psnr_min_db": min(fid["psnr_db"]) if fid.get("psnr_db") else None,
+        "max_abs_error": fid.get("max_abs_error"),
+    }
+
+
+def _fmt_db(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return "identical" if x == float("inf") else f"{x:.1f}"
+
+
+def markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    m = report["machine"]
+    base = next(r for r in rows if r["name"] == "public-code")["latency_s"]["median"]
+    lines = [
+        f"# r2r-bench: {Path(report['model']).name} at {report['resolution'][0]}x{report['resolution'][1]}",
+        "",
+        f"Machine: {m['cpu'].get('model', '?')}, {m['logical_cpus']} logical CPUs, {m['memory_gib']} GiB, "
+        f"GPU {m['gpu']}; ISA {' '.join(m['cpu'].get('isa', []))}.  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".  ",
+        f"Method: {report['method']}; {report['images']} images, {report['repeats']} timed passes after a "
+        f"warm-up, each configuration in its own process.  ",
+        f"Command: `{report['command']}`",
+        "",
+        "| configuration | batch | s / image (min / median / max) | vs public-code | images/s | encode | inversion "
+        "| generation | decode | UNet evals / image | peak RSS MB | PSNR vs torch-reference (min, dB) | max abs err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lat, st = r["latency_s"], r["stages_s"]
+        lines.append(
+            f"| {r['name']} | {r['batch']} | {lat['min']:.3f} / {lat['median']:.3f} / {lat['max']:.3f} | "
+            f"{base / lat['median']:.2f}x | {r['images_per_s']:.2f} | {st['encode']:.3f} | {st['inversion']:.3f} | "
+            f"{st['generation']:.3f} | {st['decode']:.3f} | {r['unet_evaluations_per_image']:.0f} | "
+            f"{r['peak_rss_mb']:.0f} | {_fmt_db(r['psnr_min_db'])} | {r['max_abs_error']} |")
+    ho = report["host_overhead"]
+    lines += ["", "Host overhead of the coupled scheduler (null graphs with the bundle's I/O, ONNX Runtime CPU, "
+              "1 thread): " + "; ".join(f"{k}: {v['ms_per_step_median']:.4f} ms per step (median; min "
+                                        f"{v['ms_per_step_min']:.4f})" for k, v in ho.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def charts(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.5))
+    left = [0.0] * len(rows)
+    for stage in STAGES:
+        vals = [r["stages_s"][stage] for r in rows]
+        ax.barh([r["name"] for r in rows], vals, left=left, label=stage)
+        left = [a + b for a, b in zip(left, vals, strict=True)]
+    ax.set_xlabel("seconds per image (median)")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right")
+    ax.set_title("Latency breakdown")
+    fig.tight_layout()
+    paths.append(out / "latency.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    batched = [r for r in rows if r["name"].startswith("onnxruntime-fp32-b")]
+    if batched:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["batch"] for r in batched], [r["images_per_s"] for r in batched], marker="o",
+                label="onnxruntime fp32 (exact)")
+        for r in rows:
+            if r["name"] in ("public-code", "torch-reference"):
+                ax.axhline(r["images_per_s"], linestyle="--", label=r["name"], color="grey" if
+                           r["name"] == "public-code" else "black")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("images / s")
+        ax.set_title("Throughput vs batch size")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out / "throughput.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def write_reports(report: dict[str, Any], out: Path) -> list[Path]:
+    rows = [summarize(r) for r in report["results"]]
+    report = {**report, "summary": rows}
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "report.md").write_text(markdown(report, rows))
+    return [out / "report.json", out / "report.md", *charts(rows, out)]

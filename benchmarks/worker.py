@@ -1,0 +1,167 @@
+"""One benchmark configuration, run in its own process so that its peak RSS is its own.
+
+`python -m r2r.benchmarks.worker CONFIG.json RESULT.json`: loads the pipeline, runs one instrumented
+pass (UNet evaluations counted as they execute), a warm-up, then `repeats` timed passes over the
+images in batches, timing each stage; writes the timings, counts, peak RSS and the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STAGES = ("encode", "inversion", "generation", "decode")
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    kind: str  # public-code | torch-reference | r2r
+    model: str
+    embedding: str
+    width: int
+    height: int
+    images: str  # .npz with an "images" uint8 [N, H, W, 3] array
+    outputs: str  # .npz written with the outputs of the last timed pass
+    method: dict[str, Any] = field(default_factory=dict)
+    bundle: str | None = None
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    inversion: str = "exact"
+    fused: bool = False
+    batch: int = 1
+    repeats: int = 3
+    threads: int = 0
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+
+    def run(self, stage: str, fn: Any, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.stages[stage] += time.perf_counter() - t0
+        return out
+
+
+def _torch_runner(cfg: BenchConfig) -> tuple[Any, Any]:
+    import torch
+
+    from r2r.config import MethodConfig
+    from r2r.models import load_components
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    comps = load_components(cfg.model)
+    m = MethodConfig(**cfg.method)
+    if cfg.kind == "public-code":
+        from r2r.benchmarks.public_code import PublicCodePipeline
+
+        pipe = PublicCodePipeline(comps, cfg.embedding, cfg.width, cfg.height, m.tac_divisor)
+
+        def batch_fn(images: list[np.ndarray], timer: _Timer) -> list[np.ndarray]:
+            outs = []
+            for img in images:  # the script's one image at a time
+                pipe.images += 1
+                z0 = timer.run("encode", pipe.encode, img)
+                inv = timer.run("inversion", pipe.invert, z0, m)
+                zr = timer.run("generation", pipe.generate, inv, m)
+                outs.append(timer.run("decode", pipe.decode, zr))
+            return outs
+
+        return batch_fn, lambda: pipe.evaluations / max(pipe.images, 1)
+
+    from r2r.runtime.reference import ReferencePipeline
+
+    ref = ReferencePipeline(comps, cfg.embedding, cfg.width, cfg.height)
+
+    def batch_fn(images: list[np.ndarray], timer: _Timer) -> list[np.ndarray]:
+        ref.count.images += len(images)
+        sched = ref.schedule(m)
+        z0 = timer.run("encode", ref.encode, images)
+        lat = timer.run("inversion", ref.invert, z0, sched)
+        zr = timer.run("generation", ref.generate, lat, sched, m)
+        return timer.run("decode", ref.decode, zr)
+
+    return batch_fn, lambda: ref.count.per_image
+
+
+def _r2r_runner(cfg: BenchConfig) -> tuple[Any, Any]:
+    from r2r.config import MethodConfig
+    from r2r.imageio import from_model_output, to_model_input
+    from r2r.runtime.bundle import open_bundle
+    from r2r.runtime.scheduler import CoupledScheduler
+    from r2r.runtime.select import make_backend
+
+    bundle = open_bundle(cfg.bundle)
+    backend = make_backend(cfg.backend, bundle, cfg.precision)
+    if cfg.threads and hasattr(backend, "threads"):
+        backend.threads = cfg.threads
+    sched = CoupledScheduler(bundle, backend, cfg.batch, MethodConfig(**cfg.method),
+                             inversion=cfg.inversion, fused=cfg.fused)  # type: ignore[arg-type]
+    ops, stages = sched.plan.ops, sched.plan.stages
+    counted = {"evaluations": 0, "images": 0}
+
+    def instrumented(images: list[np.ndarray]) -> None:
+        backend.upload(sched.image_in, np.stack([to_model_input(im) for im in images]))
+        for i, op in enumerate(ops):
+            op()
+            counted["evaluations"] += sched.plan.unet_ops.get(i, 0) * len(images)
+        counted["images"] += len(images)
+
+    def batch_fn(images: list[np.ndarray], timer: _Timer) -> list[np.ndarray]:
+        if not counted["images"]:
+            instrumented(images)
+        backend.upload(sched.image_in, np.stack([to_model_input(im) for im in images]))
+        for stage in STAGES:
+            part = ops[stages[stage]]
+            timer.run(stage, lambda p=part, s=stage: (backend.execute(p, key=(id(sched), s)), backend.synchronize()))
+        out = backend.download(sched.image_out)
+        return [from_model_output(out[i]) for i in range(len(images))]
+
+    return batch_fn, lambda: counted["evaluations"] / max(counted["images"], 1)
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    images = list(np.load(cfg.images)["images"])
+    if len(images) % cfg.batch:
+        raise ValueError(f"{len(images)} images do not split into batches of {cfg.batch}")
+    t_load = time.perf_counter()
+    batch_fn, evals = (_r2r_runner if cfg.kind == "r2r" else _torch_runner)(cfg)
+    load_s = time.perf_counter() - t_load
+    batches = [images[i : i + cfg.batch] for i in range(0, len(images), cfg.batch)]
+    batch_fn(batches[0], _Timer())  # warm-up (and, for r2r, the instrumented pass)
+    passes, outputs = [], []
+    for _ in range(cfg.repeats):
+        timer = _Timer()
+        outputs = []
+        t0 = time.perf_counter()
+        for chunk in batches:
+            outputs.extend(batch_fn(chunk, timer))
+        wall = time.perf_counter() - t0
+        passes.append({"wall_s": wall, "images": len(images),
+                       "per_image_s": {k: v / len(images) for k, v in timer.stages.items()}})
+    np.savez_compressed(cfg.outputs, images=np.stack(outputs))
+    return {"config": asdict(cfg), "load_s": load_s, "passes": passes, "unet_evaluations_per_image": evals(),
+            "peak_rss_mb": _rss_mb()}
+
+
+def main() -> None:
+    cfg = BenchConfig(**json.loads(Path(sys.argv[1]).read_text()))
+    Path(sys.argv[2]).write_text(json.dumps(run(cfg), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""What a run was measured or built on: CPU, memory, accelerators, library versions."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("r2r", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "openvino", "numpy", "tensorrt")
+
+
+def _cpuinfo() -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    path = Path("/proc/cpuinfo")
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and "model" not in info:
+                info["model"] = value.strip()
+            elif key == "flags" and "flags" not in info:
+                flags = set(value.split())
+                info["isa"] = sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "avx_vnni", "fma")))
+    return info
+
+
+def describe_machine() -> dict[str, Any]:
+    mem = None
+    if Path("/proc/meminfo").is_file():
+        first = Path("/proc/meminfo").read_text().splitlines()[0]
+        mem = round(int(first.split()[1]) / 1024 / 1024, 1)
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": _cpuinfo(), "logical_cpus": cpus, "memory_gib": mem, "os": platform.platform(),
+            "python": platform.python_version(), "gpu": "none" if shutil.which("nvidia-smi") is None else "present",
+            "versions": versions}

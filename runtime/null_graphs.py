@@ -1,0 +1,92 @@
+"""Trivially cheap graphs with a bundle's exact I/O, to measure the scheduler's own time per step.
+
+A null bundle has the real bundle's manifest and conditioning, but each graph only copies or fills its
+outputs (Identity / ConstantOfShape), so a run's time is the host-side cost of the coupled scheduler:
+binding-free calls, in-place updates, the Python between them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+from r2r import graph_io as io
+from r2r.export.to_onnx import OPSET
+from r2r.manifest import MANIFEST, Manifest, TensorSpec, bundle_path, read_manifest, record_file, write_manifest
+
+IR_VERSION = 10  # what onnxruntime 1.18+ loads; onnx.helper would stamp its newest
+_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64}
+
+
+def _value(spec: TensorSpec) -> onnx.ValueInfoProto:
+    dims = [d if isinstance(d, int) else str(d).replace("*", "x") for d in spec.shape]
+    return helper.make_tensor_value_info(spec.name, _TYPES[spec.dtype], dims)
+
+
+def _null_graph(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> onnx.ModelProto:
+    """Each output: Identity of the same-shaped input if there is one, else zeros of its shape with the
+    batch read from the first input."""
+    nodes = []
+    first = inputs[0].name
+    nodes.append(helper.make_node("Shape", [first], ["_batch"], start=0, end=1))
+    by_shape = {tuple(t.shape): t.name for t in inputs}
+    for k, out in enumerate(outputs):
+        src = by_shape.get(tuple(out.shape))
+        if src is not None:
+            nodes.append(helper.make_node("Identity", [src], [out.name]))
+            continue
+        # batch of the output = batch of the first input * (multiple of B in the output / in the input)
+        rest = helper.make_tensor(f"_rest{k}", TensorProto.INT64, [len(out.shape) - 1], list(out.shape[1:]))
+        nodes.append(helper.make_node("Constant", [], [f"_rest{k}"], value=rest))
+        mult_out = _multiple(out.shape[0])
+        mult_in = _multiple(inputs[0].shape[0])
+        batch = "_batch"
+        if mult_out != mult_in:
+            scale = helper.make_tensor(f"_s{k}", TensorProto.INT64, [1], [mult_out])
+            div = helper.make_tensor(f"_d{k}", TensorProto.INT64, [1], [mult_in])
+            nodes += [helper.make_node("Constant", [], [f"_s{k}"], value=scale),
+                      helper.make_node("Constant", [], [f"_d{k}"], value=div),
+                      helper.make_node("Mul", ["_batch", f"_s{k}"], [f"_bm{k}"]),
+                      helper.make_node("Div", [f"_bm{k}", f"_d{k}"], [f"_b{k}"])]
+            batch = f"_b{k}"
+        nodes.append(helper.make_node("Concat", [batch, f"_rest{k}"], [f"_shape{k}"], axis=0))
+        zero = helper.make_tensor(f"_z{k}", _TYPES[out.dtype], [1], [0])
+        nodes.append(helper.make_node("ConstantOfShape", [f"_shape{k}"], [out.name], value=zero))
+    graph = helper.make_graph(nodes, f"null_{name}", [_value(t) for t in inputs], [_value(t) for t in outputs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _multiple(dim: int | str) -> int:
+    if isinstance(dim, int):
+        return 1
+    return int(dim.split("*")[0]) if "*" in dim else 1
+
+
+def make_null_bundle(bundle: Path, out: Path, graphs: tuple[str, ...] = io.ALL_GRAPHS) -> Path:
+    """Copy `bundle`'s manifest and conditioning into `out` with null graphs of the same I/O."""
+    src: Manifest = read_manifest(bundle)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    manifest = Manifest.from_dict(json.loads((bundle / MANIFEST).read_text()))
+    manifest.files, manifest.engines = {}, {}
+    cond = manifest.cond["file"]
+    bundle_path(out, cond).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(bundle_path(bundle, cond), bundle_path(out, cond))
+    record_file(out, manifest, cond)
+    for name, entry in src.graphs.items():
+        if name not in graphs:
+            continue
+        path = bundle_path(out, entry.file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(_null_graph(name, entry.inputs, entry.outputs), str(path))
+        manifest.graphs[name].external_data = False
+        record_file(out, manifest, entry.file)
+    write_manifest(out, manifest)
+    return out
