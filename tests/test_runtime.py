@@ -140,3 +140,19 @@ def test_openvino_fp32_matches_onnxruntime(bundle) -> None:
     ort_out = CoupledScheduler(bundle, OrtBackend(bundle), 1, m)(imgs)[0]
     ov_out = CoupledScheduler(bundle, OpenVinoBackend(bundle, "fp32"), 1, m, fused=True)(imgs)[0]
     assert psnr(ov_out, ort_out) > 45
+
+
+def test_null_bundle_keeps_every_graph_io_and_runs_the_same_program(tiny_bundle: Path, tmp_path: Path) -> None:
+    from r2r.runtime.null_graphs import make_null_bundle
+
+    null = open_bundle(make_null_bundle(tiny_bundle, tmp_path / "null"))
+    real = open_bundle(tiny_bundle)
+    for name, entry in real.manifest.graphs.items():
+        assert [(t.name, t.shape) for t in null.manifest.graphs[name].inputs] == [(t.name, t.shape) for t in
+                                                                                 entry.inputs]
+        assert null.graph_path(name).stat().st_size < 20_000  # no weights: only the I/O
+    a = CoupledScheduler(real, OrtBackend(real), 2, MethodConfig())
+    b = CoupledScheduler(null, OrtBackend(null), 2, MethodConfig())
+    assert dict(a.plan.graph_calls) == dict(b.plan.graph_calls)
+    out = b([_image(11), _image(12)])
+    assert [o.shape for o in out] == [(H, W, 3)] * 2
