@@ -20,7 +20,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	@test -f $(DEMO_DATA)/dataset.json || $(BIN)/r2r-train data --out $(DEMO_DATA) --count 200 --size 256x256 --seed 0 --overwrite
-	$(BIN)/r2r-run --input $(DEMO_DATA)/test/rendered --output $(DEMO_OUT)
+	$(BIN)/r2r-run --input $(DEMO_DATA)/test/rendered --output $(DEMO_OUT) --batch-size 4
 
 # pytest exits 5 when it collects nothing: that is a failure here, said in words.
 test: $(STAMP)

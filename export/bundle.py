@@ -69,9 +69,15 @@ def _key(*parts: object) -> str:
 
 
 def tool_versions() -> dict[str, str]:
+    """Everything besides the weights that shapes a graph, the graph-defining source included."""
     import onnx
 
-    return {"r2r": __version__, "torch": torch.__version__, "onnx": onnx.__version__, "opset": str(OPSET)}
+    from r2r import tac
+    from r2r.export import graphs, to_onnx
+
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (graphs, to_onnx, tac))).hexdigest()
+    return {"r2r": __version__, "torch": torch.__version__, "onnx": onnx.__version__, "opset": str(OPSET),
+            "graph_code": code[:16]}
 
 
 def _graph_file(name: str) -> str:

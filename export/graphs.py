@@ -105,7 +105,8 @@ class GuidedStep(torch.nn.Module):
     """`guided_step`: paper eq. 8 then the generation update, written to both halves of the next batch."""
 
     def forward(self, z: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        e_neg, e_null = eps.chunk(2)
+        b = z.shape[0]  # slices by z's batch keep eps's batch symbolic (2*B); chunk(2) would fix it
+        e_neg, e_null = eps[:b], eps[b:]
         e = e_neg + coef[2] * (e_null - e_neg)
         z_next = coef[0] * z + coef[1] * e
         return torch.cat([z_next, z_next])

@@ -91,6 +91,9 @@ def graph_io_specs(path: Path, spec: GraphSpec) -> tuple[list[TensorSpec], list[
             t = v.type.tensor_type
             dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
             if symbols[v.name]:
+                if isinstance(dims[0], int):
+                    raise RuntimeError(f"{path}: {v.name} has a fixed batch {dims[0]}; the contract says "
+                                       f"{symbols[v.name]} (the exporter specialised the batch axis)")
                 dims[0] = symbols[v.name]
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
             out.append(TensorSpec(v.name, dims, dtype))

@@ -8,23 +8,24 @@ emit graph writes Q/K straight into the memory the inject graph reads.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from r2r.manifest import bundle_path
 from r2r.runtime.bundle import Bundle
-from r2r.runtime.device import Backend, Coefficients, DeviceArray, NumpyArithmetic, Op
+from r2r.runtime.device import DeviceArray, HostBackend, Op
 
 _ORT_TYPES = {np.dtype(np.float32): np.float32, np.dtype(np.float16): np.float16, np.dtype(np.int64): np.int64}
 
 
-class OrtBackend(Backend):
+class OrtBackend(HostBackend):
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, device: str = "cpu", precision: str = "fp32", threads: int = 0,
                  graph_paths: Mapping[str, Path] | None = None) -> None:
+        super().__init__()
         import onnxruntime as ort
 
         self.ort = ort
@@ -34,14 +35,6 @@ class OrtBackend(Backend):
         self.threads = threads or (os.cpu_count() or 1)
         self.graph_paths = dict(graph_paths or {})
         self._sessions: dict[str, object] = {}
-        self._scratch: dict[tuple[int, ...], np.ndarray] = {}
-        self._arith = NumpyArithmetic(self._scratch_for)
-        self._keep: list[object] = []  # bindings and arrays that must outlive their ops
-
-    def _scratch_for(self, shape: tuple[int, ...]) -> np.ndarray:
-        if shape not in self._scratch:
-            self._scratch[shape] = np.empty(shape, np.float32)
-        return self._scratch[shape]
 
     def session(self, graph: str) -> object:
         if graph not in self._sessions:
@@ -64,16 +57,6 @@ class OrtBackend(Backend):
             self._sessions[graph] = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         return self._sessions[graph]
 
-    def empty(self, shape: Sequence[int], dtype: np.dtype | type = np.float32) -> DeviceArray:
-        arr = np.zeros(tuple(shape), dtype)
-        return DeviceArray(arr.ctypes.data, arr.shape, arr.dtype, arr)
-
-    def upload(self, dst: DeviceArray, src: np.ndarray) -> None:
-        np.copyto(dst.host, src.reshape(dst.shape), casting="same_kind")
-
-    def download(self, src: DeviceArray) -> np.ndarray:
-        return src.host.copy()
-
     def call(self, graph: str, bindings: Mapping[str, DeviceArray]) -> Op:
         sess = self.session(graph)
         binding = sess.io_binding()
@@ -93,22 +76,6 @@ class OrtBackend(Backend):
 
         def op() -> None:
             run(binding)
-
-        return op
-
-    def ddim(self, dst: DeviceArray, z: DeviceArray, eps: DeviceArray, coef: Coefficients,
-             coef_dev: DeviceArray) -> Op:
-        return self._arith.ddim(dst, z, eps, coef)
-
-    def guided(self, dst_pair: DeviceArray, z: DeviceArray, eps_pair: DeviceArray, coef: Coefficients,
-               coef_dev: DeviceArray) -> Op:
-        return self._arith.guided(dst_pair, z, eps_pair, coef)
-
-    def copy(self, dst: DeviceArray, src: DeviceArray) -> Op:
-        d, s = dst.host, src.host
-
-        def op() -> None:
-            np.copyto(d, s)
 
         return op
 

@@ -9,14 +9,12 @@ the bundle (engines/openvino/cache) so a second process loads instead of compili
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
-
-import numpy as np
 
 from r2r.manifest import ENGINES_DIR, bundle_path
 from r2r.runtime.bundle import Bundle
-from r2r.runtime.device import Backend, Coefficients, DeviceArray, NumpyArithmetic, Op
+from r2r.runtime.device import DeviceArray, HostBackend, Op
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 CACHE_DIR = f"{ENGINES_DIR}/openvino/cache"
@@ -30,10 +28,11 @@ def import_openvino() -> Any:
     return openvino
 
 
-class OpenVinoBackend(Backend):
+class OpenVinoBackend(HostBackend):
     name = "openvino"
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", threads: int = 0) -> None:
+        super().__init__()
         if precision not in PRECISION_HINTS:
             raise ValueError(f"openvino precision {precision!r}: choose {', '.join(PRECISION_HINTS)}")
         self.ov = import_openvino()
@@ -45,14 +44,6 @@ class OpenVinoBackend(Backend):
         self.core.set_property({"CACHE_DIR": str(cache)})
         self._models: dict[str, Any] = {}
         self._compiled: dict[tuple, Any] = {}
-        self._scratch: dict[tuple[int, ...], np.ndarray] = {}
-        self._arith = NumpyArithmetic(self._scratch_for)
-        self._keep: list[object] = []
-
-    def _scratch_for(self, shape: tuple[int, ...]) -> np.ndarray:
-        if shape not in self._scratch:
-            self._scratch[shape] = np.empty(shape, np.float32)
-        return self._scratch[shape]
 
     def compiled(self, graph: str, shapes: Mapping[str, tuple[int, ...]]) -> Any:
         key = (graph, tuple(sorted(shapes.items())))
@@ -66,15 +57,8 @@ class OpenVinoBackend(Backend):
             self._compiled[key] = self.core.compile_model(model, "CPU", config)
         return self._compiled[key]
 
-    def empty(self, shape: Sequence[int], dtype: np.dtype | type = np.float32) -> DeviceArray:
-        arr = np.zeros(tuple(shape), dtype)
-        return DeviceArray(arr.ctypes.data, arr.shape, arr.dtype, arr)
 
-    def upload(self, dst: DeviceArray, src: np.ndarray) -> None:
-        np.copyto(dst.host, src.reshape(dst.shape), casting="same_kind")
 
-    def download(self, src: DeviceArray) -> np.ndarray:
-        return src.host.copy()
 
     @staticmethod
     def _name(port: Any, bindings: Mapping[str, DeviceArray], graph: str) -> str:
@@ -101,22 +85,6 @@ class OpenVinoBackend(Backend):
 
         def op() -> None:
             infer()
-
-        return op
-
-    def ddim(self, dst: DeviceArray, z: DeviceArray, eps: DeviceArray, coef: Coefficients,
-             coef_dev: DeviceArray) -> Op:
-        return self._arith.ddim(dst, z, eps, coef)
-
-    def guided(self, dst_pair: DeviceArray, z: DeviceArray, eps_pair: DeviceArray, coef: Coefficients,
-               coef_dev: DeviceArray) -> Op:
-        return self._arith.guided(dst_pair, z, eps_pair, coef)
-
-    def copy(self, dst: DeviceArray, src: DeviceArray) -> Op:
-        d, s = dst.host, src.host
-
-        def op() -> None:
-            np.copyto(d, s)
 
         return op
 

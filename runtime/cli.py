@@ -68,7 +68,8 @@ def _complete(path: Path, params: dict) -> bool:
               help="single-pass: 46 instead of 58 UNet evaluations, another epsilon convention (measure first).")
 @click.option("--fused", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Use unet_fused in the TAC window (auto: when the bundle has it and it measures faster).")
-@click.option("--precision", default="fp32", show_default=True, help="Engine precision to load from the bundle.")
+@click.option("--precision", default=None,
+              help="Engine precision to load [default: fp32 on CPU, the bundle's TensorRT engines' on GPU].")
 @click.option("--width", type=int, default=None, help="--backend torch: [default: the model's own resolution]")
 @click.option("--height", type=int, default=None, help="--backend torch: [default: the model's own resolution]")
 @click.option("--batch-size", type=int, default=1, show_default=True)
@@ -77,7 +78,7 @@ def _complete(path: Path, params: dict) -> bool:
 def main(inputs: tuple[str, ...], more_inputs: tuple[str, ...], output: Path, engine: Path | None, backend: str,
          model: Path | None, embedding: Path | None, steps: int | None, strength: float | None,
          guidance: float | None, tac_ratio: float | None, tac_divisor: int | None, tac_target: str | None,
-         inversion: str, fused: str, precision: str, width: int | None, height: int | None, batch_size: int,
+         inversion: str, fused: str, precision: str | None, width: int | None, height: int | None, batch_size: int,
          resume: bool, device: str) -> None:
     """Translate rendered images into realistic photos (FashionR2R), one PNG per input."""
     from tqdm import tqdm
@@ -163,17 +164,18 @@ def _torch(model: Path | None, embedding: Path | None, width: int | None, height
     return (lambda images: pipe(images, method)), params, lambda: round(pipe.count.per_image)
 
 
-def _bundle(engine: Path | None, backend: str, precision: str, inversion: str, fused: str, batch: int,
+def _bundle(engine: Path | None, backend: str, precision: str | None, inversion: str, fused: str, batch: int,
             flags: dict) -> tuple[Translate, dict, Callable[[], int]]:
     from r2r import graph_io as io
     from r2r.runtime.bundle import open_bundle
     from r2r.runtime.scheduler import CoupledScheduler
-    from r2r.runtime.select import default_bundle, make_backend, resolve_backend
+    from r2r.runtime.select import default_bundle, default_precision, make_backend, resolve_backend
 
     root = engine or default_bundle(batch_max=max(4, batch))
     bundle = open_bundle(root)
     method = _method(bundle.method_defaults(), **flags)
     name = resolve_backend(backend, bundle)
+    precision = precision or default_precision(name, bundle)
     be = make_backend(name, bundle, precision)
     use_fused = fused == "on"
     if fused == "auto" and io.UNET_FUSED in bundle.manifest.graphs and inversion == "exact":

@@ -18,8 +18,8 @@ Op = Callable[[], None]
 
 @dataclass(frozen=True)
 class DeviceArray:
-    """A tensor in a backend's memory. `host` is that memory itself on CPU backends and in the GPU
-    simulation; on a real GPU it is None and `ptr` is a device address."""
+    """A tensor in a backend's memory: `ptr` is its address; `host` is that memory itself on CPU
+    backends, None on GPU backends (real or simulated)."""
 
     ptr: int
     shape: tuple[int, ...]
@@ -139,5 +139,46 @@ class NumpyArithmetic:
             mul(tmp, ce, out=tmp)
             add(d0, tmp, out=d0)
             copyto(d1, d0)
+
+        return op
+
+
+class HostBackend(Backend):
+    """A backend whose device memory is host memory (CPU runtimes): buffers are numpy arrays, the
+    scheduler updates are in-place ufuncs, copies are np.copyto. Subclasses provide `call`."""
+
+    def __init__(self) -> None:
+        self._scratch: dict[tuple[int, ...], np.ndarray] = {}
+        self._arith = NumpyArithmetic(self._scratch_for)
+        self._keep: list[object] = []  # bindings and the buffers they point at live as long as the backend
+
+    def _scratch_for(self, shape: tuple[int, ...]) -> np.ndarray:
+        if shape not in self._scratch:
+            self._scratch[shape] = np.empty(shape, np.float32)
+        return self._scratch[shape]
+
+    def empty(self, shape: Sequence[int], dtype: np.dtype | type = np.float32) -> DeviceArray:
+        arr = np.zeros(tuple(shape), dtype)
+        return DeviceArray(arr.ctypes.data, arr.shape, arr.dtype, arr)
+
+    def upload(self, dst: DeviceArray, src: np.ndarray) -> None:
+        np.copyto(dst.host, src.reshape(dst.shape), casting="same_kind")
+
+    def download(self, src: DeviceArray) -> np.ndarray:
+        return src.host.copy()
+
+    def ddim(self, dst: DeviceArray, z: DeviceArray, eps: DeviceArray, coef: Coefficients,
+             coef_dev: DeviceArray) -> Op:
+        return self._arith.ddim(dst, z, eps, coef)
+
+    def guided(self, dst_pair: DeviceArray, z: DeviceArray, eps_pair: DeviceArray, coef: Coefficients,
+               coef_dev: DeviceArray) -> Op:
+        return self._arith.guided(dst_pair, z, eps_pair, coef)
+
+    def copy(self, dst: DeviceArray, src: DeviceArray) -> Op:
+        d, s = dst.host, src.host
+
+        def op() -> None:
+            np.copyto(d, s)
 
         return op

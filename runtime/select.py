@@ -34,13 +34,28 @@ def default_bundle(batch_max: int = 4) -> Path:
 
 
 def _tensorrt_usable(bundle: Bundle) -> bool:
+    """Engines in the bundle, TensorRT and cuda-python importable, and a GPU visible."""
     if not any(e.backend == "tensorrt" for e in bundle.manifest.engines.values()):
         return False
+    from r2r.engines.tensorrt import gpu_info, import_cudart, import_tensorrt
+
     try:
-        import tensorrt  # noqa: F401
-    except ImportError:
+        import_tensorrt()
+        import_cudart()
+        gpu_info()
+    except (ImportError, OSError, RuntimeError):
         return False
     return True
+
+
+def default_precision(name: str, bundle: Bundle) -> str:
+    """TensorRT: the precision the bundle's engines were built with (fp16 first); CPU backends: fp32."""
+    if name == "tensorrt":
+        built = {e.precision for e in bundle.manifest.engines.values() if e.backend == "tensorrt"}
+        for p in ("fp16", "bf16", "fp8", "int8", "fp32"):
+            if p in built:
+                return p
+    return "fp32"
 
 
 def resolve_backend(name: str, bundle: Bundle) -> str:

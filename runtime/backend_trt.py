@@ -1,0 +1,450 @@
+"""TensorRT backend: the bundle's engines on one CUDA stream, each batch's program replayed as one CUDA graph.
+
+Written against the TensorRT 10 Python API (`engines/trt_api/tensorrt_api.json`, the docstrings of the bindings in
+NVIDIA/TensorRT `python/docstrings/infer/pyCoreDoc.h`) and cuda-python's `cuda.bindings.runtime`
+(`engines/trt_api/cudart_api.json`, the module's docstrings). Both are optional (the `gpu` extra) and imported when
+a backend is made; tests pass the strict stand-ins of `r2r.runtime.gpu_sim` instead.
+
+Design (DESIGN.md, "Backends", "The GPU path"):
+
+- One non-blocking CUDA stream (`cudaStreamCreateWithFlags(cudaStreamNonBlocking)`: no implicit synchronization
+  with the legacy default stream, which TensorRT's `execute_async_v3` documentation also advises against).
+- `empty()` is the only allocation (`cudaMalloc`, once per buffer); `upload` / `download` are the only host<->device
+  copies (`cudaMemcpyAsync` on the stream), outside the program; `download` synchronizes the stream, and only it
+  and `synchronize()` do.
+- One execution context per prepared call (`call()`), not one per engine: its input shapes and tensor addresses are
+  set once, when the call is prepared, and never change. A CUDA graph records the addresses an enqueue used, and the
+  TensorRT developer guide ("CUDA Graphs") says to call enqueueV3 once, uncaptured, after an input shape change
+  before capturing. One context per engine would have to re-set addresses and shapes between the enqueues of one
+  capture (the same `unet` engine runs at batch B for the inversion and 2B for the generation), i.e. capture an
+  enqueue right after a shape change. Contexts are created with `ExecutionContextAllocationStrategy.USER_MANAGED`
+  and share one activation buffer (`set_device_memory`), sized as the largest `update_device_memory_size_for_shapes()`
+  of all contexts: every context runs on the one stream, one after the other, so sharing is safe (as in demoDiffusion,
+  whose engines share one device-memory block), and ~75 contexts cost no more device memory than the largest one.
+- `ddim` / `guided` run the bundle's `ddim_step` / `guided_step` engines with `coef` bound to the scheduler's row of
+  the device coefficient table: the arithmetic stays on the device, no host scalar enters the loop.
+- `execute(program, key)`: the first time for a key, the program runs once on the stream uncaptured (that is the
+  enqueue-after-shape-change the TensorRT guide asks for, and it computes this batch), then the whole program is
+  captured (`cudaStreamBeginCapture(..., cudaStreamCaptureModeGlobal)` ... `cudaStreamEndCapture`) and instantiated
+  (`cudaGraphInstantiate`). Later calls with that key are one `cudaGraphLaunch`. No host synchronization inside.
+  (demoDiffusion's Engine.infer does the same: an enqueue, the capture, then launches on later calls.)
+- Every cuda-python call's `cudaError_t` is checked; a failure raises `CudaError` naming the function.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from r2r import graph_io as io
+from r2r.engines.tensorrt import (
+    EngineCompatError,
+    check_engine_compat,
+    engine_entry_key,
+    gpu_info,
+    import_cudart,
+    import_tensorrt,
+    rebuild_command,
+)
+from r2r.manifest import bundle_path
+from r2r.runtime.bundle import Bundle
+from r2r.runtime.device import Backend, Coefficients, DeviceArray, Op
+
+# TensorRT DataType member -> numpy dtype (bf16, fp8, int4, fp4 have no numpy type: such I/O is refused)
+_NP_TYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64,
+             "BOOL": np.bool_, "UINT8": np.uint8}
+
+
+class CudaError(RuntimeError):
+    """A CUDA runtime call failed; the message names the function and the error."""
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    name: str
+    is_input: bool
+    dtype: np.dtype | None  # None: a type numpy cannot hold
+    trt_dtype: str
+    shape: tuple[int, ...]  # -1 for dynamic dims
+    profile: tuple[tuple[int, ...], tuple[int, ...]] | None  # (min, max) of optimization profile 0, for inputs
+
+
+@dataclass
+class _Engine:
+    graph: str
+    path: Path
+    engine: Any
+    tensors: dict[str, _Tensor]
+
+
+@dataclass
+class _Context:
+    graph: str
+    context: Any
+    memory_size: int  # update_device_memory_size_for_shapes() for its shapes
+    memory_bound: int = 0  # address of the activation buffer set on it (0: none yet)
+    bindings: dict[str, DeviceArray] = field(default_factory=dict)
+
+
+@dataclass
+class _Captured:
+    program: Sequence[Op]  # held, so that its identity cannot be reused by another program
+    length: int
+    graph_exec: Any
+
+
+class _Enqueue:
+    """One prepared engine call: `execute_async_v3` of its own context on the backend's stream."""
+
+    __slots__ = ("backend", "ctx")
+
+    def __init__(self, backend: TrtBackend, ctx: _Context) -> None:
+        self.backend, self.ctx = backend, ctx
+
+    def __call__(self) -> None:
+        be, ctx = self.backend, self.ctx
+        if ctx.context is None:
+            raise RuntimeError(f"TensorRT {ctx.graph}: the backend was closed")
+        if ctx.memory_bound != be._scratch:
+            be._bind_scratch()
+        if not ctx.context.execute_async_v3(be._stream_handle):
+            raise RuntimeError(f"TensorRT {ctx.graph}: IExecutionContext.execute_async_v3 failed (see the TensorRT "
+                               "log above)")
+
+    def __repr__(self) -> str:
+        return f"<TensorRT call {self.ctx.graph}>"
+
+
+class _Copy:
+    """A device-to-device `cudaMemcpyAsync` on the stream."""
+
+    __slots__ = ("backend", "dst", "nbytes", "src")
+
+    def __init__(self, backend: TrtBackend, dst: int, src: int, nbytes: int) -> None:
+        self.backend, self.dst, self.src, self.nbytes = backend, dst, src, nbytes
+
+    def __call__(self) -> None:
+        be = self.backend
+        be._require_open()
+        rt = be.cudart
+        be._check("cudaMemcpyAsync", rt.cudaMemcpyAsync(self.dst, self.src, self.nbytes,
+                                                        rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, be._stream))
+
+    def __repr__(self) -> str:
+        return f"<device copy {self.nbytes} B>"
+
+
+class TrtBackend(Backend):
+    """The bundle's TensorRT engines (`engines/tensorrt/<precision>/<graph>.plan`) on one CUDA stream."""
+
+    name = "tensorrt"
+
+    def __init__(self, bundle: Bundle, precision: str = "fp16", trt: ModuleType | None = None,
+                 cudart: ModuleType | None = None, device: int = 0) -> None:
+        self._closed = True
+        self.trt = trt if trt is not None else import_tensorrt()
+        self.cudart = cudart if cudart is not None else import_cudart()
+        self.bundle, self.precision, self.device = bundle, precision, device
+        self.gpu = gpu_info(device, cudart=self.cudart)
+        check_engine_compat(bundle.manifest, self.trt.__version__, self.gpu["name"], self.gpu["compute_capability"],
+                            precision=precision, bundle=bundle.root)
+        rt = self.cudart
+        self._check("cudaSetDevice", rt.cudaSetDevice(device))
+        self._stream = self._check("cudaStreamCreateWithFlags", rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
+        self._stream_handle = int(self._stream)
+        self._closed = False
+        self._logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self._runtime = self.trt.Runtime(self._logger)
+        self._engines: dict[str, _Engine] = {}
+        self._contexts: list[_Context] = []
+        self._calls: dict[tuple, _Enqueue] = {}
+        self._allocs: dict[int, int] = {}  # device pointer -> bytes, from empty()
+        self._alloc_bases: list[int] = []
+        self._scratch = 0  # the activation buffer shared by every context
+        self._scratch_size = 0
+        self._graphs: dict[object, _Captured] = {}
+        self._host_pending: list[np.ndarray] = []  # upload sources, kept until the stream is synchronized
+
+    # -- errors, lifetime -------------------------------------------------------------------------------------------
+    def _check(self, fn: str, result: tuple) -> Any:
+        """cuda-python returns (cudaError_t, *outputs): raise on an error, return the output(s)."""
+        err = result[0]
+        if err != self.cudart.cudaError_t.cudaSuccess:
+            raise CudaError(f"{fn} failed: {getattr(err, 'name', err)}")
+        if len(result) == 1:
+            return None
+        return result[1] if len(result) == 2 else result[1:]
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the TensorRT backend is closed")
+
+    def close(self) -> None:
+        """Wait for the stream, then free graphs, contexts, engines, device memory and the stream."""
+        if self._closed:
+            return
+        rt = self.cudart
+        errors: list[str] = []
+
+        def attempt(fn: str, result: tuple) -> None:
+            if result[0] != rt.cudaError_t.cudaSuccess:
+                errors.append(f"{fn} failed: {getattr(result[0], 'name', result[0])}")
+
+        attempt("cudaStreamSynchronize", rt.cudaStreamSynchronize(self._stream))
+        for cap in self._graphs.values():
+            attempt("cudaGraphExecDestroy", rt.cudaGraphExecDestroy(cap.graph_exec))
+        self._graphs.clear()
+        self._calls.clear()
+        for c in self._contexts:  # ops still held by a scheduler keep no context: contexts go before their engines
+            c.context = None
+        self._contexts.clear()
+        self._engines.clear()  # TensorRT objects are released with their last reference
+        for ptr in [*self._allocs, *([self._scratch] if self._scratch else [])]:
+            attempt("cudaFree", rt.cudaFree(ptr))
+        self._allocs.clear()
+        self._alloc_bases.clear()
+        self._scratch = self._scratch_size = 0
+        attempt("cudaStreamDestroy", rt.cudaStreamDestroy(self._stream))
+        self._host_pending.clear()
+        self._closed = True
+        if errors:
+            raise CudaError("; ".join(errors))
+
+    def __enter__(self) -> TrtBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- memory -----------------------------------------------------------------------------------------------------
+    def _malloc(self, nbytes: int) -> int:
+        return int(self._check("cudaMalloc", self.cudart.cudaMalloc(max(int(nbytes), 1))))
+
+    def empty(self, shape: Sequence[int], dtype: np.dtype | type = np.float32) -> DeviceArray:
+        self._require_open()
+        shape, dt = tuple(int(s) for s in shape), np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dt.itemsize
+        ptr = self._malloc(nbytes)
+        self._allocs[ptr] = nbytes
+        bisect.insort(self._alloc_bases, ptr)
+        return DeviceArray(ptr, shape, dt, None)
+
+    def _owned(self, a: DeviceArray) -> bool:
+        i = bisect.bisect_right(self._alloc_bases, a.ptr) - 1
+        if i < 0:
+            return False
+        base = self._alloc_bases[i]
+        return a.ptr + a.nbytes <= base + self._allocs[base]
+
+    def upload(self, dst: DeviceArray, src: np.ndarray) -> None:
+        """Host -> device on the stream (asynchronous; the host copy is kept until the stream is synchronized)."""
+        self._require_open()
+        if not self._owned(dst):
+            raise ValueError(f"upload: the destination {dst!r} is not memory of this TensorRT backend")
+        host = np.asarray(src)
+        if int(np.prod(host.shape)) != int(np.prod(dst.shape)):
+            raise ValueError(f"upload: {host.shape} into a buffer of shape {dst.shape}")
+        host = np.ascontiguousarray(host.reshape(dst.shape).astype(dst.dtype, casting="same_kind", copy=False))
+        rt = self.cudart
+        self._check("cudaMemcpyAsync", rt.cudaMemcpyAsync(dst.ptr, host.ctypes.data, dst.nbytes,
+                                                          rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream))
+        self._host_pending.append(host)
+
+    def download(self, src: DeviceArray) -> np.ndarray:
+        """Device -> host after the work enqueued before it: the one place (with synchronize) that waits."""
+        self._require_open()
+        if not self._owned(src):
+            raise ValueError(f"download: the source {src!r} is not memory of this TensorRT backend")
+        out = np.empty(src.shape, src.dtype)
+        rt = self.cudart
+        self._check("cudaMemcpyAsync", rt.cudaMemcpyAsync(out.ctypes.data, src.ptr, src.nbytes,
+                                                          rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream))
+        self.synchronize()
+        return out
+
+    def synchronize(self) -> None:
+        self._require_open()
+        self._check("cudaStreamSynchronize", self.cudart.cudaStreamSynchronize(self._stream))
+        self._host_pending.clear()
+
+    # -- engines ----------------------------------------------------------------------------------------------------
+    def _engine(self, graph: str) -> _Engine:
+        if graph in self._engines:
+            return self._engines[graph]
+        root, t = self.bundle.root, self.trt
+        entry = self.bundle.manifest.engines.get(engine_entry_key(self.precision, graph))
+        if entry is None:
+            raise EngineCompatError(f"{root}: no TensorRT {self.precision} engine for the {graph} graph; build it "
+                                    f"with `{rebuild_command(self.precision, root)}`")
+        path = bundle_path(root, entry.files[0])
+        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise EngineCompatError(f"{path}: TensorRT {t.__version__} could not deserialize this engine (the "
+                                    f"TensorRT log above says why); rebuild it with "
+                                    f"`{rebuild_command(self.precision, root)}`")
+        tensors = {}
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            is_input = engine.get_tensor_mode(name) == t.TensorIOMode.INPUT
+            trt_dtype = engine.get_tensor_dtype(name).name
+            np_type = _NP_TYPES.get(trt_dtype)
+            profile = None
+            if is_input:
+                mn, _, mx = engine.get_tensor_profile_shape(name, 0)
+                profile = (tuple(mn), tuple(mx))
+            tensors[name] = _Tensor(name, is_input, None if np_type is None else np.dtype(np_type), trt_dtype,
+                                    tuple(engine.get_tensor_shape(name)), profile)
+        self._engines[graph] = _Engine(graph, path, engine, tensors)
+        return self._engines[graph]
+
+    def _check_binding(self, eng: _Engine, t: _Tensor, a: DeviceArray) -> None:
+        where = f"TensorRT {eng.graph}: {'input' if t.is_input else 'output'} {t.name}"
+        if not isinstance(a, DeviceArray) or not self._owned(a):
+            raise ValueError(f"{where} is bound to {a!r}, which is not memory of this TensorRT backend (make buffers "
+                             "with its empty())")
+        if t.dtype is None:
+            raise ValueError(f"{where} is {t.trt_dtype}, which has no numpy type; export the graph with "
+                             "float32/float16 I/O")
+        if a.dtype != t.dtype:
+            raise ValueError(f"{where} is {t.dtype} in the engine but its buffer is {a.dtype}")
+        if len(a.shape) != len(t.shape) or any(d >= 0 and d != s for d, s in zip(t.shape, a.shape, strict=True)):
+            raise ValueError(f"{where} has shape {list(t.shape)} in the engine (-1: any) but its buffer is "
+                             f"{list(a.shape)}")
+        if t.profile is not None:
+            mn, mx = t.profile
+            if any(not lo <= s <= hi for lo, s, hi in zip(mn, a.shape, mx, strict=True)):
+                raise ValueError(f"{where}: {list(a.shape)} is outside the engine's optimization profile "
+                                 f"{list(mn)} .. {list(mx)}; rebuild the engines for this batch size with "
+                                 f"`{rebuild_command(self.precision, self.bundle.root)}` (re-export with a larger "
+                                 "--batch-max first if needed)")
+
+    def call(self, graph: str, bindings: Mapping[str, DeviceArray]) -> Op:
+        """An op that enqueues `graph` on the stream with every I/O tensor bound to the given buffers.
+
+        The shapes, addresses and dtypes are checked against the engine here, once; the context made for the call
+        keeps them (see the module docstring)."""
+        self._require_open()
+        eng = self._engine(graph)
+        names = list(eng.tensors)
+        missing = [n for n in names if n not in bindings]
+        if missing:
+            raise KeyError(f"TensorRT {graph}: no buffer bound for {missing}")
+        extra = sorted(set(bindings) - set(names))
+        if extra:
+            raise KeyError(f"TensorRT {graph}: the engine has no tensors {extra} (it has {names})")
+        for n in names:
+            self._check_binding(eng, eng.tensors[n], bindings[n])
+        key = (graph, tuple((n, bindings[n].ptr, bindings[n].shape) for n in names))
+        if key in self._calls:  # the same call prepared twice: one context serves both
+            return self._calls[key]
+        t = self.trt
+        context = eng.engine.create_execution_context(t.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise RuntimeError(f"TensorRT {graph}: could not create an execution context")
+        for n, tensor in eng.tensors.items():
+            if tensor.is_input and not context.set_input_shape(n, bindings[n].shape):
+                raise ValueError(f"TensorRT {graph}: set_input_shape({n}, {list(bindings[n].shape)}) was refused")
+        for n, tensor in eng.tensors.items():
+            if not tensor.is_input:
+                got = tuple(context.get_tensor_shape(n))
+                if got != bindings[n].shape:
+                    raise ValueError(f"TensorRT {graph}: output {n} is {list(got)} for these input shapes but its "
+                                     f"buffer is {list(bindings[n].shape)}")
+        for n in names:
+            if not context.set_tensor_address(n, bindings[n].ptr):
+                raise ValueError(f"TensorRT {graph}: set_tensor_address({n}) was refused")
+        ctx = _Context(graph, context, int(context.update_device_memory_size_for_shapes()), 0, dict(bindings))
+        self._contexts.append(ctx)
+        op = _Enqueue(self, ctx)
+        self._calls[key] = op
+        return op
+
+    def _bind_scratch(self) -> None:
+        """Give every context the shared activation buffer, (re)allocating it if a context needs more. Runs before a
+        program's first run, never inside a capture."""
+        need = max((c.memory_size for c in self._contexts), default=0)
+        if need > self._scratch_size or not self._scratch:
+            if self._scratch:
+                self.synchronize()  # work enqueued with the old buffer completes before it goes
+                self._drop_graphs()  # captured graphs recorded the old address
+                self._check("cudaFree", self.cudart.cudaFree(self._scratch))
+                self._scratch = self._scratch_size = 0
+            self._scratch = self._malloc(need)
+            self._scratch_size = max(need, 1)
+        for c in self._contexts:
+            if c.memory_bound != self._scratch:
+                c.context.set_device_memory(self._scratch, self._scratch_size)
+                c.memory_bound = self._scratch
+
+    # -- scheduler updates ------------------------------------------------------------------------------------------
+    def ddim(self, dst: DeviceArray, z: DeviceArray, eps: DeviceArray, coef: Coefficients,
+             coef_dev: DeviceArray) -> Op:
+        """dst = cz z + ce eps, by the `ddim_step` engine with coef = the device row (cz, ce, w)."""
+        return self.call(io.DDIM_STEP, {io.Z: z, io.EPS: eps, io.COEF: coef_dev, io.Z_NEXT: dst})
+
+    def guided(self, dst_pair: DeviceArray, z: DeviceArray, eps_pair: DeviceArray, coef: Coefficients,
+               coef_dev: DeviceArray) -> Op:
+        """dst_pair = [z', z'], z' = cz z + ce (e_neg + w (e_null - e_neg)), by the `guided_step` engine."""
+        return self.call(io.GUIDED_STEP, {io.Z: z, io.EPS: eps_pair, io.COEF: coef_dev, io.Z_PAIR: dst_pair})
+
+    def copy(self, dst: DeviceArray, src: DeviceArray) -> Op:
+        self._require_open()
+        if dst.shape != src.shape or dst.dtype != src.dtype:
+            raise ValueError(f"copy: {src.shape} {src.dtype} into {dst.shape} {dst.dtype}")
+        if not (self._owned(dst) and self._owned(src)):
+            raise ValueError("copy: both buffers must be memory of this TensorRT backend")
+        return _Copy(self, dst.ptr, src.ptr, dst.nbytes)
+
+    # -- programs ---------------------------------------------------------------------------------------------------
+    def _drop_graphs(self) -> None:
+        for cap in self._graphs.values():
+            self._check("cudaGraphExecDestroy", self.cudart.cudaGraphExecDestroy(cap.graph_exec))
+        self._graphs.clear()
+
+    def _capture(self, program: Sequence[Op]) -> Any:
+        rt = self.cudart
+        self._check("cudaStreamBeginCapture", rt.cudaStreamBeginCapture(
+            self._stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
+        try:
+            for op in program:
+                op()
+        except BaseException:
+            err, graph = rt.cudaStreamEndCapture(self._stream)  # leave capture mode; the partial graph is dropped
+            if err == rt.cudaError_t.cudaSuccess and graph is not None:
+                rt.cudaGraphDestroy(graph)
+            raise
+        graph = self._check("cudaStreamEndCapture", rt.cudaStreamEndCapture(self._stream))
+        try:
+            return self._check("cudaGraphInstantiate", rt.cudaGraphInstantiate(graph, 0))
+        finally:
+            self._check("cudaGraphDestroy", rt.cudaGraphDestroy(graph))  # the executable graph is independent
+
+    def execute(self, program: Sequence[Op], key: object) -> None:
+        """First call for `key`: run the program (uncaptured), then capture and instantiate it. Then: one launch."""
+        self._require_open()
+        cap = self._graphs.get(key)
+        if cap is not None and (cap.program is not program or cap.length != len(program)):
+            self._check("cudaGraphExecDestroy", self.cudart.cudaGraphExecDestroy(cap.graph_exec))
+            del self._graphs[key]
+            cap = None
+        if cap is None:
+            self._bind_scratch()
+            for op in program:  # the enqueue after each context's shape change, outside the capture; this batch
+                op()
+            self._graphs[key] = _Captured(program, len(program), self._capture(program))
+            return
+        self._check("cudaGraphLaunch", self.cudart.cudaGraphLaunch(cap.graph_exec, self._stream))
+
+    def describe(self) -> dict[str, str]:
+        return {"backend": self.name, "precision": self.precision, "tensorrt": str(self.trt.__version__),
+                "gpu": self.gpu["name"], "compute_capability": self.gpu["compute_capability"],
+                "cuda_graphs": "per program", "contexts": str(len(self._contexts))}
+
+
+__all__ = ["CudaError", "TrtBackend"]
