@@ -101,9 +101,9 @@ def load_components(model_dir: str | Path, device: str | torch.device = "cpu",
 
     root = check_model_dir(model_dir)
     kw = {"local_files_only": True, "use_safetensors": True}
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw)
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", **kw)
+    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype, **kw)
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, **kw)
+    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype, **kw)
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
     scheduler = SchedulerConfig.from_model_dir(root)
     if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
@@ -112,7 +112,7 @@ def load_components(model_dir: str | Path, device: str | torch.device = "cpu",
             f"{text_encoder.config.hidden_size}; not an SD 1.x model"
         )
     for module in (unet, vae, text_encoder):
-        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        module.to(device=device).eval().requires_grad_(False)
     return Components(root, unet, vae, text_encoder, tokenizer, scheduler)
 
 
@@ -170,7 +170,7 @@ def encode_conditioning(components: Components, embedding_path: str | Path) -> t
         raise ModelLoadError(f"{embedding_path}: token {clash[0]!r} already exists in the tokenizer")
     tokenizer.add_tokens(names)
     ids = tokenizer.convert_tokens_to_ids(names)
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are overwritten next
     text_encoder.get_input_embeddings().weight[ids] = vectors.to(text_encoder.dtype)
 
     def encode(prompt: str) -> torch.Tensor:

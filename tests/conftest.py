@@ -37,3 +37,15 @@ def tiny_bundle(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     export_bundle(ExportConfig(tiny_model_dir, tiny_model_dir / "negative_embedding.safetensors", out, 256, 256,
                                batch_max=4), progress=lambda s: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def embedded_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped embedded default's bundle (exported once per session)."""
+    from r2r.export.bundle import ExportConfig, export_bundle
+    from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE
+
+    out = tmp_path_factory.mktemp("embedded-bundle")
+    export_bundle(ExportConfig(EMBEDDED_DEFAULT, EMBEDDED_DEFAULT / EMBEDDING_FILE, out, 256, 256, batch_max=2),
+                  progress=lambda s: None)
+    return out

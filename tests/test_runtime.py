@@ -160,3 +160,18 @@ def test_null_bundle_keeps_every_graph_io_and_runs_the_same_program(tiny_bundle:
     assert dict(a.plan.graph_calls) == dict(b.plan.graph_calls)
     out = b([_image(11), _image(12)])
     assert [o.shape for o in out] == [(H, W, 3)] * 2
+
+
+def test_onnxruntime_on_the_embedded_default_is_within_45_db_of_the_reference(embedded_bundle: Path) -> None:
+    """DESIGN.md's parity bar on the shipped model, over procedural test renders."""
+    from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE
+    from r2r.training.data import render_pair, sample_design
+
+    renders = [render_pair(sample_design(np.random.default_rng([7, i]), (W, H)), (W, H))[0] for i in range(4)]
+    ref = ReferencePipeline(load_components(EMBEDDED_DEFAULT), EMBEDDED_DEFAULT / EMBEDDING_FILE, W, H)
+    expected = ref(renders, MethodConfig())
+    b = open_bundle(embedded_bundle)
+    got = CoupledScheduler(b, OrtBackend(b), 2, MethodConfig())(renders[:2])
+    got += CoupledScheduler(b, OrtBackend(b), 2, MethodConfig(), fused=True)(renders[2:])
+    for g, e in zip(got, expected, strict=True):
+        assert psnr(g, e) >= 45.0
