@@ -59,3 +59,202 @@ def data(
         raise click.UsageError(str(exc)) from exc
     n_train, n_test = split_counts(count, test_fraction)
     click.echo(f"wrote {count} pairs ({n_train} train, {n_test} test) of {size[0]}x{size[1]} to {path}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Domain Knowledge Injection, the tiny default's pretraining, evaluation (r2r.training.finetune,
+# .embedding, .pretrain, .evaluate); heavy imports stay inside the commands.
+# --------------------------------------------------------------------------------------------------
+
+from r2r.training.loop import loop_config_from_options, loop_options  # noqa: E402
+
+_PATH = click.Path(path_type=Path)
+_TIMESTEP_BIAS = [
+    click.option("--timestep-bias-portion", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+                 help="Share of timesteps drawn from --timestep-bias-range instead of uniformly."),
+    click.option("--timestep-bias-range", type=(int, int), default=(0, 1000), show_default=True,
+                 metavar="BEGIN END", help="Timesteps [BEGIN, END) of the biased share."),
+]
+
+
+def _with(opts: list) -> object:
+    def wrap(fn: object) -> object:
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return wrap
+
+
+def _train_errors() -> tuple[type[BaseException], ...]:
+    from r2r.models import ModelLoadError
+    from r2r.training.finetune import DataError
+    from r2r.training.loop import CheckpointError
+
+    return (ModelLoadError, DataError, CheckpointError, FileExistsError)
+
+
+def _report(result: object, what: str) -> None:
+    if not result.completed:  # type: ignore[attr-defined]
+        click.echo(f"stopped at step {result.step}; rerun with --resume to finish", err=True)  # type: ignore[attr-defined]
+        return
+    click.echo(f"{what}: {result.output} (step {result.step}, {result.seconds:.0f} s of training)")  # type: ignore[attr-defined]
+
+
+@main.command("finetune", short_help="DKI target domain: finetune the UNet on real images (eq. 6).")
+@click.option("--model", type=_PATH, required=True, help="SD 1.x diffusers directory to finetune.")
+@click.option("--data", type=_PATH, required=True,
+              help="Folder of real images with metadata.jsonl, or an r2r dataset (uses train/real).")
+@click.option("--out", type=_PATH, required=True, help="Run folder: OUT/model (the result), OUT/checkpoints.")
+@click.option("--resolution", type=click.IntRange(min=8), default=None,
+              help="Square training side [default: the model's own (256 for the tiny default), else 512].")
+@click.option("--caption-dropout", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of captions replaced by the empty prompt (teaches the null text).")
+@click.option("--cache-latents", is_flag=True, help="Encode every image once instead of every step.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for UNet activation memory.")
+@_with(_TIMESTEP_BIAS)
+@loop_options(lr=1e-5, max_steps=1000, batch_size=1, weight_decay=1e-2)
+def finetune_cmd(model: Path, data: Path, out: Path, resolution: int | None, caption_dropout: float,
+                 cache_latents: bool, gradient_checkpointing: bool, timestep_bias_portion: float,
+                 timestep_bias_range: tuple[int, int], **loop: object) -> None:
+    """DKI, target domain (paper eq. 6): finetune the UNet on real images with their captions.
+
+    Epsilon-prediction MSE; text encoder and VAE frozen. Writes OUT/model, a complete diffusers
+    directory in which only the UNet differs from --model. Runs under accelerate (`accelerate launch`
+    for several GPUs).
+    """
+    from r2r.training.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(model, data, out, loop_config_from_options(loop), resolution, caption_dropout,
+                         cache_latents, gradient_checkpointing, timestep_bias_portion, *timestep_bias_range)
+    try:
+        _report(finetune(cfg), "finetuned model")
+    except _train_errors() as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command("negative-embedding", short_help="DKI source domain: the 75-vector negative embedding (eq. 7).")
+@click.option("--model", type=_PATH, required=True, help="The finetuned SD 1.x diffusers directory (frozen).")
+@click.option("--data", type=_PATH, required=True,
+              help="Folder of renders with metadata.jsonl, or an r2r dataset (uses train/rendered).")
+@click.option("--out", type=_PATH, required=True,
+              help="Run folder: OUT/negative_embedding.safetensors (the result), OUT/checkpoints.")
+@click.option("--token", default="<rendered>", show_default=True, help="Placeholder token of the embedding.")
+@click.option("--num-vectors", type=click.IntRange(1, 75), default=75, show_default=True,
+              help="Placeholder vectors (the paper: 75, the whole prompt).")
+@click.option("--init-word", default="rendered", show_default=True,
+              help="Vectors start at this word's embedding ('' = the mean token embedding).")
+@click.option("--resolution", type=click.IntRange(min=8), default=None,
+              help="Square training side [default: the model's own, else 512].")
+@click.option("--cache-latents", is_flag=True, help="Encode every image once instead of every step.")
+@_with(_TIMESTEP_BIAS)
+@loop_options(lr=5e-4, max_steps=3000, batch_size=1, weight_decay=0.0)
+def negative_embedding_cmd(model: Path, data: Path, out: Path, token: str, num_vectors: int, init_word: str,
+                           resolution: int | None, cache_latents: bool, timestep_bias_portion: float,
+                           timestep_bias_range: tuple[int, int], **loop: object) -> None:
+    """DKI, source domain (paper eq. 7): the negative domain embedding, trained on renders.
+
+    The prompt is the placeholder tokens alone; every weight of the model stays frozen, only the
+    vectors train. The result loads with diffusers' `load_textual_inversion(path, token=TOKEN)`.
+    """
+    from r2r.training.embedding import EmbeddingConfig, train_negative_embedding
+
+    cfg = EmbeddingConfig(model, data, out, loop_config_from_options(loop), token, num_vectors, init_word,
+                          resolution=resolution, cache_latents=cache_latents,
+                          timestep_bias_portion=timestep_bias_portion, timestep_bias_begin=timestep_bias_range[0],
+                          timestep_bias_end=timestep_bias_range[1])
+    try:
+        _report(train_negative_embedding(cfg), "negative embedding")
+    except (*_train_errors(), ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command("pretrain-tiny", short_help="Train the embedded tiny default from scratch, then DKI.")
+@click.option("--data", type=_PATH, required=True, help="An r2r dataset (`r2r-train data --size 256x256`).")
+@click.option("--out", type=_PATH, required=True, help="Work folder (one subfolder per stage).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+              help="torch CPU threads (results are deterministic for a given count).")
+@click.option("--vae-steps", type=click.IntRange(min=1), default=None, help="[default: the recipe's]")
+@click.option("--unet-steps", type=click.IntRange(min=1), default=None, help="[default: the recipe's]")
+@click.option("--finetune-steps", type=click.IntRange(min=1), default=None, help="[default: the recipe's]")
+@click.option("--embedding-steps", type=click.IntRange(min=1), default=None, help="[default: the recipe's]")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--no-ablation", is_flag=True, help="Skip the base model's embedding (the w/o-finetune row).")
+@click.option("--install", type=_PATH, default=None,
+              help="Also copy the result there (e.g. r2r/embedded/tiny, the shipped default).")
+@click.option("--resume", is_flag=True, help="Continue a run in OUT: finished stages are kept.")
+@click.option("--no-progress", is_flag=True)
+def pretrain_tiny_cmd(data: Path, out: Path, seed: int, threads: int, vae_steps: int | None,
+                      unet_steps: int | None, finetune_steps: int | None, embedding_steps: int | None,
+                      checkpoint_every: int, no_ablation: bool, install: Path | None, resume: bool,
+                      no_progress: bool) -> None:
+    """Train the embedded tiny default from scratch: VAE, UNet, then DKI (finetune, negative embedding).
+
+    Writes OUT/embedded (diffusers directory + negative_embedding.safetensors + training.json).
+    """
+    from dataclasses import replace
+
+    from r2r.training.pretrain import PretrainConfig, pretrain_tiny
+
+    cfg = PretrainConfig(data, out, seed=seed, threads=threads, resume=resume, progress=not no_progress,
+                         checkpoint_every=checkpoint_every, install=install, ablation=not no_ablation)
+    steps = {"vae_steps": vae_steps, "unet_steps": unet_steps, "finetune_steps": finetune_steps,
+             "embedding_steps": embedding_steps}
+    cfg = replace(cfg, **{k: v for k, v in steps.items() if v is not None})
+    try:
+        path = pretrain_tiny(cfg)
+    except _train_errors() as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"tiny default: {path}")
+
+
+@main.command("evaluate", short_help="Ablation on the paired test split: SSIM, PSNR, realism.")
+@click.option("--model", type=_PATH, default=None, help="Model under test [default: the embedded default].")
+@click.option("--embedding", type=_PATH, default=None,
+              help="Its negative embedding [default: MODEL/negative_embedding.safetensors].")
+@click.option("--base-model", type=_PATH, default=None,
+              help="The pre-DKI model, for the w/o-finetune row (skipped when absent).")
+@click.option("--base-embedding", type=_PATH, default=None,
+              help="The base model's own negative embedding [default: BASE/negative_embedding.safetensors].")
+@click.option("--data", type=_PATH, required=True, help="An r2r dataset with a paired test split.")
+@click.option("--out", type=_PATH, required=True, help="Report folder (report.json, report.md, grids, images).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="First N test images only.")
+@click.option("--steps", type=int, default=None, help="[default: 50]")
+@click.option("--strength", type=float, default=None, help="[default: 0.3]")
+@click.option("--guidance", type=float, default=None, help="[default: 7.5]")
+@click.option("--tac-ratio", type=float, default=None, help="[default: 0.9]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--classifier-steps", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@click.option("--no-progress", is_flag=True)
+def evaluate_cmd(model: Path | None, embedding: Path | None, base_model: Path | None, base_embedding: Path | None,
+                 data: Path, out: Path, limit: int | None, steps: int | None, strength: float | None,
+                 guidance: float | None, tac_ratio: float | None, batch_size: int, classifier_steps: int, seed: int,
+                 threads: int | None, no_progress: bool) -> None:
+    """The ablation on the test split: SSIM/PSNR vs the real ground truth, SSIM vs the render, realism."""
+    from dataclasses import replace
+
+    from r2r.config import MethodConfig
+    from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE
+    from r2r.training.evaluate import EvalConfig, evaluate
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    model = model or EMBEDDED_DEFAULT
+    given = {"steps": steps, "strength": strength, "guidance": guidance, "tac_ratio": tac_ratio}
+    try:
+        method = replace(MethodConfig(), **{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    cfg = EvalConfig(model, embedding or model / EMBEDDING_FILE, data, out, base_model, base_embedding, limit, method,
+                     batch_size, classifier_steps, seed, progress=not no_progress)
+    try:
+        report = evaluate(cfg)
+    except _train_errors() as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo((out / "report.md").read_text(encoding="utf-8"))
+    click.echo(f"report: {out / 'report.json'} ({report['seconds']:.0f} s)")

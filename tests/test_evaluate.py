@@ -1,0 +1,95 @@
+"""Evaluation metrics (SSIM, PSNR, the realism classifier) and the ablation report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from r2r.training.evaluate import gaussian_window, psnr, ssim, train_realism_classifier
+
+
+def test_ssim_of_an_image_with_itself_is_one() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    assert ssim(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert ssim(x[..., 0], x[..., 0]) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_ssim_of_constant_images_has_its_closed_form() -> None:
+    # no variance: SSIM reduces to the luminance term (2ab + C1) / (a^2 + b^2 + C1)
+    a, b = np.full((16, 16), 100, np.uint8), np.full((16, 16), 150, np.uint8)
+    c1 = (0.01 * 255) ** 2
+    assert ssim(a, b) == pytest.approx((2 * 100 * 150 + c1) / (100**2 + 150**2 + c1), rel=1e-9)
+
+
+def test_ssim_drops_with_noise_and_blur_and_is_symmetric() -> None:
+    rng = np.random.default_rng(1)
+    stripes = np.tile(((np.arange(64) // 3) % 2 * 200 + 20).astype(np.uint8), (64, 1))
+    noisy = np.clip(stripes + rng.normal(0, 25, stripes.shape), 0, 255).astype(np.uint8)
+    flat = np.full_like(stripes, int(stripes.mean()))
+    assert 0 < ssim(stripes, noisy) < 0.99
+    assert ssim(stripes, flat) < ssim(stripes, noisy)
+    assert ssim(stripes, noisy) == pytest.approx(ssim(noisy, stripes), abs=1e-12)
+    assert gaussian_window().sum() == pytest.approx(1.0)
+
+
+def test_psnr_known_values() -> None:
+    a = np.full((8, 8, 3), 10, np.uint8)
+    assert psnr(a, a + 1) == pytest.approx(20 * math.log10(255), abs=1e-9)  # MSE 1: 48.13 dB
+    assert psnr(np.zeros((4, 4), np.uint8), np.full((4, 4), 255, np.uint8)) == pytest.approx(0.0)
+    assert psnr(a, a) == math.inf
+    b = a.copy()
+    b[0, 0, 0] = 20  # one error of 10 among 192 values: MSE 100 / 192
+    assert psnr(a, b) == pytest.approx(10 * math.log10(255**2 * 192 / 100), abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from r2r.training.data import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("data") / "ds", 60, (64, 64), seed=2, test_fraction=0.3,
+                            progress=False)
+
+
+def test_the_realism_classifier_beats_chance_on_held_out_images(data_dir: Path) -> None:
+    from r2r.imageio import load_rgb
+
+    def read(split: str, domain: str) -> list[np.ndarray]:
+        return [load_rgb(p) for p in sorted((data_dir / split / domain).glob("*.png"))]
+
+    clf = train_realism_classifier(read("train", "rendered"), read("train", "real"), steps=150, seed=0,
+                                   progress=False)
+    p_rend, p_real = clf.prob_real(read("test", "rendered")), clf.prob_real(read("test", "real"))
+    accuracy = (np.sum(p_rend <= 0.5) + np.sum(p_real > 0.5)) / (len(p_rend) + len(p_real))
+    assert len(p_rend) == 18 and accuracy >= 0.75, (p_rend, p_real)
+
+
+def test_evaluate_writes_the_ablation_report(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from r2r.training.cli import main
+
+    out = tmp_path / "eval"
+    emb = tiny_model_dir / "negative_embedding.safetensors"
+    args = ["evaluate", "--model", str(tiny_model_dir), "--data", str(data_dir), "--out", str(out),
+            "--base-model", str(tiny_model_dir), "--base-embedding", str(emb), "--limit", "2", "--steps", "4",
+            "--strength", "0.5", "--classifier-steps", "5", "--no-progress"]
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    names = [r["name"] for r in report["rows"]]
+    assert names == ["render (input)", "VAE round trip", "full", "w/o TAC", "w/o negative embedding",
+                     "w/o finetune", "real (ground truth)"]
+    rows = {r["name"]: r for r in report["rows"]}
+    assert rows["render (input)"]["ssim_input"] == pytest.approx(1.0)
+    assert rows["real (ground truth)"]["ssim_gt"] == pytest.approx(1.0)
+    assert report["images"] == 2 and report["method"]["steps"] == 4
+    assert 0.0 <= report["classifier"]["test_accuracy"] <= 1.0
+    md = (out / "report.md").read_text()
+    assert "| full |" in md and "| w/o TAC |" in md and "held-out accuracy" in md
+    assert (out / "before-after.png").is_file() and (out / "ablation-grid.png").is_file()
+    assert len(list((out / "images" / "full").glob("*.png"))) == 2

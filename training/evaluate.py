@@ -1,0 +1,399 @@
+"""`r2r-train evaluate`: the paper's ablation on a paired test split, with numbers a command produces.
+
+For each test render (whose real twin is the ground truth) every method row translates the render with
+the PyTorch reference (`r2r.runtime.reference.ReferencePipeline`) and is scored by:
+
+* SSIM and PSNR of the output against the real ground truth (fidelity to the photographed garment);
+* SSIM of the output against the input render (texture preservation: the pattern must survive);
+* realism: the fraction of outputs a small real-vs-rendered CNN, trained here on the train split
+  (seeded), classifies as real; its accuracy on the test split's real and rendered images is reported
+  too, so the score can be judged.
+
+SSIM is the standard one of Wang et al. (2004): an 11x11 Gaussian window (sigma 1.5), K1 = 0.01,
+K2 = 0.03, data range 255, computed on each RGB channel over the valid (unpadded) region, and the mean
+of the three channels' mean SSIM maps is reported. PSNR is 10 log10(255^2 / MSE) over all pixels and
+channels.
+
+Rows: the full method (the model's defaults); without TAC (tac_ratio 0); without the negative
+embedding (null text only: guidance 1 makes e = e_neg + 1 (e_null - e_neg) = e_null); without the
+finetune (the pre-DKI base model with its own negative embedding, trained on the base model the same
+way). Reference rows: the input render itself, the VAE round trip of the render (what any
+latent-space method starts from), and the real ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from r2r.config import MethodConfig
+from r2r.imageio import load_rgb, save_png
+from r2r.training.finetune import ImageFolder, images_to_tensor
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "EvalConfig",
+    "RealismClassifier",
+    "evaluate",
+    "gaussian_window",
+    "psnr",
+    "ssim",
+    "train_realism_classifier",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """Normalised 1-D Gaussian (SSIM's window is its outer product)."""
+    x = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    g = np.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def _filter_valid(img: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Separable 'valid' correlation of [H, W] with the Gaussian (MATLAB filter2(..., 'valid'))."""
+    k = len(g)
+    h, w = img.shape
+    rows = sum(g[i] * img[:, i : w - k + 1 + i] for i in range(k))
+    return sum(g[i] * rows[i : h - k + 1 + i, :] for i in range(k))
+
+
+def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, size: int = 11, sigma: float = 1.5) -> float:
+    """Mean SSIM of two images ([H, W] or [H, W, C], same shape), averaged over channels."""
+    if a.shape != b.shape:
+        raise ValueError(f"ssim: shapes differ {a.shape} vs {b.shape}")
+    if a.ndim == 2:
+        a, b = a[..., None], b[..., None]
+    if min(a.shape[:2]) < size:
+        raise ValueError(f"ssim: images of {a.shape[:2]} are smaller than the {size}x{size} window")
+    g = gaussian_window(size, sigma)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    scores = []
+    for ch in range(a.shape[2]):
+        x, y = a[..., ch].astype(np.float64), b[..., ch].astype(np.float64)
+        mx, my = _filter_valid(x, g), _filter_valid(y, g)
+        sxx = _filter_valid(x * x, g) - mx * mx
+        syy = _filter_valid(y * y, g) - my * my
+        sxy = _filter_valid(x * y, g) - mx * my
+        num = (2 * mx * my + c1) * (2 * sxy + c2)
+        den = (mx * mx + my * my + c1) * (sxx + syy + c2)
+        scores.append(float(np.mean(num / den)))
+    return float(np.mean(scores))
+
+
+def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
+    """10 log10(range^2 / MSE); inf for identical images."""
+    if a.shape != b.shape:
+        raise ValueError(f"psnr: shapes differ {a.shape} vs {b.shape}")
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(data_range**2 / mse))
+
+
+# --------------------------------------------------------------------------------------------------
+# Realism classifier
+# --------------------------------------------------------------------------------------------------
+
+CLASSIFIER_CROP = 64  # training crops (full resolution: noise and blur stay visible); scoring sees whole images
+
+
+def _make_classifier() -> nn.Module:
+    from torch import nn
+
+    def block(i: int, o: int) -> list[nn.Module]:
+        return [nn.Conv2d(i, o, 3, stride=2, padding=1), nn.GroupNorm(4, o), nn.SiLU()]
+
+    return nn.Sequential(*block(3, 16), *block(16, 32), *block(32, 64), *block(64, 64),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 1))
+
+
+@dataclass
+class RealismClassifier:
+    """A small fully convolutional real-vs-rendered CNN (logit > 0: real) and its held-out accuracy."""
+
+    net: Any
+    test_accuracy: float | None = None
+    test_accuracy_real: float | None = None
+    test_accuracy_rendered: float | None = None
+    steps: int = 0
+
+    def prob_real(self, images: Sequence[np.ndarray], batch_size: int = 16) -> np.ndarray:
+        import torch
+
+        self.net.eval()
+        out = []
+        with torch.no_grad():
+            for k in range(0, len(images), batch_size):
+                x = images_to_tensor(images[k : k + batch_size])
+                out.append(torch.sigmoid(self.net(x)).squeeze(1).numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+
+def train_realism_classifier(rendered: Sequence[np.ndarray], real: Sequence[np.ndarray], steps: int = 300,
+                             batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
+                             progress: bool = True) -> RealismClassifier:
+    """Train on random full-resolution crops of rendered (label 0) and real (label 1) images, seeded order
+    and crops, random flips; the network pools globally, so it then scores whole images."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    x = torch.from_numpy(np.stack([*rendered, *real]))  # uint8 [N, H, W, 3]
+    y = torch.cat([torch.zeros(len(rendered)), torch.ones(len(real))])
+    h, w = x.shape[1:3]
+    c = min(CLASSIFIER_CROP, h, w)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = _make_classifier()
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    net.train()
+    bar = tqdm(range(steps), desc="realism classifier", unit="step", disable=not progress)
+    for _ in bar:
+        idx = torch.randint(0, len(x), (batch_size,), generator=gen)
+        ys = torch.randint(0, h - c + 1, (batch_size,), generator=gen).tolist()
+        xs = torch.randint(0, w - c + 1, (batch_size,), generator=gen).tolist()
+        crops = torch.stack([x[i, a : a + c, b : b + c] for i, a, b in zip(idx.tolist(), ys, xs, strict=True)])
+        xb = crops.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        flip = torch.rand(batch_size, generator=gen) < 0.5
+        xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+        loss = F.binary_cross_entropy_with_logits(net(xb).squeeze(1), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return RealismClassifier(net, steps=steps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`r2r-train evaluate`: the model + embedding under test, the dataset, and the ablation's base model."""
+
+    model: Path
+    embedding: Path
+    data: Path
+    out: Path
+    base_model: Path | None = None  # the pre-DKI model, for the "without finetune" row
+    base_embedding: Path | None = None  # its own negative embedding
+    limit: int | None = None
+    method: MethodConfig = field(default_factory=MethodConfig)
+    batch_size: int = 8
+    classifier_steps: int = 300
+    seed: int = 0
+    grid_rows: int = 6
+    progress: bool = True
+
+
+@dataclass
+class Row:
+    name: str
+    description: str
+    outputs: list[np.ndarray]
+    seconds: float = 0.0
+
+
+def _pair_folders(data: Path, split: str) -> tuple[ImageFolder, ImageFolder]:
+    from r2r.training.finetune import DataError
+
+    folders = []
+    for domain in ("rendered", "real"):
+        path = Path(data) / split / domain
+        if not (path / "metadata.jsonl").is_file():
+            raise DataError(f"{path}/metadata.jsonl: missing; --data must be a dataset made by `r2r-train data`")
+        folders.append(path)
+    rend = ImageFolder.open(folders[0], 8)
+    real = ImageFolder.open(folders[1], 8)
+    if rend.files != real.files:
+        raise DataError(f"{folders[0]} and {folders[1]} list different files; the test split must be paired")
+    return rend, real
+
+
+def _read(folder: ImageFolder, size: tuple[int, int], limit: int | None) -> list[np.ndarray]:
+    names = folder.files[:limit] if limit else folder.files
+    return [load_rgb(folder.folder / n, size) for n in names]
+
+
+def _translate(model: Path, embedding: Path, images: list[np.ndarray], methods: dict[str, MethodConfig],
+               batch_size: int, progress: bool) -> dict[str, tuple[list[np.ndarray], float]]:
+    """Run the reference pipeline on `images` for each method config (one model load)."""
+    from tqdm import tqdm
+
+    from r2r.models import load_components
+    from r2r.runtime.reference import ReferencePipeline
+
+    h, w = images[0].shape[:2]
+    pipe = ReferencePipeline(load_components(model), embedding, w, h)
+    results = {}
+    for name, method in methods.items():
+        t0 = time.perf_counter()
+        outs: list[np.ndarray] = []
+        for k in tqdm(range(0, len(images), batch_size), desc=name, unit="batch", disable=not progress):
+            outs.extend(pipe(images[k : k + batch_size], method))
+        results[name] = (outs, time.perf_counter() - t0)
+    return results
+
+
+def _vae_roundtrip(model: Path, images: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
+    import torch
+
+    from r2r.models import load_components
+
+    c = load_components(model)
+    outs = []
+    with torch.no_grad():
+        for k in range(0, len(images), batch_size):
+            x = images_to_tensor(images[k : k + batch_size])
+            z = c.vae.encode(x).latent_dist.mean
+            y = c.vae.decode(z).sample
+            u8 = (y / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+            outs.extend(im.permute(1, 2, 0).numpy() for im in u8)
+    return outs
+
+
+def _grid(columns: list[list[np.ndarray]], rows: int, pad: int = 4) -> np.ndarray:
+    """Images side by side (one column per list), `rows` rows, white gutters."""
+    h, w = columns[0][0].shape[:2]
+    n = min(rows, len(columns[0]))
+    grid = np.full((n * h + (n + 1) * pad, len(columns) * w + (len(columns) + 1) * pad, 3), 255, np.uint8)
+    for r in range(n):
+        for c, col in enumerate(columns):
+            y, x = pad + r * (h + pad), pad + c * (w + pad)
+            grid[y : y + h, x : x + w] = col[r]
+    return grid
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    return "inf" if v == float("inf") else f"{v:.{digits}f}"
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    c = report["classifier"]
+    lines = [
+        f"Test split: {report['images']} paired render/real images of {report['data']} "
+        f"({report['resolution'][0]}x{report['resolution'][1]}); method: steps {report['method']['steps']}, "
+        f"strength {report['method']['strength']}, guidance {report['method']['guidance']}, "
+        f"TAC ratio {report['method']['tac_ratio']}.",
+        "",
+        "| row | SSIM vs real GT ↑ | PSNR vs real GT (dB) ↑ | SSIM vs input render ↑ | realism (classified real) ↑ |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in report["rows"]:
+        lines.append(f"| {r['name']} | {_fmt(r['ssim_gt'])} | {_fmt(r['psnr_gt'], 2)} | {_fmt(r['ssim_input'])} | "
+                     f"{_fmt(r['realism'], 2)} |")
+    lines += [
+        "",
+        f"Realism classifier: small CNN trained {c['steps']} steps on {c['crop']}px crops of the train split "
+        "(real vs rendered, seeded), scoring whole images; "
+        f"held-out accuracy on the test split {c['test_accuracy']:.3f} (real {c['test_accuracy_real']:.3f}, "
+        f"rendered {c['test_accuracy_rendered']:.3f}).",
+        "SSIM: Gaussian window 11 / sigma 1.5, per RGB channel, mean of channels; PSNR over RGB, 8-bit range.",
+        "",
+        "Rows: " + "; ".join(f"**{r['name']}**: {r['description']}" for r in report["rows"]) + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Score every row on the test split; writes OUT/report.json, OUT/report.md, grids and the outputs."""
+    from r2r.models import default_resolution
+
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = default_resolution(cfg.model)
+    test_r, test_q = _pair_folders(cfg.data, "test")
+    renders = _read(test_r, size, cfg.limit)
+    reals = _read(test_q, size, cfg.limit)
+    names = list(test_r.files[: len(renders)])
+
+    # classifier: trained on the train split, judged on the whole test split
+    train_r, train_q = _pair_folders(cfg.data, "train")
+    t0 = time.perf_counter()
+    clf = train_realism_classifier(_read(train_r, size, None), _read(train_q, size, None), cfg.classifier_steps,
+                                   seed=cfg.seed, progress=cfg.progress)
+    all_r, all_q = _read(test_r, size, None), _read(test_q, size, None)
+    pr, pq = clf.prob_real(all_r), clf.prob_real(all_q)
+    clf.test_accuracy_rendered = float(np.mean(pr <= 0.5))
+    clf.test_accuracy_real = float(np.mean(pq > 0.5))
+    clf.test_accuracy = float((np.sum(pr <= 0.5) + np.sum(pq > 0.5)) / (len(pr) + len(pq)))
+    classifier_seconds = time.perf_counter() - t0
+
+    m = cfg.method
+    rows = [Row("render (input)", "the input render, untranslated", renders),
+            Row("VAE round trip", "decode(encode(render)) with the model's VAE, no diffusion",
+                _vae_roundtrip(cfg.model, renders, cfg.batch_size))]
+    methods = {
+        "full": (m, "the method at its defaults (DKI model + negative embedding, TAC)"),
+        "w/o TAC": (replace(m, tac_ratio=0.0), "tac_ratio 0"),
+        "w/o negative embedding": (replace(m, guidance=1.0), "null text only (guidance 1: e = e_null)"),
+    }
+    done = _translate(cfg.model, cfg.embedding, renders, {k: v[0] for k, v in methods.items()}, cfg.batch_size,
+                      cfg.progress)
+    rows += [Row(k, methods[k][1], outs, secs) for k, (outs, secs) in done.items()]
+    if cfg.base_model is not None:
+        base_emb = cfg.base_embedding or Path(cfg.base_model) / "negative_embedding.safetensors"
+        (outs, secs), = _translate(cfg.base_model, base_emb, renders, {"w/o finetune": m}, cfg.batch_size,
+                                   cfg.progress).values()
+        rows.append(Row("w/o finetune", "the pre-DKI base model with its own negative embedding, trained on it",
+                        outs, secs))
+    rows.append(Row("real (ground truth)", "the photographed twin of each render", reals))
+
+    report_rows = []
+    for row in rows:
+        probs = clf.prob_real(row.outputs)
+        report_rows.append({
+            "name": row.name,
+            "description": row.description,
+            "ssim_gt": float(np.mean([ssim(o, g) for o, g in zip(row.outputs, reals, strict=True)])),
+            "psnr_gt": float(np.mean([psnr(o, g) for o, g in zip(row.outputs, reals, strict=True)])),
+            "ssim_input": float(np.mean([ssim(o, r) for o, r in zip(row.outputs, renders, strict=True)])),
+            "realism": float(np.mean(probs > 0.5)),
+            "realism_mean_probability": float(np.mean(probs)),
+            "seconds": round(row.seconds, 1),
+        })
+        folder = out / "images" / row.name.replace(" ", "_").replace("/", "").replace("(", "").replace(")", "")
+        for name, img in zip(names, row.outputs, strict=True):
+            save_png(folder / name, img)
+
+    by = {r.name: r.outputs for r in rows}
+    save_png(out / "before-after.png", _grid([renders, by["full"], reals], cfg.grid_rows))
+    save_png(out / "ablation-grid.png", _grid([r.outputs for r in rows], cfg.grid_rows))
+    report = {
+        "data": str(cfg.data),
+        "images": len(renders),
+        "resolution": list(size),
+        "model": str(cfg.model),
+        "embedding": str(cfg.embedding),
+        "base_model": str(cfg.base_model) if cfg.base_model else None,
+        "base_embedding": str(cfg.base_embedding) if cfg.base_embedding else None,
+        "method": asdict(m),
+        "classifier": {"steps": clf.steps, "crop": CLASSIFIER_CROP, "test_accuracy": clf.test_accuracy,
+                       "test_accuracy_real": clf.test_accuracy_real,
+                       "test_accuracy_rendered": clf.test_accuracy_rendered,
+                       "seconds": round(classifier_seconds, 1)},
+        "rows": report_rows,
+        "grids": {"before_after": "before-after.png (render | full | real)",
+                  "ablation": "ablation-grid.png (" + " | ".join(r.name for r in rows) + ")"},
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(_markdown(report), encoding="utf-8")
+    return report

@@ -1,0 +1,402 @@
+"""`r2r-train pretrain-tiny`: the embedded default, trained from scratch on the procedural dataset.
+
+Stages (each a resumable `run_training` under OUT/, skipped once its output exists):
+
+1. `init/`        the tiny SD-1.x model at its seeded random init (`r2r.tiny.build_tiny_model`, the
+                  tokenizer learned with the dataset's caption words);
+2. `vae/`         the VAE, on random crops of train images of both domains (it is convolutional, so
+                  crops teach it what full frames need at a fraction of the cost): L1 + an L1 on image
+                  gradients (keeps fine stripes and checks sharp) + a small KL; then
+                  `scaling_factor = 1 / std(latents)` over the training set;
+3. `latents.safetensors`  every train image of both domains encoded once (posterior parameters), so
+                  no later stage runs the VAE;
+4. `unet/`        the UNet on both domains with their captions (text encoder frozen at its seeded
+                  init, each caption encoded once), 10% caption dropout so the null text is learned;
+                  this is the pre-DKI base model;
+5. `finetune/`    DKI, target domain (eq. 6): the base UNet finetuned on real images only;
+6. `embedding/`   DKI, source domain (eq. 7): the 75-vector negative embedding on renders, finetuned model;
+7. `base-embedding/`  the same embedding trained on the base model, for the "without finetune" ablation;
+8. `embedded/`    the shipped default: the finetuned model + negative_embedding.safetensors +
+                  training.json (provenance: options, stage times); `--install DIR` copies it to DIR.
+
+Every stage is deterministic for a seed and thread count (`--threads`, default 2).
+The UNet stages draw half of their timesteps from [0, 400): the default is used for img2img at
+strength 0.3 (t <= 281), where a tiny model needs its capacity most.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from r2r.models import DEFAULT_TOKEN, EMBEDDING_FILE, load_components
+from r2r.training.embedding import EmbeddingConfig, train_negative_embedding
+from r2r.training.finetune import (
+    MODEL_SUBDIR,
+    CachedLatents,
+    CaptionEncoder,
+    DataError,
+    ImageFolder,
+    TimestepSampler,
+    UNetTask,
+    cache_latents,
+    save_model_with,
+)
+from r2r.training.loop import LoopConfig, LoopResult, TrainTask, atomic_dir, run_training
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["PretrainConfig", "VAETask", "pretrain_tiny"]
+
+LATENTS_FILE = "latents.safetensors"
+# Appended to a share of the base model's captions (words the tiny tokenizer holds as single tokens).
+DOMAIN_PHRASES = {"rendered": "3d render", "real": "studio photo"}
+PROVENANCE_FILE = "training.json"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """All knobs of the tiny model's training; the defaults are the shipped default's recipe."""
+
+    data: Path
+    out: Path
+    seed: int = 0
+    threads: int | None = 2
+    resume: bool = False
+    progress: bool = True
+    checkpoint_every: int = 100
+    install: Path | None = None
+    # VAE
+    vae_steps: int = 1500
+    vae_batch_size: int = 16
+    vae_crop: int = 64
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    vae_edge_weight: float = 0.5
+    vae_logvar_init: float = -8.0
+    # UNet (base model)
+    unet_steps: int = 2000
+    unet_batch_size: int = 32
+    unet_latent_crop: int | None = 16
+    unet_lr: float = 1e-3
+    unet_warmup: int = 100
+    unet_ema_decay: float = 0.998
+    caption_dropout: float = 0.1
+    domain_caption_portion: float = 0.5  # base model only: share of captions that name the domain
+    timestep_bias_portion: float = 0.5
+    timestep_bias_end: int = 400
+    # DKI
+    finetune_steps: int = 300
+    finetune_batch_size: int = 16
+    finetune_latent_crop: int | None = 24
+    finetune_lr: float = 2e-4
+    finetune_caption_dropout: float = 0.2
+    embedding_steps: int = 300
+    embedding_batch_size: int = 16
+    embedding_latent_crop: int | None = 24
+    embedding_lr: float = 5e-3
+    num_vectors: int = 75
+    token: str = DEFAULT_TOKEN
+    ablation: bool = True  # also train the base model's own embedding (the "without finetune" row)
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# VAE stage
+# --------------------------------------------------------------------------------------------------
+
+
+class VAETask(TrainTask):
+    """The autoencoder on random square crops of in-memory uint8 images."""
+
+    name = "pretrain-vae"
+
+    def __init__(self, vae: nn.Module, images: torch.Tensor, crop: int, kl_weight: float, edge_weight: float,
+                 fingerprint: dict[str, Any], logvar_init: float | None = -8.0) -> None:
+        self.vae, self.images, self.crop = vae, images, crop
+        self.logvar_init = logvar_init
+        self.kl_weight, self.edge_weight = kl_weight, edge_weight
+        self._fingerprint = fingerprint
+        if crop % 8 or crop > min(images.shape[1:3]):
+            raise ValueError(f"vae crop {crop} must be a multiple of 8 no larger than the images {images.shape[1:3]}")
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.images.shape[0])
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {**self._fingerprint, "crop": self.crop, "kl": self.kl_weight, "edge": self.edge_weight,
+                "logvar_init": self.logvar_init}
+
+    def build(self, device: torch.device) -> nn.Module:
+        import torch
+        from torch import nn
+
+        if self.logvar_init is not None:
+            # An untrained encoder's log-variance is ~0: unit noise on every latent drowns the signal and
+            # the decoder first learns only the mean colour. Start the variance small (the KL term keeps
+            # regulating it); done before any step, so resumed runs overwrite it from the checkpoint.
+            conv = self.vae.encoder.conv_out
+            half = conv.out_channels // 2
+            with torch.no_grad():
+                conv.weight[half:].zero_()
+                conv.bias[half:].fill_(self.logvar_init)
+
+        class Autoencode(nn.Module):
+            """encode -> sample -> decode in one forward, so a DDP wrapper sees the whole computation."""
+
+            def __init__(self, vae: nn.Module) -> None:
+                super().__init__()
+                self.vae = vae
+
+            def forward(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, Any]:
+                post = self.vae.encode(x).latent_dist
+                z = post.sample(generator=generator)
+                return self.vae.decode(z).sample, post
+
+        return Autoencode(self.vae.to(device).float().train().requires_grad_(True))
+
+    def loss(self, module: nn.Module, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+        import torch
+
+        h, w = self.images.shape[1:3]
+        c = self.crop
+        ys = torch.randint(0, h - c + 1, (len(indices),), generator=generator).tolist()
+        xs = torch.randint(0, w - c + 1, (len(indices),), generator=generator).tolist()
+        crops = torch.stack([self.images[i, y : y + c, x : x + c] for i, y, x in zip(indices, ys, xs, strict=True)])
+        device = next(module.parameters()).device
+        x = crops.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(device)
+        rec, post = module(x, generator if device.type == "cpu" else None)
+        rec = rec.float()
+        l1 = (rec - x).abs().mean()
+        edge = ((rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean())
+        kl = post.kl().mean() / post.mean[0].numel()  # per latent element
+        return l1 + self.edge_weight * edge + self.kl_weight * kl
+
+    def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in module.state_dict().items()}
+
+    def load_trainable_state(self, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        module.load_state_dict(tensors, strict=True)
+
+    def save_final(self, module: nn.Module, out: Path) -> Path:
+        module.eval()
+        final = Path(out) / "vae"
+        with atomic_dir(final) as tmp:
+            module.vae.save_pretrained(tmp, safe_serialization=True)
+        return final
+
+
+def _load_images(folders: list[ImageFolder], progress: bool) -> torch.Tensor:
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    total = sum(len(f) for f in folders)
+    res = folders[0].resolution
+    arr = np.empty((total, res, res, 3), dtype=np.uint8)
+    k = 0
+    with tqdm(total=total, desc="load images", unit="img", disable=not progress) as bar:
+        for f in folders:
+            for i in range(len(f)):
+                arr[k] = f.image(i)
+                k += 1
+                bar.update()
+    return torch.from_numpy(arr)
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline of stages
+# --------------------------------------------------------------------------------------------------
+
+
+def _dataset_resolution(data: Path) -> int:
+    info = Path(data) / "dataset.json"
+    if not info.is_file():
+        raise DataError(f"{info}: missing; --data must be a dataset made by `r2r-train data` (train/ and test/)")
+    w, h = json.loads(info.read_text())["size"]
+    if w != h:
+        raise DataError(f"{info}: images are {w}x{h}; the tiny model trains on square images (e.g. --size 256x256)")
+    return int(w)
+
+
+def _loop(cfg: PretrainConfig, **kw: Any) -> LoopConfig:
+    base = {"seed": cfg.seed, "resume": True, "progress": cfg.progress, "checkpoint_every": cfg.checkpoint_every,
+            "checkpoints_total_limit": 1}
+    return LoopConfig(**{**base, **kw})
+
+
+def _save_latents(path: Path, params: torch.Tensor, meta: dict[str, Any]) -> None:
+    import os
+    import secrets
+
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    save_file({"params": params.contiguous()}, str(tmp), metadata={"r2r": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def _load_latents(path: Path) -> tuple[torch.Tensor, dict[str, Any]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.get_tensor("params"), json.loads(fh.metadata()["r2r"])
+
+
+def pretrain_tiny(cfg: PretrainConfig) -> Path:
+    """Run every stage (resuming with `cfg.resume`); returns OUT/embedded (and installs it if asked)."""
+    import torch
+
+    from r2r.tiny import build_tiny_model
+    from r2r.training.data import CAPTION_WORDS
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not cfg.resume:
+        raise FileExistsError(f"{out} is not empty; pass --resume to continue that run, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    res = _dataset_resolution(cfg.data)
+    real_folder = ImageFolder.open(Path(cfg.data) / "train" / "real", res)
+    rend_folder = ImageFolder.open(Path(cfg.data) / "train" / "rendered", res)
+    times: dict[str, float] = {}
+    prov_path = out / "stages.json"
+    if prov_path.is_file():
+        times = json.loads(prov_path.read_text())
+
+    def record(stage: str, seconds: float) -> None:
+        times[stage] = round(seconds, 1)
+        prov_path.write_text(json.dumps(times, indent=2) + "\n")
+
+    # 1. init
+    init = out / "init"
+    if not (init / "model_index.json").is_file():
+        shutil.rmtree(init, ignore_errors=True)
+        build_tiny_model(init, seed=cfg.seed, words=CAPTION_WORDS)
+
+    # 2. VAE
+    vae_run = out / "vae"
+    if not (vae_run / "vae" / "config.json").is_file():
+        comps = load_components(init)
+        images = _load_images([rend_folder, real_folder], cfg.progress)
+        task = VAETask(comps.vae, images, cfg.vae_crop, cfg.vae_kl_weight, cfg.vae_edge_weight,
+                       {"data": str(Path(cfg.data).resolve()), "res": res}, cfg.vae_logvar_init)
+        r = run_training(task, _loop(cfg, batch_size=cfg.vae_batch_size, lr=cfg.vae_lr, max_steps=cfg.vae_steps,
+                                     lr_warmup_steps=20, adam_weight_decay=0.0), vae_run)
+        del images
+        record("vae", r.seconds)
+
+    # 3. latents of every train image, and the scaling factor
+    base_init = out / "base-init"
+    latents_path = out / LATENTS_FILE
+    if not latents_path.is_file() or not (base_init / "model_index.json").is_file():
+        from diffusers import AutoencoderKL
+
+        t0 = time.perf_counter()
+        vae = AutoencoderKL.from_pretrained(vae_run / "vae", local_files_only=True, use_safetensors=True).eval()
+        vae.requires_grad_(False)
+        rend = cache_latents(rend_folder, vae, 1.0, progress=cfg.progress, desc="latents rendered")
+        real = cache_latents(real_folder, vae, 1.0, progress=cfg.progress, desc="latents real")
+        params = torch.cat([rend.params, real.params])
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        gen = torch.Generator().manual_seed(cfg.seed)
+        sample = DiagonalGaussianDistribution(params).sample(gen)
+        scaling = float(1.0 / sample.std())
+        vae.register_to_config(scaling_factor=scaling)
+        save_model_with(init, {"vae": vae}, base_init)
+        meta = {"rendered": len(rend_folder), "real": len(real_folder), "scaling_factor": scaling,
+                "captions": [*rend_folder.captions, *real_folder.captions]}
+        _save_latents(latents_path, params, meta)
+        record("latents", time.perf_counter() - t0)
+    params, meta = _load_latents(latents_path)
+    n_rend = int(meta["rendered"])
+    rows_rend, rows_real = list(range(n_rend)), list(range(n_rend, params.shape[0]))
+    captions = meta["captions"]
+
+    timesteps = TimestepSampler(1000, cfg.timestep_bias_portion, 0, cfg.timestep_bias_end)
+
+    def unet_stage(model: Path, run: Path, rows: list[int], name: str, crop: int | None,
+                   item_captions: list[str | list[str]], **loop: Any) -> Path:
+        model_out = run / MODEL_SUBDIR
+        if (model_out / "model_index.json").is_file():
+            return model_out
+        comps = load_components(model)
+        source = CachedLatents(params, comps.scaling_factor).subset(rows, crop)
+        text = CaptionEncoder(comps.tokenizer, comps.text_encoder, cache=True)
+        dropout = loop.pop("caption_dropout")
+        task = UNetTask(comps, source, [item_captions[i] for i in rows], text, timesteps, dropout,
+                        fingerprint={"model": str(model.resolve()), "rows": [rows[0], rows[-1], len(rows)],
+                                     "crop": crop}, name=name)
+        r: LoopResult = run_training(task, _loop(cfg, **loop), run)
+        record(name, r.seconds)
+        return model_out
+
+    # 4. the base model: both domains; captions name the domain part of the time, as the web captions
+    #    of SD's pretraining do ("3d render", "photo"), so the base model knows the two domains in text
+    #    the way SD does; 10% empty captions teach the null text
+    domain_captions: list[str | list[str]] = []
+    for i, cap in enumerate(captions):
+        phrase = DOMAIN_PHRASES["rendered" if i < n_rend else "real"]
+        k = round(cfg.domain_caption_portion * 10)
+        domain_captions.append([cap] * (10 - k) + [f"{cap}, {phrase}"] * k)
+    base = unet_stage(base_init, out / "unet", rows_rend + rows_real, "pretrain-unet", cfg.unet_latent_crop,
+                      domain_captions, batch_size=cfg.unet_batch_size, lr=cfg.unet_lr, max_steps=cfg.unet_steps,
+                      lr_warmup_steps=cfg.unet_warmup, ema=True, ema_decay=cfg.unet_ema_decay,
+                      caption_dropout=cfg.caption_dropout)
+    # 5. DKI target domain (eq. 6): real images only, with the dataset's own captions
+    finetuned = unet_stage(base, out / "finetune", rows_real, "finetune", cfg.finetune_latent_crop, list(captions),
+                           batch_size=cfg.finetune_batch_size, lr=cfg.finetune_lr, max_steps=cfg.finetune_steps,
+                           caption_dropout=cfg.finetune_caption_dropout)
+
+    # 6/7. DKI source domain: the negative embedding on renders (and the base model's, for the ablation)
+    def embedding_stage(model: Path, run: Path, name: str) -> Path:
+        final = run / EMBEDDING_FILE
+        if final.is_file():
+            return final
+        comps = load_components(model)
+        source = CachedLatents(params, comps.scaling_factor).subset(rows_rend, cfg.embedding_latent_crop)
+        ecfg = EmbeddingConfig(model, Path(cfg.data) / "train" / "rendered", run,
+                               _loop(cfg, batch_size=cfg.embedding_batch_size, lr=cfg.embedding_lr,
+                                     max_steps=cfg.embedding_steps, adam_weight_decay=0.0),
+                               token=cfg.token, num_vectors=cfg.num_vectors,
+                               timestep_bias_portion=cfg.timestep_bias_portion, timestep_bias_end=cfg.timestep_bias_end)
+        r = train_negative_embedding(ecfg, components=comps, latents=source)
+        record(name, r.seconds)
+        return final
+
+    embedding = embedding_stage(finetuned, out / "embedding", "negative-embedding")
+    if cfg.ablation:
+        embedding_stage(base, out / "base-embedding", "base-negative-embedding")
+
+    # 8. the shipped default
+    embedded = out / "embedded"
+    with atomic_dir(embedded) as tmp:
+        shutil.copytree(finetuned, tmp, dirs_exist_ok=True)
+        shutil.copy2(embedding, tmp / EMBEDDING_FILE)
+        prov = {
+            "command": "r2r-train pretrain-tiny",
+            "config": cfg.as_json(),
+            "dataset": json.loads((Path(cfg.data) / "dataset.json").read_text()),
+            "stage_seconds": times,
+            "total_training_seconds": round(sum(times.values()), 1),
+            "threads": torch.get_num_threads(),
+            "machine": {"processor": platform.processor() or platform.machine(), "python": platform.python_version(),
+                        "torch": torch.__version__},
+        }
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2) + "\n")
+    if cfg.install is not None:
+        with atomic_dir(Path(cfg.install)) as tmp:
+            shutil.copytree(embedded, tmp, dirs_exist_ok=True)
+        return Path(cfg.install)
+    return embedded
