@@ -6,6 +6,7 @@ taken between configurations of one run. Reports: report.json (every figure), re
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -97,8 +98,10 @@ def host_overhead(bundle: Path, work: Path, repeats: int = 30) -> dict:
 @click.option("--batch-sizes", default=None, help="Comma list [default: 1,2 quick; 1,2,4 full].")
 @click.option("--repeats", type=int, default=None, help="Timed passes after the warm-up [default: 2 quick, 3].")
 @click.option("--threads", type=int, default=0, help="Threads per configuration [default: all cores].")
+@click.option("--only", default=None, help="Comma list of configuration names to run (public-code and "
+              "torch-reference always run: they are the baseline and the fidelity reference).")
 def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, out: Path, n_images: int | None,
-         batch_sizes: str | None, repeats: int | None, threads: int) -> None:
+         batch_sizes: str | None, repeats: int | None, threads: int, only: str | None) -> None:
     """Benchmark r2r's backends beside the public code and the PyTorch reference."""
     from r2r.benchmarks.report import write_reports
     from r2r.engines.onnxruntime import build_ort_engines
@@ -126,8 +129,11 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, ou
     _log(f"r2r-bench: {model} at {w}x{h}; images {n_images}, batch sizes {sizes}, repeats {repeats}")
     images = make_images(work, n_images, w, h)
     bundle = out / "bundles" / f"{model.name}-{w}x{h}"
-    export_bundle(ExportConfig(model, embedding, bundle, w, h, batch_max=max(sizes)), progress=_log)
-    build_ort_engines(bundle, "fp32", "cpu", progress=_log)
+    manifest = export_bundle(ExportConfig(model, embedding, bundle, w, h, batch_max=max(sizes)), progress=_log)
+    # Pre-optimized ORT graphs for the graphs that fit in one protobuf; larger ones optimize at load.
+    build_ort_engines(bundle, "fp32", "cpu", graphs=[g for g, e in manifest.graphs.items() if not e.external_data],
+                      progress=_log)
+    have_openvino = importlib.util.find_spec("openvino") is not None
 
     method = {}
     common = {"model": str(model), "embedding": str(embedding), "width": w, "height": h, "images": str(images),
@@ -141,6 +147,18 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, ou
         configs.append(cfg(f"onnxruntime-fp32-b{b}", "r2r", bundle=str(bundle), batch=b))
     configs.append(cfg("onnxruntime-fp32-fused-b1", "r2r", bundle=str(bundle), fused=True))
     configs.append(cfg("onnxruntime-fp32-single-pass-b1", "r2r", bundle=str(bundle), inversion="single-pass"))
+    if have_openvino:
+        for prec in ("fp32", "bf16"):
+            configs.append(cfg(f"openvino-{prec}-fused-b1", "r2r", bundle=str(bundle), backend="openvino",
+                               precision=prec, fused=True))
+        configs.append(cfg("openvino-bf16-single-pass-b1", "r2r", bundle=str(bundle), backend="openvino",
+                           precision="bf16", inversion="single-pass"))
+    if only:
+        keep = {"public-code", "torch-reference", *only.split(",")}
+        unknown = keep - {c.name for c in configs}
+        if unknown:
+            raise click.BadParameter(f"--only: unknown {sorted(unknown)}; known: {[c.name for c in configs]}")
+        configs = [c for c in configs if c.name in keep]
     _log(f"r2r-bench: {len(configs)} configurations, each in its own process")
     results = [run_config(c, work) for c in configs]
     ref_out = np.load(work / "torch-reference.out.npz")["images"]
