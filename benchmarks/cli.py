@@ -55,6 +55,11 @@ def run_config(cfg: BenchConfig, work: Path, timeout: float = 3600) -> dict:
     return result
 
 
+def _portable_args(args: list[str]) -> list[str]:
+    """The command as run, with absolute paths shown by name (reports travel between machines)."""
+    return [Path(a).name if a.startswith("/") else a for a in args]
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
@@ -98,10 +103,13 @@ def host_overhead(bundle: Path, work: Path, repeats: int = 30) -> dict:
 @click.option("--batch-sizes", default=None, help="Comma list [default: 1,2 quick; 1,2,4 full].")
 @click.option("--repeats", type=int, default=None, help="Timed passes after the warm-up [default: 2 quick, 3].")
 @click.option("--threads", type=int, default=0, help="Threads per configuration [default: all cores].")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
+              help="Use this exported bundle of the model instead of exporting one into --out.")
 @click.option("--only", default=None, help="Comma list of configuration names to run (public-code and "
               "torch-reference always run: they are the baseline and the fidelity reference).")
 def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, out: Path, n_images: int | None,
-         batch_sizes: str | None, repeats: int | None, threads: int, only: str | None) -> None:
+         batch_sizes: str | None, repeats: int | None, threads: int, bundle_dir: Path | None,
+         only: str | None) -> None:
     """Benchmark r2r's backends beside the public code and the PyTorch reference."""
     from r2r.benchmarks.report import write_reports
     from r2r.engines.onnxruntime import build_ort_engines
@@ -128,8 +136,16 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, ou
     start = time.perf_counter()
     _log(f"r2r-bench: {model} at {w}x{h}; images {n_images}, batch sizes {sizes}, repeats {repeats}")
     images = make_images(work, n_images, w, h)
-    bundle = out / "bundles" / f"{model.name}-{w}x{h}"
-    manifest = export_bundle(ExportConfig(model, embedding, bundle, w, h, batch_max=max(sizes)), progress=_log)
+    if bundle_dir is not None:
+        from r2r.manifest import read_manifest, verify_files
+
+        bundle, manifest = bundle_dir, read_manifest(bundle_dir)
+        verify_files(bundle, manifest)
+        if manifest.batch_max < max(sizes):
+            raise click.BadParameter(f"--bundle supports batches up to {manifest.batch_max}, not {max(sizes)}")
+    else:
+        bundle = out / "bundles" / f"{model.name}-{w}x{h}"
+        manifest = export_bundle(ExportConfig(model, embedding, bundle, w, h, batch_max=max(sizes)), progress=_log)
     # Pre-optimized ORT graphs for the graphs that fit in one protobuf; larger ones optimize at load.
     build_ort_engines(bundle, "fp32", "cpu", graphs=[g for g, e in manifest.graphs.items() if not e.external_data],
                       progress=_log)
@@ -171,6 +187,6 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, ou
     report = {"machine": describe_machine(), "model": str(model), "resolution": [w, h], "images": n_images,
               "repeats": repeats, "batch_sizes": sizes, "method": "defaults (steps 50, strength 0.3, "
               "guidance 7.5, TAC ratio 0.9, divisor 256)", "results": results, "host_overhead": overhead,
-              "command": "r2r-bench " + " ".join(sys.argv[1:]), "wall_s": time.perf_counter() - start}
+              "command": "r2r-bench " + " ".join(_portable_args(sys.argv[1:])), "wall_s": time.perf_counter() - start}
     paths = write_reports(report, out)
     _log(f"r2r-bench: done in {report['wall_s']:.0f} s -> {', '.join(str(p) for p in paths)}")

@@ -108,9 +108,24 @@ def charts(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
+def _portable(obj: Any, out: Path) -> Any:
+    """Paths in a report are relative to the run's folder (or bare names): reports travel."""
+    if isinstance(obj, dict):
+        return {k: _portable(v, out) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_portable(v, out) for v in obj]
+    if isinstance(obj, str) and obj.startswith("/"):
+        p = Path(obj)
+        try:
+            return str(p.resolve().relative_to(out.resolve()))
+        except ValueError:
+            return p.name
+    return obj
+
+
 def write_reports(report: dict[str, Any], out: Path) -> list[Path]:
     rows = [summarize(r) for r in report["results"]]
-    report = {**report, "summary": rows}
+    report = _portable({**report, "summary": rows}, out)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.md").write_text(markdown(report, rows))
     return [out / "report.json", out / "report.md", *charts(rows, out)]
