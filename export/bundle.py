@@ -38,6 +38,7 @@ from r2r.export.graphs import (
 from r2r.export.to_onnx import OPSET, export_graph
 from r2r.manifest import (
     COND_FILE,
+    ENGINES_DIR,
     ONNX_DIR,
     GraphEntry,
     Manifest,
@@ -151,8 +152,9 @@ def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = _log) -> 
                   "defaults": MethodConfig(tac_divisor=cfg.tac_divisor).as_dict()},
         tools=tools,
     )
-    if old is not None:
-        manifest.engines = old.engines  # engines keep their own keys; engines/ re-checks them
+    if old is not None:  # engines keep their own keys (and file hashes); the engine builders re-check them
+        manifest.engines = old.engines
+        manifest.files.update({f: h for f, h in old.files.items() if f.startswith(f"{ENGINES_DIR}/")})
 
     def reusable(name: str, files: list[str]) -> bool:
         if old is None:
