@@ -46,6 +46,7 @@ import ctypes
 import hashlib
 import json
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -633,6 +634,11 @@ def _dims(value_info: Any) -> list[int | str]:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or -1) for d in dims]
 
 
+def _parser_init(self: FakeObject, network: FakeObject, logger: Any) -> None:
+    self._fake_state.update(network=network, errors=[])
+    network._fake_state["parser"] = weakref.ref(self)  # the parser owns the weights the network points to
+
+
 def _parse_from_file(self: FakeObject, model: str) -> bool:
     import onnx
 
@@ -667,6 +673,10 @@ def _build_serialized_network(self: FakeObject, network: FakeObject, config: Fak
     mod = _mod(self)
     net, cfg = network._fake_state, config._fake_state
     fail = mod._fake_log.append
+    parser = net.get("parser")
+    if parser is None or parser() is None:
+        fail("[E] the ONNX parser that owns the network's weights was destroyed before the build")
+        return None
     if "onnx" not in net:
         fail("[E] network has no layers (nothing was parsed)")
         return None
@@ -701,6 +711,8 @@ def _build_serialized_network(self: FakeObject, network: FakeObject, config: Fak
             "outputs": [{"name": t.name, "dtype": t.dtype.name, "dims": t._fake_state["symbolic"]}
                         for t in net["outputs"]],
             "profile": profile}
+    mod._fake_builds.append({**plan, "pools": dict(cfg["pools"]),
+                             "builder_optimization_level": cfg.get("builder_optimization_level")})
     cache = cfg.get("cache")
     if cache is not None:
         key = f"{path.stem}:{sorted(cfg['flags'])}:{json.dumps(profile, sort_keys=True)}"
@@ -717,7 +729,10 @@ def _create_timing_cache(self: FakeObject, serialized_timing_cache: Any) -> Any:
 
 
 def _set_shape(self: FakeObject, input: str, min: Any, opt: Any, max: Any) -> None:
-    self._fake_state.setdefault("shapes", {})[input] = [list(min), list(opt), list(max)]
+    shapes = [list(min), list(opt), list(max)]
+    if len({len(s) for s in shapes}) != 1 or any(not a <= b <= c for a, b, c in zip(*shapes, strict=True)):
+        raise ValueError(f"inconsistent shapes for {input}: {shapes}")
+    self._fake_state.setdefault("shapes", {})[input] = shapes
 
 
 _BUILDER_IMPLS: dict[str, Callable[..., Any]] = {
@@ -741,7 +756,7 @@ _BUILDER_IMPLS: dict[str, Callable[..., Any]] = {
     "ITimingCache.queryKeys": lambda self: list(self._fake_state["keys"]),
     "ITimingCache.serialize": lambda self: _mod(self)._fake_new(
         "IHostMemory", _bytes=CACHE_MAGIC + json.dumps(self._fake_state["keys"]).encode()),
-    "OnnxParser.__init__": lambda self, network, logger: self._fake_state.update(network=network, errors=[]),
+    "OnnxParser.__init__": _parser_init,
     "OnnxParser.parse_from_file": _parse_from_file,
     "OnnxParser.num_errors": lambda self: len(self._fake_state["errors"]),
     "OnnxParser.get_error": lambda self, index: _mod(self)._fake_new("ParserError",
@@ -1067,23 +1082,28 @@ def _not_emulated(qual: str) -> Callable[..., Any]:
 
 
 def fake_tensorrt(bundle: str | Path | None = None, cudart: ModuleType | None = None, listing: str = "tensorrt",
-                  threads: int = 0) -> ModuleType:
+                  threads: int = 0, overrides: dict[str, Callable[..., Any]] | None = None) -> ModuleType:
     """A strict stand-in for `tensorrt` (10.x listing) that builds simulated plans and runs them on the `SimDevice`
     of `cudart` (a `fake_cudart()`; a fresh one, `module._fake_cudart`, when None).
 
     `bundle`: the bundle the plans belong to (their ONNX graphs are named relative to it); None for plans that name
     absolute paths. `threads`: ONNX Runtime intra-op threads (default: os.cpu_count(), as OrtBackend).
+    `overrides`: behaviours ("Class.member" -> function) replacing the simulation's. Every successful build's plan
+    (with the memory pools and optimization level it was configured with) is appended to `module._fake_builds`; what
+    TensorRT would log as an error goes to `module._fake_log`.
     """
     if cudart is None:
         cudart = fake_cudart()
     impls: dict[str, Callable[..., Any]] = {**_BUILDER_IMPLS, "Runtime.deserialize_cuda_engine": _deserialize,
-                                            **_engine_impls(), **_context_impls(threads or os.cpu_count() or 1)}
+                                            **_engine_impls(), **_context_impls(threads or os.cpu_count() or 1),
+                                            **(overrides or {})}
     api = load_api(listing)
     for cls in ("Runtime", "ICudaEngine", "IExecutionContext"):  # no silent defaults on the runtime side
         for meth in api["classes"][cls]["methods"]:
             impls.setdefault(f"{cls}.{meth}", _not_emulated(f"{cls}.{meth}"))
     mod = make_module(api, impls)
     mod._fake_log = []
+    mod._fake_builds = []
     mod._sim_bundle = Path(bundle).resolve() if bundle is not None else None
     mod._sim = getattr(cudart, "_sim", None)
     mod._fake_cudart = cudart

@@ -1,14 +1,34 @@
-"""Shared fixtures: a seeded random-init tiny model of the embedded default's family."""
+"""Shared fixtures: a seeded random-init tiny model of the embedded default's family, and synthetic test images."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _stripes_image(seed: int, height: int = 256, width: int = 256) -> np.ndarray:
+    """A garment-like ellipse of two-coloured stripes on white (colours and stripe width from `seed`)."""
+    rng = np.random.default_rng(seed)
+    img = np.full((height, width, 3), 255, np.uint8)
+    yy, xx = np.mgrid[:height, :width]
+    mask = ((yy - height // 2) / 90.0) ** 2 + ((xx - width // 2) / 70.0) ** 2 < 1
+    stripes = ((xx + 2 * yy) // int(rng.integers(3, 8))) % 2 == 0
+    img[mask & stripes] = rng.integers(0, 255, 3)
+    img[mask & ~stripes] = rng.integers(0, 255, 3)
+    return img
+
+
+@pytest.fixture(scope="session")
+def stripes_image() -> Callable[[int], np.ndarray]:
+    """`stripes_image(seed)`: a 256x256 uint8 RGB test image (test modules cannot import conftest helpers)."""
+    return _stripes_image
 
 
 @pytest.fixture(scope="session")

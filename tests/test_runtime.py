@@ -20,17 +20,6 @@ from r2r.runtime.scheduler import CoupledScheduler
 W = H = 256
 
 
-def _image(seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    img = np.full((H, W, 3), 255, np.uint8)
-    yy, xx = np.mgrid[:H, :W]
-    mask = ((yy - 128) / 90.0) ** 2 + ((xx - 128) / 70.0) ** 2 < 1
-    stripes = ((xx + 2 * yy) // int(rng.integers(3, 8))) % 2 == 0
-    img[mask & stripes] = rng.integers(0, 255, 3)
-    img[mask & ~stripes] = rng.integers(0, 255, 3)
-    return img
-
-
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
@@ -42,28 +31,28 @@ def bundle(tiny_bundle: Path):
 
 
 @pytest.fixture(scope="module")
-def reference_outputs(tiny_model_dir: Path) -> list[np.ndarray]:
+def reference_outputs(tiny_model_dir: Path, stripes_image) -> list[np.ndarray]:
     ref = ReferencePipeline(load_components(tiny_model_dir), tiny_model_dir / "negative_embedding.safetensors", W, H)
-    return ref([_image(1), _image(2)], MethodConfig())
+    return ref([stripes_image(1), stripes_image(2)], MethodConfig())
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_onnxruntime_matches_the_reference_above_45_db(bundle, reference_outputs, fused: bool) -> None:
+def test_onnxruntime_matches_the_reference_above_45_db(bundle, reference_outputs, stripes_image, fused: bool) -> None:
     sched = CoupledScheduler(bundle, OrtBackend(bundle), 2, MethodConfig(), fused=fused)
-    outs = sched([_image(1), _image(2)])
+    outs = sched([stripes_image(1), stripes_image(2)])
     for got, ref in zip(outs, reference_outputs, strict=True):
         assert psnr(got, ref) >= 45.0
 
 
-def test_fused_program_equals_emit_inject_program(bundle) -> None:
-    imgs = [_image(3)]
+def test_fused_program_equals_emit_inject_program(bundle, stripes_image) -> None:
+    imgs = [stripes_image(3)]
     a = CoupledScheduler(bundle, OrtBackend(bundle), 1, MethodConfig())(imgs)[0]
     b = CoupledScheduler(bundle, OrtBackend(bundle), 1, MethodConfig(), fused=True)(imgs)[0]
     assert psnr(a, b) > 50
 
 
-def test_batch_of_b_equals_b_single_runs(bundle) -> None:
-    imgs = [_image(4), _image(5), _image(6)]
+def test_batch_of_b_equals_b_single_runs(bundle, stripes_image) -> None:
+    imgs = [stripes_image(4), stripes_image(5), stripes_image(6)]
     m = MethodConfig(steps=20, strength=0.5)
     batched = CoupledScheduler(bundle, OrtBackend(bundle), 3, m)(imgs)
     single = CoupledScheduler(bundle, OrtBackend(bundle), 1, m)
@@ -71,9 +60,9 @@ def test_batch_of_b_equals_b_single_runs(bundle) -> None:
         assert psnr(single([img])[0], out) > 50
 
 
-def test_a_short_batch_is_padded_and_returns_only_its_images(bundle) -> None:
+def test_a_short_batch_is_padded_and_returns_only_its_images(bundle, stripes_image) -> None:
     sched = CoupledScheduler(bundle, OrtBackend(bundle), 3, MethodConfig(steps=10, strength=0.5))
-    outs = sched([_image(7)])
+    outs = sched([stripes_image(7)])
     assert len(outs) == 1 and outs[0].shape == (H, W, 3)
 
 
@@ -111,9 +100,9 @@ def test_emit_qk_outputs_are_the_inject_qk_inputs(bundle, inversion: str) -> Non
         assert [e[n] for n in names] == [i[n] for n in names]
 
 
-def test_the_denoising_loop_allocates_nothing(bundle) -> None:
+def test_the_denoising_loop_allocates_nothing(bundle, stripes_image) -> None:
     sched = CoupledScheduler(bundle, OrtBackend(bundle), 2, MethodConfig())
-    sched([_image(8), _image(9)])  # warm-up: sessions' arenas settle
+    sched([stripes_image(8), stripes_image(9)])  # warm-up: sessions' arenas settle
     tracemalloc.start()
     try:
         before = tracemalloc.take_snapshot()
@@ -136,17 +125,18 @@ def test_flags_the_bundle_was_not_built_for_are_refused(bundle) -> None:
         CoupledScheduler(bundle, OrtBackend(bundle), 9, MethodConfig())
 
 
-def test_openvino_fp32_matches_onnxruntime(bundle) -> None:
+def test_openvino_fp32_matches_onnxruntime(bundle, stripes_image) -> None:
     from r2r.runtime.backend_ov import OpenVinoBackend
 
-    imgs = [_image(10)]
+    imgs = [stripes_image(10)]
     m = MethodConfig(steps=20, strength=0.5)
     ort_out = CoupledScheduler(bundle, OrtBackend(bundle), 1, m)(imgs)[0]
     ov_out = CoupledScheduler(bundle, OpenVinoBackend(bundle, "fp32"), 1, m, fused=True)(imgs)[0]
     assert psnr(ov_out, ort_out) > 45
 
 
-def test_null_bundle_keeps_every_graph_io_and_runs_the_same_program(tiny_bundle: Path, tmp_path: Path) -> None:
+def test_null_bundle_keeps_every_graph_io_and_runs_the_same_program(tiny_bundle: Path, tmp_path: Path,
+                                                                    stripes_image) -> None:
     from r2r.runtime.null_graphs import make_null_bundle
 
     null = open_bundle(make_null_bundle(tiny_bundle, tmp_path / "null"))
@@ -158,7 +148,7 @@ def test_null_bundle_keeps_every_graph_io_and_runs_the_same_program(tiny_bundle:
     a = CoupledScheduler(real, OrtBackend(real), 2, MethodConfig())
     b = CoupledScheduler(null, OrtBackend(null), 2, MethodConfig())
     assert dict(a.plan.graph_calls) == dict(b.plan.graph_calls)
-    out = b([_image(11), _image(12)])
+    out = b([stripes_image(11), stripes_image(12)])
     assert [o.shape for o in out] == [(H, W, 3)] * 2
 
 

@@ -2,15 +2,14 @@
 
 The stand-in is generated from the API extracted from the TensorRT wheels (engines/trt_api/*.json): its classes
 have exactly the real methods and properties, and every call is checked against the real overloads. The few
-behaviours a build needs (parse an ONNX file into network inputs, build a plan, grow a timing cache) are defined
-here. No GPU and no TensorRT library is involved.
+behaviours a build needs (parse an ONNX file into network inputs, build a plan, grow a timing cache) are the GPU
+simulation's (runtime/gpu_sim.py). No GPU and no TensorRT library is involved.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import weakref
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,173 +22,19 @@ from onnx import TensorProto, helper, numpy_helper
 from r2r import graph_io as io
 from r2r.engines import tensorrt as trtb
 from r2r.engines.trt_api import load_api
-from r2r.engines.trt_api.strict import FakeObject, make_module
 from r2r.manifest import GraphEntry, Manifest, TensorSpec, read_manifest, record_file, write_manifest
+from r2r.runtime import gpu_sim
+from r2r.runtime.gpu_sim import CACHE_MAGIC, PLAN_MAGIC, calls
 
 GPU = {"name": "NVIDIA L4", "compute_capability": "8.9", "total_memory_bytes": 23_000_000_000}
-PLAN_MAGIC = b"FAKEPLAN"
-CACHE_MAGIC = b"FAKECACHE"
 PRECISION_FLAGS = {"FP16", "BF16", "INT8", "FP8", "INT4", "FP4"}
-DTYPES = {TensorProto.FLOAT: "FLOAT", TensorProto.FLOAT16: "HALF", TensorProto.BFLOAT16: "BF16",
-          TensorProto.INT64: "INT64", TensorProto.INT32: "INT32", TensorProto.INT8: "INT8", TensorProto.BOOL: "BOOL"}
 
 
-# ---- the fake's behaviours ---------------------------------------------------------------------------------------
-
-def _mod(obj: FakeObject) -> Any:
-    return type(obj)._fake_module
-
-
-def _create_network(self, flags=0):
-    return _mod(self)._fake_new("INetworkDefinition", flags=int(flags), inputs=[], outputs=[], parser=None)
-
-
-def _create_builder_config(self):
-    return _mod(self)._fake_new("IBuilderConfig", flags=set(), pools={}, profiles=[], cache=None,
-                                builder_optimization_level=3)
-
-
-def _set_shape(self, input, min, opt, max):
-    shapes = [list(min), list(opt), list(max)]
-    if len({len(s) for s in shapes}) != 1 or any(not a <= b <= c for a, b, c in zip(*shapes, strict=True)):
-        raise ValueError(f"inconsistent shapes for {input}: {shapes}")
-    self._fake_state.setdefault("shapes", {})[input] = shapes
-
-
-def _add_profile(self, profile):
-    self._fake_state["profiles"].append(profile)
-    return len(self._fake_state["profiles"]) - 1
-
-
-def _create_timing_cache(self, serialized_timing_cache):
-    blob = bytes(memoryview(serialized_timing_cache))
-    if blob and not blob.startswith(CACHE_MAGIC):
-        raise RuntimeError("invalid timing cache")
-    keys = json.loads(blob[len(CACHE_MAGIC):]) if blob else []
-    return _mod(self)._fake_new("ITimingCache", keys=list(keys), blob=blob)
-
-
-def _set_timing_cache(self, cache, ignore_mismatch):
-    self._fake_state["cache"] = cache
-    return True
-
-
-def _serialize_cache(self):
-    return _mod(self)._fake_new("IHostMemory", _bytes=CACHE_MAGIC + json.dumps(self._fake_state["keys"]).encode())
-
-
-def _parser_init(self, network, logger):
-    self._fake_state.update(network=network, errors=[])
-    network._fake_state["parser"] = weakref.ref(self)
-
-
-def _parse_from_file(self, model):
-    mod = _mod(self)
-    try:
-        graph = onnx.load(model, load_external_data=False).graph
-    except Exception as exc:
-        self._fake_state["errors"].append(f"MODEL_DESERIALIZE_FAILED: {exc}")
-        return False
-    for node in graph.node:
-        if node.domain not in ("", "ai.onnx"):
-            self._fake_state["errors"].append(f"UNSUPPORTED_NODE: no importer registered for op {node.op_type}")
-    if self._fake_state["errors"]:
-        return False
-    inits = {t.name for t in graph.initializer}
-    net = self._fake_state["network"]._fake_state
-
-    def tensor(v: onnx.ValueInfoProto) -> Any:
-        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
-        dtype = mod.DataType.__members__[DTYPES[v.type.tensor_type.elem_type]]
-        return mod._fake_new("ITensor", name=v.name, shape=mod.Dims(dims), dtype=dtype)
-
-    net["inputs"] = [tensor(v) for v in graph.input if v.name not in inits]
-    net["outputs"] = [tensor(v) for v in graph.output]
-    return True
-
-
-def _get_error(self, index):
-    return _mod(self)._fake_new("ParserError", desc=self._fake_state["errors"][index])
-
-
-def _build_serialized_network(self, network, config, kernel_text=None):
-    """What TensorRT checks that this builder could get wrong; None (and a log line) where TensorRT fails."""
-    mod = _mod(self)
-    net, cfg = network._fake_state, config._fake_state
-    fail = mod._fake_build_log.append
-    parser = net["parser"]
-    if parser is None or parser() is None:
-        fail("the ONNX parser that owns the network's weights was destroyed before the build")
-        return None
-    strongly = bool(net["flags"] & (1 << int(mod.NetworkDefinitionCreationFlag.STRONGLY_TYPED)))
-    if strongly and cfg["flags"] & PRECISION_FLAGS:
-        fail(f"precision flags {sorted(cfg['flags'] & PRECISION_FLAGS)} with a strongly typed network")
-        return None
-    dynamic = [t for t in net["inputs"] if -1 in list(t.shape)]
-    if dynamic and not cfg["profiles"]:
-        fail("network has dynamic inputs but no optimization profile")
-        return None
-    for profile in cfg["profiles"]:
-        shapes = profile._fake_state.get("shapes", {})
-        for t in dynamic:
-            if t.name not in shapes:
-                fail(f"profile lacks {t.name}")
-                return None
-            for shape in shapes[t.name]:
-                if len(shape) != len(t.shape) or any(d not in (-1, s) for d, s in zip(t.shape, shape, strict=True)):
-                    fail(f"profile shape {shape} of {t.name} does not fit {list(t.shape)}")
-                    return None
-    flags = sorted(cfg["flags"])
-    plan = {"inputs": {t.name: list(t.shape) for t in net["inputs"]}, "network_flags": net["flags"],
-            "builder_flags": flags, "opt_level": cfg["builder_optimization_level"],
-            "pools": {k: v for k, v in cfg["pools"].items()},
-            "profiles": [p._fake_state.get("shapes", {}) for p in cfg["profiles"]]}
-    cache = cfg["cache"]
-    if cache is not None:
-        new = [f"{name}:{shapes[1]}:{flags}:{strongly}" for name, shapes in plan["profiles"][0].items()]
-        cache._fake_state["keys"] = sorted(set(cache._fake_state["keys"]) | set(new))
-    mod._fake_builds.append(plan)
-    return mod._fake_new("IHostMemory", _bytes=PLAN_MAGIC + json.dumps(plan).encode())
-
-
-IMPLS = {
-    "Builder.create_network": _create_network,
-    "Builder.create_builder_config": _create_builder_config,
-    "Builder.create_optimization_profile": lambda self: _mod(self)._fake_new("IOptimizationProfile"),
-    "Builder.build_serialized_network": _build_serialized_network,
-    "IBuilderConfig.set_flag": lambda self, flag: self._fake_state["flags"].add(flag.name),
-    "IBuilderConfig.get_flag": lambda self, flag: flag.name in self._fake_state["flags"],
-    "IBuilderConfig.set_memory_pool_limit": lambda self, pool, pool_size: self._fake_state["pools"].update(
-        {pool.name: int(pool_size)}),
-    "IBuilderConfig.add_optimization_profile": _add_profile,
-    "IBuilderConfig.create_timing_cache": _create_timing_cache,
-    "IBuilderConfig.set_timing_cache": _set_timing_cache,
-    "IBuilderConfig.get_timing_cache": lambda self: self._fake_state["cache"],
-    "IOptimizationProfile.set_shape": _set_shape,
-    "ITimingCache.queryKeys": lambda self: list(self._fake_state["keys"]),
-    "ITimingCache.serialize": _serialize_cache,
-    "OnnxParser.__init__": _parser_init,
-    "OnnxParser.parse_from_file": _parse_from_file,
-    "OnnxParser.num_errors": lambda self: len(self._fake_state["errors"]),
-    "OnnxParser.get_error": _get_error,
-    "ParserError.desc": lambda self: self._fake_state["desc"],
-    "ParserError.__str__": lambda self: self._fake_state["desc"],
-    "INetworkDefinition.num_inputs": lambda self: len(self._fake_state["inputs"]),
-    "INetworkDefinition.get_input": lambda self, index: self._fake_state["inputs"][index],
-    "INetworkDefinition.num_outputs": lambda self: len(self._fake_state["outputs"]),
-    "INetworkDefinition.get_output": lambda self, index: self._fake_state["outputs"][index],
-}
-
+# ---- the fake ---------------------------------------------------------------------------------------------------
 
 def fake_tensorrt(listing: str = "tensorrt", **overrides: Any) -> Any:
-    mod = make_module(load_api(listing), {**IMPLS, **overrides})
-    mod._fake_builds = []
-    mod._fake_build_log = []
-    return mod
-
-
-def calls(mod: Any, name: str) -> list[dict[str, Any]]:
-    return [c.args for c in mod._fake_calls if c.name == name]
+    """The GPU simulation's strict `tensorrt` (its builder behaviours), plans naming absolute ONNX paths."""
+    return gpu_sim.fake_tensorrt(listing=listing, overrides=overrides)
 
 
 # ---- a tiny bundle -----------------------------------------------------------------------------------------------
@@ -288,7 +133,7 @@ def test_builder_calls_only_real_api_with_valid_arguments(bundle: Path) -> None:
     plan = trt._fake_builds[0]
     assert plan["pools"] == {"WORKSPACE": 1 << 30}
     assert set(plan["builder_flags"]) == {"FP16", "REFIT"}
-    assert not trt._fake_build_log
+    assert not trt._fake_log
     for e in entries:
         path = bundle / e.files[0]
         assert path.read_bytes().startswith(PLAN_MAGIC)
@@ -338,7 +183,7 @@ def test_precision_flags(bundle: Path, precision: str, flag: str | None) -> None
     else:
         assert set_flags == {flag}
         assert networks == [0] * 3  # weak typing: the builder may pick fp16/bf16 kernels
-    assert not trt._fake_build_log
+    assert not trt._fake_log
 
 
 def test_timing_cache_created_then_reused(bundle: Path) -> None:
@@ -499,7 +344,7 @@ def test_int8_fp8_need_qdq_and_use_strong_typing(tmp_path: Path, precision: str)
     entries, _ = build(quant, trt, precision)
     assert entries[0].info["strongly_typed"] is True
     assert {a["flag"].name for a in calls(trt, "IBuilderConfig.set_flag")}.isdisjoint(PRECISION_FLAGS)
-    assert not trt._fake_build_log
+    assert not trt._fake_log
     other = "fp8" if precision == "int8" else "int8"
     with pytest.raises(trtb.TensorRTBuildError, match=f"quantized to {other}"):
         build(quant, fake_tensorrt(), other)
@@ -530,7 +375,7 @@ def test_failed_build_raises_and_writes_nothing(bundle: Path) -> None:
 
 def test_parser_kept_alive_until_the_build(bundle: Path) -> None:
     build(bundle, trt := fake_tensorrt(), "fp16")
-    assert not trt._fake_build_log  # the fake refuses a build whose parser (owner of the weights) is gone
+    assert not trt._fake_log  # the fake refuses a build whose parser (owner of the weights) is gone
 
 
 def test_graph_selection_and_unknown_graph(bundle: Path) -> None:

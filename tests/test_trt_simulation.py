@@ -33,18 +33,6 @@ from r2r.runtime.scheduler import CoupledScheduler
 H = W = 256
 
 
-def _image(seed: int) -> np.ndarray:
-    """A garment-like ellipse of stripes on white."""
-    rng = np.random.default_rng(seed)
-    img = np.full((H, W, 3), 255, np.uint8)
-    yy, xx = np.mgrid[:H, :W]
-    mask = ((yy - 128) / 90.0) ** 2 + ((xx - 128) / 70.0) ** 2 < 1
-    stripes = ((xx + 2 * yy) // int(rng.integers(3, 8))) % 2 == 0
-    img[mask & stripes] = rng.integers(0, 255, 3)
-    img[mask & ~stripes] = rng.integers(0, 255, 3)
-    return img
-
-
 def _set_batch_dims(root: Path, graph: str, fixed: int | None) -> bool:
     """Make dim 0 of `graph`'s I/O symbolic as the manifest says ("B", "2*B"), or fixed to `fixed` times its batch
     multiple; True if the graph changed.
@@ -130,10 +118,10 @@ class SimRun:
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["emit-inject", "fused"])
-def run(request: pytest.FixtureRequest, sim_bundle: Path, bundle: Bundle) -> SimRun:
+def run(request: pytest.FixtureRequest, sim_bundle: Path, bundle: Bundle, stripes_image) -> SimRun:
     """Two batches of one image through OrtBackend and through TrtBackend on the simulation, at the defaults."""
     fused = request.param
-    images = [_image(11), _image(12)]
+    images = [stripes_image(11), stripes_image(12)]
     ort_sched = CoupledScheduler(bundle, OrtBackend(bundle), 1, MethodConfig(), fused=fused)
     ort = [ort_sched([im])[0] for im in images]
     trt, cudart = gpu_sim.sim_modules(sim_bundle)

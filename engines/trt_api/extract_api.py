@@ -3,8 +3,8 @@
 
 Usage::
 
-    pip download --no-deps -d /tmp/trtwheel tensorrt-cu12-bindings==10.16.1.11
-    python engines/trt_api/extract_api.py /tmp/trtwheel/tensorrt_cu12_bindings-10.16.1.11-*.whl
+    pip download --no-deps -d WHEELDIR tensorrt-cu12-bindings==10.16.1.11
+    python engines/trt_api/extract_api.py WHEELDIR/tensorrt_cu12_bindings-10.16.1.11-*.whl
     # or the extension module itself: python engines/trt_api/extract_api.py path/to/tensorrt_bindings/tensorrt.so
 
 Writes `tensorrt_api.json` beside this script (or `--out`): every class with its constructor, methods (argument
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -42,9 +43,15 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if __package__:  # imported as r2r.engines.trt_api.extract_api
+    from .strict import split_top
+else:  # run as a script, or loaded from its path: strict.py (standard library only) is beside it
+    sys.path.insert(0, str(HERE))
+    from strict import split_top
 
 SHT_DYNAMIC = 6
 SHT_DYNSYM = 11
@@ -152,7 +159,8 @@ def stage_package(source: Path, workdir: Path) -> tuple[Path, Path, dict[str, st
     return pkg.parent, so, prov
 
 
-# Runs in the child interpreter, where `import tensorrt` loads the staged package against the stubs.
+# Runs in the child interpreter, where `import tensorrt` loads the staged package against the stubs. It gets
+# strict.split_top by source (the child imports nothing of r2r).
 CHILD = r'''
 import inspect, json, re, sys, types
 import tensorrt as trt
@@ -164,26 +172,7 @@ SKIP = {"__del__", "__enter__", "__exit__", "_pybind11_conduit_v1_", "__init__",
 def clean(text):
     return PREFIX.sub("", text).strip()
 
-def split_top(text):
-    parts, depth, cur, quote = [], 0, "", None
-    for ch in text:
-        if quote:
-            cur += ch
-            if ch == quote:
-                quote = None
-            continue
-        if ch in "'\"":
-            quote = ch
-        elif ch in "([{<":
-            depth += 1
-        elif ch in ")]}>":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(cur.strip()); cur = ""; continue
-        cur += ch
-    if cur.strip():
-        parts.append(cur.strip())
-    return parts
+# <split_top>
 
 def signatures(name, doc):
     """All pybind11 overload signatures of `name` in a docstring: [(args, returns)]."""
@@ -312,7 +301,7 @@ for name in sorted(dir(trt)):
 json.dump({"tensorrt_version": trt.__version__, "classes": classes, "enums": enums, "enum_values": enum_values,
            "functions": functions, "function_signatures": function_signatures, "constants": constants,
            "pybind_names": sorted(pybind_names)}, sys.stdout, sort_keys=True)
-'''
+'''.replace("# <split_top>", inspect.getsource(split_top))
 
 
 def binary_text(so: Path) -> str:
@@ -349,18 +338,27 @@ def extract(source: Path) -> dict:
     return api
 
 
-def dump(api: dict) -> str:
-    """JSON with one line per class, enum or function, so that two versions diff line by line."""
+def dump(api: dict, expand: Callable[[str], bool] = lambda key: key not in ("source", "counts"),
+         sort_inner: bool = True) -> str:
+    """JSON with one line per entry of the dicts `expand` names (class, enum, function...), so that two versions
+    diff line by line; `sort_inner`: sort the keys inside each entry too."""
     lines = []
     for key in sorted(api):
         value = api[key]
-        if isinstance(value, dict) and key not in ("source", "counts"):
-            inner = [f"  {json.dumps(k)}: {json.dumps(v, sort_keys=True, separators=(',', ':'))}"
+        if isinstance(value, dict) and expand(key):
+            inner = [f"  {json.dumps(k)}: {json.dumps(v, sort_keys=sort_inner, separators=(',', ':'))}"
                      for k, v in sorted(value.items())]
             lines.append(f" {json.dumps(key)}: {{\n" + ",\n".join(inner) + "\n }")
         else:
             lines.append(f" {json.dumps(key)}: {json.dumps(value, sort_keys=True)}")
     return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def write_listing(out: Path, text: str) -> None:
+    """Write `text` to `out` atomically (through `out`.json.part)."""
+    tmp = out.with_suffix(".json.part")
+    tmp.write_text(text)
+    os.replace(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,9 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = [m for m in members if m not in api["enums"].get(enum, [])]
         if missing:
             raise SystemExit(f"{enum} lacks {missing}: extraction incomplete")
-    tmp = args.out.with_suffix(".json.part")
-    tmp.write_text(dump(api))
-    os.replace(tmp, args.out)
+    write_listing(args.out, dump(api))
     c = api["counts"]
     print(f"TensorRT {api['tensorrt_version']}: {c['classes']} classes, {c['methods']} methods, "
           f"{c['properties']} properties, {c['enums']} enums, {c['functions']} functions -> {args.out}",

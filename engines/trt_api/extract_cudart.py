@@ -22,13 +22,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
-import json
-import os
 import re
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if __package__:  # imported as r2r.engines.trt_api.extract_cudart
+    from .extract_api import dump, write_listing
+else:  # run as a script, or loaded from its path: extract_api.py (standard library only) is beside it
+    sys.path.insert(0, str(HERE))
+    from extract_api import dump, write_listing
 
 # What r2r's TensorRT builder and runtime call, and the structs/enums they read.
 USED = [
@@ -121,27 +124,13 @@ def extract(module_name: str) -> dict:
     }
 
 
-def dump(api: dict) -> str:
-    lines = []
-    for key in sorted(api):
-        value = api[key]
-        if isinstance(value, dict) and key in ("functions", "enums", "structs"):
-            inner = [f"  {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}" for k, v in sorted(value.items())]
-            lines.append(f" {json.dumps(key)}: {{\n" + ",\n".join(inner) + "\n }")
-        else:
-            lines.append(f" {json.dumps(key)}: {json.dumps(value, sort_keys=True)}")
-    return "{\n" + ",\n".join(lines) + "\n}\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--module", default="cuda.bindings.runtime")
     ap.add_argument("--out", type=Path, default=HERE / "cudart_api.json")
     args = ap.parse_args(argv)
     api = extract(args.module)
-    tmp = args.out.with_suffix(".json.part")
-    tmp.write_text(dump(api))
-    os.replace(tmp, args.out)
+    write_listing(args.out, dump(api, expand={"functions", "enums", "structs"}.__contains__, sort_inner=False))
     c = api["counts"]
     print(f"cuda-bindings {api['cuda_bindings_version']}: {c['functions']} functions, {c['enums']} enums, "
           f"{c['constants']} constants -> {args.out}", file=sys.stderr)
