@@ -515,7 +515,8 @@ def run_training(task: TrainTask, cfg: LoopConfig, out: Path) -> LoopResult:
                 for g in optimizer.param_groups:
                     g["lr"] = cfg.lr_at(step)
                 step_loss = 0.0
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                cuda = [torch.cuda.current_device()] if device.type == "cuda" else []
+                with torch.random.fork_rng(devices=cuda):
                     torch.manual_seed(derive_seed(_STEP_SALT, cfg.seed, step, rank, 1))  # e.g. dropout layers
                     for micro in range(cfg.grad_accum):
                         first = ((step * cfg.grad_accum + micro) * procs + rank) * cfg.batch_size

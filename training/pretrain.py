@@ -75,14 +75,14 @@ class PretrainConfig:
     install: Path | None = None
     # VAE
     vae_steps: int = 1500
-    vae_batch_size: int = 16
-    vae_crop: int = 64
+    vae_batch_size: int = 8
+    vae_crop: int = 128
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     vae_edge_weight: float = 0.5
     vae_logvar_init: float = -8.0
     # UNet (base model)
-    unet_steps: int = 2000
+    unet_steps: int = 1500
     unet_batch_size: int = 32
     unet_latent_crop: int | None = 16
     unet_lr: float = 1e-3
@@ -116,18 +116,20 @@ class PretrainConfig:
 
 
 class VAETask(TrainTask):
-    """The autoencoder on random square crops of in-memory uint8 images."""
+    """The autoencoder on in-memory uint8 images, at several scales (see `loss`)."""
 
     name = "pretrain-vae"
 
     def __init__(self, vae: nn.Module, images: torch.Tensor, crop: int, kl_weight: float, edge_weight: float,
-                 fingerprint: dict[str, Any], logvar_init: float | None = -8.0) -> None:
+                 fingerprint: dict[str, Any], logvar_init: float | None = -8.0,
+                 scales: tuple[int, ...] = (4, 2, 1), scale_probs: tuple[float, ...] = (0.5, 0.3, 0.2)) -> None:
         self.vae, self.images, self.crop = vae, images, crop
         self.logvar_init = logvar_init
+        self.scales, self.scale_probs = scales, scale_probs
         self.kl_weight, self.edge_weight = kl_weight, edge_weight
         self._fingerprint = fingerprint
-        if crop % 8 or crop > min(images.shape[1:3]):
-            raise ValueError(f"vae crop {crop} must be a multiple of 8 no larger than the images {images.shape[1:3]}")
+        if crop % 8 or crop < 8:
+            raise ValueError(f"vae crop {crop} must be a positive multiple of 8 (images larger than it are cropped)")
 
     @property
     def num_samples(self) -> int:
@@ -135,7 +137,7 @@ class VAETask(TrainTask):
 
     def fingerprint(self) -> dict[str, Any]:
         return {**self._fingerprint, "crop": self.crop, "kl": self.kl_weight, "edge": self.edge_weight,
-                "logvar_init": self.logvar_init}
+                "logvar_init": self.logvar_init, "scales": self.scales, "scale_probs": self.scale_probs}
 
     def build(self, device: torch.device) -> nn.Module:
         import torch
@@ -167,14 +169,22 @@ class VAETask(TrainTask):
 
     def loss(self, module: nn.Module, indices: list[int], generator: torch.Generator) -> torch.Tensor:
         import torch
+        import torch.nn.functional as F
 
-        h, w = self.images.shape[1:3]
-        c = self.crop
-        ys = torch.randint(0, h - c + 1, (len(indices),), generator=generator).tolist()
-        xs = torch.randint(0, w - c + 1, (len(indices),), generator=generator).tolist()
-        crops = torch.stack([self.images[i, y : y + c, x : x + c] for i, y, x in zip(indices, ys, xs, strict=True)])
+        # One scale per step: whole images area-downsampled 4x or 2x (cheap; teach colour and shape with
+        # the background in view, which an all-garment crop hides from GroupNorm) or full-resolution crops
+        # (teach the fine patterns).
+        k = int(torch.multinomial(torch.tensor(self.scale_probs), 1, generator=generator))
+        f = self.scales[k]
+        x = self.images[list(indices)].permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        if f > 1:
+            x = F.avg_pool2d(x, f)
+        h, w = x.shape[-2:]
+        c = min(self.crop, h, w)
+        y0 = int(torch.randint(0, h - c + 1, (1,), generator=generator))
+        x0 = int(torch.randint(0, w - c + 1, (1,), generator=generator))
         device = next(module.parameters()).device
-        x = crops.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(device)
+        x = x[..., y0 : y0 + c, x0 : x0 + c].contiguous().to(device)
         rec, post = module(x, generator if device.type == "cpu" else None)
         rec = rec.float()
         l1 = (rec - x).abs().mean()
@@ -326,13 +336,16 @@ def pretrain_tiny(cfg: PretrainConfig) -> Path:
 
     timesteps = TimestepSampler(1000, cfg.timestep_bias_portion, 0, cfg.timestep_bias_end)
 
+    def _fit(crop: int | None) -> int | None:  # a crop no smaller than the latents is no crop
+        return crop if crop is not None and crop < min(params.shape[-2:]) else None
+
     def unet_stage(model: Path, run: Path, rows: list[int], name: str, crop: int | None,
                    item_captions: list[str | list[str]], **loop: Any) -> Path:
         model_out = run / MODEL_SUBDIR
         if (model_out / "model_index.json").is_file():
             return model_out
         comps = load_components(model)
-        source = CachedLatents(params, comps.scaling_factor).subset(rows, crop)
+        source = CachedLatents(params, comps.scaling_factor).subset(rows, _fit(crop))
         text = CaptionEncoder(comps.tokenizer, comps.text_encoder, cache=True)
         dropout = loop.pop("caption_dropout")
         task = UNetTask(comps, source, [item_captions[i] for i in rows], text, timesteps, dropout,
@@ -365,7 +378,7 @@ def pretrain_tiny(cfg: PretrainConfig) -> Path:
         if final.is_file():
             return final
         comps = load_components(model)
-        source = CachedLatents(params, comps.scaling_factor).subset(rows_rend, cfg.embedding_latent_crop)
+        source = CachedLatents(params, comps.scaling_factor).subset(rows_rend, _fit(cfg.embedding_latent_crop))
         ecfg = EmbeddingConfig(model, Path(cfg.data) / "train" / "rendered", run,
                                _loop(cfg, batch_size=cfg.embedding_batch_size, lr=cfg.embedding_lr,
                                      max_steps=cfg.embedding_steps, adam_weight_decay=0.0),
