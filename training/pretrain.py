@@ -74,12 +74,13 @@ class PretrainConfig:
     checkpoint_every: int = 100
     install: Path | None = None
     # VAE
-    vae_steps: int = 1500
+    vae_steps: int = 2000
     vae_batch_size: int = 8
     vae_crop: int = 128
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    vae_edge_weight: float = 0.5
+    vae_edge_weight: float = 0.25
+    vae_colour_weight: float = 1.0
     vae_logvar_init: float = -8.0
     # UNet (base model)
     unet_steps: int = 1500
@@ -122,10 +123,12 @@ class VAETask(TrainTask):
 
     def __init__(self, vae: nn.Module, images: torch.Tensor, crop: int, kl_weight: float, edge_weight: float,
                  fingerprint: dict[str, Any], logvar_init: float | None = -8.0,
-                 scales: tuple[int, ...] = (4, 2, 1), scale_probs: tuple[float, ...] = (0.5, 0.3, 0.2)) -> None:
+                 scales: tuple[int, ...] = (4, 2, 1), scale_probs: tuple[float, ...] = (0.6, 0.2, 0.2),
+                 colour_weight: float = 1.0, zero_init: bool = True) -> None:
         self.vae, self.images, self.crop = vae, images, crop
-        self.logvar_init = logvar_init
+        self.logvar_init, self.zero_init = logvar_init, zero_init
         self.scales, self.scale_probs = scales, scale_probs
+        self.colour_weight = colour_weight
         self.kl_weight, self.edge_weight = kl_weight, edge_weight
         self._fingerprint = fingerprint
         if crop % 8 or crop < 8:
@@ -137,35 +140,51 @@ class VAETask(TrainTask):
 
     def fingerprint(self) -> dict[str, Any]:
         return {**self._fingerprint, "crop": self.crop, "kl": self.kl_weight, "edge": self.edge_weight,
-                "logvar_init": self.logvar_init, "scales": self.scales, "scale_probs": self.scale_probs}
+                "logvar_init": self.logvar_init, "scales": self.scales, "scale_probs": self.scale_probs,
+                "colour": self.colour_weight, "zero_init": self.zero_init}
 
     def build(self, device: torch.device) -> nn.Module:
         import torch
+        from diffusers.models.attention_processor import Attention
+        from diffusers.models.resnet import ResnetBlock2D
         from torch import nn
 
-        if self.logvar_init is not None:
-            # An untrained encoder's log-variance is ~0: unit noise on every latent drowns the signal and
-            # the decoder first learns only the mean colour. Start the variance small (the KL term keeps
-            # regulating it); done before any step, so resumed runs overwrite it from the checkpoint.
-            conv = self.vae.encoder.conv_out
-            half = conv.out_channels // 2
-            with torch.no_grad():
+        with torch.no_grad():
+            if self.zero_init:
+                # Residual branches start at zero (as in ADM's zero_module): every block is the identity,
+                # so the input's colour reaches the latent and the output linearly; a deep random stack
+                # scrambles it, and this small VAE then takes thousands of steps to learn chroma.
+                for m in self.vae.modules():
+                    if isinstance(m, ResnetBlock2D):
+                        m.conv2.weight.zero_()
+                        m.conv2.bias.zero_()
+                    elif isinstance(m, Attention):
+                        m.to_out[0].weight.zero_()
+                        m.to_out[0].bias.zero_()
+            if self.logvar_init is not None:
+                # An untrained encoder's log-variance is ~0: unit noise on every latent drowns the signal.
+                # Start the variance small (the KL term keeps regulating it).
+                conv = self.vae.encoder.conv_out
+                half = conv.out_channels // 2
                 conv.weight[half:].zero_()
                 conv.bias[half:].fill_(self.logvar_init)
+        # (Resumed runs overwrite all of this from the checkpoint.)
 
         class Autoencode(nn.Module):
-            """encode -> sample -> decode in one forward, so a DDP wrapper sees the whole computation."""
+            """encode -> sample -> decode in one forward (so a DDP wrapper sees the whole computation), plus a
+            1x1 colour probe on the latent, a training-only head that is not saved with the VAE."""
 
             def __init__(self, vae: nn.Module) -> None:
                 super().__init__()
                 self.vae = vae
+                self.probe = nn.Conv2d(vae.config.latent_channels, 3, 1)
 
-            def forward(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, Any]:
+            def forward(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[Any, ...]:
                 post = self.vae.encode(x).latent_dist
                 z = post.sample(generator=generator)
-                return self.vae.decode(z).sample, post
+                return self.vae.decode(z).sample, post, self.probe(z)
 
-        return Autoencode(self.vae.to(device).float().train().requires_grad_(True))
+        return Autoencode(self.vae.to(device).float().train().requires_grad_(True)).to(device)
 
     def loss(self, module: nn.Module, indices: list[int], generator: torch.Generator) -> torch.Tensor:
         import torch
@@ -185,12 +204,17 @@ class VAETask(TrainTask):
         x0 = int(torch.randint(0, w - c + 1, (1,), generator=generator))
         device = next(module.parameters()).device
         x = x[..., y0 : y0 + c, x0 : x0 + c].contiguous().to(device)
-        rec, post = module(x, generator if device.type == "cpu" else None)
+        rec, post, colour = module(x, generator if device.type == "cpu" else None)
         rec = rec.float()
-        l1 = (rec - x).abs().mean()
+        # MSE, not L1: L1's equal-size gradients from every noisy background pixel drown the few large
+        # colour errors, and the decoder then learns luminance only.
+        mse = (rec - x).pow(2).mean()
         edge = ((rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean())
+        # The latent must hold the image's low-resolution colour linearly (a 1x1 probe reads it), which
+        # pulls chroma into the latent before the decoder has learned to use it.
+        probe = (colour.float() - F.avg_pool2d(x, 8)).pow(2).mean()
         kl = post.kl().mean() / post.mean[0].numel()  # per latent element
-        return l1 + self.edge_weight * edge + self.kl_weight * kl
+        return mse + self.edge_weight * edge + self.colour_weight * probe + self.kl_weight * kl
 
     def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in module.state_dict().items()}
@@ -300,7 +324,8 @@ def pretrain_tiny(cfg: PretrainConfig) -> Path:
         comps = load_components(init)
         images = _load_images([rend_folder, real_folder], cfg.progress)
         task = VAETask(comps.vae, images, cfg.vae_crop, cfg.vae_kl_weight, cfg.vae_edge_weight,
-                       {"data": str(Path(cfg.data).resolve()), "res": res}, cfg.vae_logvar_init)
+                       {"data": str(Path(cfg.data).resolve()), "res": res}, cfg.vae_logvar_init,
+                       colour_weight=cfg.vae_colour_weight)
         r = run_training(task, _loop(cfg, batch_size=cfg.vae_batch_size, lr=cfg.vae_lr, max_steps=cfg.vae_steps,
                                      lr_warmup_steps=20, adam_weight_decay=0.0), vae_run)
         del images
