@@ -112,7 +112,7 @@ class VAEConfig:
     block_out_channels: tuple[int, ...] = (32, 64, 64, 64)
     layers_per_block: int = 1
     latent_channels: int = 4
-    norm_num_groups: int = 16
+    norm_num_groups: int = 8  # >= 4 channels per group: see r2r.training.vae_init
     sample_size: int = 256
     scaling_factor: float = 0.18215
 

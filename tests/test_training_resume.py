@@ -106,3 +106,33 @@ def test_a_latest_marker_naming_a_missing_folder_is_a_clear_error(tmp_path: Path
     (tmp_path / "checkpoints" / "latest").write_text("step-00000009\n")
     with pytest.raises(CheckpointError, match=r"latest.*step-00000009.*delete"):
         latest_checkpoint(tmp_path)
+
+
+def test_pretrain_tiny_is_deterministic_and_ships_a_complete_default(tmp_path: Path) -> None:
+    """Two runs of the whole recipe (a few steps per stage) write byte-identical weights and embedding."""
+    import hashlib
+
+    from r2r.models import EMBEDDING_FILE, load_embedding
+    from r2r.training.data import generate_dataset
+    from r2r.training.pretrain import PretrainConfig, pretrain_tiny
+
+    data = generate_dataset(tmp_path / "data", 6, (RES, RES), seed=4, progress=False)
+    steps = {"vae_steps": 2, "unet_steps": 2, "finetune_steps": 1, "embedding_steps": 1, "vae_batch_size": 2,
+             "unet_batch_size": 2, "finetune_batch_size": 2, "embedding_batch_size": 2, "progress": False,
+             "ablation": False}
+    outs = [pretrain_tiny(PretrainConfig(data, tmp_path / f"run{k}", **steps)) for k in range(2)]
+
+    def digest(root: Path) -> dict[str, str]:
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*.safetensors"))}
+
+    assert digest(outs[0]) == digest(outs[1])
+    names = {p.name for p in outs[0].iterdir()}
+    assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json", "r2r_defaults.json",
+            EMBEDDING_FILE, "training.json"} <= names
+    token, vectors = load_embedding(outs[0] / EMBEDDING_FILE)
+    assert token == "<rendered>" and vectors.shape == (75, 64)
+    scaling = json.loads((outs[0] / "vae" / "config.json").read_text())["scaling_factor"]
+    assert scaling != pytest.approx(0.18215)  # recalibrated to 1 / std of the training latents
+    prov = json.loads((outs[0] / "training.json").read_text())
+    assert set(prov["stage_seconds"]) == {"vae", "latents", "pretrain-unet", "finetune", "negative-embedding"}

@@ -4,24 +4,30 @@ Stages (each a resumable `run_training` under OUT/, skipped once its output exis
 
 1. `init/`        the tiny SD-1.x model at its seeded random init (`r2r.tiny.build_tiny_model`, the
                   tokenizer learned with the dataset's caption words);
-2. `vae/`         the VAE, on random crops of train images of both domains (it is convolutional, so
-                  crops teach it what full frames need at a fraction of the cost): L1 + an L1 on image
-                  gradients (keeps fine stripes and checks sharp) + a small KL; then
+2. `vae/`         the VAE, on train images of both domains at three scales per step (whole images
+                  area-downsampled 4x or 2x, or 128-pixel full-resolution crops); MSE + a small L1 on
+                  image gradients (fine stripes and checks) + a small KL, from the colour-carrying
+                  start of `r2r.training.vae_init` (which says why). Then
                   `scaling_factor = 1 / std(latents)` over the training set;
 3. `latents.safetensors`  every train image of both domains encoded once (posterior parameters), so
                   no later stage runs the VAE;
-4. `unet/`        the UNet on both domains with their captions (text encoder frozen at its seeded
-                  init, each caption encoded once), 10% caption dropout so the null text is learned;
-                  this is the pre-DKI base model;
-5. `finetune/`    DKI, target domain (eq. 6): the base UNet finetuned on real images only;
-6. `embedding/`   DKI, source domain (eq. 7): the 75-vector negative embedding on renders, finetuned model;
+4. `unet/`        the base UNet on both domains (text encoder frozen at its seeded init, each caption
+                  encoded once), on random 16x16 windows of the 32x32 latents (the UNet is
+                  convolutional; a window costs a ninth of a full latent on a CPU), 10% empty captions
+                  (the null text), and half of the captions naming the domain ("3d render" /
+                  "studio photo"), as web captions do for SD, so the base model knows both domains in
+                  text. EMA weights are kept. This is the pre-DKI base model;
+5. `finetune/`    DKI, target domain (eq. 6): the base UNet finetuned on real images only, with the
+                  dataset's captions (20% empty), 24x24 windows;
+6. `embedding/`   DKI, source domain (eq. 7): the 75-vector negative embedding on renders, finetuned
+                  model frozen, placeholder-only prompt;
 7. `base-embedding/`  the same embedding trained on the base model, for the "without finetune" ablation;
 8. `embedded/`    the shipped default: the finetuned model + negative_embedding.safetensors +
-                  training.json (provenance: options, stage times); `--install DIR` copies it to DIR.
+                  training.json (provenance: options, dataset, stage times); `--install DIR` copies it.
 
-Every stage is deterministic for a seed and thread count (`--threads`, default 2).
-The UNet stages draw half of their timesteps from [0, 400): the default is used for img2img at
-strength 0.3 (t <= 281), where a tiny model needs its capacity most.
+Every stage is deterministic for a seed and a thread count (`--threads`). The UNet stages draw half of
+their timesteps from [0, 400): the default serves img2img at strength 0.3 (t <= 281), where a tiny
+model needs its capacity most.
 """
 
 from __future__ import annotations
@@ -74,14 +80,13 @@ class PretrainConfig:
     checkpoint_every: int = 100
     install: Path | None = None
     # VAE
-    vae_steps: int = 2000
+    vae_steps: int = 1000
     vae_batch_size: int = 8
     vae_crop: int = 128
-    vae_lr: float = 2e-3
+    vae_lr: float = 2e-4  # the carrier start is sensitive: larger steps wash its colour out
+    vae_warmup: int = 50
     vae_kl_weight: float = 1e-6
     vae_edge_weight: float = 0.25
-    vae_colour_weight: float = 1.0
-    vae_logvar_init: float = -8.0
     # UNet (base model)
     unet_steps: int = 1500
     unet_batch_size: int = 32
@@ -122,13 +127,10 @@ class VAETask(TrainTask):
     name = "pretrain-vae"
 
     def __init__(self, vae: nn.Module, images: torch.Tensor, crop: int, kl_weight: float, edge_weight: float,
-                 fingerprint: dict[str, Any], logvar_init: float | None = -8.0,
-                 scales: tuple[int, ...] = (4, 2, 1), scale_probs: tuple[float, ...] = (0.6, 0.2, 0.2),
-                 colour_weight: float = 1.0, zero_init: bool = True) -> None:
+                 fingerprint: dict[str, Any], scales: tuple[int, ...] = (4, 2, 1),
+                 scale_probs: tuple[float, ...] = (0.4, 0.3, 0.3), carrier: bool = True) -> None:
         self.vae, self.images, self.crop = vae, images, crop
-        self.logvar_init, self.zero_init = logvar_init, zero_init
-        self.scales, self.scale_probs = scales, scale_probs
-        self.colour_weight = colour_weight
+        self.scales, self.scale_probs, self.carrier = scales, scale_probs, carrier
         self.kl_weight, self.edge_weight = kl_weight, edge_weight
         self._fingerprint = fingerprint
         if crop % 8 or crop < 8:
@@ -140,49 +142,26 @@ class VAETask(TrainTask):
 
     def fingerprint(self) -> dict[str, Any]:
         return {**self._fingerprint, "crop": self.crop, "kl": self.kl_weight, "edge": self.edge_weight,
-                "logvar_init": self.logvar_init, "scales": self.scales, "scale_probs": self.scale_probs,
-                "colour": self.colour_weight, "zero_init": self.zero_init}
+                "scales": self.scales, "scale_probs": self.scale_probs, "carrier": self.carrier}
 
     def build(self, device: torch.device) -> nn.Module:
-        import torch
-        from diffusers.models.attention_processor import Attention
-        from diffusers.models.resnet import ResnetBlock2D
         from torch import nn
 
-        with torch.no_grad():
-            if self.zero_init:
-                # Residual branches start at zero (as in ADM's zero_module): every block is the identity,
-                # so the input's colour reaches the latent and the output linearly; a deep random stack
-                # scrambles it, and this small VAE then takes thousands of steps to learn chroma.
-                for m in self.vae.modules():
-                    if isinstance(m, ResnetBlock2D):
-                        m.conv2.weight.zero_()
-                        m.conv2.bias.zero_()
-                    elif isinstance(m, Attention):
-                        m.to_out[0].weight.zero_()
-                        m.to_out[0].bias.zero_()
-            if self.logvar_init is not None:
-                # An untrained encoder's log-variance is ~0: unit noise on every latent drowns the signal.
-                # Start the variance small (the KL term keeps regulating it).
-                conv = self.vae.encoder.conv_out
-                half = conv.out_channels // 2
-                conv.weight[half:].zero_()
-                conv.bias[half:].fill_(self.logvar_init)
-        # (Resumed runs overwrite all of this from the checkpoint.)
+        from r2r.training.vae_init import carrier_init
+
+        if self.carrier:  # (a resumed run overwrites these weights from its checkpoint)
+            carrier_init(self.vae)
 
         class Autoencode(nn.Module):
-            """encode -> sample -> decode in one forward (so a DDP wrapper sees the whole computation), plus a
-            1x1 colour probe on the latent, a training-only head that is not saved with the VAE."""
+            """encode -> sample -> decode in one forward, so a DDP wrapper sees the whole computation."""
 
             def __init__(self, vae: nn.Module) -> None:
                 super().__init__()
                 self.vae = vae
-                self.probe = nn.Conv2d(vae.config.latent_channels, 3, 1)
 
             def forward(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[Any, ...]:
                 post = self.vae.encode(x).latent_dist
-                z = post.sample(generator=generator)
-                return self.vae.decode(z).sample, post, self.probe(z)
+                return self.vae.decode(post.sample(generator=generator)).sample, post
 
         return Autoencode(self.vae.to(device).float().train().requires_grad_(True)).to(device)
 
@@ -190,9 +169,8 @@ class VAETask(TrainTask):
         import torch
         import torch.nn.functional as F
 
-        # One scale per step: whole images area-downsampled 4x or 2x (cheap; teach colour and shape with
-        # the background in view, which an all-garment crop hides from GroupNorm) or full-resolution crops
-        # (teach the fine patterns).
+        # One scale per step: whole images area-downsampled 4x or 2x (cheap; shapes and shading with the
+        # background in view) or full-resolution crops (the fine patterns).
         k = int(torch.multinomial(torch.tensor(self.scale_probs), 1, generator=generator))
         f = self.scales[k]
         x = self.images[list(indices)].permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
@@ -204,17 +182,12 @@ class VAETask(TrainTask):
         x0 = int(torch.randint(0, w - c + 1, (1,), generator=generator))
         device = next(module.parameters()).device
         x = x[..., y0 : y0 + c, x0 : x0 + c].contiguous().to(device)
-        rec, post, colour = module(x, generator if device.type == "cpu" else None)
+        rec, post = module(x, generator if device.type == "cpu" else None)
         rec = rec.float()
-        # MSE, not L1: L1's equal-size gradients from every noisy background pixel drown the few large
-        # colour errors, and the decoder then learns luminance only.
         mse = (rec - x).pow(2).mean()
         edge = ((rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean())
-        # The latent must hold the image's low-resolution colour linearly (a 1x1 probe reads it), which
-        # pulls chroma into the latent before the decoder has learned to use it.
-        probe = (colour.float() - F.avg_pool2d(x, 8)).pow(2).mean()
         kl = post.kl().mean() / post.mean[0].numel()  # per latent element
-        return mse + self.edge_weight * edge + self.colour_weight * probe + self.kl_weight * kl
+        return mse + self.edge_weight * edge + self.kl_weight * kl
 
     def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in module.state_dict().items()}
@@ -324,10 +297,9 @@ def pretrain_tiny(cfg: PretrainConfig) -> Path:
         comps = load_components(init)
         images = _load_images([rend_folder, real_folder], cfg.progress)
         task = VAETask(comps.vae, images, cfg.vae_crop, cfg.vae_kl_weight, cfg.vae_edge_weight,
-                       {"data": str(Path(cfg.data).resolve()), "res": res}, cfg.vae_logvar_init,
-                       colour_weight=cfg.vae_colour_weight)
+                       {"data": str(Path(cfg.data).resolve()), "res": res})
         r = run_training(task, _loop(cfg, batch_size=cfg.vae_batch_size, lr=cfg.vae_lr, max_steps=cfg.vae_steps,
-                                     lr_warmup_steps=20, adam_weight_decay=0.0), vae_run)
+                                     lr_warmup_steps=cfg.vae_warmup, adam_weight_decay=0.0), vae_run)
         del images
         record("vae", r.seconds)
 
