@@ -19,6 +19,7 @@ import click
 import numpy as np
 
 from r2r.benchmarks.worker import BenchConfig
+from r2r.metrics import psnr
 
 
 def _log(msg: str) -> None:
@@ -59,10 +60,6 @@ def _portable_args(args: list[str]) -> list[str]:
     """The command as run, with absolute paths shown by name (reports travel between machines)."""
     return [Path(a).name if a.startswith("/") else a for a in args]
 
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
 
 
 def host_overhead(bundle: Path, work: Path, repeats: int = 30) -> dict:

@@ -11,13 +11,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
-
-from r2r.manifest import bundle_path
 from r2r.runtime.bundle import Bundle
 from r2r.runtime.device import DeviceArray, HostBackend, Op
-
-_ORT_TYPES = {np.dtype(np.float32): np.float32, np.dtype(np.float16): np.float16, np.dtype(np.int64): np.int64}
+from r2r.runtime.ort_session import CPU_PROVIDER, element_type, graph_source, open_session
 
 
 class OrtBackend(HostBackend):
@@ -25,6 +21,9 @@ class OrtBackend(HostBackend):
 
     def __init__(self, bundle: Bundle, device: str = "cpu", precision: str = "fp32", threads: int = 0,
                  graph_paths: Mapping[str, Path] | None = None) -> None:
+        if device != "cpu":
+            raise ValueError(f"OrtBackend binds host memory; device {device!r} needs the device-resident backend "
+                             "(r2r.runtime.backend_ort_device.OrtDeviceBackend, chosen by select.make_backend)")
         super().__init__()
         import onnxruntime as ort
 
@@ -38,23 +37,8 @@ class OrtBackend(HostBackend):
 
     def session(self, graph: str) -> object:
         if graph not in self._sessions:
-            ort = self.ort
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = self.threads
-            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            slot = f"onnxruntime/{self.device}-{self.precision}/{graph}"
-            engine = self.bundle.manifest.engines.get(slot)
-            if graph in self.graph_paths:
-                path = self.graph_paths[graph]
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            elif engine is not None:  # pre-optimized at build time
-                path = bundle_path(self.bundle.root, engine.files[0])
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            else:
-                path = self.bundle.graph_path(graph)
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            providers = ["CUDAExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]
-            self._sessions[graph] = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+            path, preoptimized = graph_source(self.bundle, graph, self.device, self.precision, self.graph_paths)
+            self._sessions[graph] = open_session(self.ort, path, self.threads, [CPU_PROVIDER], preoptimized)
         return self._sessions[graph]
 
     def call(self, graph: str, bindings: Mapping[str, DeviceArray]) -> Op:
@@ -67,10 +51,10 @@ class OrtBackend(HostBackend):
             raise KeyError(f"{graph}: no buffer bound for {missing}")
         for name in names_in:
             a = bindings[name]
-            binding.bind_input(name, "cpu", 0, _ORT_TYPES[a.dtype], list(a.shape), a.ptr)
+            binding.bind_input(name, "cpu", 0, element_type(a.dtype), list(a.shape), a.ptr)
         for name in names_out:
             a = bindings[name]
-            binding.bind_output(name, "cpu", 0, _ORT_TYPES[a.dtype], list(a.shape), a.ptr)
+            binding.bind_output(name, "cpu", 0, element_type(a.dtype), list(a.shape), a.ptr)
         self._keep.append((binding, dict(bindings)))  # the buffers must live as long as the binding
         run = sess.run_with_iobinding
 

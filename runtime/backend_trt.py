@@ -33,7 +33,6 @@ Design (DESIGN.md, "Backends", "The GPU path"):
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,6 @@ from typing import Any
 
 import numpy as np
 
-from r2r import graph_io as io
 from r2r.engines.tensorrt import (
     EngineCompatError,
     check_engine_compat,
@@ -54,15 +52,12 @@ from r2r.engines.tensorrt import (
 )
 from r2r.manifest import bundle_path
 from r2r.runtime.bundle import Bundle
-from r2r.runtime.device import Backend, Coefficients, DeviceArray, Op
+from r2r.runtime.cuda_check import CudaError, cuda_check
+from r2r.runtime.device import Buffers, DeviceArray, Op, StepGraphBackend
 
 # TensorRT DataType member -> numpy dtype (bf16, fp8, int4, fp4 have no numpy type: such I/O is refused)
 _NP_TYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64,
              "BOOL": np.bool_, "UINT8": np.uint8}
-
-
-class CudaError(RuntimeError):
-    """A CUDA runtime call failed; the message names the function and the error."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +135,7 @@ class _Copy:
         return f"<device copy {self.nbytes} B>"
 
 
-class TrtBackend(Backend):
+class TrtBackend(StepGraphBackend):
     """The bundle's TensorRT engines (`engines/tensorrt/<precision>/<graph>.plan`) on one CUDA stream."""
 
     name = "tensorrt"
@@ -164,8 +159,7 @@ class TrtBackend(Backend):
         self._engines: dict[str, _Engine] = {}
         self._contexts: list[_Context] = []
         self._calls: dict[tuple, _Enqueue] = {}
-        self._allocs: dict[int, int] = {}  # device pointer -> bytes, from empty()
-        self._alloc_bases: list[int] = []
+        self._allocs = Buffers()  # from empty()
         self._scratch = 0  # the activation buffer shared by every context
         self._scratch_size = 0
         self._graphs: dict[object, _Captured] = {}
@@ -174,12 +168,7 @@ class TrtBackend(Backend):
     # -- errors, lifetime -------------------------------------------------------------------------------------------
     def _check(self, fn: str, result: tuple) -> Any:
         """cuda-python returns (cudaError_t, *outputs): raise on an error, return the output(s)."""
-        err = result[0]
-        if err != self.cudart.cudaError_t.cudaSuccess:
-            raise CudaError(f"{fn} failed: {getattr(err, 'name', err)}")
-        if len(result) == 1:
-            return None
-        return result[1] if len(result) == 2 else result[1:]
+        return cuda_check(self.cudart, fn, result)
 
     def _require_open(self) -> None:
         if self._closed:
@@ -208,7 +197,6 @@ class TrtBackend(Backend):
         for ptr in [*self._allocs, *([self._scratch] if self._scratch else [])]:
             attempt("cudaFree", rt.cudaFree(ptr))
         self._allocs.clear()
-        self._alloc_bases.clear()
         self._scratch = self._scratch_size = 0
         attempt("cudaStreamDestroy", rt.cudaStreamDestroy(self._stream))
         self._host_pending.clear()
@@ -231,16 +219,11 @@ class TrtBackend(Backend):
         shape, dt = tuple(int(s) for s in shape), np.dtype(dtype)
         nbytes = int(np.prod(shape)) * dt.itemsize
         ptr = self._malloc(nbytes)
-        self._allocs[ptr] = nbytes
-        bisect.insort(self._alloc_bases, ptr)
+        self._allocs.add(ptr, nbytes)
         return DeviceArray(ptr, shape, dt, None)
 
     def _owned(self, a: DeviceArray) -> bool:
-        i = bisect.bisect_right(self._alloc_bases, a.ptr) - 1
-        if i < 0:
-            return False
-        base = self._alloc_bases[i]
-        return a.ptr + a.nbytes <= base + self._allocs[base]
+        return a in self._allocs
 
     def upload(self, dst: DeviceArray, src: np.ndarray) -> None:
         """Host -> device on the stream (asynchronous; the host copy is kept until the stream is synchronized)."""
@@ -382,17 +365,7 @@ class TrtBackend(Backend):
                 c.context.set_device_memory(self._scratch, self._scratch_size)
                 c.memory_bound = self._scratch
 
-    # -- scheduler updates ------------------------------------------------------------------------------------------
-    def ddim(self, dst: DeviceArray, z: DeviceArray, eps: DeviceArray, coef: Coefficients,
-             coef_dev: DeviceArray) -> Op:
-        """dst = cz z + ce eps, by the `ddim_step` engine with coef = the device row (cz, ce, w)."""
-        return self.call(io.DDIM_STEP, {io.Z: z, io.EPS: eps, io.COEF: coef_dev, io.Z_NEXT: dst})
-
-    def guided(self, dst_pair: DeviceArray, z: DeviceArray, eps_pair: DeviceArray, coef: Coefficients,
-               coef_dev: DeviceArray) -> Op:
-        """dst_pair = [z', z'], z' = cz z + ce (e_neg + w (e_null - e_neg)), by the `guided_step` engine."""
-        return self.call(io.GUIDED_STEP, {io.Z: z, io.EPS: eps_pair, io.COEF: coef_dev, io.Z_PAIR: dst_pair})
-
+    # -- scheduler updates (ddim / guided: the step engines, StepGraphBackend) --------------------------------------
     def copy(self, dst: DeviceArray, src: DeviceArray) -> Op:
         self._require_open()
         if dst.shape != src.shape or dst.dtype != src.dtype:

@@ -74,12 +74,14 @@ def _complete(path: Path, params: dict) -> bool:
 @click.option("--height", type=int, default=None, help="--backend torch: [default: the model's own resolution]")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--resume", is_flag=True, help="Skip inputs whose output exists, is complete and has these parameters.")
-@click.option("--device", default="cpu", show_default=True, help="--backend torch: torch device.")
+@click.option("--device", default=None,
+              help="torch: the torch device [cpu]; onnxruntime: auto, cpu or cuda (device-resident buffers and CUDA "
+                   "graphs; auto: cuda when onnxruntime's CUDA provider is available) [auto].")
 def main(inputs: tuple[str, ...], more_inputs: tuple[str, ...], output: Path, engine: Path | None, backend: str,
          model: Path | None, embedding: Path | None, steps: int | None, strength: float | None,
          guidance: float | None, tac_ratio: float | None, tac_divisor: int | None, tac_target: str | None,
          inversion: str, fused: str, precision: str | None, width: int | None, height: int | None, batch_size: int,
-         resume: bool, device: str) -> None:
+         resume: bool, device: str | None) -> None:
     """Translate rendered images into realistic photos (FashionR2R), one PNG per input."""
     from tqdm import tqdm
 
@@ -97,9 +99,10 @@ def main(inputs: tuple[str, ...], more_inputs: tuple[str, ...], output: Path, en
     flags = {"steps": steps, "strength": strength, "guidance": guidance, "tac_ratio": tac_ratio,
              "tac_divisor": tac_divisor, "tac_target": tac_target}
     try:
-        translate, params, count = (_torch(model, embedding, width, height, device, flags) if backend == "torch"
-                                    else _bundle(engine, backend, precision, inversion, fused, batch_size, flags))
-    except (ModelLoadError, BundleError, ValueError) as exc:
+        translate, params, count = (
+            _torch(model, embedding, width, height, device or "cpu", flags) if backend == "torch"
+            else _bundle(engine, backend, precision, inversion, fused, batch_size, flags, device or "auto"))
+    except (ModelLoadError, BundleError, ValueError, ImportError) as exc:
         raise click.ClickException(str(exc)) from exc
 
     output.mkdir(parents=True, exist_ok=True)
@@ -165,23 +168,26 @@ def _torch(model: Path | None, embedding: Path | None, width: int | None, height
 
 
 def _bundle(engine: Path | None, backend: str, precision: str | None, inversion: str, fused: str, batch: int,
-            flags: dict) -> tuple[Translate, dict, Callable[[], int]]:
+            flags: dict, device: str = "auto") -> tuple[Translate, dict, Callable[[], int]]:
     from r2r import graph_io as io
     from r2r.runtime.bundle import open_bundle
     from r2r.runtime.scheduler import CoupledScheduler
-    from r2r.runtime.select import default_bundle, default_precision, make_backend, resolve_backend
+    from r2r.runtime.select import default_bundle, default_precision, make_backend, resolve_backend, resolve_device
 
+    if backend != "auto":
+        resolve_device(backend, device)  # a device the backend cannot use fails before a bundle is exported
     root = engine or default_bundle(batch_max=max(4, batch))
     bundle = open_bundle(root)
     method = _method(bundle.method_defaults(), **flags)
-    name = resolve_backend(backend, bundle)
+    name = resolve_backend(backend, bundle, device)
+    device = resolve_device(name, device)
     precision = precision or default_precision(name, bundle)
-    be = make_backend(name, bundle, precision)
+    be = make_backend(name, bundle, precision, device)
     use_fused = fused == "on"
     if fused == "auto" and io.UNET_FUSED in bundle.manifest.graphs and inversion == "exact":
         from r2r.runtime.timing import fused_is_faster
 
-        use_fused = fused_is_faster(bundle, name, precision, batch, method)
+        use_fused = fused_is_faster(bundle, name, precision, batch, method, device=device)
     sched = CoupledScheduler(bundle, be, batch, method, inversion=inversion, fused=use_fused)  # type: ignore[arg-type]
     bundle_hash = hashlib.sha256((Path(root) / MANIFEST).read_bytes()).hexdigest()
     params = {**method.as_dict(), "width": bundle.width, "height": bundle.height, "backend": name,

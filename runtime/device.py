@@ -7,11 +7,15 @@ Nothing in a program allocates, copies Q/K or synchronizes with the host.
 
 from __future__ import annotations
 
+import bisect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+from r2r import graph_io as io
 
 Op = Callable[[], None]
 
@@ -45,6 +49,43 @@ class DeviceArray:
             raise ValueError("device views are contiguous slices")
         host = self.host[start:stop] if self.host is not None else None
         return DeviceArray(self.ptr + start * row, (stop - start, *self.shape[1:]), self.dtype, host)
+
+
+class Buffers:
+    """The memory a device backend allocated, by base address: a buffer or any view into one is recognised as the
+    backend's own (and its owner found) before its address is bound or copied, since a wrong address on a device
+    is silent corruption, not an exception."""
+
+    def __init__(self) -> None:
+        self._size: dict[int, int] = {}
+        self._handle: dict[int, Any] = {}
+        self._bases: list[int] = []
+
+    def add(self, ptr: int, nbytes: int, handle: Any = None) -> None:
+        self._size[ptr], self._handle[ptr] = nbytes, handle
+        bisect.insort(self._bases, ptr)
+
+    def owner(self, a: DeviceArray) -> tuple[int, Any] | None:
+        """(base address, handle) of the allocation holding all of `a`, or None."""
+        i = bisect.bisect_right(self._bases, a.ptr) - 1
+        if i < 0:
+            return None
+        base = self._bases[i]
+        return (base, self._handle[base]) if a.ptr + a.nbytes <= base + self._size[base] else None
+
+    def __contains__(self, a: DeviceArray) -> bool:
+        return self.owner(a) is not None
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self._bases))
+
+    def __len__(self) -> int:
+        return len(self._bases)
+
+    def clear(self) -> None:
+        self._size.clear()
+        self._handle.clear()
+        self._bases.clear()
 
 
 @dataclass(frozen=True)
@@ -100,6 +141,22 @@ class Backend(ABC):
 
     def describe(self) -> dict[str, str]:
         return {"backend": self.name}
+
+
+class StepGraphBackend(Backend):
+    """A backend whose memory the host cannot touch: the scheduler updates are the bundle's `ddim_step` /
+    `guided_step` graphs, prepared like any call, with `coef` bound to the scheduler's device row (cz, ce, w), so
+    the arithmetic stays on the device and no host scalar enters the loop."""
+
+    def ddim(self, dst: DeviceArray, z: DeviceArray, eps: DeviceArray, coef: Coefficients,
+             coef_dev: DeviceArray) -> Op:
+        """dst = cz z + ce eps."""
+        return self.call(io.DDIM_STEP, {io.Z: z, io.EPS: eps, io.COEF: coef_dev, io.Z_NEXT: dst})
+
+    def guided(self, dst_pair: DeviceArray, z: DeviceArray, eps_pair: DeviceArray, coef: Coefficients,
+               coef_dev: DeviceArray) -> Op:
+        """dst_pair = [z', z'], z' = cz z + ce (e_neg + w (e_null - e_neg))."""
+        return self.call(io.GUIDED_STEP, {io.Z: z, io.EPS: eps_pair, io.COEF: coef_dev, io.Z_PAIR: dst_pair})
 
 
 class NumpyArithmetic:

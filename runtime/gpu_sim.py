@@ -357,6 +357,14 @@ class _Cudart:
                                   textureAlignment=512, multiProcessorCount=1)
         return self.ret("cudaGetDeviceProperties", "cudaSuccess", prop)
 
+    def cudaDeviceSynchronize(self) -> tuple:
+        capturing = list(self.dev.capturing())
+        if capturing:  # waiting for the device is illegal during any capture, and voids it
+            for s in capturing:
+                s.invalidated = s.invalidated or "cudaDeviceSynchronize during a capture"
+            return self.ret("cudaDeviceSynchronize", "cudaErrorStreamCaptureUnsupported")
+        return self.ret("cudaDeviceSynchronize", self.dev.flush_all() or "cudaSuccess")
+
     def cudaRuntimeGetVersion(self) -> tuple:
         return self.ret("cudaRuntimeGetVersion", "cudaSuccess", CUDA_VERSION)
 
@@ -1038,11 +1046,10 @@ def _session(d: _EngineData, threads: int) -> Any:
     if d.session is None:
         import onnxruntime as ort
 
-        so = ort.SessionOptions()  # as OrtBackend's defaults, so that both run the same kernels
-        so.intra_op_num_threads = threads
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        d.session = ort.InferenceSession(str(d.onnx), sess_options=so, providers=["CPUExecutionProvider"])
+        from r2r.runtime.ort_session import CPU_PROVIDER, open_session
+
+        # OrtBackend's sessions, so that both run the same kernels
+        d.session = open_session(ort, Path(d.onnx), threads, [CPU_PROVIDER])
     return d.session
 
 

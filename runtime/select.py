@@ -11,6 +11,7 @@ from r2r.runtime.bundle import Bundle
 from r2r.runtime.device import Backend
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino", "torch")
+DEVICES = {"onnxruntime": ("cpu", "cuda"), "openvino": ("cpu",), "tensorrt": ("cuda",)}  # bundle backends
 
 
 def cache_dir() -> Path:
@@ -58,13 +59,39 @@ def default_precision(name: str, bundle: Bundle) -> str:
     return "fp32"
 
 
-def resolve_backend(name: str, bundle: Bundle) -> str:
+def resolve_backend(name: str, bundle: Bundle, device: str = "auto") -> str:
+    """auto: tensorrt when usable (and the device is not cpu), else onnxruntime."""
     if name != "auto":
         return name
-    return "tensorrt" if _tensorrt_usable(bundle) else "onnxruntime"
+    return "tensorrt" if device != "cpu" and _tensorrt_usable(bundle) else "onnxruntime"
 
 
-def make_backend(name: str, bundle: Bundle, precision: str = "fp32") -> Backend:
+def resolve_device(name: str, device: str = "auto") -> str:
+    """The device a bundle backend runs on. onnxruntime: cuda (device-resident buffers, CUDA graphs) when this
+    onnxruntime has the CUDA provider, else cpu (host buffers); asking for cuda without it names the install."""
+    allowed = DEVICES.get(name)
+    if allowed is None:
+        raise ValueError(f"backend {name!r} does not run bundles; choose one of {', '.join(BACKENDS)}")
+    if device not in ("auto", *allowed):
+        raise ValueError(f"--device {device}: the {name} backend runs on {' or '.join(allowed)}")
+    if name != "onnxruntime":
+        return allowed[0]
+    import onnxruntime as ort
+
+    from r2r.runtime.ort_session import cuda_available, require_cuda
+
+    if device == "cuda":
+        require_cuda(ort)
+        return "cuda"
+    return "cuda" if device == "auto" and cuda_available(ort) else "cpu"
+
+
+def make_backend(name: str, bundle: Bundle, precision: str = "fp32", device: str = "auto") -> Backend:
+    device = resolve_device(name, device)
+    if name == "onnxruntime" and device == "cuda":
+        from r2r.runtime.backend_ort_device import OrtDeviceBackend
+
+        return OrtDeviceBackend(bundle, "cuda", precision=precision)
     if name == "onnxruntime":
         from r2r.runtime.backend_ort import OrtBackend
 
@@ -73,8 +100,6 @@ def make_backend(name: str, bundle: Bundle, precision: str = "fp32") -> Backend:
         from r2r.runtime.backend_ov import OpenVinoBackend
 
         return OpenVinoBackend(bundle, precision=precision)
-    if name == "tensorrt":
-        from r2r.runtime.backend_trt import TrtBackend
+    from r2r.runtime.backend_trt import TrtBackend
 
-        return TrtBackend(bundle, precision=precision)
-    raise ValueError(f"backend {name!r} does not run bundles; choose one of {', '.join(BACKENDS)}")
+    return TrtBackend(bundle, precision=precision)

@@ -10,11 +10,11 @@ from r2r.runtime.bundle import Bundle
 
 
 def fused_is_faster(bundle: Bundle, backend_name: str, precision: str, batch: int, method: MethodConfig,
-                    repeats: int = 3) -> bool:
+                    repeats: int = 3, device: str = "auto") -> bool:
     """Time both ways of one TAC step on scratch buffers (min of `repeats` after a warm-up)."""
     from r2r.runtime.select import make_backend
 
-    be = make_backend(backend_name, bundle, precision)
+    be = make_backend(backend_name, bundle, precision, device)
     c, h, w = bundle.latent_shape
     d = bundle.c_null.shape[-1]
     b = batch
@@ -40,4 +40,9 @@ def fused_is_faster(bundle: Bundle, backend_name: str, precision: str, batch: in
             times.append(time.perf_counter() - t0)
         return min(times[1:])
 
-    return best([fused]) < best([emit, inject])
+    try:
+        return best([fused]) < best([emit, inject])
+    finally:
+        close = getattr(be, "close", None)  # device backends hold a stream and device memory
+        if close is not None:
+            close()

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from r2r.training.evaluate import gaussian_window, psnr, ssim, train_realism_classifier
+from r2r.metrics import gaussian_window, psnr, ssim
+from r2r.training.evaluate import train_realism_classifier
 
 
 def test_ssim_of_an_image_with_itself_is_one() -> None:

@@ -11,6 +11,7 @@ import pytest
 from r2r import graph_io as io
 from r2r.config import MethodConfig
 from r2r.manifest import BundleError
+from r2r.metrics import psnr
 from r2r.models import load_components
 from r2r.runtime.backend_ort import OrtBackend
 from r2r.runtime.bundle import open_bundle
@@ -19,10 +20,6 @@ from r2r.runtime.scheduler import CoupledScheduler
 
 W = H = 256
 
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 @pytest.fixture(scope="module")
