@@ -9,10 +9,7 @@ the PyTorch reference (`r2r.runtime.reference.ReferencePipeline`) and is scored 
   (seeded), classifies as real; its accuracy on the test split's real and rendered images is reported
   too, so the score can be judged.
 
-SSIM is the standard one of Wang et al. (2004): an 11x11 Gaussian window (sigma 1.5), K1 = 0.01,
-K2 = 0.03, data range 255, computed on each RGB channel over the valid (unpadded) region, and the mean
-of the three channels' mean SSIM maps is reported. PSNR is 10 log10(255^2 / MSE) over all pixels and
-channels.
+SSIM and PSNR are defined in `r2r.metrics`.
 
 Rows: the full method (the model's defaults); without TAC (tac_ratio 0); without the negative
 embedding (null text only: guidance 1 makes e = e_neg + 1 (e_null - e_neg) = e_null); without the
@@ -34,7 +31,7 @@ import numpy as np
 
 from r2r.config import MethodConfig
 from r2r.imageio import load_rgb, save_png
-from r2r.metrics import gaussian_window, psnr, ssim
+from r2r.metrics import psnr, ssim
 from r2r.training.finetune import ImageFolder, images_to_tensor
 
 if TYPE_CHECKING:
@@ -44,9 +41,6 @@ __all__ = [
     "EvalConfig",
     "RealismClassifier",
     "evaluate",
-    "gaussian_window",
-    "psnr",
-    "ssim",
     "train_realism_classifier",
 ]
 

@@ -24,7 +24,7 @@ import numpy as np
 from r2r.imageio import ImageReadError, load_rgb
 from r2r.models import EMBEDDING_FILE, Components, load_components
 from r2r.schedule import alphas_cumprod
-from r2r.training.loop import LoopConfig, LoopResult, TrainTask, atomic_dir, run_training
+from r2r.training.loop import LoopConfig, LoopResult, WholeModuleTask, atomic_dir, run_training
 
 if TYPE_CHECKING:
     import torch
@@ -335,7 +335,7 @@ def save_model_with_unet(source: Path, unet: nn.Module, out_dir: Path) -> Path:
     return save_model_with(source, {"unet": unet}, out_dir)
 
 
-class UNetTask(TrainTask):
+class UNetTask(WholeModuleTask):
     """Epsilon-prediction training of a UNet on (latent, caption) pairs; text encoder and VAE frozen.
 
     An item's caption may be a list of alternatives, one drawn per step.
@@ -390,12 +390,6 @@ class UNetTask(TrainTask):
             caps = ["" if d else c for c, d in zip(caps, drop, strict=True)]
         cond = self.text(caps, device)
         return diffusion_loss(module, z0, cond, self.alphas, self.timesteps, generator)
-
-    def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in module.state_dict().items()}
-
-    def load_trainable_state(self, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        module.load_state_dict(tensors, strict=True)
 
     def save_final(self, module: nn.Module, out: Path) -> Path:
         module.eval()

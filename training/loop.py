@@ -43,6 +43,7 @@ __all__ = [
     "LoopConfig",
     "LoopResult",
     "TrainTask",
+    "WholeModuleTask",
     "atomic_dir",
     "atomic_write_text",
     "data_indices",
@@ -188,6 +189,16 @@ class TrainTask(ABC):
 
     def after_step(self, module: nn.Module) -> None:  # noqa: B027 - optional hook
         """Called after every optimizer step (e.g. to re-impose a constraint)."""
+
+
+class WholeModuleTask(TrainTask):
+    """A task whose checkpoints hold the module's whole state dict (buffers too): the UNet and VAE stages."""
+
+    def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in module.state_dict().items()}
+
+    def load_trainable_state(self, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        module.load_state_dict(tensors, strict=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from r2r.training.finetune import (
     cache_latents,
     save_model_with,
 )
-from r2r.training.loop import LoopConfig, LoopResult, TrainTask, atomic_dir, run_training
+from r2r.training.loop import LoopConfig, LoopResult, WholeModuleTask, atomic_dir, run_training
 
 if TYPE_CHECKING:
     import torch
@@ -124,7 +124,7 @@ class PretrainConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-class VAETask(TrainTask):
+class VAETask(WholeModuleTask):
     """The autoencoder on in-memory uint8 images, at several scales (see `loss`)."""
 
     name = "pretrain-vae"
@@ -191,12 +191,6 @@ class VAETask(TrainTask):
         edge = ((rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean())
         kl = post.kl().mean() / post.mean[0].numel()  # per latent element
         return mse + self.edge_weight * edge + self.kl_weight * kl
-
-    def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in module.state_dict().items()}
-
-    def load_trainable_state(self, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        module.load_state_dict(tensors, strict=True)
 
     def save_final(self, module: nn.Module, out: Path) -> Path:
         module.eval()

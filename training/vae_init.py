@@ -78,12 +78,7 @@ def carrier_init(vae: nn.Module) -> None:
                 m.to_out[0].weight.zero_()
                 m.to_out[0].bias.zero_()
         # --- encoder: x -> (s, -s) carriers, 2x2 means per downsampler
-        conv = enc.conv_in
-        for k, (p, n) in enumerate(enc_pos):
-            conv.weight[p].zero_()
-            conv.weight[n].zero_()
-            conv.weight[p, k, 1, 1], conv.weight[n, k, 1, 1] = 1.0, -1.0
-            conv.bias[p] = conv.bias[n] = 0.0
+        _split_into_carriers(enc.conv_in, enc_pos)
         for block in enc.down_blocks:
             for r in block.resnets:
                 if r.conv_shortcut is not None:
@@ -95,22 +90,14 @@ def carrier_init(vae: nn.Module) -> None:
         _linear_norm(norm, [i for pair in enc_pos for i in pair], c_enc)
         conv = enc.conv_out  # [mean(latent_channels), logvar(latent_channels)]
         lat = conv.out_channels // 2
-        conv.weight.zero_()
-        conv.bias.zero_()
-        for k, (p, n) in enumerate(enc_pos):
-            conv.weight[k, p, 1, 1], conv.weight[k, n, 1, 1] = 1.0, -1.0
+        _read_carriers(conv, enc_pos)
         conv.bias[lat:] = LOGVAR
         if vae.quant_conv is not None:
             _identity_1x1(vae.quant_conv)
         # --- decoder: latent -> (s, -s) carriers, nearest upsampling, carriers -> RGB
         if vae.post_quant_conv is not None:
             _identity_1x1(vae.post_quant_conv)
-        conv = dec.conv_in
-        for k, (p, n) in enumerate(dec_pos):
-            conv.weight[p].zero_()
-            conv.weight[n].zero_()
-            conv.weight[p, k, 1, 1], conv.weight[n, k, 1, 1] = 1.0, -1.0
-            conv.bias[p] = conv.bias[n] = 0.0
+        _split_into_carriers(dec.conv_in, dec_pos)
         _check_no_shortcut(dec.mid_block)
         for block in dec.up_blocks:
             for r in block.resnets:
@@ -123,11 +110,24 @@ def carrier_init(vae: nn.Module) -> None:
         if last.resnets[0].conv_shortcut is None:
             raise ValueError("carrier_init: the decoder's last block must change width (its shortcut sets C)")
         _linear_norm(dec.conv_norm_out, [i for pair in dec_pos for i in pair], c_dec)
-        conv = dec.conv_out
-        conv.weight.zero_()
-        for k, (p, n) in enumerate(dec_pos):
-            conv.weight[k, p, 1, 1], conv.weight[k, n, 1, 1] = 1.0, -1.0
-        conv.bias.zero_()
+        _read_carriers(dec.conv_out, dec_pos)
+
+
+def _split_into_carriers(conv: nn.Conv2d, pos: list[tuple[int, int]]) -> None:
+    """Input channel k enters carrier pair pos[k] as (x_k, -x_k) at the centre tap."""
+    for k, (p, n) in enumerate(pos):
+        conv.weight[p].zero_()
+        conv.weight[n].zero_()
+        conv.weight[p, k, 1, 1], conv.weight[n, k, 1, 1] = 1.0, -1.0
+        conv.bias[p] = conv.bias[n] = 0.0
+
+
+def _read_carriers(conv: nn.Conv2d, pos: list[tuple[int, int]]) -> None:
+    """Output channel k = SiLU(s_k) - SiLU(-s_k) = s_k; every other weight and bias zero."""
+    conv.weight.zero_()
+    conv.bias.zero_()
+    for k, (p, n) in enumerate(pos):
+        conv.weight[k, p, 1, 1], conv.weight[k, n, 1, 1] = 1.0, -1.0
 
 
 def _linear_norm(norm: nn.GroupNorm, carriers: list[int], per_group: int) -> None:
