@@ -37,9 +37,12 @@ from r2r.training.finetune import ImageFolder, images_to_tensor
 if TYPE_CHECKING:
     from torch import nn
 
+    from r2r.runtime.reference import ReferencePipeline
+
 __all__ = [
     "EvalConfig",
     "RealismClassifier",
+    "dki_separation",
     "evaluate",
     "train_realism_classifier",
 ]
@@ -173,16 +176,18 @@ def _read(folder: ImageFolder, size: tuple[int, int], limit: int | None) -> list
     return [load_rgb(folder.folder / n, size) for n in names]
 
 
-def _translate(model: Path, embedding: Path, images: list[np.ndarray], methods: dict[str, MethodConfig],
+def _pipeline(model: Path, embedding: Path, size: tuple[int, int]) -> ReferencePipeline:
+    from r2r.models import load_components
+    from r2r.runtime.reference import ReferencePipeline
+
+    return ReferencePipeline(load_components(model), embedding, size[0], size[1])
+
+
+def _translate(pipe: ReferencePipeline, images: list[np.ndarray], methods: dict[str, MethodConfig],
                batch_size: int, progress: bool) -> dict[str, tuple[list[np.ndarray], float]]:
     """Run the reference pipeline on `images` for each method config (one model load)."""
     from tqdm import tqdm
 
-    from r2r.models import load_components
-    from r2r.runtime.reference import ReferencePipeline
-
-    h, w = images[0].shape[:2]
-    pipe = ReferencePipeline(load_components(model), embedding, w, h)
     results = {}
     for name, method in methods.items():
         t0 = time.perf_counter()
@@ -191,6 +196,44 @@ def _translate(model: Path, embedding: Path, images: list[np.ndarray], methods: 
             outs.extend(pipe(images[k : k + batch_size], method))
         results[name] = (outs, time.perf_counter() - t0)
     return results
+
+
+def dki_separation(pipe: ReferencePipeline, renders: Sequence[np.ndarray], reals: Sequence[np.ndarray],
+                   method: MethodConfig, batch_size: int = 8, seed: int = 0) -> dict[str, Any]:
+    """Eqs. 6 and 7's noise-prediction MSE on held-out images, per domain and conditioning.
+
+    The guidance e = e_neg + w (e_null - e_neg) moves an image only by what the two conditionings
+    disagree on, so this is what DKI must achieve for the method to translate: the negative embedding
+    predicts the noise of renders better than the null text (eq. 7's objective) and the null text that
+    of real photos better (eq. 6's). Measured at the generation's first, middle and last timestep;
+    image i of either domain gets the same seeded noise, so the domains differ only by their images.
+    """
+    import torch
+
+    sched = pipe.schedule(method)
+    picks = sorted({0, sched.n // 2, sched.n - 1})
+    timesteps = [sched.timesteps[i] for i in picks]
+    alphas = [sched.alpha[i] for i in picks]
+    conds = {"null": pipe.c_null, "negative": pipe.c_neg}
+    result: dict[str, Any] = {"timesteps": timesteps}
+    with torch.no_grad():
+        for domain, images in (("rendered", renders), ("real", reals)):
+            sums = dict.fromkeys(conds, 0.0)
+            count = 0
+            for k in range(0, len(images), batch_size):
+                z0 = pipe.encode(list(images[k : k + batch_size]))
+                for t, a in zip(timesteps, alphas, strict=True):
+                    noise = torch.stack([
+                        torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(seed * 100_003 + k + j))
+                        for j in range(z0.shape[0])
+                    ]).to(z0.device, z0.dtype)
+                    zt = a**0.5 * z0 + (1 - a) ** 0.5 * noise
+                    for name, cond in conds.items():
+                        eps = pipe.c.unet(zt, t, encoder_hidden_states=cond.expand(z0.shape[0], -1, -1)).sample
+                        sums[name] += float(((eps.float() - noise.float()) ** 2).mean(dim=(1, 2, 3)).sum())
+                count += z0.shape[0] * len(timesteps)
+            result[domain] = {name: v / count for name, v in sums.items()}
+    return result
 
 
 def _vae_roundtrip(model: Path, images: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
@@ -228,6 +271,27 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "inf" if v == float("inf") else f"{v:.{digits}f}"
 
 
+def _separation_markdown(separation: dict[str, dict[str, Any]]) -> list[str]:
+    ts = next(iter(separation.values()))["timesteps"]
+    lines = [
+        "DKI separation: noise-prediction MSE on the same test images, at t = "
+        + " / ".join(str(t) for t in ts) + " (lower is better; change of the negative embedding vs the null text).",
+        "",
+        "| model | renders, null text | renders, negative embedding | real, null text | real, negative embedding |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, s in separation.items():
+        cells = []
+        for domain in ("rendered", "real"):
+            null, neg = s[domain]["null"], s[domain]["negative"]
+            cells += [f"{null:.4f}", f"{neg:.4f} ({100 * (neg / null - 1):+.1f}%)"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "The guidance moves an image only by what the two conditionings disagree on: DKI has separated "
+              "the domains when the negative embedding is the better predictor on renders and the null text on "
+              "real photos."]
+    return lines
+
+
 def _markdown(report: dict[str, Any]) -> str:
     c = report["classifier"]
     lines = [
@@ -249,6 +313,8 @@ def _markdown(report: dict[str, Any]) -> str:
         f"held-out accuracy on the test split {c['test_accuracy']:.3f} (real {c['test_accuracy_real']:.3f}, "
         f"rendered {c['test_accuracy_rendered']:.3f}).",
         "SSIM: Gaussian window 11 / sigma 1.5, per RGB channel, mean of channels; PSNR over RGB, 8-bit range.",
+        "",
+        *_separation_markdown(report["separation"]),
         "",
         "Rows: " + "; ".join(f"**{r['name']}**: {r['description']}" for r in report["rows"]) + ".",
     ]
@@ -289,13 +355,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "w/o TAC": (replace(m, tac_ratio=0.0), "tac_ratio 0"),
         "w/o negative embedding": (replace(m, guidance=1.0), "null text only (guidance 1: e = e_null)"),
     }
-    done = _translate(cfg.model, cfg.embedding, renders, {k: v[0] for k, v in methods.items()}, cfg.batch_size,
-                      cfg.progress)
+    pipe = _pipeline(cfg.model, cfg.embedding, size)
+    done = _translate(pipe, renders, {k: v[0] for k, v in methods.items()}, cfg.batch_size, cfg.progress)
+    separation = {"DKI model": dki_separation(pipe, renders, reals, m, cfg.batch_size, cfg.seed)}
     rows += [Row(k, methods[k][1], outs, secs) for k, (outs, secs) in done.items()]
     if cfg.base_model is not None:
         base_emb = cfg.base_embedding or Path(cfg.base_model) / "negative_embedding.safetensors"
-        (outs, secs), = _translate(cfg.base_model, base_emb, renders, {"w/o finetune": m}, cfg.batch_size,
-                                   cfg.progress).values()
+        base = _pipeline(cfg.base_model, base_emb, size)
+        (outs, secs), = _translate(base, renders, {"w/o finetune": m}, cfg.batch_size, cfg.progress).values()
+        separation["base model (w/o finetune)"] = dki_separation(base, renders, reals, m, cfg.batch_size, cfg.seed)
         rows.append(Row("w/o finetune", "the pre-DKI base model with its own negative embedding, trained on it",
                         outs, secs))
     rows.append(Row("real (ground truth)", "the photographed twin of each render", reals))
@@ -334,6 +402,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                        "test_accuracy_rendered": clf.test_accuracy_rendered,
                        "seconds": round(classifier_seconds, 1)},
         "rows": report_rows,
+        "separation": separation,
         "grids": {"before_after": "before-after.png (render | full | real)",
                   "ablation": "ablation-grid.png (" + " | ".join(r.name for r in rows) + ")"},
         "seconds": round(time.perf_counter() - t_start, 1),
