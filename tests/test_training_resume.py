@@ -136,3 +136,6 @@ def test_pretrain_tiny_is_deterministic_and_ships_a_complete_default(tmp_path: P
     assert scaling != pytest.approx(0.18215)  # recalibrated to 1 / std of the training latents
     prov = json.loads((outs[0] / "training.json").read_text())
     assert set(prov["stage_seconds"]) == {"vae", "latents", "pretrain-unet", "finetune", "negative-embedding"}
+    configs = list(outs[0].glob("*/config.json"))
+    assert len(configs) == 3 and not [c for c in configs if "_name_or_path" in json.loads(c.read_text())]
+    assert str(tmp_path) not in "".join(p.read_text() for p in outs[0].rglob("*.json"))  # no machine path ships
