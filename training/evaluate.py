@@ -177,6 +177,7 @@ def _read(folder: ImageFolder, size: tuple[int, int], limit: int | None) -> list
 
 
 def _pipeline(model: Path, embedding: Path, size: tuple[int, int]) -> ReferencePipeline:
+    """The reference pipeline of `model` for images of `size` = (W, H)."""
     from r2r.models import load_components
     from r2r.runtime.reference import ReferencePipeline
 
@@ -185,7 +186,7 @@ def _pipeline(model: Path, embedding: Path, size: tuple[int, int]) -> ReferenceP
 
 def _translate(pipe: ReferencePipeline, images: list[np.ndarray], methods: dict[str, MethodConfig],
                batch_size: int, progress: bool) -> dict[str, tuple[list[np.ndarray], float]]:
-    """Run the reference pipeline on `images` for each method config (one model load)."""
+    """Translate `images` once per method config with one loaded pipeline."""
     from tqdm import tqdm
 
     results = {}
