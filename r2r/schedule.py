@@ -2,7 +2,8 @@
 
 Alphas are computed with the same float32 operations as diffusers' DDIMScheduler, so that every
 backend steps with the same numbers; `ddim_transfer` is the literal two-line DDIM update used by the
-reference, `transfer_coefficients` its fused affine form for the runtime.
+reference, `transfer_coefficients` its fused affine form for the runtime, `forward_noise` the noising
+that training and the evaluation's DKI probe apply.
 """
 
 from __future__ import annotations
@@ -145,6 +146,16 @@ def ddim_transfer(z: T, eps: T, a_from: float, a_to: float) -> T:
         af, at = np.float32(a_from), np.float32(a_to)
     x0 = (z - (1 - af) ** 0.5 * eps) / af**0.5
     return at**0.5 * x0 + (1 - at) ** 0.5 * eps
+
+
+def forward_noise(z0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor | float) -> torch.Tensor:
+    """Training's forward process q(z_t | z_0) (paper eqs. 6/7): sqrt(a) z0 + sqrt(1 - a) noise.
+
+    A float `a` is taken in float32, as the alphas are; a tensor broadcasts per sample.
+    """
+    if not isinstance(a, torch.Tensor):
+        a = torch.tensor(a, dtype=torch.float32, device=z0.device)
+    return a.sqrt() * z0 + (1 - a).sqrt() * noise
 
 
 def transfer_coefficients(a_from: float, a_to: float) -> tuple[float, float]:

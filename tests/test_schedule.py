@@ -12,6 +12,7 @@ from r2r.schedule import (
     SchedulerConfig,
     alphas_cumprod,
     ddim_transfer,
+    forward_noise,
     inference_timesteps,
     make_schedule,
     transfer_coefficients,
@@ -76,6 +77,18 @@ def test_generation_transfer_equals_ddim_scheduler_step() -> None:
         expected = ref.step(e, int(t), z).prev_sample
         got = ddim_transfer(z, e, sched.alpha[i], sched.alpha_prev[i])
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_forward_noise_equals_diffusers_add_noise() -> None:
+    ref = _diffusers(SD15)
+    alphas = torch.from_numpy(alphas_cumprod(SchedulerConfig.from_dict(SD15)).copy())
+    g = torch.Generator().manual_seed(1)
+    z0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([1, 281, 999])
+    expected = ref.add_noise(z0, noise, t)
+    torch.testing.assert_close(forward_noise(z0, noise, alphas[t].view(3, 1, 1, 1)), expected, rtol=0, atol=1e-6)
+    one = forward_noise(z0[1:2], noise[1:2], float(alphas[281]))  # a float alpha is taken in float32
+    torch.testing.assert_close(one, expected[1:2], rtol=0, atol=1e-6)
 
 
 def test_fused_coefficients_match_the_literal_update() -> None:

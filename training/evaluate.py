@@ -32,6 +32,7 @@ import numpy as np
 from r2r.config import MethodConfig
 from r2r.imageio import load_rgb, save_png
 from r2r.metrics import psnr, ssim
+from r2r.schedule import forward_noise
 from r2r.training.finetune import ImageFolder, images_to_tensor
 
 if TYPE_CHECKING:
@@ -223,12 +224,12 @@ def dki_separation(pipe: ReferencePipeline, renders: Sequence[np.ndarray], reals
             count = 0
             for k in range(0, len(images), batch_size):
                 z0 = pipe.encode(list(images[k : k + batch_size]))
+                noise = torch.stack([  # image k + j's noise, whatever the batch size
+                    torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(seed * 100_003 + k + j))
+                    for j in range(z0.shape[0])
+                ]).to(z0.device, z0.dtype)
                 for t, a in zip(timesteps, alphas, strict=True):
-                    noise = torch.stack([
-                        torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(seed * 100_003 + k + j))
-                        for j in range(z0.shape[0])
-                    ]).to(z0.device, z0.dtype)
-                    zt = a**0.5 * z0 + (1 - a) ** 0.5 * noise
+                    zt = forward_noise(z0, noise, a)
                     for name, cond in conds.items():
                         eps = pipe.c.unet(zt, t, encoder_hidden_states=cond.expand(z0.shape[0], -1, -1)).sample
                         sums[name] += float(((eps.float() - noise.float()) ** 2).mean(dim=(1, 2, 3)).sum())

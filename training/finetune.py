@@ -23,7 +23,7 @@ import numpy as np
 
 from r2r.imageio import ImageReadError, load_rgb
 from r2r.models import EMBEDDING_FILE, Components, load_components
-from r2r.schedule import alphas_cumprod
+from r2r.schedule import alphas_cumprod, forward_noise
 from r2r.training.loop import LoopConfig, LoopResult, WholeModuleTask, atomic_dir, run_training
 
 if TYPE_CHECKING:
@@ -295,8 +295,7 @@ def diffusion_loss(unet: nn.Module, z0: torch.Tensor, cond: torch.Tensor, alphas
     noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
     t = timesteps.sample(b, generator).to(z0.device)
     a = alphas.to(z0.device)[t].view(b, 1, 1, 1).to(z0.dtype)
-    zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-    pred = unet(zt, t, encoder_hidden_states=cond).sample
+    pred = unet(forward_noise(z0, noise, a), t, encoder_hidden_states=cond).sample
     return F.mse_loss(pred.float(), noise.float())
 
 
