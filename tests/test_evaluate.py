@@ -62,7 +62,7 @@ def test_the_realism_classifier_beats_chance_on_held_out_images(data_dir: Path) 
     def read(split: str, domain: str) -> list[np.ndarray]:
         return [load_rgb(p) for p in sorted((data_dir / split / domain).glob("*.png"))]
 
-    clf = train_realism_classifier(read("train", "rendered"), read("train", "real"), steps=150, seed=0,
+    clf = train_realism_classifier(read("train", "rendered"), read("train", "real"), steps=600, seed=0,
                                    progress=False)
     p_rend, p_real = clf.prob_real(read("test", "rendered")), clf.prob_real(read("test", "real"))
     accuracy = (np.sum(p_rend <= 0.5) + np.sum(p_real > 0.5)) / (len(p_rend) + len(p_real))

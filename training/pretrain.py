@@ -131,7 +131,7 @@ class VAETask(WholeModuleTask):
 
     def __init__(self, vae: nn.Module, images: torch.Tensor, crop: int, kl_weight: float, edge_weight: float,
                  fingerprint: dict[str, Any], scales: tuple[int, ...] = (4, 2, 1),
-                 scale_probs: tuple[float, ...] = (0.4, 0.3, 0.3), carrier: bool = True) -> None:
+                 scale_probs: tuple[float, ...] = (0.2, 0.3, 0.5), carrier: bool = True) -> None:
         self.vae, self.images, self.crop = vae, images, crop
         self.scales, self.scale_probs, self.carrier = scales, scale_probs, carrier
         self.kl_weight, self.edge_weight = kl_weight, edge_weight
@@ -298,11 +298,11 @@ Files: the diffusers directory, `negative_embedding.safetensors` (textual-invers
 procedural test split) is in the repository's README, produced by `r2r-train evaluate`.
 
 It is a demonstration model: 256x256, a few MB, trained on a CPU. Limits, measured by that
-evaluation: translations keep each garment's colour, silhouette and coarse pattern and gain soft
-shading, but do not take on the procedural "real" domain's tinted backdrops and drop shadows at the
-method's strength 0.3 (the evaluation's DKI separation table shows how little the two conditionings
-disagree); the finest patterns (3-4 px lettering and stripes) blur, since a VAE this small keeps
-them only in part.
+evaluation: translations keep each garment's silhouette, colour and coarse pattern and take on the
+photographed domain's fold shading and soft edges, but its small 4-channel VAE is the bottleneck for
+texture: two-colour patterns at one latent cell (small dots, 11-18 px lettering) come back blurred or
+with their colours averaged (purple with yellow dots decodes coral), so the output keeps the pattern's
+layout, not always its colours.
 """
 
 
