@@ -98,10 +98,11 @@ def _files_of(bundle: Path, rel: str) -> list[str]:
 def _examples(name: str, comps: Components, plan: TACPlan, h: int, w: int) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
     d = comps.text_encoder.config.hidden_size
+    c = int(comps.unet.config.in_channels)  # the latent's channels (4 in SD 1.x; read, not assumed)
     t = torch.tensor([261.0])
 
     def unet_args(k: int) -> tuple[torch.Tensor, ...]:
-        return torch.randn(2 * k, 4, h // 8, w // 8, generator=g), t, torch.randn(2 * k, 77, d, generator=g)
+        return torch.randn(2 * k, c, h // 8, w // 8, generator=g), t, torch.randn(2 * k, 77, d, generator=g)
 
     if name == io.UNET_INJECT:
         qk = [torch.randn(2, lyr.tokens, lyr.channels, generator=g) for lyr in plan.layers for _ in range(2)]
@@ -114,9 +115,9 @@ def _examples(name: str, comps: Components, plan: TACPlan, h: int, w: int) -> tu
         return (torch.rand(2, 3, h, w, generator=g) * 2 - 1,)
     if name in (io.DDIM_STEP, io.GUIDED_STEP):
         k = 2 if name == io.DDIM_STEP else 4
-        lat = torch.randn(2, 4, h // 8, w // 8, generator=g)
-        return lat, torch.randn(k, 4, h // 8, w // 8, generator=g), torch.tensor([0.9, 0.1, 7.5])
-    return (torch.randn(2, 4, h // 8, w // 8, generator=g),)
+        lat = torch.randn(2, c, h // 8, w // 8, generator=g)
+        return lat, torch.randn(k, c, h // 8, w // 8, generator=g), torch.tensor([0.9, 0.1, 7.5])
+    return (torch.randn(2, int(comps.vae.config.latent_channels), h // 8, w // 8, generator=g),)
 
 
 def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = _log) -> Manifest:

@@ -24,13 +24,13 @@ EPS = "eps"
 
 # VAE graphs.
 IMAGE = "image"  # [B, 3, H, W] in [-1, 1] (encoder input); [B, 3, H, W] in [0, 1] (decoder output)
-LATENT = "latent"  # [B, 4, h, w], scaled by the VAE's scaling factor
+LATENT = "latent"  # [B, C, h, w] (C = 4 in SD 1.x), scaled by the VAE's scaling factor
 
 # Step graphs.
-Z = "z"  # [B, 4, h, w]
+Z = "z"  # [B, C, h, w]
 COEF = "coef"  # [3] float32: cz, ce, w (w unused by ddim_step)
-Z_NEXT = "z_next"  # ddim_step output [B, 4, h, w]
-Z_PAIR = "z_pair"  # guided_step output [2B, 4, h, w]: the next [zr, zr] batch
+Z_NEXT = "z_next"  # ddim_step output [B, C, h, w]
+Z_PAIR = "z_pair"  # guided_step output [2B, C, h, w]: the next [zr, zr] batch
 
 # Conditioning files in the bundle's cond/ folder.
 COND_NULL = "c_null"

@@ -194,3 +194,18 @@ def test_onnxruntime_engines_keep_parity_and_are_not_rebuilt(bundle: Path, torch
     assert len(lines) == 1 and "up to date" in lines[0]
     assert read_manifest(bundle).engines[f"onnxruntime/cpu-fp32/{io.UNET_EMIT}"].info["provider"] == \
         "CPUExecutionProvider"
+
+
+def test_export_examples_take_the_latent_channels_from_the_model_not_sd1_default() -> None:
+    from types import SimpleNamespace
+
+    from r2r.export.bundle import _examples
+    from r2r.tac import TACPlan
+
+    comps = SimpleNamespace(text_encoder=SimpleNamespace(config=SimpleNamespace(hidden_size=64)),
+                            unet=SimpleNamespace(config=SimpleNamespace(in_channels=8)),
+                            vae=SimpleNamespace(config=SimpleNamespace(latent_channels=8)))
+    plan = TACPlan(layers=(), width=64, height=64, divisor=256)
+    for name in (io.UNET, io.UNET_EMIT, io.UNET_FUSED, io.UNET_INJECT, io.DDIM_STEP, io.GUIDED_STEP, io.VAE_DECODER):
+        latents = _examples(name, comps, plan, 64, 64)
+        assert latents[0].shape[1:] == (8, 8, 8), name
