@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_RESOLUTION",
     "EOS_TOKEN",
     "FASHION_WORDS",
+    "LATENT_CHANNELS",
     "MAX_MERGES",
     "MODEL_MAX_LENGTH",
     "TINY_TEXT_CONFIG",
@@ -58,6 +59,10 @@ __all__ = [
 DEFAULT_RESOLUTION: tuple[int, int] = (256, 256)
 # Spatial factor between image and latent: 2 ** (number of VAE blocks - 1).
 VAE_SCALE_FACTOR = 8
+# Latent channels of the family (SD 1.x has 4). Eight, because with four this small autoencoder
+# averaged the colours of a two-colour pattern within one 8x8 cell and blurred lettering: texture
+# preservation is bounded by the autoencoder's round trip, whatever the diffusion method does.
+LATENT_CHANNELS = 8
 # Written at the model root; the r2r loader reads the model's default resolution from it.
 DEFAULTS_FILE = "r2r_defaults.json"
 
@@ -80,8 +85,8 @@ class UNetConfig:
     """UNet2DConditionModel kwargs of the family; `attention_head_dim` is SD 1.x's (= number of heads)."""
 
     sample_size: int = 32
-    in_channels: int = 4
-    out_channels: int = 4
+    in_channels: int = LATENT_CHANNELS
+    out_channels: int = LATENT_CHANNELS
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
     up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
@@ -111,7 +116,7 @@ class VAEConfig:
     up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",) * 4
     block_out_channels: tuple[int, ...] = (32, 64, 64, 64)
     layers_per_block: int = 1
-    latent_channels: int = 4
+    latent_channels: int = LATENT_CHANNELS
     norm_num_groups: int = 8  # >= 4 channels per group: see r2r.training.vae_init
     sample_size: int = 256
     scaling_factor: float = 0.18215

@@ -77,7 +77,7 @@ class ReferencePipeline:
 
     @torch.no_grad()
     def encode(self, images: list[np.ndarray]) -> torch.Tensor:
-        """uint8 [H, W, 3] images of the pipeline's size -> z0 [B, 4, h, w]."""
+        """uint8 [H, W, 3] images of the pipeline's size -> z0 [B, C, h, w]."""
         for im in images:
             if im.shape != (self.height, self.width, 3):
                 raise ValueError(f"image of shape {im.shape}, pipeline expects {(self.height, self.width, 3)}")

@@ -17,6 +17,7 @@ from r2r.runtime.backend_ort_device import COPY_GRAPH, OrtDeviceBackend
 from r2r.runtime.bundle import open_bundle
 from r2r.runtime.ort_session import ProviderUnavailable, cuda_provider_options, cuda_run_config, free_dims
 from r2r.runtime.scheduler import CoupledScheduler
+from r2r.tiny import LATENT_CHANNELS as C
 
 W = H = 256
 
@@ -86,7 +87,7 @@ def test_cuda_sessions_share_the_stream_and_capture_where_onnxruntime_accepts(bu
 
     monkeypatch.setattr(mod, "open_session", fake_open)
     be = OrtDeviceBackend(bundle, "cuda", cudart=rt)
-    lat = (4, 32, 32)
+    lat = (C, 32, 32)
     assert be.session_for(io.UNET, {io.SAMPLE: (2, *lat)}) == ("unet None", (io.UNET,), True)
     assert be.session_for(io.UNET, {io.SAMPLE: (4, *lat)})[0] == "unet None"  # one session for every batch
     sess, key, captured = be.session_for(io.GUIDED_STEP, {io.Z: (2, *lat), io.EPS: (4, *lat), io.COEF: (3,)})

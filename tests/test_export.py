@@ -21,6 +21,7 @@ from r2r.export.bundle import ExportConfig, export_bundle
 from r2r.manifest import read_manifest, verify_files
 from r2r.models import encode_conditioning
 from r2r.tac import TACMode, install_tac, plan_tac
+from r2r.tiny import LATENT_CHANNELS as C
 
 W = H = 256
 BOUND = 1e-4
@@ -50,7 +51,7 @@ def _rel(got: np.ndarray, ref: torch.Tensor) -> float:
 
 def _inputs(batch: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {io.SAMPLE: torch.randn(batch, 4, H // 8, W // 8, generator=g),
+    return {io.SAMPLE: torch.randn(batch, C, H // 8, W // 8, generator=g),
             io.TIMESTEP: torch.tensor([float(torch.randint(1, 1000, (1,), generator=g))]),
             io.ENCODER_HIDDEN_STATES: torch.randn(batch, 77, 64, generator=g)}
 
@@ -80,8 +81,8 @@ def test_manifest_names_every_graph_with_the_contract_io(bundle: Path) -> None:
     assert [t.shape for t in emit.outputs[1:3]] == [["B", 1024, 32], ["B", 1024, 32]]
     inject = m.graphs[io.UNET_INJECT]
     assert [t.name for t in inject.inputs] == [io.SAMPLE, io.TIMESTEP, io.ENCODER_HIDDEN_STATES, *io.tac_names(n)]
-    assert inject.inputs[0].shape == ["2*B", 4, 32, 32]
-    assert m.graphs[io.UNET_FUSED].inputs[0].shape == ["3*B", 4, 32, 32]
+    assert inject.inputs[0].shape == ["2*B", C, 32, 32]
+    assert m.graphs[io.UNET_FUSED].inputs[0].shape == ["3*B", C, 32, 32]
     verify_files(bundle, m)
     raw = json.loads((bundle / "manifest.json").read_text())
     assert raw["source"]["embedding_sha256"] and raw["schedule"]["defaults"]["steps"] == 50
@@ -140,7 +141,7 @@ def test_vae_graphs_match_torch(bundle: Path, tiny_components) -> None:
     img = torch.rand(2, 3, H, W, generator=g) * 2 - 1
     with torch.no_grad():
         ref_lat = vae.encode(img).latent_dist.mean * vae.config.scaling_factor
-        lat = torch.randn(3, 4, H // 8, W // 8, generator=g)
+        lat = torch.randn(3, C, H // 8, W // 8, generator=g)
         ref_img = (vae.decode(lat / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
     assert _rel(_session(bundle, io.VAE_ENCODER).run(None, {io.IMAGE: img.numpy()})[0], ref_lat) < BOUND
     assert _rel(_session(bundle, io.VAE_DECODER).run(None, {io.LATENT: lat.numpy()})[0], ref_img) < BOUND

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from r2r.tac import TACMode, install_tac, plan_tac, self_attention_layers
+from r2r.tiny import LATENT_CHANNELS as C
 
 
 @pytest.fixture()
@@ -17,7 +18,7 @@ def unet(tiny_components):
 
 def _inputs(batch: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 4, 32, 32, generator=g), torch.tensor(261), torch.randn(batch, 77, 64, generator=g)
+    return torch.randn(batch, C, 32, 32, generator=g), torch.tensor(261), torch.randn(batch, 77, 64, generator=g)
 
 
 def test_plan_token_counts_match_what_the_tiny_unet_computes(unet) -> None:

@@ -109,7 +109,7 @@ def test_256px_image_gives_three_unet_latent_levels(model_dir: Path) -> None:
     assert pipe.vae_scale_factor == 8
     with torch.no_grad():
         latent = pipe.vae.encode(torch.zeros(1, 3, 256, 256)).latent_dist.mean
-    assert latent.shape == (1, 4, 32, 32)
+    assert latent.shape == (1, tiny.LATENT_CHANNELS, 32, 32)
 
     seen: list[tuple[int, ...]] = []
     hooks = [

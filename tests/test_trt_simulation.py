@@ -29,6 +29,7 @@ from r2r.runtime.backend_trt import CudaError, TrtBackend
 from r2r.runtime.bundle import Bundle, open_bundle
 from r2r.runtime.device import DeviceArray
 from r2r.runtime.scheduler import CoupledScheduler
+from r2r.tiny import LATENT_CHANNELS as C
 
 H = W = 256
 
@@ -226,8 +227,8 @@ def test_calls_the_real_apis_lack_are_refused(sim_bundle: Path, bundle: Bundle) 
     assert not {"enqueue", "execute", "execute_async", "execute_async_v2", "enqueue_v2"} & set(methods)
     trt, cudart = gpu_sim.sim_modules(sim_bundle)
     with TrtBackend(bundle, "fp32", trt=trt, cudart=cudart) as be:
-        z, eps, coef = be.empty((1, 4, 32, 32)), be.empty((1, 4, 32, 32)), be.empty((3,))
-        be.ddim(be.empty((1, 4, 32, 32)), z, eps, None, coef)  # type: ignore[arg-type]
+        z, eps, coef = be.empty((1, C, 32, 32)), be.empty((1, C, 32, 32)), be.empty((3,))
+        be.ddim(be.empty((1, C, 32, 32)), z, eps, None, coef)  # type: ignore[arg-type]
         ctx = trt._sim_contexts[-1]
         with pytest.raises(AttributeError):
             ctx.execute_async_v2([0, 0, 0, 0], be._stream_handle)  # removed in TensorRT 10
@@ -254,7 +255,7 @@ def test_the_first_enqueue_after_a_shape_change_is_not_captured(sim_bundle: Path
     """The TensorRT guide's rule, enforced by the simulation: TrtBackend.execute runs a program once before capture."""
     trt, cudart = gpu_sim.sim_modules(sim_bundle)
     with TrtBackend(bundle, "fp32", trt=trt, cudart=cudart) as be:
-        z, eps, coef, out = (be.empty(s) for s in ((1, 4, 32, 32), (1, 4, 32, 32), (3,), (1, 4, 32, 32)))
+        z, eps, coef, out = (be.empty(s) for s in ((1, C, 32, 32), (1, C, 32, 32), (3,), (1, C, 32, 32)))
         op = be.ddim(out, z, eps, None, coef)  # type: ignore[arg-type]
         be._bind_scratch()
         rt = cudart
@@ -308,7 +309,7 @@ def test_without_tensorrt_the_backend_names_the_install(monkeypatch: pytest.Monk
 def test_bindings_that_do_not_fit_the_engine_are_refused(sim_bundle: Path, bundle: Bundle) -> None:
     trt, cudart = gpu_sim.sim_modules(sim_bundle)
     with TrtBackend(bundle, "fp32", trt=trt, cudart=cudart) as be:
-        lat = (4, 32, 32)
+        lat = (C, 32, 32)
         ok = {io.SAMPLE: be.empty((1, *lat)), io.TIMESTEP: be.empty((1,)),
               io.ENCODER_HIDDEN_STATES: be.empty((1, 77, 64)), io.EPS: be.empty((1, *lat))}
         be.call(io.UNET, ok)
@@ -316,11 +317,12 @@ def test_bindings_that_do_not_fit_the_engine_are_refused(sim_bundle: Path, bundl
             be.call(io.UNET, {k: v for k, v in ok.items() if k != io.EPS})
         with pytest.raises(KeyError, match="has no tensors"):
             be.call(io.UNET, {**ok, "tac_q_0": be.empty((1, 1024, 32))})
-        with pytest.raises(ValueError, match=r"unet: input sample has shape \[-1, 4, 32, 32\].*buffer is \[1, 4, 64"):
-            be.call(io.UNET, {**ok, io.SAMPLE: be.empty((1, 4, 64, 32))})
+        bad_shape = rf"unet: input sample has shape \[-1, {C}, 32, 32\].*buffer is \[1, {C}, 64"
+        with pytest.raises(ValueError, match=bad_shape):
+            be.call(io.UNET, {**ok, io.SAMPLE: be.empty((1, C, 64, 32))})
         with pytest.raises(ValueError, match="float32 in the engine but its buffer is float16"):
             be.call(io.UNET, {**ok, io.EPS: be.empty((1, *lat), np.float16)})
-        with pytest.raises(ValueError, match=r"output eps is \[1, 4, 32, 32\] for these input shapes.*\[2, 4, 32"):
+        with pytest.raises(ValueError, match=rf"output eps is \[1, {C}, 32, 32\] for these input shapes.*\[2, {C}, 32"):
             be.call(io.UNET, {**ok, io.EPS: be.empty((2, *lat))})
         with pytest.raises(ValueError, match=r"outside the engine's optimization profile.*r2r-export build-engines"):
             be.call(io.UNET, {**ok, io.SAMPLE: be.empty((5, *lat)), io.ENCODER_HIDDEN_STATES: be.empty((5, 77, 64)),
@@ -346,10 +348,10 @@ def test_close_frees_everything(sim_bundle: Path, bundle: Bundle) -> None:
     trt, cudart = gpu_sim.sim_modules(sim_bundle)
     sim = cudart._sim
     be = TrtBackend(bundle, "fp32", trt=trt, cudart=cudart)
-    z, eps, out = (be.empty((1, 4, 32, 32)) for _ in range(3))
+    z, eps, out = (be.empty((1, C, 32, 32)) for _ in range(3))
     coef = be.empty((3,))
-    be.upload(z, np.ones((1, 4, 32, 32), np.float32))
-    be.upload(eps, np.full((1, 4, 32, 32), 2, np.float32))
+    be.upload(z, np.ones((1, C, 32, 32), np.float32))
+    be.upload(eps, np.full((1, C, 32, 32), 2, np.float32))
     be.upload(coef, np.array([0.5, 0.25, 7.5], np.float32))
     program = [be.ddim(out, z, eps, None, coef), be.copy(z, out)]  # type: ignore[arg-type]
     for _ in range(3):
@@ -364,7 +366,7 @@ def test_close_frees_everything(sim_bundle: Path, bundle: Bundle) -> None:
 
 
 def _ddim_thrice() -> np.ndarray:
-    z = np.ones((1, 4, 32, 32), np.float32)
+    z = np.ones((1, C, 32, 32), np.float32)
     eps = np.full_like(z, 2)
     for _ in range(3):
         z = np.float32(0.5) * z + np.float32(0.25) * eps
@@ -448,10 +450,10 @@ def test_simulated_plans_map_back_to_their_graph(sim_bundle: Path) -> None:
     assert engine is not None and engine.name == io.UNET
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     assert names == [io.SAMPLE, io.TIMESTEP, io.ENCODER_HIDDEN_STATES, io.EPS]
-    assert list(engine.get_tensor_shape(io.SAMPLE)) == [-1, 4, 32, 32]
+    assert list(engine.get_tensor_shape(io.SAMPLE)) == [-1, C, 32, 32]
     assert engine.get_tensor_mode(io.EPS) == trt.TensorIOMode.OUTPUT
-    assert [list(d) for d in engine.get_tensor_profile_shape(io.SAMPLE, 0)] == [[1, 4, 32, 32], [4, 4, 32, 32],
-                                                                                 [4, 4, 32, 32]]
+    assert [list(d) for d in engine.get_tensor_profile_shape(io.SAMPLE, 0)] == [[1, C, 32, 32], [4, C, 32, 32],
+                                                                                 [4, C, 32, 32]]
     trt.__version__ = "10.8.0.43"  # a plan from another TensorRT version does not deserialize
     assert trt.Runtime(trt.Logger()).deserialize_cuda_engine((sim_bundle / entry.files[0]).read_bytes()) is None
     assert "not compatible with this version of TensorRT" in trt._fake_log[-1]

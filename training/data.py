@@ -111,8 +111,8 @@ CAPTION_WORDS: tuple[str, ...] = tuple(
 
 # Pattern repeat range in pixels at the reference side, and the smallest repeat in actual pixels
 # that still draws the pattern legibly (small images get coarser, never aliased, patterns).
-# The shortest repeat is the VAE's latent cell (8 px): finer repeats cannot survive any 4-channel,
-# 8x SD-1.x autoencoder, so they would measure the autoencoder, not the method (generator version 1
+# The shortest repeat is the VAE's latent cell (8 px): finer repeats cannot survive a small 8x SD-1.x
+# autoencoder, so they would measure the autoencoder, not the method (generator version 1
 # drew 3-16 px and its lettering and stripes came back from the tiny VAE as a blur).
 _PERIOD_PX: dict[str, tuple[float, float, float]] = {
     "solid": (8.0, 12.0, 4.0),  # unused by the drawing (plain colour), kept so every kind has a period

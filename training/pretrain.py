@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from r2r.models import DEFAULT_TOKEN, EMBEDDING_FILE, load_components
+from r2r.tiny import LATENT_CHANNELS
 from r2r.training.embedding import EmbeddingConfig, train_negative_embedding
 from r2r.training.finetune import (
     MODEL_SUBDIR,
@@ -273,7 +274,7 @@ def model_card(prov: dict[str, Any]) -> str:
 
 A diffusers-format Stable Diffusion 1.x-family model small enough to ship in the repository, so that
 the whole r2r flow runs on a fresh machine with no download. Architecture: `r2r/tiny.py` (UNet
-32-64-64 channels with three latent levels at 256x256, VAE with factor 8 and 4 latent channels, a
+32-64-64 channels with three latent levels at 256x256, VAE with factor 8 and {LATENT_CHANNELS} latent channels, a
 2-layer CLIP text encoder with a locally built tokenizer). Default resolution 256x256.
 
 Trained from scratch on the procedural dataset (`r2r-train data --count {d["count"]} --size
@@ -298,11 +299,10 @@ Files: the diffusers directory, `negative_embedding.safetensors` (textual-invers
 procedural test split) is in the repository's README, produced by `r2r-train evaluate`.
 
 It is a demonstration model: 256x256, a few MB, trained on a CPU. Limits, measured by that
-evaluation: translations keep each garment's silhouette, colour and coarse pattern and take on the
-photographed domain's fold shading and soft edges, but its small 4-channel VAE is the bottleneck for
-texture: two-colour patterns at one latent cell (small dots, 11-18 px lettering) come back blurred or
-with their colours averaged (purple with yellow dots decodes coral), so the output keeps the pattern's
-layout, not always its colours.
+evaluation: translations keep each garment's silhouette, colour and pattern (stripes, dots and
+two-colour motifs with both colours) and take on the photographed domain's fold shading and soft
+edges; the VAE (8 latent channels) still bounds texture: 11-18 px lettering comes back as rows of
+letter-like marks, not legible text, and two-colour dots at one latent cell can pick up a third hue.
 """
 
 
