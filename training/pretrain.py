@@ -302,7 +302,8 @@ It is a demonstration model: 256x256, a few MB, trained on a CPU. Limits, measur
 evaluation: translations keep each garment's silhouette, colour and pattern (stripes, dots and
 two-colour motifs with both colours) and take on the photographed domain's fold shading and soft
 edges; the VAE (8 latent channels) still bounds texture: 11-18 px lettering comes back as rows of
-letter-like marks, not legible text, and two-colour dots at one latent cell can pick up a third hue.
+letter-like marks or a mottled texture, not legible text, the finest two-colour repeats (a pale
+gingham, a thin zigzag) fade or muddle, and two-colour dots at one latent cell can pick up a third hue.
 """
 
 
