@@ -298,12 +298,13 @@ Files: the diffusers directory, `negative_embedding.safetensors` (textual-invers
 `training.json` (the full recipe and the stage times). Its evaluation (the paper's ablation on the
 procedural test split) is in the repository's README, produced by `r2r-train evaluate`.
 
-It is a demonstration model: 256x256, a few MB, trained on a CPU. Limits, measured by that
-evaluation: translations keep each garment's silhouette, colour and pattern (stripes, dots and
-two-colour motifs with both colours) and take on the photographed domain's fold shading and soft
-edges; the VAE (8 latent channels) still bounds texture: 11-18 px lettering comes back as rows of
-letter-like marks or a mottled texture, not legible text, the finest two-colour repeats (a pale
-gingham, a thin zigzag) fade or muddle, and two-colour dots at one latent cell can pick up a third hue.
+It is a demonstration model: 256x256, a few MB, trained on a CPU. Limits, seen in that evaluation's
+grid and in the README demo's outputs: translations keep each garment's silhouette, colour and
+pattern (stripes, dots and two-colour motifs with both colours) and take on the photographed
+domain's fold shading and soft edges; the VAE (8 latent channels) still bounds texture: 11-18 px
+lettering comes back as rows of letter-like marks or a mottled texture, not legible text, the finest
+two-colour repeats (a pale gingham, a thin zigzag) fade or muddle, and two-colour dots at one latent
+cell can pick up a third hue.
 """
 
 
