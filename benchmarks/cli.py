@@ -19,11 +19,8 @@ import click
 import numpy as np
 
 from r2r.benchmarks.worker import BenchConfig
+from r2r.log import log
 from r2r.metrics import psnr
-
-
-def _log(msg: str) -> None:
-    click.echo(msg, err=True)
 
 
 def make_images(out: Path, count: int, width: int, height: int, seed: int = 1234) -> Path:
@@ -52,7 +49,7 @@ def run_config(cfg: BenchConfig, work: Path, timeout: float = 3600) -> dict:
         tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
         raise click.ClickException(f"benchmark {cfg.name} failed:\n{tail}")
     result = json.loads(res_path.read_text())
-    _log(f"  {cfg.name:<40} {time.perf_counter() - t0:6.1f} s")
+    log(f"  {cfg.name:<40} {time.perf_counter() - t0:6.1f} s")
     return result
 
 
@@ -64,16 +61,16 @@ def _portable_args(args: list[str]) -> list[str]:
 
 def host_overhead(bundle: Path, work: Path, repeats: int = 30) -> dict:
     """The scheduler's own time per denoising step, on null graphs with the bundle's I/O."""
-    from r2r.config import MethodConfig
-    from r2r.runtime.backend_ort import OrtBackend
-    from r2r.runtime.bundle import open_bundle
-    from r2r.runtime.null_graphs import make_null_bundle
-    from r2r.runtime.scheduler import CoupledScheduler
+    from r2r.benchmarks.null_graphs import make_null_bundle
+    from r2r.runtime.assembly import RunConfig, open_runtime
 
-    nb = open_bundle(make_null_bundle(bundle, work / "null-bundle"))
+    null = make_null_bundle(bundle, work / "null-bundle")
     out = {}
     for fused in (False, True):
-        sched = CoupledScheduler(nb, OrtBackend(nb, threads=1), 1, MethodConfig(), fused=fused)
+        runtime = open_runtime(RunConfig(engine=null, backend="onnxruntime", device="cpu",
+                                         fused="on" if fused else "off", threads=1), progress=lambda _: None)
+        sched = runtime.scheduler
+        assert sched is not None
         s = sched.plan.stages
         loop = sched.plan.ops[s["inversion"].start : s["generation"].stop]
         steps = 2 * sched.schedule.n
@@ -125,13 +122,13 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, ou
     if sd15:
         from r2r.benchmarks.sd15 import build_sd15_architecture
 
-        _log("r2r-bench: building the SD 1.5-architecture model (random weights)")
+        log("r2r-bench: building the SD 1.5-architecture model (random weights)")
         model = build_sd15_architecture(out / "models" / "sd15-random")
     model = model or EMBEDDED_DEFAULT
     embedding = embedding or model / EMBEDDING_FILE
     w, h = default_resolution(model)
     start = time.perf_counter()
-    _log(f"r2r-bench: {model} at {w}x{h}; images {n_images}, batch sizes {sizes}, repeats {repeats}")
+    log(f"r2r-bench: {model} at {w}x{h}; images {n_images}, batch sizes {sizes}, repeats {repeats}")
     images = make_images(work, n_images, w, h)
     if bundle_dir is not None:
         from r2r.manifest import read_manifest, verify_files
@@ -142,10 +139,10 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, ou
             raise click.BadParameter(f"--bundle supports batches up to {manifest.batch_max}, not {max(sizes)}")
     else:
         bundle = out / "bundles" / f"{model.name}-{w}x{h}"
-        manifest = export_bundle(ExportConfig(model, embedding, bundle, w, h, batch_max=max(sizes)), progress=_log)
+        manifest = export_bundle(ExportConfig(model, embedding, bundle, w, h, batch_max=max(sizes)), progress=log)
     # Pre-optimized ORT graphs for the graphs that fit in one protobuf; larger ones optimize at load.
     build_ort_engines(bundle, "fp32", "cpu", graphs=[g for g, e in manifest.graphs.items() if not e.external_data],
-                      progress=_log)
+                      progress=log)
     have_openvino = importlib.util.find_spec("openvino") is not None
 
     method = {}
@@ -172,7 +169,7 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, ou
         if unknown:
             raise click.BadParameter(f"--only: unknown {sorted(unknown)}; known: {[c.name for c in configs]}")
         configs = [c for c in configs if c.name in keep]
-    _log(f"r2r-bench: {len(configs)} configurations, each in its own process")
+    log(f"r2r-bench: {len(configs)} configurations, each in its own process")
     results = [run_config(c, work) for c in configs]
     ref_out = np.load(work / "torch-reference.out.npz")["images"]
     for r in results:
@@ -186,4 +183,4 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, ou
               "guidance 7.5, TAC ratio 0.9, divisor 256)", "results": results, "host_overhead": overhead,
               "command": "r2r-bench " + " ".join(_portable_args(sys.argv[1:])), "wall_s": time.perf_counter() - start}
     paths = write_reports(report, out)
-    _log(f"r2r-bench: done in {report['wall_s']:.0f} s -> {', '.join(str(p) for p in paths)}")
+    log(f"r2r-bench: done in {report['wall_s']:.0f} s -> {', '.join(str(p) for p in paths)}")

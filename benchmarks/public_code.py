@@ -1,12 +1,12 @@
 """The `public-code` baseline: FashionR2R as the paper's public diffusers script runs it.
 
-Reimplemented from DESIGN.md's description, for timing side by side at equal parameters: PyTorch
-eager; inversion with classifier-free guidance of "" against "" (a batch of 2 per step); generation
-on the batch [neg_ref, neg_cur, null_ref, null_cur] (4 per step, the reference branch's negative
-pass thrown away) with attention processors that give null_cur the Q/K of null_ref in the TAC
-layers; its own DDIM loop. 90 UNet evaluations per image at the defaults.
+Reimplemented from the description in docs/design.md ("UNet evaluations per image"), for timing side by side
+at equal parameters: PyTorch eager; inversion with classifier-free guidance of "" against "" (a batch of 2
+per step); generation on the batch [neg_ref, neg_cur, null_ref, null_cur] (4 per step, the reference
+branch's negative pass thrown away) with attention processors that give null_cur the Q/K of null_ref in the
+TAC layers; its own DDIM loop. 90 UNet evaluations per image at the defaults.
 
-One deliberate difference: DESIGN.md records that the script walks the inversion timesteps in
+One deliberate difference: docs/design.md records that the script walks the inversion timesteps in
 descending order; this baseline walks them ascending like r2r, which costs exactly the same and keeps
 its pictures comparable to ours (its fidelity column then measures only precision and batching).
 """

@@ -13,11 +13,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-STAGES = ("encode", "inversion", "generation", "decode")
+from r2r.runtime.scheduler import STAGES
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _torch_runner(cfg: BenchConfig) -> tuple[Any, Any]:
 
         return batch_fn, lambda: pipe.evaluations / max(pipe.images, 1)
 
-    from r2r.runtime.reference import ReferencePipeline
+    from r2r.reference import ReferencePipeline
 
     ref = ReferencePipeline(comps, cfg.embedding, cfg.width, cfg.height)
 
@@ -99,18 +99,17 @@ def _torch_runner(cfg: BenchConfig) -> tuple[Any, Any]:
 
 
 def _r2r_runner(cfg: BenchConfig) -> tuple[Any, Any]:
-    from r2r.config import MethodConfig
+    from r2r.config import Inversion
     from r2r.imageio import from_model_output, to_model_input
-    from r2r.runtime.bundle import open_bundle
-    from r2r.runtime.scheduler import CoupledScheduler
-    from r2r.runtime.select import make_backend
+    from r2r.runtime.assembly import RunConfig, open_runtime
 
-    bundle = open_bundle(cfg.bundle)
-    backend = make_backend(cfg.backend, bundle, cfg.precision)
-    if cfg.threads and hasattr(backend, "threads"):
-        backend.threads = cfg.threads
-    sched = CoupledScheduler(bundle, backend, cfg.batch, MethodConfig(**cfg.method),
-                             inversion=cfg.inversion, fused=cfg.fused)  # type: ignore[arg-type]
+    if cfg.bundle is None:
+        raise ValueError(f"{cfg.name}: an r2r configuration runs a bundle; none given")
+    runtime = open_runtime(RunConfig(engine=Path(cfg.bundle), backend=cfg.backend, precision=cfg.precision,
+                                     batch=cfg.batch, method=cfg.method, inversion=cast(Inversion, cfg.inversion),
+                                     fused="on" if cfg.fused else "off", threads=cfg.threads))
+    sched, backend = runtime.scheduler, runtime.backend
+    assert sched is not None and backend is not None
     ops, stages = sched.plan.ops, sched.plan.stages
     counted = {"evaluations": 0, "images": 0}
 

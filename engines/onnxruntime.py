@@ -2,41 +2,48 @@
 
 ORT's graph optimizations (constant folding, fusions, layout for the provider) are run once at build
 time and the result saved, so a session opens without redoing them; the session options that go
-with each saved graph are recorded in the manifest.
+with each saved graph are recorded in the manifest. The runtime opens every session through
+`open_session` here, so a graph is built and run with one definition of its options.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from r2r.atomic import atomic_path
+from r2r.backends import BuildRequest, backend_row
+from r2r.log import log
 from r2r.manifest import ENGINES_DIR, EngineEntry, bundle_path, read_manifest, record_file, verify_files, write_manifest
 
+ROW = backend_row("onnxruntime")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-PRECISIONS = ("fp32",)
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def session_options(threads: int = 0, optimized: bool = True) -> Any:
-    """The options a saved graph runs with: its optimizations are already applied."""
-    import onnxruntime as ort
-
+def session_options(ort: Any, threads: int = 0, preoptimized: bool = False,
+                    free_dims: Mapping[str, int] | None = None) -> Any:
+    """Options of every session, at build and at run time. A pre-optimized graph (an engine of this module) opens
+    with optimizations off; `free_dims` fixes named input dimensions ("B", "2*B"), so that the optimizer folds the
+    shape arithmetic of a dynamic-batch graph (then a pre-optimized graph is optimized again)."""
     so = ort.SessionOptions()
-    so.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    )
     so.intra_op_num_threads = threads
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if preoptimized and not free_dims
+                                   else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    for name, value in (free_dims or {}).items():
+        so.add_free_dimension_override_by_name(name, int(value))
     return so
+
+
+def open_session(ort: Any, model: Path | bytes, threads: int, providers: Sequence[Any],
+                 preoptimized: bool = False, free_dims: Mapping[str, int] | None = None) -> Any:
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=session_options(ort, threads, preoptimized, free_dims),
+                                providers=list(providers))
 
 
 def engine_key(graph_key: str, precision: str, provider: str) -> str:
@@ -50,12 +57,12 @@ def engine_key(graph_key: str, precision: str, provider: str) -> str:
 
 
 def build_ort_engines(bundle: Path, precision: str = "fp32", device: str = "cpu", graphs: list[str] | None = None,
-                      progress: Callable[[str], None] = _log) -> list[EngineEntry]:
+                      progress: Callable[[str], None] = log) -> list[EngineEntry]:
     """Optimize each bundle graph for one provider and save it under engines/onnxruntime/<device>-<precision>/."""
     import onnxruntime as ort
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"onnxruntime precision {precision!r} is not built; available: {', '.join(PRECISIONS)}")
+    ROW.check_precision(precision)
+    ROW.check_device(device)
     provider = PROVIDERS[device]
     if provider not in ort.get_available_providers():
         raise RuntimeError(f"{provider} is not available in this onnxruntime; for cuda: pip install 'r2r[gpu]'")
@@ -63,7 +70,7 @@ def build_ort_engines(bundle: Path, precision: str = "fp32", device: str = "cpu"
     built: list[EngineEntry] = []
     for name in graphs or list(manifest.graphs):
         g = manifest.graphs[name]
-        slot = f"onnxruntime/{device}-{precision}/{name}"
+        slot = ROW.slot(device, precision, name)
         rel = f"{ENGINES_DIR}/{slot}.onnx"
         key = engine_key(g.key, precision, provider)
         old = manifest.engines.get(slot)
@@ -78,16 +85,14 @@ def build_ort_engines(bundle: Path, precision: str = "fp32", device: str = "cpu"
         verify_files(bundle, manifest, only=[f for f in manifest.files if f.startswith(str(Path(g.file).parent))])
         t0 = time.perf_counter()
         out = bundle_path(bundle, rel)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.part")
-        so = session_options(optimized=False)
-        so.log_severity_level = 3  # the saved graph is hardware specific: the key records this CPU
-        so.optimized_model_filepath = str(tmp)
-        if g.external_data:
-            so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                        f"{out.name}.data")
-        ort.InferenceSession(str(bundle_path(bundle, g.file)), sess_options=so, providers=[provider])
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            so = session_options(ort)
+            so.log_severity_level = 3  # the saved graph is hardware specific: the key records this CPU
+            so.optimized_model_filepath = str(tmp)
+            if g.external_data:
+                so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                            f"{out.name}.data")
+            ort.InferenceSession(str(bundle_path(bundle, g.file)), sess_options=so, providers=[provider])
         files = [rel] + ([f"{rel}.data"] if g.external_data else [])
         for f in files:
             record_file(bundle, manifest, f)
@@ -101,3 +106,11 @@ def build_ort_engines(bundle: Path, precision: str = "fp32", device: str = "cpu"
         progress(f"  {slot:<36} built in {entry.info['build_seconds']:.1f} s ({out.stat().st_size / 1e6:.1f} MB)")
     write_manifest(bundle, manifest)
     return built
+
+
+def build(bundle: Path, request: BuildRequest, progress: Callable[[str], None] = log) -> list[EngineEntry]:
+    """The backend table's builder entry (`r2r-export build-engines --backend onnxruntime`)."""
+    return build_ort_engines(bundle, precision=request.precision, device=request.device, progress=progress)
+
+
+__all__ = ["PROVIDERS", "ROW", "build", "build_ort_engines", "engine_key", "open_session", "session_options"]

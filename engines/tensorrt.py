@@ -1,10 +1,10 @@
-"""TensorRT engines from a bundle's ONNX graphs (DESIGN.md, "The bundle", "Backends", "The GPU path").
+"""TensorRT engines from a bundle's ONNX graphs (docs/design.md, "The bundle", "Backends", "The GPU path").
 
-Written against the TensorRT 10 Python API as shipped (`engines/trt_api/tensorrt_api.json` lists it, extracted
+Written against the TensorRT 10 Python API as shipped (`tests/support/api/tensorrt_api.json` lists it, extracted
 from the `tensorrt-cu12-bindings` wheel) and the documentation of each call; TensorRT 11 is handled where it
-differs (it has no weakly typed networks). `tensorrt` and cuda-python are optional: both are imported inside the
-functions that need them, and every function that builds takes the module as an argument (`trt=`), so that
-tests and the CPU simulation can pass a strict stand-in (`r2r.engines.trt_api.strict`).
+differs (it has no weakly typed networks). `tensorrt` and cuda-python are optional (`r2r.gpu` imports them when
+asked), and every function that builds takes the module as an argument (`trt=`), so that tests and the CPU
+simulation can pass a strict stand-in (`tests/support/strict.py`).
 
 The flow per graph, in the order of the TensorRT documentation's "Python API Documentation: The Build Phase":
 Logger -> Builder -> `create_network(flags)` -> `OnnxParser(network, logger).parse_from_file(path)` (the path
@@ -33,9 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +41,10 @@ from types import ModuleType
 from typing import Any
 
 from r2r import graph_io as io
+from r2r.atomic import atomic_write
+from r2r.backends import BuildRequest, backend_row
+from r2r.gpu import gpu_info, import_tensorrt
+from r2r.log import log
 from r2r.manifest import (
     ENGINES_DIR,
     BundleError,
@@ -58,16 +59,11 @@ from r2r.manifest import (
 )
 
 BACKEND = "tensorrt"
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+ROW = backend_row(BACKEND)
+PRECISIONS = ROW.precisions
 TIMING_CACHE = f"{ENGINES_DIR}/{BACKEND}/timing.cache"
-INSTALL_HINT = "TensorRT is not installed: pip install 'r2r[gpu]' on a machine with an NVIDIA GPU"
-CUDA_INSTALL_HINT = "cuda-python is not installed: pip install 'r2r[gpu]' on a machine with an NVIDIA GPU"
 
 _FLOAT_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-class TensorRTNotInstalled(ImportError):
-    """The `gpu` extra is missing (or TensorRT's libraries cannot be loaded)."""
 
 
 class TensorRTBuildError(RuntimeError):
@@ -76,26 +72,6 @@ class TensorRTBuildError(RuntimeError):
 
 class EngineCompatError(BundleError):
     """The bundle's engines were built for another TensorRT or GPU; the message names the rebuild command."""
-
-
-def import_tensorrt() -> ModuleType:
-    try:
-        import tensorrt
-    except (ImportError, OSError):  # the package, or libnvinfer behind it
-        raise TensorRTNotInstalled(INSTALL_HINT) from None
-    return tensorrt
-
-
-def import_cudart() -> ModuleType:
-    try:
-        from cuda.bindings import runtime
-    except (ImportError, OSError):
-        raise TensorRTNotInstalled(CUDA_INSTALL_HINT) from None
-    return runtime
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -120,35 +96,13 @@ class TrtBuildConfig:
             raise ValueError(f"timing_cache {self.timing_cache}: a path inside the bundle")
 
 
-# ---- GPU identity ---------------------------------------------------------------------------------------------
-
-def gpu_info(device: int = 0, cudart: ModuleType | None = None) -> dict[str, Any]:
-    """Name, compute capability and memory of a CUDA device, from `cudaGetDeviceProperties` (cuda-python)."""
-    rt = cudart or import_cudart()
-    err, prop = rt.cudaGetDeviceProperties(device)
-    if err != rt.cudaError_t.cudaSuccess:
-        raise TensorRTBuildError(f"CUDA device {device} is not usable ({getattr(err, 'name', err)}): "
-                                 "TensorRT engines are built on the GPU they will run on")
-    name = prop.name
-    if isinstance(name, bytes | bytearray):
-        name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
-    return {"name": str(name), "compute_capability": f"{prop.major}.{prop.minor}",
-            "total_memory_bytes": int(prop.totalGlobalMem), "device": device}
-
-
 # ---- shapes and graph inspection ------------------------------------------------------------------------------
 
-def batch_multiple(dim: int | str) -> int | None:
-    """k for a batch dim "B" / "k*B"; None for a fixed dim."""
-    if isinstance(dim, int):
-        return None
-    text = dim.replace(" ", "")
-    if text == "B":
-        return 1
-    head, sep, tail = text.partition("*")
-    if sep and tail == "B" and head.isdigit():
-        return int(head)
-    raise ValueError(f"dimension {dim!r}: a TensorRT profile needs a fixed size, 'B' or 'k*B'")
+def profile_batches(graph: str, batch_min: int, batch_opt: int, batch_max: int) -> tuple[int, int, int]:
+    """(min, opt, max) of a graph's B over the bundle's image batches, at every multiple the program binds it
+    (`graph_io.CALL_MULTIPLES`: the plain UNet also runs the guided pair, 2B); tuned for its most frequent call."""
+    mults = io.CALL_MULTIPLES.get(graph, (1,))
+    return batch_min * min(mults), batch_opt * mults[0], batch_max * max(mults)
 
 
 def profile_shapes(spec: TensorSpec, batch_min: int, batch_opt: int, batch_max: int
@@ -156,7 +110,7 @@ def profile_shapes(spec: TensorSpec, batch_min: int, batch_opt: int, batch_max: 
     """min/opt/max shapes of one input: k*B dims scale with the batch, fixed dims stay."""
     shapes: tuple[list[int], list[int], list[int]] = ([], [], [])
     for dim in spec.shape:
-        k = batch_multiple(dim)
+        k = io.batch_multiple(dim)
         for shape, b in zip(shapes, (batch_min, batch_opt, batch_max), strict=True):
             shape.append(int(dim) if k is None else k * b)
     return shapes
@@ -230,22 +184,6 @@ def network_plan(trt: ModuleType, precision: str, types: OnnxTypes, onnx_path: s
     return False, [flag]
 
 
-# ---- files ----------------------------------------------------------------------------------------------------
-
-def _atomic_write(path: Path, data: Any) -> int:
-    """Write bytes-like `data` (bytes, IHostMemory) to `path` through a temporary file and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(memoryview(data))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path.stat().st_size
-
-
 # ---- one engine -----------------------------------------------------------------------------------------------
 
 def _parse_onnx(trt: ModuleType, network: Any, logger: Any, onnx_path: Path) -> Any:
@@ -269,7 +207,7 @@ def _check_inputs(network: Any, inputs: Sequence[TensorSpec], onnx_path: Path) -
     for spec in inputs:
         dims = got[spec.name]
         fixed_ok = len(dims) == len(spec.shape) and all(
-            d == -1 or batch_multiple(s) is not None or d == int(s) for d, s in zip(dims, spec.shape, strict=True))
+            d == -1 or io.batch_multiple(s) is not None or d == int(s) for d, s in zip(dims, spec.shape, strict=True))
         if not fixed_ok:
             raise TensorRTBuildError(f"{onnx_path}: input {spec.name} is {dims} in the graph but {spec.shape} in the "
                                      "manifest; re-export the bundle with `r2r-export onnx`")
@@ -296,7 +234,7 @@ def _load_timing_cache(config: Any, path: Path | None, progress: Callable[[str],
 def build_engine(onnx_path: str | Path, engine_path: str | Path, inputs: Sequence[TensorSpec], batch_min: int,
                  batch_max: int, batch_opt: int, cfg: TrtBuildConfig, trt: ModuleType | None = None, *,
                  timing_cache: str | Path | None = None, gpu: dict[str, Any] | None = None,
-                 progress: Callable[[str], None] = _log) -> dict[str, Any]:
+                 progress: Callable[[str], None] = log) -> dict[str, Any]:
     """Build one serialized engine (plan) from an ONNX graph; returns the facts the manifest records.
 
     `inputs` are the graph's input specs (TensorSpec shapes with "B", "2*B", "3*B" batch dims); the single
@@ -349,12 +287,13 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, inputs: Sequenc
         raise TensorRTBuildError(
             f"{onnx_path}: TensorRT {t.__version__} could not build a {cfg.precision} engine (the builder's log above "
             "says why: unsupported layer, out of memory, or an invalid profile)")
-    size = _atomic_write(engine_path, plan)
+    atomic_write(engine_path, plan)
+    size = engine_path.stat().st_size
 
     grown = config.get_timing_cache() or cache
     entries = len(grown.queryKeys())
     if cache_path is not None:
-        _atomic_write(cache_path, grown.serialize())
+        atomic_write(cache_path, grown.serialize())
     return {
         "tensorrt_version": t.__version__,
         "precision": cfg.precision,
@@ -383,7 +322,7 @@ def engine_file(precision: str, graph: str) -> str:
 
 def engine_entry_key(precision: str, graph: str) -> str:
     """The manifest.engines key of one engine."""
-    return f"{BACKEND}/{precision}/{graph}"
+    return ROW.slot("cuda", precision, graph)
 
 
 def engine_key(graph_key: str, cfg: TrtBuildConfig, trt_version: str, gpu: dict[str, Any],
@@ -409,7 +348,7 @@ def _up_to_date(bundle: Path, manifest: Manifest, entry: EngineEntry | None, key
 
 def build_bundle_engines(bundle: str | Path, cfg: TrtBuildConfig, graphs: Sequence[str] | None = None,
                          trt: ModuleType | None = None, gpu: dict[str, Any] | None = None,
-                         progress: Callable[[str], None] = _log) -> list[EngineEntry]:
+                         progress: Callable[[str], None] = log) -> list[EngineEntry]:
     """Build (or keep) `engines/tensorrt/<precision>/<graph>.plan` for the bundle's graphs; updates the manifest.
 
     `graphs`: names from the manifest (default: all it has, in contract order). An engine whose key (graph key,
@@ -429,11 +368,11 @@ def build_bundle_engines(bundle: str | Path, cfg: TrtBuildConfig, graphs: Sequen
     if not manifest.batch_min <= batch_opt <= manifest.batch_max:
         raise ValueError(f"batch_opt {batch_opt} is outside the bundle's batch range "
                          f"{manifest.batch_min}..{manifest.batch_max}")
-    batch = (manifest.batch_min, batch_opt, manifest.batch_max)
     cache_rel = cfg.timing_cache
     entries = []
     for name in names:
         graph = manifest.graphs[name]
+        batch = profile_batches(name, manifest.batch_min, batch_opt, manifest.batch_max)
         rel = engine_file(cfg.precision, name)
         entry_key = engine_entry_key(cfg.precision, name)
         key = engine_key(graph.key, cfg, t.__version__, gpu, batch)
@@ -493,9 +432,16 @@ def check_engine_compat(manifest: Manifest, trt_version: str, gpu_name: str, cc:
     return engines
 
 
+def build(bundle: str | Path, request: BuildRequest, progress: Callable[[str], None] = log) -> list[EngineEntry]:
+    """The backend table's builder entry (`r2r-export build-engines --backend tensorrt`)."""
+    return build_bundle_engines(bundle, TrtBuildConfig(precision=request.precision,
+                                                       builder_optimization_level=request.opt_level,
+                                                       refit=request.refit), progress=progress)
+
+
 __all__ = [
-    "BACKEND", "INSTALL_HINT", "PRECISIONS", "TIMING_CACHE", "EngineCompatError", "OnnxTypes", "TensorRTBuildError",
-    "TensorRTNotInstalled", "TrtBuildConfig", "batch_multiple", "build_bundle_engines", "build_engine",
-    "check_engine_compat", "engine_entry_key", "engine_file", "engine_key", "gpu_info", "import_cudart",
-    "import_tensorrt", "inspect_onnx", "network_plan", "profile_shapes", "rebuild_command",
+    "BACKEND", "PRECISIONS", "ROW", "TIMING_CACHE", "EngineCompatError", "OnnxTypes", "TensorRTBuildError",
+    "TrtBuildConfig", "build", "build_bundle_engines", "build_engine", "check_engine_compat", "engine_entry_key",
+    "engine_file", "engine_key", "inspect_onnx", "network_plan", "profile_batches", "profile_shapes",
+    "rebuild_command",
 ]

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +18,7 @@ from safetensors.torch import save_file
 
 from r2r import __version__
 from r2r import graph_io as io
+from r2r.atomic import atomic_path
 from r2r.config import MethodConfig
 from r2r.export.graphs import (
     STEP_SPECS,
@@ -36,6 +34,7 @@ from r2r.export.graphs import (
     unet_specs,
 )
 from r2r.export.to_onnx import OPSET, export_graph
+from r2r.log import log
 from r2r.manifest import (
     COND_FILE,
     ENGINES_DIR,
@@ -85,10 +84,6 @@ def _graph_file(name: str) -> str:
     return f"{ONNX_DIR}/{name}/{name}.onnx"
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def _files_of(bundle: Path, rel: str) -> list[str]:
     """The graph file and any external-data files beside it, relative to the bundle."""
     folder = bundle_path(bundle, rel).parent
@@ -120,7 +115,7 @@ def _examples(name: str, comps: Components, plan: TACPlan, h: int, w: int) -> tu
     return (torch.randn(2, int(comps.vae.config.latent_channels), h // 8, w // 8, generator=g),)
 
 
-def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = _log) -> Manifest:
+def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = log) -> Manifest:
     """Write or refresh the bundle at cfg.out; returns its manifest."""
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
@@ -178,11 +173,8 @@ def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = _log) -> 
         t0 = time.perf_counter()
         c_null, c_neg = encode_conditioning(comps, cfg.embedding)
         path = bundle_path(out, COND_FILE)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-        os.close(fd)
-        save_file({io.COND_NULL: c_null.contiguous(), io.COND_NEG: c_neg.contiguous()}, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({io.COND_NULL: c_null.contiguous(), io.COND_NEG: c_neg.contiguous()}, str(tmp))
         record_file(out, manifest, COND_FILE)
         manifest.cond = {"file": COND_FILE, "key": keys["cond"], "tensors": [
             TensorSpec(io.COND_NULL, list(c_null.shape), "float32").__dict__,
@@ -210,10 +202,6 @@ def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = _log) -> 
             progress(f"  {name:<11} up to date ({rel})")
             continue
         t0 = time.perf_counter()
-        folder = bundle_path(out, rel).parent
-        if folder.exists():
-            for f in folder.iterdir():
-                f.unlink()
         module = modules[name]().eval()
         inputs, outputs, external = export_graph(module, _examples(name, comps, plan, cfg.height, cfg.width),
                                                  specs[name], bundle_path(out, rel), cfg.batch_max)

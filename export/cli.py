@@ -1,17 +1,24 @@
-"""`r2r-export`: ONNX bundles (`onnx`) and engines built from them (`build-engines`)."""
+"""`r2r-export onnx`: the ONNX bundle of a model. The `r2r-export` group itself, with `build-engines`, is
+`r2r.engines.cli` (engines come after export in the flow)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from r2r.config import DEFAULT_TAC_DIVISOR
+from r2r.log import log
 from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, ModelLoadError, default_resolution
 
+if TYPE_CHECKING:
+    from r2r.export.bundle import ExportConfig
 
-def _export_config(model: Path | None, embedding: Path | None, out: Path, width: int | None, height: int | None,
-                   batch_max: int, tac_divisor: int):
+
+def export_config(model: Path | None, embedding: Path | None, out: Path, width: int | None, height: int | None,
+                  batch_max: int, tac_divisor: int) -> ExportConfig:
     from r2r.export.bundle import ExportConfig
 
     model_dir = model or EMBEDDED_DEFAULT
@@ -24,7 +31,8 @@ def _export_config(model: Path | None, embedding: Path | None, out: Path, width:
     return ExportConfig(model_dir, embedding or model_dir / EMBEDDING_FILE, out, w, h, batch_max, tac_divisor)
 
 
-def _model_options(f):
+def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--model, --embedding, --width, --height, --batch-max, --tac-divisor: what a bundle is made from."""
     for opt in reversed([
         click.option("--model", type=click.Path(path_type=Path), default=None,
                      help="Diffusers SD 1.x directory [default: the embedded tiny model]."),
@@ -39,69 +47,21 @@ def _model_options(f):
     return f
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """Export FashionR2R's graphs and build engines from them."""
+def export(cfg: ExportConfig) -> None:
+    """Write or refresh the bundle, a model error reported as a CLI error."""
+    from r2r.export.bundle import export_bundle
+
+    try:
+        export_bundle(cfg)
+    except ModelLoadError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
-@main.command("onnx")
-@_model_options
+@click.command("onnx")
+@model_options
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
 def onnx_cmd(model, embedding, width, height, batch_max, tac_divisor, out: Path) -> None:
     """Write the ONNX bundle: UNet variants, VAE graphs, conditioning, manifest."""
-    from r2r.export.bundle import export_bundle
-
-    cfg = _export_config(model, embedding, out, width, height, batch_max, tac_divisor)
-    click.echo(f"r2r-export onnx: {cfg.model} at {cfg.width}x{cfg.height}, batch 1-{cfg.batch_max} -> {out}", err=True)
-    try:
-        export_bundle(cfg)
-    except ModelLoadError as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
-@main.command("build-engines")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "openvino"]), default="onnxruntime",
-              show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "fp8"]), default="fp32",
-              show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="onnxruntime execution provider.")
-@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
-              help="TensorRT builder optimization level.")
-@click.option("--refit", is_flag=True, help="TensorRT: build refittable engines.")
-@_model_options
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
-def build_engines_cmd(backend, precision, device, opt_level, refit, model, embedding, width, height, batch_max,
-                      tac_divisor, out: Path) -> None:
-    """Build engines for one backend and precision (exports the ONNX bundle first if needed)."""
-    from r2r.export.bundle import export_bundle
-
-    cfg = _export_config(model, embedding, out, width, height, batch_max, tac_divisor)
-    click.echo(f"r2r-export build-engines: checking the ONNX bundle {out}", err=True)
-    try:
-        export_bundle(cfg)
-    except ModelLoadError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"r2r-export build-engines: {backend} {precision}", err=True)
-    if backend == "onnxruntime":
-        from r2r.engines.onnxruntime import build_ort_engines
-
-        try:
-            build_ort_engines(out, precision=precision, device=device)
-        except (ValueError, RuntimeError) as exc:
-            raise click.ClickException(str(exc)) from exc
-    elif backend == "openvino":
-        from r2r.engines.openvino import build_ov_engines
-
-        try:
-            build_ov_engines(out, precision=precision, batches=sorted({1, batch_max}))
-        except (ImportError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from exc
-    else:
-        from r2r.engines.tensorrt import TrtBuildConfig, build_bundle_engines
-
-        try:
-            build_bundle_engines(out, TrtBuildConfig(precision=precision, builder_optimization_level=opt_level,
-                                                     refit=refit))
-        except (ImportError, RuntimeError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from exc
+    cfg = export_config(model, embedding, out, width, height, batch_max, tac_divisor)
+    log(f"r2r-export onnx: {cfg.model} at {cfg.width}x{cfg.height}, batch 1-{cfg.batch_max} -> {out}")
+    export(cfg)

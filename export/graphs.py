@@ -1,4 +1,4 @@
-"""The torch modules behind each exported graph (DESIGN.md, "Graphs").
+"""The torch modules behind each exported graph (docs/design.md, "Graphs").
 
 Every UNet variant runs the same UNet with the same TACProcessor installed: the wrapper only
 switches the processors' mode, so the exported TAC is the reference's TAC.

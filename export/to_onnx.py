@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -13,6 +10,8 @@ import numpy as np
 import onnx
 import torch
 
+from r2r import graph_io as io
+from r2r.atomic import atomic_dir
 from r2r.export.graphs import GraphSpec
 from r2r.manifest import TensorSpec
 
@@ -22,17 +21,16 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 def _dim(symbol: str, batch: torch.export.Dim) -> object:
-    if not symbol:
+    k = io.batch_multiple(symbol) if symbol else None
+    if k is None:
         return None
-    if symbol == "B":
-        return batch
-    k = int(symbol.split("*")[0])
-    return k * batch
+    return batch if k == 1 else k * batch
 
 
 def export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], spec: GraphSpec, path: Path,
                  batch_max: int) -> tuple[list[TensorSpec], list[TensorSpec], bool]:
-    """Export `module(*args)` to `path` (atomically), check it, and return its I/O specs.
+    """Export `module(*args)` to `path`, check it, and return its I/O specs. The graph's folder (the graph and its
+    external data) is replaced as a whole, atomically.
 
     `args` must use a batch of 2 (B=2), so the exporter cannot specialise the batch axis to 1.
     """
@@ -46,23 +44,15 @@ def export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], spec: 
         shapes = [*shapes[:fixed], tuple(shapes[fixed:])]
     params = sum(p.numel() * p.element_size() for p in module.parameters())
     external = params > EXTERNAL_DATA_BYTES
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                module, args, input_names=in_names, output_names=out_names, opset_version=OPSET,
-                dynamo=True, dynamic_shapes=tuple(shapes), optimize=True, verbose=False,
-            )
+    with atomic_dir(path.parent) as tmpdir, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args, input_names=in_names, output_names=out_names, opset_version=OPSET,
+            dynamo=True, dynamic_shapes=tuple(shapes), optimize=True, verbose=False,
+        )
         assert program is not None
-        tmp_path = tmpdir / path.name
-        program.save(tmp_path, external_data=external)
-        check_graph(tmp_path)
-        for f in tmpdir.iterdir():  # the graph (and its external data) move into place together
-            os.replace(f, path.parent / f.name)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        program.save(tmpdir / path.name, external_data=external)
+        check_graph(tmpdir / path.name)
     inputs, outputs = graph_io_specs(path, spec)
     return inputs, outputs, external
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-# Defaults of the paper's public code (DESIGN.md, "Defaults").
+# Defaults of the paper's public code (docs/design.md, "Defaults").
 DEFAULT_STEPS = 50
 DEFAULT_STRENGTH = 0.3
 DEFAULT_GUIDANCE = 7.5
@@ -14,11 +14,13 @@ DEFAULT_TAC_DIVISOR = 256
 SD15_DEFAULT_RESOLUTION = (768, 1024)  # (W, H), the public code's default for SD 1.5 models
 
 TacTarget = Literal["null", "both"]
+Inversion = Literal["exact", "single-pass"]
+INVERSIONS: tuple[Inversion, ...] = ("exact", "single-pass")
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Realistic Image Generation parameters (DESIGN.md, "The method")."""
+    """Realistic Image Generation parameters (docs/design.md, "The method")."""
 
     steps: int = DEFAULT_STEPS
     strength: float = DEFAULT_STRENGTH
@@ -46,3 +48,24 @@ class MethodConfig:
 
     def as_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How the method is evaluated, not what it computes (docs/design.md, "UNet evaluations per image").
+
+    `inversion`: "exact" evaluates the UNet at each inversion step's own (latent, timestep) pair and runs a cg pass
+    per TAC step (58 evaluations per image at the defaults); "single-pass" reuses each step's evaluation for the
+    next step and keeps the window's Q/K from the inversion (46; another epsilon convention, so other numbers).
+    `fused`: in the TAC window, one `unet_fused` call on [cg, neg, null] instead of `unet_emit` + `unet_inject`
+    (the same numbers; a bundle graph choice, exact inversion only).
+    """
+
+    inversion: Inversion = "exact"
+    fused: bool = False
+
+    def __post_init__(self) -> None:
+        if self.inversion not in INVERSIONS:
+            raise ValueError(f"inversion must be one of {', '.join(INVERSIONS)}, got {self.inversion!r}")
+        if self.fused and self.inversion != "exact":
+            raise ValueError("the fused graph pairs with exact inversion only")

@@ -1,6 +1,9 @@
-"""Graph and tensor names: the contract between export, engines and runtime (DESIGN.md, "Graphs")."""
+"""Graph and tensor names, and the batch symbols of their shapes: the contract between export, engines and runtime
+(docs/design.md, "Graphs")."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 # Graphs of a bundle.
 UNET = "unet"
@@ -50,3 +53,32 @@ def tac_k(i: int) -> str:
 def tac_names(num_layers: int) -> list[str]:
     """tac_q_0, tac_k_0, tac_q_1, ... : the order of Q/K in the emit outputs and inject inputs."""
     return [name for i in range(num_layers) for name in (tac_q(i), tac_k(i))]
+
+
+# Batch dimensions are symbolic in the manifest: "B" (the call's batch) or "k*B".
+BATCH = "B"
+
+
+def batch_multiple(dim: int | str) -> int | None:
+    """k for a batch dimension "B" / "k*B"; None for a fixed size. Anything else is refused."""
+    if isinstance(dim, int):
+        return None
+    text = dim.replace(" ", "")
+    if text == BATCH:
+        return 1
+    head, sep, tail = text.partition("*")
+    if sep and tail == BATCH and head.isdigit() and int(head) > 0:
+        return int(head)
+    raise ValueError(f"dimension {dim!r}: a shape dimension is a fixed size, 'B' or 'k*B'")
+
+
+def concrete_shape(shape: Sequence[int | str], batch: int) -> tuple[int, ...]:
+    """A manifest shape with B bound to `batch`."""
+    return tuple(int(d) if (k := batch_multiple(d)) is None else k * batch for d in shape)
+
+
+# The values the coupled program binds to each graph's B, as multiples of the image batch: the plain UNet serves
+# the inversion (B latents) and the guided [neg, null] pair after the TAC window (2B); every other graph is called
+# at its own symbols with B = the image batch. TensorRT profiles and OpenVINO's ahead-of-time
+# compiles take their shapes from this; the scheduler's tests check that its program binds nothing else.
+CALL_MULTIPLES: dict[str, tuple[int, ...]] = {UNET: (1, 2), **{g: (1,) for g in ALL_GRAPHS if g != UNET}}

@@ -1,4 +1,4 @@
-"""Image I/O shared by every stage: the DESIGN.md preprocess, PNG writing with text metadata.
+"""Image I/O shared by every stage: the preprocess of docs/design.md, PNG writing with text metadata.
 
 Inputs are treated as hostile: Pillow's decompression-bomb guard stays on, only regular files are
 read, and written names are confined to the output folder.
@@ -7,12 +7,13 @@ read, and written names are confined to the output folder.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, PngImagePlugin
+
+from r2r.atomic import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # Largest input accepted, in pixels (a 16k x 16k image); past it Pillow raises DecompressionBombError.
@@ -24,7 +25,7 @@ class ImageReadError(ValueError):
 
 
 def load_rgb(path: str | os.PathLike[str], size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read an image as uint8 RGB [H, W, 3], per DESIGN.md's preprocess.
+    """Read an image as uint8 RGB [H, W, 3], per the preprocess of docs/design.md ("The method").
 
     RGBA (and palette or LA images with transparency) are composited over white; the result is
     resized with Pillow BICUBIC only if its size differs from `size` = (W, H).
@@ -69,31 +70,13 @@ def from_model_output(x: np.ndarray) -> np.ndarray:
 
 
 def save_png(path: str | os.PathLike[str], rgb: np.ndarray, text: Mapping[str, str] | None = None) -> Path:
-    """Write a PNG atomically (temp file + rename), so a killed run never leaves half a file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    """Write a PNG atomically, so a killed run never leaves half a file."""
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         info.add_text(str(key), str(value))
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=".png.part", dir=p.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make outputs private to the writer
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB").save(fh, format="PNG", pnginfo=info)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
-
-
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()  # read once at import, before any worker threads exist
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB").save(fh, format="PNG", pnginfo=info)
+    return Path(path)
 
 
 def read_png_text(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The bundle manifest (DESIGN.md, "The bundle"): schema, atomic writing and verification.
+"""The bundle manifest (docs/design.md, "The bundle"): schema, atomic writing and verification.
 
 One module reads and writes `manifest.json` for every stage: export fills the graphs and
 conditioning, engines add their builds, the runtime verifies hashes before it loads anything.
@@ -6,13 +6,13 @@ conditioning, engines add their builds, the runtime verifies hashes before it lo
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from r2r.atomic import atomic_write
 from r2r.models import sha256_file
 
 MANIFEST = "manifest.json"
@@ -87,9 +87,11 @@ class Manifest:
     tools: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+    # sha256 of manifest.json as read (not written into it): the identity of the bundle, recorded with each output
+    sha256: str = field(default="", compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: v for f, v in zip(fields(self), asdict(self).values(), strict=True) if f.name != "sha256"}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -100,7 +102,7 @@ class Manifest:
                 f"bundle format version {d.get('format_version')} is not {FORMAT_VERSION}; "
                 "re-export it with `r2r-export onnx`"
             )
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k != "sha256"}
         d["graphs"] = {k: GraphEntry.from_dict(v) for k, v in d.get("graphs", {}).items()}
         d["engines"] = {k: EngineEntry.from_dict(v) for k, v in d.get("engines", {}).items()}
         return cls(**d)
@@ -110,26 +112,20 @@ def read_manifest(bundle: str | Path) -> Manifest:
     path = Path(bundle) / MANIFEST
     if not path.is_file():
         raise BundleError(f"{path}: missing; make the bundle with `r2r-export onnx --out {bundle}`")
+    blob = path.read_bytes()
     try:
-        return Manifest.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        manifest = Manifest.from_dict(json.loads(blob))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise BundleError(f"{path}: malformed manifest ({exc}); re-export with `r2r-export onnx`") from exc
+    manifest.sha256 = hashlib.sha256(blob).hexdigest()
+    return manifest
 
 
 def write_manifest(bundle: str | Path, manifest: Manifest) -> Path:
     """Write atomically: a crash mid-write leaves the previous manifest, never half of one."""
-    root = Path(bundle)
-    root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".json.part", dir=root)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(manifest.to_dict(), fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, root / MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return root / MANIFEST
+    path = atomic_write(Path(bundle) / MANIFEST, json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
+    manifest.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    return path
 
 
 def bundle_path(bundle: str | Path, relative: str) -> Path:

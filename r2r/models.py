@@ -153,7 +153,7 @@ def placeholder_tokens(token: str, count: int) -> list[str]:
 
 @torch.no_grad()
 def encode_conditioning(components: Components, embedding_path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c_null, c_neg), each [1, 77, d] float32, as DESIGN.md's "Conditioning" defines them.
+    """(c_null, c_neg), each [1, 77, d] float32, as docs/design.md, "Conditioning", defines them.
 
     The text encoder and tokenizer are copied before the placeholder rows are added, so the loaded
     components stay those of the model directory.

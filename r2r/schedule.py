@@ -1,4 +1,4 @@
-"""DDIM schedule math (DESIGN.md, "Schedule", "Inversion", "Generation"): the one definition.
+"""DDIM schedule math (docs/design.md, "Schedule", "Inversion", "Generation"): the one definition.
 
 Alphas are computed with the same float32 operations as diffusers' DDIMScheduler, so that every
 backend steps with the same numbers; `ddim_transfer` is the literal two-line DDIM update used by the
@@ -120,7 +120,7 @@ class Schedule:
 
 
 def make_schedule(cfg: SchedulerConfig, method: MethodConfig) -> Schedule:
-    """DESIGN.md: n = min(int(steps * strength), steps), ts = timesteps[steps - n:]."""
+    """docs/design.md, "Schedule": n = min(int(steps * strength), steps), ts = timesteps[steps - n:]."""
     steps = method.steps
     all_ts = inference_timesteps(cfg, steps)
     n = min(int(steps * method.strength), steps)

@@ -1,6 +1,6 @@
 """Texture-preserving Attention Control: the plan (which layers, which steps) and the processor.
 
-This is the one definition of TAC (paper eq. 9, DESIGN.md). The PyTorch reference and the ONNX
+This is the one definition of TAC (paper eq. 9; docs/design.md, "TAC layers"). The PyTorch reference and the ONNX
 export both install `TACProcessor` through diffusers' attention-processor API; a `TACState` owned by
 the caller switches it between plain attention, capture (the emit graph), injection (the inject
 graph) and the fused three-way batch.

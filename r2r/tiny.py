@@ -165,7 +165,7 @@ class TextEncoderConfig:
 
 
 def scheduler_kwargs() -> dict[str, Any]:
-    """DDIMScheduler kwargs: SD 1.5's noise schedule (r2r.schedule's defaults), DESIGN.md's DDIM flags."""
+    """DDIMScheduler kwargs: SD 1.5's noise schedule (r2r.schedule's defaults), DDIM flags of docs/design.md."""
     from r2r.schedule import SchedulerConfig
 
     cfg = {k: v for k, v in SchedulerConfig().as_dict().items() if k not in ("trained_betas", "rescale_betas_zero_snr")}

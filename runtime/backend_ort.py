@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
+from r2r.engines.onnxruntime import open_session
 from r2r.runtime.bundle import Bundle
-from r2r.runtime.device import DeviceArray, HostBackend, Op
-from r2r.runtime.ort_session import CPU_PROVIDER, element_type, graph_source, open_session
+from r2r.runtime.device import Backend, DeviceArray, HostBackend, Op
+from r2r.runtime.ort_session import CPU_PROVIDER, cuda_available, element_type, graph_source, require_cuda
 
 
 class OrtBackend(HostBackend):
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, device: str = "cpu", precision: str = "fp32", threads: int = 0,
-                 graph_paths: Mapping[str, Path] | None = None) -> None:
+    def __init__(self, bundle: Bundle, device: str = "cpu", precision: str = "fp32", threads: int = 0) -> None:
         if device != "cpu":
             raise ValueError(f"OrtBackend binds host memory; device {device!r} needs the device-resident backend "
-                             "(r2r.runtime.backend_ort_device.OrtDeviceBackend, chosen by select.make_backend)")
+                             "(r2r.runtime.backend_ort_device.OrtDeviceBackend, chosen by open_backend)")
         super().__init__()
         import onnxruntime as ort
 
@@ -32,12 +31,11 @@ class OrtBackend(HostBackend):
         self.device = device
         self.precision = precision
         self.threads = threads or (os.cpu_count() or 1)
-        self.graph_paths = dict(graph_paths or {})
         self._sessions: dict[str, object] = {}
 
     def session(self, graph: str) -> object:
         if graph not in self._sessions:
-            path, preoptimized = graph_source(self.bundle, graph, self.device, self.precision, self.graph_paths)
+            path, preoptimized = graph_source(self.bundle, graph, self.device, self.precision)
             self._sessions[graph] = open_session(self.ort, path, self.threads, [CPU_PROVIDER], preoptimized)
         return self._sessions[graph]
 
@@ -66,3 +64,23 @@ class OrtBackend(HostBackend):
     def describe(self) -> dict[str, str]:
         return {"backend": self.name, "device": self.device, "precision": self.precision,
                 "onnxruntime": self.ort.__version__, "threads": str(self.threads)}
+
+
+def available_devices() -> tuple[str, ...]:
+    """cuda where this onnxruntime has the CUDA provider; cpu always."""
+    import onnxruntime as ort
+
+    return ("cuda", "cpu") if cuda_available(ort) else ("cpu",)
+
+
+def open_backend(bundle: Bundle, device: str, precision: str, threads: int = 0) -> Backend:
+    """The backend table's runtime entry: host buffers on the CPU provider, device-resident buffers (and CUDA
+    graphs) on the CUDA provider."""
+    if device == "cuda":
+        import onnxruntime as ort
+
+        from r2r.runtime.backend_ort_device import OrtDeviceBackend
+
+        require_cuda(ort)
+        return OrtDeviceBackend(bundle, "cuda", precision=precision, threads=threads)
+    return OrtBackend(bundle, device, precision=precision, threads=threads)

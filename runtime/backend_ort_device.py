@@ -26,7 +26,6 @@ without a GPU, checks the device path's bindings and numbers against `OrtBackend
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from r2r.engines.onnxruntime import open_session
+from r2r.gpu import cuda_check, import_cudart
+from r2r.log import log
 from r2r.runtime.bundle import Bundle
-from r2r.runtime.cuda_check import cuda_check
 from r2r.runtime.device import Buffers, DeviceArray, Op, StepGraphBackend
 from r2r.runtime.ort_session import (
     CPU_PROVIDER,
@@ -46,7 +47,6 @@ from r2r.runtime.ort_session import (
     element_type,
     free_dims,
     graph_source,
-    open_session,
     refuses_capture,
     require_cuda,
     run_options,
@@ -108,13 +108,10 @@ class OrtDeviceBackend(StepGraphBackend):
         self._stream: Any = None
         if device == "cuda":
             require_cuda(ort)
-            if cudart is None:
-                from r2r.engines.tensorrt import import_cudart
-
-                cudart = import_cudart()
-            self.cudart = cudart
+            self.cudart = cudart or import_cudart()
+            rt = self.cudart
             self._stream = self._cuda("cudaStreamCreateWithFlags",
-                                      cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking))
+                                      rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
 
     def _cuda(self, fn: str, result: tuple) -> Any:
         return cuda_check(self.cudart, fn, result)  # type: ignore[arg-type]
@@ -251,8 +248,8 @@ class OrtDeviceBackend(StepGraphBackend):
             sess = self._open(key, model, preoptimized, dims, capture=True)
             if sess is not None:
                 return sess, key, True
-            print(f"r2r: onnxruntime refuses to capture {graph} as a CUDA graph even at a fixed batch; its calls "
-                  "run uncaptured", file=sys.stderr)
+            log(f"r2r: onnxruntime refuses to capture {graph} as a CUDA graph even at a fixed batch; its calls run "
+                "uncaptured")
             self._modes[graph] = "uncaptured"
         return self._open((graph,), model, preoptimized, None, capture=False), (graph,), False
 

@@ -1,11 +1,11 @@
 """TensorRT backend: the bundle's engines on one CUDA stream, each batch's program replayed as one CUDA graph.
 
-Written against the TensorRT 10 Python API (`engines/trt_api/tensorrt_api.json`, the docstrings of the bindings in
-NVIDIA/TensorRT `python/docstrings/infer/pyCoreDoc.h`) and cuda-python's `cuda.bindings.runtime`
-(`engines/trt_api/cudart_api.json`, the module's docstrings). Both are optional (the `gpu` extra) and imported when
-a backend is made; tests pass the strict stand-ins of `r2r.runtime.gpu_sim` instead.
+Written against the TensorRT 10 Python API (`tests/support/api/tensorrt_api.json`, the docstrings of the bindings
+in NVIDIA/TensorRT `python/docstrings/infer/pyCoreDoc.h`) and cuda-python's `cuda.bindings.runtime`
+(`tests/support/api/cudart_api.json`, the module's docstrings). Both are optional (the `gpu` extra) and imported when
+a backend is made (`r2r.gpu`); tests pass the strict stand-ins of `tests/support/gpu_sim.py` instead.
 
-Design (DESIGN.md, "Backends", "The GPU path"):
+Design (docs/design.md, "Backends", "The GPU path"):
 
 - One non-blocking CUDA stream (`cudaStreamCreateWithFlags(cudaStreamNonBlocking)`: no implicit synchronization
   with the legacy default stream, which TensorRT's `execute_async_v3` documentation also advises against).
@@ -41,19 +41,11 @@ from typing import Any
 
 import numpy as np
 
-from r2r.engines.tensorrt import (
-    EngineCompatError,
-    check_engine_compat,
-    engine_entry_key,
-    gpu_info,
-    import_cudart,
-    import_tensorrt,
-    rebuild_command,
-)
+from r2r.engines.tensorrt import EngineCompatError, check_engine_compat, engine_entry_key, rebuild_command
+from r2r.gpu import CudaError, cuda_check, gpu_info, import_cudart, import_tensorrt, tensorrt_usable
 from r2r.manifest import bundle_path
 from r2r.runtime.bundle import Bundle
-from r2r.runtime.cuda_check import CudaError, cuda_check
-from r2r.runtime.device import Buffers, DeviceArray, Op, StepGraphBackend
+from r2r.runtime.device import Backend, Buffers, DeviceArray, Op, StepGraphBackend
 
 # TensorRT DataType member -> numpy dtype (bf16, fp8, int4, fp4 have no numpy type: such I/O is refused)
 _NP_TYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64,
@@ -420,4 +412,13 @@ class TrtBackend(StepGraphBackend):
                 "cuda_graphs": "per program", "contexts": str(len(self._contexts))}
 
 
-__all__ = ["CudaError", "TrtBackend"]
+def available_devices() -> tuple[str, ...]:
+    return ("cuda",) if tensorrt_usable() else ()
+
+
+def open_backend(bundle: Bundle, device: str, precision: str, threads: int = 0) -> Backend:
+    """The backend table's runtime entry (one GPU; `threads` does not apply)."""
+    return TrtBackend(bundle, precision=precision)
+
+
+__all__ = ["CudaError", "TrtBackend", "available_devices", "open_backend"]

@@ -24,6 +24,11 @@ class Bundle:
     scheduler: SchedulerConfig
 
     @property
+    def sha256(self) -> str:
+        """The bundle's identity: the hash of its manifest as read (which holds every file's hash)."""
+        return self.manifest.sha256
+
+    @property
     def width(self) -> int:
         return self.manifest.width
 
@@ -56,7 +61,8 @@ class Bundle:
                 f"--tac-divisor {method.tac_divisor}: the bundle's TAC layers were chosen with divisor "
                 f"{plan['divisor']}; re-export with `r2r-export onnx --tac-divisor {method.tac_divisor}`")
         if method.tac_target != plan.get("target", "null"):
-            raise BundleError(f"--tac-target {method.tac_target}: the bundle controls the {plan['target']} pass only")
+            raise BundleError(f"--tac-target {method.tac_target}: the bundle's graphs control the {plan['target']} "
+                              "pass only; the torch reference (--backend torch) takes --tac-target both")
         if not self.manifest.batch_min <= batch <= self.manifest.batch_max:
             raise BundleError(
                 f"--batch-size {batch}: the bundle supports {self.manifest.batch_min}-{self.manifest.batch_max}; "

@@ -1,9 +1,11 @@
-"""Opening ONNX Runtime sessions for a bundle, and the CUDA provider and run options of the device path.
+"""Which file an ONNX Runtime session of a bundle graph opens, and the CUDA provider and run options of the device
+path.
 
-Both ORT backends (host memory: `backend_ort`, device memory: `backend_ort_device`) open their sessions here, so a
-graph runs with the same file and session options whichever memory it is bound to. The CUDA option builders are
-pure functions (names from ONNX Runtime's `cuda_execution_provider_info.cc` and
-`onnxruntime_run_options_config_keys.h`), testable without a GPU.
+Both ORT backends (host memory: `backend_ort`, device memory: `backend_ort_device`) find their graphs here and open
+them with `r2r.engines.onnxruntime.open_session`, so a graph runs with the same file and session options whichever
+memory it is bound to, and with the options it was built with. The CUDA option builders are pure functions (names
+from ONNX Runtime's `cuda_execution_provider_info.cc` and `onnxruntime_run_options_config_keys.h`), testable without
+a GPU.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from r2r.engines.onnxruntime import PROVIDERS, ROW, engine_key
+from r2r.log import log
 from r2r.manifest import bundle_path
 from r2r.runtime.bundle import Bundle
 
@@ -73,37 +77,16 @@ def run_options(ort: Any, entries: Mapping[str, str]) -> Any:
     return ro
 
 
-def graph_source(bundle: Bundle, graph: str, device: str, precision: str,
-                 graph_paths: Mapping[str, Path] | None = None) -> tuple[Path, bool]:
-    """(file, pre-optimized): an explicit path, else the bundle's ORT engine for this device and precision (optimized
-    at build time), else the bundle's graph."""
-    if graph_paths and graph in graph_paths:
-        return Path(graph_paths[graph]), False
-    engine = bundle.manifest.engines.get(f"onnxruntime/{device}-{precision}/{graph}")
+def graph_source(bundle: Bundle, graph: str, device: str, precision: str) -> tuple[Path, bool]:
+    """(file, pre-optimized): the bundle's ORT engine for this device and precision (optimized at build time) if it
+    was built on this CPU, else the bundle's graph (optimized when the session opens)."""
+    engine = bundle.manifest.engines.get(ROW.slot(device, precision, graph))
     if engine is not None:
-        return bundle_path(bundle.root, engine.files[0]), True
+        if engine.key == engine_key(bundle.manifest.graphs[graph].key, precision, PROVIDERS[device]):
+            return bundle_path(bundle.root, engine.files[0]), True
+        log(f"r2r: the onnxruntime engine of {graph} was optimized on another CPU or onnxruntime; using the bundle's "
+            f"graph (rebuild with `r2r-export build-engines --backend onnxruntime --out {bundle.root}`)")
     return bundle.graph_path(graph), False
-
-
-def session_options(ort: Any, threads: int, preoptimized: bool = False,
-                    free_dims: Mapping[str, int] | None = None) -> Any:
-    """`free_dims` fixes named input dimensions ("B", "2*B"): the optimizer then folds the shape arithmetic of a
-    dynamic-batch graph (so also a pre-optimized graph is optimized again)."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if preoptimized and not free_dims
-                                   else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-    for name, value in (free_dims or {}).items():
-        so.add_free_dimension_override_by_name(name, int(value))
-    return so
-
-
-def open_session(ort: Any, model: Path | bytes, threads: int, providers: Sequence[Any],
-                 preoptimized: bool = False, free_dims: Mapping[str, int] | None = None) -> Any:
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, sess_options=session_options(ort, threads, preoptimized, free_dims),
-                                providers=list(providers))
 
 
 def free_dims(inputs: Sequence[tuple[str, Sequence[int | str]]],
@@ -127,4 +110,4 @@ def refuses_capture(exc: BaseException) -> bool:
 
 __all__ = ["CPU_PROVIDER", "CUDA_INSTALL_HINT", "CUDA_PROVIDER", "GPU_GRAPH_ID", "NO_SYNC", "ProviderUnavailable",
            "cuda_available", "cuda_provider_options", "cuda_run_config", "element_type", "free_dims", "graph_source",
-           "open_session", "refuses_capture", "require_cuda", "run_options", "session_options"]
+           "refuses_capture", "require_cuda", "run_options"]

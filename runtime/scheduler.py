@@ -1,58 +1,61 @@
 """The coupled two-branch scheduler: inversion and TAC-guided generation as one bound program.
 
-For a batch size B and a schedule, every buffer is allocated once and every graph call is bound
-once; running a batch is: upload the images, execute the program, download the images. The emit
-graph's Q/K outputs are the inject graph's Q/K inputs (the same buffers), the inversion latents are
-read in place by the cg passes, and the [zr, zr] batch is written by the update itself.
+For a batch size B, a schedule and a variant, every buffer is allocated once and every graph call is bound once;
+running a batch is: upload the images, execute the program, download the images. The emit graph's Q/K outputs are
+the inject graph's Q/K inputs (the same buffers), the inversion latents are read in place by the cg passes, and the
+[zr, zr] batch is written by the update itself.
 
-Graph calls per image at the defaults (n = 15, window 13): exact inversion 15 + 13 + 30 = 58;
-single-pass inversion 16 + 30 = 46 (DESIGN.md, "UNet evaluations per image").
+The program is assembled by small functions, one job each (docs/design.md, "The method"): `encode`, one inversion
+per variant (`invert_exact`, `invert_single_pass`), `generate` with one TAC pass per variant (`tac_emit_inject`,
+`tac_fused`, `tac_kept`), `decode`. Graph calls per image at the defaults (n = 15, window 13): exact inversion
+15 + 13 + 30 = 58; single-pass inversion 16 + 30 = 46 (docs/design.md, "UNet evaluations per image").
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
 from r2r import graph_io as io
-from r2r.config import MethodConfig
+from r2r.config import MethodConfig, Variant
 from r2r.imageio import from_model_output, to_model_input
 from r2r.runtime.bundle import Bundle
 from r2r.runtime.device import Backend, Coefficients, DeviceArray, Op
 from r2r.schedule import Schedule, transfer_coefficients
 
-Inversion = Literal["exact", "single-pass"]
+STAGES = ("encode", "inversion", "generation", "decode")
 
 
 @dataclass
 class Plan:
-    """A bound program and what it evaluates, for one (batch, method, inversion, fused)."""
+    """A bound program and what it evaluates, for one (batch, method, variant)."""
 
-    ops: list[Op]
+    ops: list[Op] = field(default_factory=list)
     unet_evaluations: Counter = field(default_factory=Counter)  # graph -> latents evaluated per image
     graph_calls: Counter = field(default_factory=Counter)
     stages: dict[str, slice] = field(default_factory=dict)  # encode / inversion / generation / decode
     unet_ops: dict[int, int] = field(default_factory=dict)  # op index -> latents per image it evaluates
+
+    def add(self, op: Op) -> None:
+        self.ops.append(op)
 
 
 class CoupledScheduler:
     """FashionR2R's generation on a bundle through one backend, batch of B images."""
 
     def __init__(self, bundle: Bundle, backend: Backend, batch: int, method: MethodConfig,
-                 inversion: Inversion = "exact", fused: bool = False) -> None:
+                 variant: Variant | None = None) -> None:
+        variant = variant or Variant()
         bundle.check(method, batch)
-        if fused and io.UNET_FUSED not in bundle.manifest.graphs:
+        if variant.fused and io.UNET_FUSED not in bundle.manifest.graphs:
             raise ValueError(f"{bundle.root}: no {io.UNET_FUSED} graph in the bundle")
-        if fused and inversion != "exact":
-            raise ValueError("the fused graph pairs with exact inversion only")
-        self.bundle, self.backend, self.batch, self.method = bundle, backend, batch, method
-        self.inversion, self.fused = inversion, fused
+        self.bundle, self.backend, self.batch, self.method, self.variant = bundle, backend, batch, method, variant
         self.schedule, self.window = bundle.schedule(method)
         self._alloc()
-        self.plan = self._build()
+        self.plan = build_program(self)
 
     # -- buffers ---------------------------------------------------------------------------------
     def _alloc(self) -> None:
@@ -68,7 +71,7 @@ class CoupledScheduler:
         be.upload(self.c_null, np.repeat(self.bundle.c_null, b, axis=0))
         be.upload(self.c_pair, np.concatenate([np.repeat(self.bundle.c_neg, b, 0),
                                                np.repeat(self.bundle.c_null, b, 0)]))
-        if self.fused:
+        if self.variant.fused:
             self.c_fused = be.empty((3 * b, 77, d))
             be.upload(self.c_fused, np.concatenate([np.repeat(self.bundle.c_null, b, 0),
                                                     np.repeat(self.bundle.c_neg, b, 0),
@@ -82,14 +85,14 @@ class CoupledScheduler:
         self.pairs = be.empty((2, 2 * b, *lat))  # ping-pong [zr, zr] batches
         self.eps1 = be.empty((b, *lat))
         self.eps_pair = be.empty((2 * b, *lat))
-        self.eps_fused = be.empty((3 * b, *lat)) if self.fused else None
-        self.z_scratch = be.empty((b, *lat))
+        self.eps_fused = be.empty((3 * b, *lat)) if self.variant.fused else None
         layers = self.bundle.tac_layers
-        slots = self.window if self.inversion == "single-pass" else min(self.window, 1)
+        # exact inversion: one Q/K set, rewritten by each step's cg pass; single-pass: one per window step
+        slots = self.window if self.variant.inversion == "single-pass" else min(self.window, 1)
         self.qk = [[be.empty((b, lyr["tokens"], lyr["channels"])) for lyr in layers for _ in (0, 1)]
                    for _ in range(slots)]
         sched = self.schedule
-        self.timesteps = be.empty((n + 1, 1))
+        self.timesteps = be.empty((n + 1, 1))  # row n: single-pass inversion's first timestep (t0)
         be.upload(self.timesteps, np.array([[t] for t in (*sched.timesteps, self._t0())], np.float32))
         self.coef_host = self._coefficients()
         self.coefs = be.empty((len(self.coef_host), 3))
@@ -100,79 +103,30 @@ class CoupledScheduler:
         return max(self.schedule.timesteps[-1] - self.schedule.stride, 0)
 
     def _coefficients(self) -> list[Coefficients]:
+        """Rows 0..n-1: inversion step j (a(t-D) -> a(t)); rows n..2n-1: generation step i (guided)."""
         s: Schedule = self.schedule
         inv = [Coefficients(*transfer_coefficients(s.alpha_prev[j], s.alpha[j])) for j in range(s.n)]
         gen = [Coefficients(*transfer_coefficients(s.alpha[i], s.alpha_prev[i]), self.method.guidance)
                for i in range(s.n)]
         return inv + gen
 
-    # -- program ---------------------------------------------------------------------------------
-    def _unet_call(self, plan: Plan, graph: str, sample: DeviceArray, t: int, cond: DeviceArray,
-                   eps: DeviceArray, qk: list[DeviceArray] | None = None, qk_in: bool = False) -> Op:
+    def pair(self, i: int) -> DeviceArray:
+        """Where generation step i reads its [zr, zr] batch (step n's is the result)."""
+        if self.variant.fused and i < self.window:
+            return self.fused_in[i][self.batch:]
+        return self.pairs[i % 2]
+
+    def unet(self, plan: Plan, graph: str, sample: DeviceArray, t: int, cond: DeviceArray, eps: DeviceArray,
+             qk: list[DeviceArray] | None = None) -> Op:
+        """A prepared UNet call at timestep row `t`, counted in the plan."""
         binds = {io.SAMPLE: sample, io.TIMESTEP: self.timesteps[t], io.ENCODER_HIDDEN_STATES: cond, io.EPS: eps}
         if qk is not None:
             binds |= dict(zip(io.tac_names(len(self.bundle.tac_layers)), qk, strict=True))
-        plan.unet_evaluations[graph] += sample.shape[0] // self.batch
+        per_image = sample.shape[0] // self.batch
+        plan.unet_evaluations[graph] += per_image
         plan.graph_calls[graph] += 1
-        plan.unet_ops[len(plan.ops)] = sample.shape[0] // self.batch
+        plan.unet_ops[len(plan.ops)] = per_image
         return self.backend.call(graph, binds)
-
-    def _build(self) -> Plan:
-        be, b, n = self.backend, self.batch, self.schedule.n
-        plan = Plan([])
-        ops = plan.ops
-        ops.append(be.call(io.VAE_ENCODER, {io.IMAGE: self.image_in, io.LATENT: self.z0}))
-        plan.stages["encode"] = slice(0, len(ops))
-        single = self.inversion == "single-pass"
-
-        # Inversion over ts ascending (j = n-1 .. 0), z_t of step j into zs[j].
-        if single:
-            # e = UNet(z, t) at each latent's own timestep; the window's Q/K are kept per step.
-            ops.append(self._unet_call(plan, io.UNET, self.z0, n, self.c_null, self.eps1))
-        src = self.z0
-        for j in reversed(range(n)):
-            if not single:
-                ops.append(self._unet_call(plan, io.UNET, src, j, self.c_null, self.eps1))
-            ops.append(be.ddim(self.zs[j], src, self.eps1, self.coef_host[j], self.coefs[j]))
-            if single:
-                if j < self.window:
-                    ops.append(self._unet_call(plan, io.UNET_EMIT, self.zs[j], j, self.c_null, self.eps1,
-                                               self.qk[j]))
-                elif j > 0:
-                    ops.append(self._unet_call(plan, io.UNET, self.zs[j], j, self.c_null, self.eps1))
-            src = self.zs[j]
-
-        plan.stages["inversion"] = slice(plan.stages["encode"].stop, len(ops))
-
-        # Generation from zr = z_{ts[0]}.
-        def pair(i: int) -> DeviceArray:
-            if self.fused and i < self.window:
-                return self.fused_in[i][b:]
-            return self.pairs[i % 2]
-
-        first = pair(0)
-        ops.append(be.copy(first[:b], self.zs[0]))
-        ops.append(be.copy(first[b:], self.zs[0]))
-        for i in range(n):
-            cur, nxt = pair(i), (pair(i + 1) if i + 1 < n else self.pairs[(i + 1) % 2])
-            eps = self.eps_pair
-            if i < self.window and self.fused:
-                ops.append(self._unet_call(plan, io.UNET_FUSED, self.fused_in[i], i, self.c_fused,
-                                           self.eps_fused))
-                eps = self.eps_fused[b:]
-            elif i < self.window:
-                qk = self.qk[i] if single else self.qk[0]
-                if not single:
-                    ops.append(self._unet_call(plan, io.UNET_EMIT, self.zs[i], i, self.c_null, self.eps1, qk))
-                ops.append(self._unet_call(plan, io.UNET_INJECT, cur, i, self.c_pair, eps, qk, qk_in=True))
-            else:
-                ops.append(self._unet_call(plan, io.UNET, cur, i, self.c_pair, eps))
-            ops.append(be.guided(nxt, cur[:b], eps, self.coef_host[n + i], self.coefs[n + i]))
-        self.final = nxt[:b]
-        plan.stages["generation"] = slice(plan.stages["inversion"].stop, len(ops))
-        ops.append(be.call(io.VAE_DECODER, {io.LATENT: self.final, io.IMAGE: self.image_out}))
-        plan.stages["decode"] = slice(plan.stages["generation"].stop, len(ops))
-        return plan
 
     @property
     def unet_evaluations_per_image(self) -> int:
@@ -189,3 +143,98 @@ class CoupledScheduler:
         self.backend.execute(self.plan.ops, key=id(self))
         out = self.backend.download(self.image_out)
         return [from_model_output(out[i]) for i in range(k)]
+
+
+# -- the program ---------------------------------------------------------------------------------------------------
+
+def encode(s: CoupledScheduler, plan: Plan) -> None:
+    """z0 = VAE encoder(image)."""
+    plan.add(s.backend.call(io.VAE_ENCODER, {io.IMAGE: s.image_in, io.LATENT: s.z0}))
+
+
+def invert_exact(s: CoupledScheduler, plan: Plan) -> None:
+    """DDIM inversion over ts ascending (paper eq. 5): e = UNet(z, t_j), then z_t(j) into zs[j]."""
+    src = s.z0
+    for j in reversed(range(s.schedule.n)):
+        plan.add(s.unet(plan, io.UNET, src, j, s.c_null, s.eps1))
+        plan.add(s.backend.ddim(s.zs[j], src, s.eps1, s.coef_host[j], s.coefs[j]))
+        src = s.zs[j]
+
+
+def invert_single_pass(s: CoupledScheduler, plan: Plan) -> None:
+    """Each step reuses the UNet evaluated at the previous latent and that latent's own timestep (z0 at t0); the
+    evaluations at window steps are emit calls, which keep that step's Q/K for generation."""
+    plan.add(s.unet(plan, io.UNET, s.z0, s.schedule.n, s.c_null, s.eps1))
+    src = s.z0
+    for j in reversed(range(s.schedule.n)):
+        plan.add(s.backend.ddim(s.zs[j], src, s.eps1, s.coef_host[j], s.coefs[j]))
+        if j < s.window:
+            plan.add(s.unet(plan, io.UNET_EMIT, s.zs[j], j, s.c_null, s.eps1, s.qk[j]))
+        elif j > 0:  # the last latent's evaluation would feed no step
+            plan.add(s.unet(plan, io.UNET, s.zs[j], j, s.c_null, s.eps1))
+        src = s.zs[j]
+
+
+TacPass = Callable[[CoupledScheduler, Plan, int, DeviceArray], DeviceArray]
+
+
+def tac_emit_inject(s: CoupledScheduler, plan: Plan, i: int, cur: DeviceArray) -> DeviceArray:
+    """The cg pass on z_t(i) emits Q/K; the [neg, null] pass takes them in the null half."""
+    plan.add(s.unet(plan, io.UNET_EMIT, s.zs[i], i, s.c_null, s.eps1, s.qk[0]))
+    plan.add(s.unet(plan, io.UNET_INJECT, cur, i, s.c_pair, s.eps_pair, s.qk[0]))
+    return s.eps_pair
+
+
+def tac_fused(s: CoupledScheduler, plan: Plan, i: int, cur: DeviceArray) -> DeviceArray:
+    """One call on [z_t(i), zr, zr]: the injection happens inside the graph; eps of [neg, null] is its tail."""
+    plan.add(s.unet(plan, io.UNET_FUSED, s.fused_in[i], i, s.c_fused, s.eps_fused))
+    return s.eps_fused[s.batch:]
+
+
+def tac_kept(s: CoupledScheduler, plan: Plan, i: int, cur: DeviceArray) -> DeviceArray:
+    """Single-pass inversion already emitted step i's Q/K: the [neg, null] pass takes them."""
+    plan.add(s.unet(plan, io.UNET_INJECT, cur, i, s.c_pair, s.eps_pair, s.qk[i]))
+    return s.eps_pair
+
+
+def tac_pass(variant: Variant) -> TacPass:
+    if variant.fused:
+        return tac_fused
+    return tac_kept if variant.inversion == "single-pass" else tac_emit_inject
+
+
+def generate(s: CoupledScheduler, plan: Plan) -> None:
+    """From zr = z_t(0): eps of [neg, null] (TAC in the window), guidance (paper eq. 8) and the DDIM update,
+    which writes both halves of the next [zr, zr] batch."""
+    b, n = s.batch, s.schedule.n
+    first = s.pair(0)
+    plan.add(s.backend.copy(first[:b], s.zs[0]))
+    plan.add(s.backend.copy(first[b:], s.zs[0]))
+    controlled = tac_pass(s.variant)
+    for i in range(n):
+        cur = s.pair(i)
+        if i < s.window:
+            eps = controlled(s, plan, i, cur)
+        else:
+            plan.add(s.unet(plan, io.UNET, cur, i, s.c_pair, s.eps_pair))
+            eps = s.eps_pair
+        plan.add(s.backend.guided(s.pair(i + 1), cur[:b], eps, s.coef_host[n + i], s.coefs[n + i]))
+
+
+def decode(s: CoupledScheduler, plan: Plan) -> None:
+    """image = VAE decoder(zr) of the last step's batch."""
+    final = s.pair(s.schedule.n)[:s.batch]
+    plan.add(s.backend.call(io.VAE_DECODER, {io.LATENT: final, io.IMAGE: s.image_out}))
+
+
+INVERT = {"exact": invert_exact, "single-pass": invert_single_pass}
+
+
+def build_program(s: CoupledScheduler) -> Plan:
+    """The whole batch program, stage by stage."""
+    plan = Plan()
+    for stage, fn in zip(STAGES, (encode, INVERT[s.variant.inversion], generate, decode), strict=True):
+        start = len(plan.ops)
+        fn(s, plan)
+        plan.stages[stage] = slice(start, len(plan.ops))
+    return plan

@@ -1,17 +1,76 @@
-"""Choosing and constructing a backend for a bundle, and the embedded default's cached bundle."""
+"""Choosing a backend, device and precision for a bundle from the backend table (`r2r/backends.py`), and the
+bundles `r2r-run` exports into its cache when it is given a model instead of a bundle."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import os
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
-from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, default_resolution, sha256_tree
+from r2r.backends import BACKENDS, BackendRow, backend_row
+from r2r.log import log
+from r2r.models import sha256_file, sha256_tree
 from r2r.runtime.bundle import Bundle
-from r2r.runtime.device import Backend
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino", "torch")
-DEVICES = {"onnxruntime": ("cpu", "cuda"), "openvino": ("cpu",), "tensorrt": ("cuda",)}  # bundle backends
+
+class DeviceUnavailable(ImportError):
+    """A device was asked for that the backend cannot use on this machine; the message names the install."""
+
+
+def runtime_module(row: BackendRow) -> ModuleType:
+    """The row's runtime module: `available_devices()` and `open_backend(bundle, device, precision, threads)`."""
+    return importlib.import_module(row.runtime)
+
+
+def has_engines(bundle: Bundle, row: BackendRow) -> bool:
+    return any(e.backend == row.name for e in bundle.manifest.engines.values())
+
+
+def resolve_device(row: BackendRow, device: str = "auto") -> str:
+    """The device `row` runs on: the first of its devices usable here for "auto", else the one asked for, checked."""
+    if device != "auto":
+        row.check_device(device)
+    available = runtime_module(row).available_devices()
+    if device == "auto":
+        for d in row.devices:
+            if d in available:
+                return d
+        raise DeviceUnavailable(f"the {row.name} backend has no usable device on this machine: {row.install}")
+    if device not in available:
+        raise DeviceUnavailable(f"--device {device}: the {row.name} backend cannot use it on this machine: "
+                                f"{row.install}")
+    return device
+
+
+def resolve_backend(name: str, bundle: Bundle, device: str = "auto") -> BackendRow:
+    """A named row, or for "auto" the first candidate row (table order) that can run this bundle here."""
+    if name != "auto":
+        return backend_row(name)
+    for row in BACKENDS:
+        if not row.auto or (device != "auto" and device not in row.devices):
+            continue
+        if row.needs_engines and not has_engines(bundle, row):
+            continue
+        try:
+            resolve_device(row, device)
+        except (ImportError, ValueError):
+            continue
+        return row
+    raise DeviceUnavailable(f"no backend can run {bundle.root} on device {device} here")
+
+
+def resolve_precision(row: BackendRow, bundle: Bundle, precision: str | None = None) -> str:
+    """The precision asked for (checked against the row), else the row's default, else (engines built per GPU) the
+    best precision the bundle has engines of."""
+    if precision is not None:
+        return row.check_precision(precision)
+    if row.default_precision is not None:
+        return row.default_precision
+    built = {e.precision for e in bundle.manifest.engines.values() if e.backend == row.name}
+    return next((p for p in row.precisions if p in built), row.precisions[0])
 
 
 def cache_dir() -> Path:
@@ -22,84 +81,18 @@ def cache_dir() -> Path:
     return base / "r2r"
 
 
-def default_bundle(batch_max: int = 4) -> Path:
-    """The embedded default's bundle, exported once into the cache (a re-run checks hashes only)."""
+def cached_bundle(model: Path, embedding: Path, width: int, height: int, batch_max: int, tac_divisor: int,
+                  progress: Callable[[str], None] = log) -> Path:
+    """A model's bundle, exported once into the cache and named by what it is made from (a later call with the same
+    model, embedding and settings checks hashes only)."""
     from r2r.export.bundle import ExportConfig, export_bundle
 
-    w, h = default_resolution(EMBEDDED_DEFAULT)
-    digest = sha256_tree(EMBEDDED_DEFAULT)[:12]
-    out = cache_dir() / "bundles" / f"embedded-{digest}-{w}x{h}-b{batch_max}"
-    print(f"r2r-run: using the embedded default's bundle {out}", file=sys.stderr)
-    export_bundle(ExportConfig(EMBEDDED_DEFAULT, EMBEDDED_DEFAULT / EMBEDDING_FILE, out, w, h, batch_max))
+    digest = hashlib.sha256(f"{sha256_tree(model)} {sha256_file(embedding)}".encode()).hexdigest()[:12]
+    out = cache_dir() / "bundles" / f"{model.name}-{digest}-{width}x{height}-b{batch_max}-d{tac_divisor}"
+    progress(f"r2r-run: using the bundle of {model.name} at {width}x{height} in {out}")
+    export_bundle(ExportConfig(model, embedding, out, width, height, batch_max, tac_divisor), progress=progress)
     return out
 
 
-def _tensorrt_usable(bundle: Bundle) -> bool:
-    """Engines in the bundle, TensorRT and cuda-python importable, and a GPU visible."""
-    if not any(e.backend == "tensorrt" for e in bundle.manifest.engines.values()):
-        return False
-    from r2r.engines.tensorrt import gpu_info, import_cudart, import_tensorrt
-
-    try:
-        import_tensorrt()
-        import_cudart()
-        gpu_info()
-    except (ImportError, OSError, RuntimeError):
-        return False
-    return True
-
-
-def default_precision(name: str, bundle: Bundle) -> str:
-    """TensorRT: the precision the bundle's engines were built with (fp16 first); CPU backends: fp32."""
-    if name == "tensorrt":
-        built = {e.precision for e in bundle.manifest.engines.values() if e.backend == "tensorrt"}
-        for p in ("fp16", "bf16", "fp8", "int8", "fp32"):
-            if p in built:
-                return p
-    return "fp32"
-
-
-def resolve_backend(name: str, bundle: Bundle, device: str = "auto") -> str:
-    """auto: tensorrt when usable (and the device is not cpu), else onnxruntime."""
-    if name != "auto":
-        return name
-    return "tensorrt" if device != "cpu" and _tensorrt_usable(bundle) else "onnxruntime"
-
-
-def resolve_device(name: str, device: str = "auto") -> str:
-    """The device a bundle backend runs on. onnxruntime: cuda (device-resident buffers, CUDA graphs) when this
-    onnxruntime has the CUDA provider, else cpu (host buffers); asking for cuda without it names the install."""
-    allowed = DEVICES.get(name)
-    if allowed is None:
-        raise ValueError(f"backend {name!r} does not run bundles; choose one of {', '.join(BACKENDS)}")
-    if device not in ("auto", *allowed):
-        raise ValueError(f"--device {device}: the {name} backend runs on {' or '.join(allowed)}")
-    if name != "onnxruntime":
-        return allowed[0]
-    import onnxruntime as ort
-
-    from r2r.runtime.ort_session import cuda_available, require_cuda
-
-    if device == "cuda":
-        require_cuda(ort)
-        return "cuda"
-    return "cuda" if device == "auto" and cuda_available(ort) else "cpu"
-
-
-def make_backend(name: str, bundle: Bundle, precision: str = "fp32", device: str = "auto") -> Backend:
-    device = resolve_device(name, device)
-    if name == "onnxruntime" and device == "cuda":
-        from r2r.runtime.backend_ort_device import OrtDeviceBackend
-
-        return OrtDeviceBackend(bundle, "cuda", precision=precision)
-    if name == "onnxruntime":
-        from r2r.runtime.backend_ort import OrtBackend
-
-        return OrtBackend(bundle, precision=precision)
-    if name == "openvino":
-        from r2r.runtime.backend_ov import OpenVinoBackend
-
-        return OpenVinoBackend(bundle, precision=precision)
-    from r2r.runtime.backend_trt import TrtBackend
-
-    return TrtBackend(bundle, precision=precision)
+__all__ = ["DeviceUnavailable", "cache_dir", "cached_bundle", "has_engines", "resolve_backend", "resolve_device",
+           "resolve_precision", "runtime_module"]

@@ -49,23 +49,30 @@ def tiny_components(tiny_model_dir: Path):
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model's ONNX bundle at 256x256, batch 1-4 (exported once per session, ~1 min)."""
-    from r2r.export.bundle import ExportConfig, export_bundle
+def r2r_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's R2R_CACHE: tiny_bundle and embedded_bundle are the bundles r2r-run exports there."""
+    return tmp_path_factory.mktemp("r2r-cache")
 
-    out = tmp_path_factory.mktemp("bundle")
-    export_bundle(ExportConfig(tiny_model_dir, tiny_model_dir / "negative_embedding.safetensors", out, 256, 256,
-                               batch_max=4), progress=lambda s: None)
-    return out
+
+def _cached(cache: Path, model: Path, batch_max: int) -> Path:
+    from r2r.runtime.select import cached_bundle
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("R2R_CACHE", str(cache))
+        return cached_bundle(model, model / "negative_embedding.safetensors", 256, 256, batch_max, 256,
+                             progress=lambda s: None)
 
 
 @pytest.fixture(scope="session")
-def embedded_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped embedded default's bundle (exported once per session)."""
-    from r2r.export.bundle import ExportConfig, export_bundle
-    from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE
+def tiny_bundle(tiny_model_dir: Path, r2r_cache: Path) -> Path:
+    """The tiny model's ONNX bundle at 256x256, batch 1-4 (exported once per session, ~1 min), as `r2r-run --model
+    TINY` finds it in the cache."""
+    return _cached(r2r_cache, tiny_model_dir, 4)
 
-    out = tmp_path_factory.mktemp("embedded-bundle")
-    export_bundle(ExportConfig(EMBEDDED_DEFAULT, EMBEDDED_DEFAULT / EMBEDDING_FILE, out, 256, 256, batch_max=2),
-                  progress=lambda s: None)
-    return out
+
+@pytest.fixture(scope="session")
+def embedded_bundle(r2r_cache: Path) -> Path:
+    """The shipped embedded default's bundle (exported once per session), as `r2r-run` finds it in the cache."""
+    from r2r.models import EMBEDDED_DEFAULT
+
+    return _cached(r2r_cache, EMBEDDED_DEFAULT, 4)

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from r2r import graph_io as io
-from r2r.config import MethodConfig
+from r2r.config import MethodConfig, Variant
 from r2r.metrics import psnr
 from r2r.runtime.backend_ort import OrtBackend
 from r2r.runtime.backend_ort_device import COPY_GRAPH, OrtDeviceBackend
@@ -66,8 +66,9 @@ def test_cuda_sessions_share_the_stream_and_capture_where_onnxruntime_accepts(bu
     """On the simulated CUDA runtime, with sessions stubbed (no CUDA provider here): a graph ONNX Runtime captures
     with its dynamic batch gets one session; one refused that way gets a session per batch with the batch fixed; one
     refused both ways runs uncaptured. The stream is made once, named in every session's options, destroyed last."""
+    from support import gpu_sim
+
     import r2r.runtime.backend_ort_device as mod
-    from r2r.runtime import gpu_sim
 
     _with_cuda(monkeypatch)
     rt = gpu_sim.fake_cudart()
@@ -118,33 +119,37 @@ def test_free_dims_read_the_named_batch_of_a_call() -> None:
 
 
 def test_cuda_without_the_provider_names_the_gpu_extra(bundle, monkeypatch) -> None:
-    from r2r.runtime.select import make_backend, resolve_device
+    from r2r.backends import backend_row
+    from r2r.runtime.backend_ort import open_backend
+    from r2r.runtime.select import DeviceUnavailable, resolve_device
 
     _cpu_only(monkeypatch)
+    with pytest.raises(DeviceUnavailable, match=r"pip install 'r2r\[gpu\]'"):
+        resolve_device(backend_row("onnxruntime"), "cuda")
     with pytest.raises(ProviderUnavailable, match=r"pip install 'r2r\[gpu\]'"):
-        resolve_device("onnxruntime", "cuda")
-    with pytest.raises(ProviderUnavailable, match=r"pip install 'r2r\[gpu\]'"):
-        make_backend("onnxruntime", bundle, device="cuda")
+        open_backend(bundle, "cuda", "fp32")
     with pytest.raises(ProviderUnavailable, match=r"pip install 'r2r\[gpu\]'"):
         OrtDeviceBackend(bundle, "cuda")
 
 
 def test_select_uses_the_device_path_when_the_cuda_provider_is_there(bundle, monkeypatch) -> None:
     import r2r.runtime.backend_ort_device as mod
-    from r2r.runtime.select import make_backend, resolve_device
+    from r2r.backends import backend_row
+    from r2r.runtime.backend_ort import open_backend
+    from r2r.runtime.select import resolve_device
 
     made = []
     monkeypatch.setattr(mod, "OrtDeviceBackend", lambda *a, **k: made.append((a, k)) or "device-backend")
+    ort_row = backend_row("onnxruntime")
     _with_cuda(monkeypatch)
-    assert resolve_device("onnxruntime", "auto") == "cuda"
-    assert make_backend("onnxruntime", bundle) == "device-backend"
+    assert resolve_device(ort_row, "auto") == "cuda"
+    assert open_backend(bundle, "cuda", "fp32") == "device-backend"
     assert made[0][0][1] == "cuda"
-    assert isinstance(make_backend("onnxruntime", bundle, device="cpu"), OrtBackend)
+    assert isinstance(open_backend(bundle, "cpu", "fp32"), OrtBackend)
     _cpu_only(monkeypatch)
-    assert resolve_device("onnxruntime", "auto") == "cpu"
-    assert isinstance(make_backend("onnxruntime", bundle), OrtBackend)
+    assert resolve_device(ort_row, "auto") == "cpu"
     with pytest.raises(ValueError, match="runs on cpu"):
-        resolve_device("openvino", "cuda")
+        resolve_device(backend_row("openvino"), "cuda")
 
 
 def test_host_backend_refuses_a_gpu_device(bundle) -> None:
@@ -186,11 +191,11 @@ def test_device_path_equals_the_host_path_on_the_embedded_default(bundle, render
     """Same graphs, same session options; the step graphs do the numpy updates' float32 operations in the same
     order and the copy is an Identity: the final images are bit-identical (recorded: max abs error 0). The
     fixed-batch sessions CUDA falls back to when capture is refused compute the same numbers."""
-    host = CoupledScheduler(bundle, OrtBackend(bundle), 2, MethodConfig(), fused=fused)
+    host = CoupledScheduler(bundle, OrtBackend(bundle), 2, MethodConfig(), Variant(fused=fused))
     be = OrtDeviceBackend(bundle, "cpu")
     if fixed_batch:  # what session_for does on CUDA for a graph refused with its dynamic batch
         be._modes.update({g: "fixed" for g in [*bundle.manifest.graphs, f"{COPY_GRAPH}/float32"]})
-    dev = CoupledScheduler(bundle, be, 2, MethodConfig(), fused=fused)
+    dev = CoupledScheduler(bundle, be, 2, MethodConfig(), Variant(fused=fused))
     if fixed_batch:
         fixed = [k for k, s in be._sessions.items() if s is not None and len(k[0]) > 1]
         assert {k[0][0] for k in fixed} >= {io.UNET, io.GUIDED_STEP, io.DDIM_STEP, f"{COPY_GRAPH}/float32"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -95,3 +96,41 @@ def test_invalid_method_flags_are_refused_before_any_work(tmp_path: Path) -> Non
     res = CliRunner().invoke(main, ["--backend", "torch", "--input", str(tmp_path / "x.png"),
                                     "--output", str(tmp_path / "o"), "--steps", "10", "--strength", "0.05"])
     assert res.exit_code == 1 and "no denoising step" in res.output
+
+
+def test_flags_that_do_not_apply_are_refused_by_name(tiny_bundle: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    base = ["--input", str(tmp_path / "x.png"), "--output", str(tmp_path / "out")]
+    cases = [
+        (["--engine", str(tiny_bundle), "--model", str(tiny_model_dir)], "--model"),
+        (["--engine", str(tiny_bundle), "--width", "128"], "--width"),
+        (["--backend", "torch", "--fused", "on"], "--fused"),
+        (["--backend", "torch", "--engine", str(tiny_bundle)], "--engine"),
+        (["--backend", "torch", "--precision", "bf16"], "fp32 only"),
+        (["--engine", str(tiny_bundle), "--backend", "onnxruntime", "--precision", "bf16"], "takes fp32"),
+        (["--engine", str(tiny_bundle), "--backend", "openvino", "--device", "cuda"], "runs on cpu"),
+        (["--engine", str(tiny_bundle), "--precision", "int4"], "int4"),
+    ]
+    for args, named in cases:
+        res = CliRunner().invoke(main, [*base, *args])
+        assert res.exit_code != 0 and named in res.output, (args, res.output)
+        assert not (tmp_path / "out").exists()
+
+
+def test_without_engine_the_models_own_bundle_is_used_from_the_cache(tiny_bundle: Path, tiny_model_dir: Path,
+                                                                      r2r_cache: Path, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """--model is honoured on the bundle path: its bundle (here exported by the fixture) is found, not re-exported,
+    and neither the embedded default's bundle nor any other is made."""
+    monkeypatch.setenv("R2R_CACHE", str(r2r_cache))
+    before = sorted(p.name for p in (r2r_cache / "bundles").iterdir())
+    _write_inputs(tmp_path / "in")
+    res = CliRunner().invoke(main, ["--model", str(tiny_model_dir), "--backend", "onnxruntime", "--fused", "off",
+                                    "--input", str(tmp_path / "in" / "shirt.png"), "--output", str(tmp_path / "out"),
+                                    "--steps", "4", "--strength", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert "up to date" in res.output and "exported in" not in res.output
+    assert sorted(p.name for p in (r2r_cache / "bundles").iterdir()) == before
+    params = json.loads(read_png_text(tmp_path / "out" / "shirt.png")["r2r:parameters"])
+    manifest = (tiny_bundle / "manifest.json").read_bytes()
+    assert params["bundle_sha256"] == hashlib.sha256(manifest).hexdigest()

@@ -233,7 +233,7 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_dataset(tmp_path: Path) 
     result = CliRunner().invoke(main, ["data", "--out", str(out), "--count", "2", "--size", "64x64", "--overwrite"])
     assert result.exit_code == 2 and "dataset.json" in result.output
     assert (out / "notes.txt").read_text() == "keep me"
-    assert not list(tmp_path.glob("precious.partial-*"))
+    assert not list(tmp_path.glob(".precious.tmp-*"))
 
 
 @pytest.mark.parametrize("bad", ["256", "256x", "axb", "250x256", "16x16", "8192x256", "256x256x3"])

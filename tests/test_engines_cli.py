@@ -7,7 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from r2r.export.cli import main
+from r2r.engines.cli import main
 from r2r.manifest import read_manifest, verify_files
 
 
@@ -39,3 +39,13 @@ def test_build_engines_tensorrt_without_tensorrt_names_the_extra(tiny_bundle: Pa
                                     str(tiny_model_dir), "--batch-max", "4", "--out", str(bundle)])
     assert res.exit_code == 1
     assert "pip install 'r2r[gpu]'" in res.output
+
+
+def test_tensorrt_build_options_are_refused_for_other_backends(tmp_path: Path) -> None:
+    for args in (["--opt-level", "5"], ["--refit"]):
+        res = CliRunner().invoke(main, ["build-engines", "--backend", "openvino", *args, "--out", str(tmp_path / "b")])
+        assert res.exit_code == 2 and args[0] in res.output and "TensorRT" in res.output
+    res = CliRunner().invoke(main, ["build-engines", "--backend", "onnxruntime", "--precision", "fp16",
+                                    "--out", str(tmp_path / "b")])
+    assert res.exit_code == 2 and "takes fp32" in res.output
+    assert not (tmp_path / "b").exists()  # refused before anything was exported

@@ -111,7 +111,7 @@ def _test_pairs(count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
 def test_dki_separation_gives_both_domains_the_same_noise(tiny_model_dir: Path) -> None:
     from r2r.config import MethodConfig
     from r2r.models import load_components
-    from r2r.runtime.reference import ReferencePipeline
+    from r2r.reference import ReferencePipeline
     from r2r.training.evaluate import dki_separation
 
     pipe = ReferencePipeline(load_components(tiny_model_dir), tiny_model_dir / "negative_embedding.safetensors",
@@ -128,7 +128,7 @@ def test_dki_separation_gives_both_domains_the_same_noise(tiny_model_dir: Path) 
 def test_the_shipped_negative_embedding_predicts_renders_better_than_the_null_text() -> None:
     from r2r.config import MethodConfig
     from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, load_components
-    from r2r.runtime.reference import ReferencePipeline
+    from r2r.reference import ReferencePipeline
     from r2r.training.evaluate import dki_separation
 
     pipe = ReferencePipeline(load_components(EMBEDDED_DEFAULT), EMBEDDED_DEFAULT / EMBEDDING_FILE, 256, 256)

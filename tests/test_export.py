@@ -182,8 +182,8 @@ def test_onnxruntime_engines_keep_parity_and_are_not_rebuilt(bundle: Path, torch
 
     built = build_ort_engines(bundle, "fp32", "cpu", graphs=[io.UNET_EMIT], progress=lambda s: None)
     assert [e.graph for e in built] == [io.UNET_EMIT]
-    sess = ort.InferenceSession(str(bundle / built[0].files[0]), sess_options=session_options(),
-                                providers=["CPUExecutionProvider"])
+    so = session_options(ort, preoptimized=True)
+    sess = ort.InferenceSession(str(bundle / built[0].files[0]), sess_options=so, providers=["CPUExecutionProvider"])
     unet, _, state = torch_unet
     x = _inputs(2, 30)
     eps, qk = _run_torch(unet, state, TACMode.CAPTURE, x)

@@ -28,7 +28,7 @@ def test_console_scripts_point_into_r2r() -> None:
     eps = {ep.name: ep.value for ep in md.entry_points(group="console_scripts") if ep.name.startswith("r2r-")}
     assert eps == {
         "r2r-train": "r2r.training.cli:main",
-        "r2r-export": "r2r.export.cli:main",
+        "r2r-export": "r2r.engines.cli:main",  # export's `onnx` + engines' `build-engines`
         "r2r-run": "r2r.runtime.cli:main",
         "r2r-bench": "r2r.benchmarks.cli:main",
     }

@@ -1,4 +1,4 @@
-"""The PyTorch reference against an independent implementation of DESIGN.md's method.
+"""The PyTorch reference against an independent implementation of the method (docs/design.md, "The method").
 
 The independent version here shares no code with r2r's method modules: diffusers' DDIMScheduler
 steps the generation, conditioning comes from diffusers' own textual-inversion loading and prompt
@@ -17,7 +17,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from r2r.config import MethodConfig
 from r2r.models import load_components
-from r2r.runtime.reference import ReferencePipeline
+from r2r.reference import ReferencePipeline
 
 W = H = 256
 
@@ -36,7 +36,7 @@ def _image(seed: int) -> np.ndarray:
 
 
 class Independent:
-    """DESIGN.md's method written directly on diffusers objects."""
+    """The method (docs/design.md) written directly on diffusers objects."""
 
     def __init__(self, model_dir: Path, embedding: Path) -> None:
         pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, local_files_only=True)
@@ -75,7 +75,7 @@ class Independent:
         return hook
 
     @torch.no_grad()
-    def __call__(self, image: np.ndarray, m: MethodConfig, return_latents: bool = False):
+    def __call__(self, image: np.ndarray, m: MethodConfig, return_latents: bool = False, single_pass: bool = False):
         handles = []
         for name in self.tac_layers(m.tac_divisor):
             attn = self.unet.get_submodule(name)
@@ -89,19 +89,35 @@ class Independent:
             n = min(int(m.steps * m.strength), m.steps)
             ts = sch.timesteps[m.steps - n:]
             d = sch.config.num_train_timesteps // m.steps
+            window = int(n * m.tac_ratio)
 
             def a(t: int) -> torch.Tensor:
                 return sch.alphas_cumprod[t] if t >= 0 else sch.final_alpha_cumprod
 
-            z, inv = z0, {}
+            z, inv, kept = z0, {}, {}
+            if single_pass:  # eps of each step = the UNet at the previous latent and its own timestep
+                e = self.unet(z, max(int(ts[-1]) - d, 0), encoder_hidden_states=self.c_null).sample
             for t in reversed(ts.tolist()):
-                e = self.unet(z, t, encoder_hidden_states=self.c_null).sample
+                if not single_pass:
+                    e = self.unet(z, t, encoder_hidden_states=self.c_null).sample
                 x0 = (z - (1 - a(t - d)) ** 0.5 * e) / a(t - d) ** 0.5
                 z = a(t) ** 0.5 * x0 + (1 - a(t)) ** 0.5 * e
                 inv[t] = z
+                step = ts.tolist().index(t)
+                if single_pass and step < window:
+                    self.mode = "capture"
+                    e = self.unet(z, t, encoder_hidden_states=self.c_null).sample
+                    kept[t] = (dict(self.q_out), dict(self.k_out))
+                    self.mode = "off"
+                elif single_pass and step > 0:
+                    e = self.unet(z, t, encoder_hidden_states=self.c_null).sample
             zr = inv[int(ts[0])]
             for i, t in enumerate(ts.tolist()):
-                if i < int(n * m.tac_ratio):
+                if i < window and single_pass:
+                    self.q_out.update(kept[t][0])
+                    self.k_out.update(kept[t][1])
+                    self.mode = "inject"
+                elif i < window:
                     self.mode = "capture"
                     self.unet(inv[t], t, encoder_hidden_states=self.c_null)
                     self.mode = "inject"
@@ -149,6 +165,25 @@ def test_reference_equals_an_independent_implementation(reference, independent, 
     torch.testing.assert_close(z, expected_z, rtol=0, atol=1e-5)
     got = reference([image], method)[0]
     assert np.abs(got.astype(int) - expected_img.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("method", [MethodConfig(), MethodConfig(steps=20, strength=0.5, guidance=3.0, tac_ratio=0.5)])
+def test_single_pass_reference_equals_an_independent_single_pass(reference, independent, method) -> None:
+    """The oracle of `--inversion single-pass`: eps reused from the previous latent's own timestep, the window's
+    Q/K kept from the inversion."""
+    image = _image(8)
+    expected_img, expected_z = independent(image, method, return_latents=True, single_pass=True)
+    sched = reference.schedule(method)
+    latents, kept = reference.invert_single_pass(reference.encode([image]), sched, method)
+    z = reference.generate(latents, sched, method, kept)
+    torch.testing.assert_close(z, expected_z, rtol=0, atol=1e-5)
+    reference.count.__init__()
+    got = reference([image], method, inversion="single-pass")[0]
+    assert np.abs(got.astype(int) - expected_img.astype(int)).max() <= 1
+    if method == MethodConfig():
+        assert reference.count.per_image == 46  # 16 + 30
+    exact = _run_latent(reference, image, method)
+    assert (exact - z).abs().max().item() > 1e-3  # another epsilon convention: another result
 
 
 def test_tac_with_ratio_zero_equals_plain_generation_exactly(reference, independent) -> None:

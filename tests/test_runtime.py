@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tracemalloc
 from pathlib import Path
 
@@ -9,13 +10,13 @@ import numpy as np
 import pytest
 
 from r2r import graph_io as io
-from r2r.config import MethodConfig
+from r2r.config import MethodConfig, Variant
 from r2r.manifest import BundleError
 from r2r.metrics import psnr
 from r2r.models import load_components
+from r2r.reference import ReferencePipeline
 from r2r.runtime.backend_ort import OrtBackend
 from r2r.runtime.bundle import open_bundle
-from r2r.runtime.reference import ReferencePipeline
 from r2r.runtime.scheduler import CoupledScheduler
 
 W = H = 256
@@ -27,12 +28,12 @@ def bundle(tiny_bundle: Path):
     return open_bundle(tiny_bundle)
 
 
-# DESIGN.md's 45 dB parity bar is held on the trained embedded default (the test at the end of this
-# file, both programs). A random-init model is no judge of it: its eps moves fast with z, and the
-# guidance multiplies the two branches' difference by 7.5, so fp32 rounding differences grow over 50
-# steps. Measured on this fixture (8 latent channels), ONNX Runtime against the reference: 52, 47, 44
-# dB at guidance 1, 3, 7.5. The bound still catches a broken Q/K handoff: on the same fixture the
-# reference without TAC is 24 dB from the reference with it, and TAC on the wrong steps (ratio 0.5
+# The 45 dB parity bar (docs/design.md, "What is simulated and what is measured") is held on the trained
+# embedded default (the test at the end of this file, both programs). A random-init model is no judge of it:
+# its eps moves fast with z, and the guidance multiplies the two branches' difference by 7.5, so fp32 rounding
+# differences grow over 50 steps. Measured on this fixture (8 latent channels), ONNX Runtime against the
+# reference: 52, 47, 44 dB at guidance 1, 3, 7.5. The bound still catches a broken Q/K handoff: on the same
+# fixture the reference without TAC is 24 dB from the reference with it, and TAC on the wrong steps (ratio 0.5
 # for 0.9) is 35 dB from it.
 RANDOM_INIT_PARITY_DB = 40.0
 
@@ -46,7 +47,7 @@ def reference_outputs(tiny_model_dir: Path, stripes_image) -> list[np.ndarray]:
 @pytest.mark.parametrize("fused", [False, True])
 def test_onnxruntime_follows_the_reference_on_a_random_init_model(bundle, reference_outputs, stripes_image,
                                                                   fused: bool) -> None:
-    sched = CoupledScheduler(bundle, OrtBackend(bundle), 2, MethodConfig(), fused=fused)
+    sched = CoupledScheduler(bundle, OrtBackend(bundle), 2, MethodConfig(), Variant(fused=fused))
     outs = sched([stripes_image(1), stripes_image(2)])
     for got, ref in zip(outs, reference_outputs, strict=True):
         assert psnr(got, ref) >= RANDOM_INIT_PARITY_DB
@@ -55,7 +56,7 @@ def test_onnxruntime_follows_the_reference_on_a_random_init_model(bundle, refere
 def test_fused_program_equals_emit_inject_program(bundle, stripes_image) -> None:
     imgs = [stripes_image(3)]
     a = CoupledScheduler(bundle, OrtBackend(bundle), 1, MethodConfig())(imgs)[0]
-    b = CoupledScheduler(bundle, OrtBackend(bundle), 1, MethodConfig(), fused=True)(imgs)[0]
+    b = CoupledScheduler(bundle, OrtBackend(bundle), 1, MethodConfig(), Variant(fused=True))(imgs)[0]
     assert psnr(a, b) > 50
 
 
@@ -77,7 +78,7 @@ def test_a_short_batch_is_padded_and_returns_only_its_images(bundle, stripes_ima
 @pytest.mark.parametrize(("inversion", "fused", "count"), [("exact", False, 58), ("exact", True, 58),
                                                            ("single-pass", False, 46)])
 def test_unet_evaluations_per_image_at_the_defaults(bundle, inversion: str, fused: bool, count: int) -> None:
-    sched = CoupledScheduler(bundle, OrtBackend(bundle), 1, MethodConfig(), inversion=inversion, fused=fused)
+    sched = CoupledScheduler(bundle, OrtBackend(bundle), 1, MethodConfig(), Variant(inversion, fused))
     assert sched.unet_evaluations_per_image == count
 
 
@@ -96,7 +97,7 @@ class RecordingBackend(OrtBackend):
 @pytest.mark.parametrize("inversion", ["exact", "single-pass"])
 def test_emit_qk_outputs_are_the_inject_qk_inputs(bundle, inversion: str) -> None:
     be = RecordingBackend(bundle)
-    CoupledScheduler(bundle, be, 2, MethodConfig(), inversion=inversion)
+    CoupledScheduler(bundle, be, 2, MethodConfig(), Variant(inversion))
     names = io.tac_names(len(bundle.tac_layers))
     emits = [b for g, b in be.calls if g == io.UNET_EMIT]
     injects = [b for g, b in be.calls if g == io.UNET_INJECT]
@@ -140,13 +141,13 @@ def test_openvino_fp32_matches_onnxruntime_on_the_embedded_default(embedded_bund
     imgs = [stripes_image(10)]
     m = MethodConfig(steps=20, strength=0.5)
     ort_out = CoupledScheduler(b, OrtBackend(b), 1, m)(imgs)[0]
-    ov_out = CoupledScheduler(b, OpenVinoBackend(b, "fp32"), 1, m, fused=True)(imgs)[0]
+    ov_out = CoupledScheduler(b, OpenVinoBackend(b, "fp32"), 1, m, Variant(fused=True))(imgs)[0]
     assert psnr(ov_out, ort_out) > 45
 
 
 def test_null_bundle_keeps_every_graph_io_and_runs_the_same_program(tiny_bundle: Path, tmp_path: Path,
                                                                     stripes_image) -> None:
-    from r2r.runtime.null_graphs import make_null_bundle
+    from r2r.benchmarks.null_graphs import make_null_bundle
 
     null = open_bundle(make_null_bundle(tiny_bundle, tmp_path / "null"))
     real = open_bundle(tiny_bundle)
@@ -162,7 +163,7 @@ def test_null_bundle_keeps_every_graph_io_and_runs_the_same_program(tiny_bundle:
 
 
 def test_onnxruntime_on_the_embedded_default_is_within_45_db_of_the_reference(embedded_bundle: Path) -> None:
-    """DESIGN.md's parity bar on the shipped model, over procedural test renders."""
+    """The 45 dB parity bar on the shipped model, over procedural test renders."""
     from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE
     from r2r.training.data import render_pair, sample_design
 
@@ -171,6 +172,66 @@ def test_onnxruntime_on_the_embedded_default_is_within_45_db_of_the_reference(em
     expected = ref(renders, MethodConfig())
     b = open_bundle(embedded_bundle)
     got = CoupledScheduler(b, OrtBackend(b), 2, MethodConfig())(renders[:2])
-    got += CoupledScheduler(b, OrtBackend(b), 2, MethodConfig(), fused=True)(renders[2:])
+    got += CoupledScheduler(b, OrtBackend(b), 2, MethodConfig(), Variant(fused=True))(renders[2:])
     for g, e in zip(got, expected, strict=True):
         assert psnr(g, e) >= 45.0
+
+
+def test_single_pass_inversion_is_within_45_db_of_its_reference(embedded_bundle: Path) -> None:
+    """Every runtime variant has an oracle: single-pass against the reference's single-pass inversion."""
+    from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE
+    from r2r.training.data import render_pair, sample_design
+
+    renders = [render_pair(sample_design(np.random.default_rng([8, i]), (W, H)), (W, H))[0] for i in range(2)]
+    ref = ReferencePipeline(load_components(EMBEDDED_DEFAULT), EMBEDDED_DEFAULT / EMBEDDING_FILE, W, H)
+    expected = ref(renders, MethodConfig(), "single-pass")
+    b = open_bundle(embedded_bundle)
+    got = CoupledScheduler(b, OrtBackend(b), 2, MethodConfig(), Variant("single-pass"))(renders)
+    for g, e in zip(got, expected, strict=True):
+        assert psnr(g, e) >= 45.0
+
+
+def test_the_program_binds_each_graph_at_the_call_multiples_of_the_contract(bundle) -> None:
+    """graph_io.CALL_MULTIPLES (what TensorRT profiles and OpenVINO's ahead-of-time compiles cover) is exactly what
+    the program binds, over every variant."""
+    seen: dict[str, set[int]] = {}
+    batch = 2
+    for variant in (Variant(), Variant(fused=True), Variant("single-pass")):
+        be = RecordingBackend(bundle)
+        CoupledScheduler(bundle, be, batch, MethodConfig(), variant)
+        for graph, binds in be.calls:
+            spec = next(t for t in bundle.manifest.graphs[graph].inputs if io.batch_multiple(t.shape[0]))
+            bound_b = binds[spec.name][1][0] // io.batch_multiple(spec.shape[0])
+            seen.setdefault(graph, set()).add(bound_b // batch)
+    assert {g: tuple(sorted(m)) for g, m in seen.items()} == {g: io.CALL_MULTIPLES[g] for g in seen}
+    assert set(seen) == set(bundle.manifest.graphs) - set(io.STEP_GRAPHS)
+
+
+def test_open_runtime_times_fused_on_the_backend_it_returns(tiny_bundle: Path) -> None:
+    from r2r.runtime.assembly import RunConfig, open_runtime
+
+    rt = open_runtime(RunConfig(engine=tiny_bundle, backend="onnxruntime", device="cpu", batch=1,
+                                method={"steps": 10, "strength": 0.5}), progress=lambda _: None)
+    assert rt.scheduler is not None and rt.scheduler.backend is rt.backend
+    assert {io.UNET_FUSED, io.UNET_EMIT, io.UNET_INJECT} <= set(rt.backend._sessions)  # the probe ran here
+    assert rt.params["fused"] is rt.scheduler.variant.fused
+    assert rt.params["bundle_sha256"] == hashlib.sha256((tiny_bundle / "manifest.json").read_bytes()).hexdigest()
+
+
+def test_an_openvino_build_covers_every_compile_of_the_runtime(tiny_bundle: Path, tmp_path: Path) -> None:
+    """The build compiles at the contract's shapes; a runtime opened after it, any variant, compiles nothing new."""
+    import shutil
+
+    from r2r.engines.openvino import CACHE_DIR, build_ov_engines
+    from r2r.runtime.backend_ov import OpenVinoBackend
+
+    root = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, root)
+    build_ov_engines(root, "fp32", batches=(1, 2), progress=lambda _: None)
+    cache = root / CACHE_DIR
+    built = sorted(p.name for p in cache.iterdir())
+    b = open_bundle(root)
+    for batch in (1, 2):
+        for variant in (Variant(), Variant(fused=True), Variant("single-pass")):
+            CoupledScheduler(b, OpenVinoBackend(b, "fp32"), batch, MethodConfig(), variant)
+    assert sorted(p.name for p in cache.iterdir()) == built

@@ -18,13 +18,15 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from support import gpu_sim
+from support.api import load_api
+from support.gpu_sim import CACHE_MAGIC, PLAN_MAGIC, calls
 
+from r2r import gpu
 from r2r import graph_io as io
+from r2r.atomic import TEMP_GLOB
 from r2r.engines import tensorrt as trtb
-from r2r.engines.trt_api import load_api
 from r2r.manifest import GraphEntry, Manifest, TensorSpec, read_manifest, record_file, write_manifest
-from r2r.runtime import gpu_sim
-from r2r.runtime.gpu_sim import CACHE_MAGIC, PLAN_MAGIC, calls
 
 GPU = {"name": "NVIDIA L4", "compute_capability": "8.9", "total_memory_bytes": 23_000_000_000}
 PRECISION_FLAGS = {"FP16", "BF16", "INT8", "FP8", "INT4", "FP4"}
@@ -140,7 +142,7 @@ def test_builder_calls_only_real_api_with_valid_arguments(bundle: Path) -> None:
         assert e.files == [f"engines/tensorrt/fp16/{e.graph}.plan"]
         assert e.backend == "tensorrt" and e.info["tensorrt_version"] == "10.16.1.11"
         assert e.info["gpu_name"] == GPU["name"] and e.info["compute_capability"] == "8.9"
-    assert not list(bundle.rglob("*.part"))
+    assert not list(bundle.rglob(TEMP_GLOB))
     manifest = read_manifest(bundle)
     assert set(manifest.engines) == {f"tensorrt/fp16/{g}" for g in (io.UNET, io.UNET_INJECT, io.UNET_FUSED)}
     assert "engines/tensorrt/timing.cache" in manifest.files
@@ -151,10 +153,12 @@ def test_profile_spans_batch_range_with_multiples(bundle: Path) -> None:
     trt = fake_tensorrt()
     entries, _ = build(bundle, trt, "fp16", batch_opt=2)
     by_graph = {e.graph: e.info["profile"] for e in entries}
-    for graph, k in ((io.UNET, 1), (io.UNET_INJECT, 2), (io.UNET_FUSED, 3)):
+    # the plain UNet also runs the guided [neg, null] pair, so its B reaches 2 * batch_max (graph_io.CALL_MULTIPLES)
+    for graph, k, top in ((io.UNET, 1, 8), (io.UNET_INJECT, 2, 4), (io.UNET_FUSED, 3, 4)):
         prof = by_graph[graph]
-        assert prof[io.SAMPLE] == {"min": [k, 4, 8, 8], "opt": [2 * k, 4, 8, 8], "max": [4 * k, 4, 8, 8]}
-        assert prof[io.ENCODER_HIDDEN_STATES] == {"min": [k, 77, 16], "opt": [2 * k, 77, 16], "max": [4 * k, 77, 16]}
+        assert prof[io.SAMPLE] == {"min": [k, 4, 8, 8], "opt": [2 * k, 4, 8, 8], "max": [top * k, 4, 8, 8]}
+        assert prof[io.ENCODER_HIDDEN_STATES] == {"min": [k, 77, 16], "opt": [2 * k, 77, 16],
+                                                  "max": [top * k, 77, 16]}
         assert prof[io.TIMESTEP] == {"min": [1], "opt": [1], "max": [1]}
     set_shapes = calls(trt, "IOptimizationProfile.set_shape")
     assert len(set_shapes) == 9
@@ -165,7 +169,9 @@ def test_profile_spans_batch_range_with_multiples(bundle: Path) -> None:
 
 def test_batch_opt_defaults_to_batch_max(bundle: Path) -> None:
     entries, _ = build(bundle, fake_tensorrt(), "fp16", batch_opt=None)
-    assert entries[0].info["batch"] == {"min": 1, "opt": 4, "max": 4}
+    by_graph = {e.graph: e.info["batch"] for e in entries}
+    assert by_graph[io.UNET] == {"min": 1, "opt": 4, "max": 8}  # B and the guided pair's 2B
+    assert by_graph[io.UNET_FUSED] == {"min": 1, "opt": 4, "max": 4}
     with pytest.raises(ValueError, match="outside the bundle's batch range"):
         build(bundle, fake_tensorrt(), "bf16", batch_opt=5)
 
@@ -259,15 +265,15 @@ def test_changes_rebuild(bundle: Path, change: str) -> None:
 
 def test_without_tensorrt_the_error_names_the_extra(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    with pytest.raises(trtb.TensorRTNotInstalled) as err:
-        trtb.import_tensorrt()
+    with pytest.raises(gpu.TensorRTNotInstalled) as err:
+        gpu.import_tensorrt()
     assert str(err.value) == "TensorRT is not installed: pip install 'r2r[gpu]' on a machine with an NVIDIA GPU"
-    with pytest.raises(trtb.TensorRTNotInstalled, match=r"r2r\[gpu\]"):
+    with pytest.raises(gpu.TensorRTNotInstalled, match=r"r2r\[gpu\]"):
         trtb.build_bundle_engines(bundle, trtb.TrtBuildConfig(), gpu=GPU)
     monkeypatch.setitem(sys.modules, "cuda.bindings", None)
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", None)
-    with pytest.raises(trtb.TensorRTNotInstalled, match=r"cuda-python is not installed: pip install 'r2r\[gpu\]'"):
-        trtb.gpu_info()
+    with pytest.raises(gpu.TensorRTNotInstalled, match=r"cuda-python is not installed: pip install 'r2r\[gpu\]'"):
+        gpu.gpu_info()
 
 
 def test_check_engine_compat(bundle: Path) -> None:
@@ -402,9 +408,9 @@ def test_config_validation() -> None:
         trtb.TrtBuildConfig("fp16", builder_optimization_level=6)
     with pytest.raises(ValueError, match="inside the bundle"):
         trtb.TrtBuildConfig("fp16", timing_cache="../timing.cache")
-    assert trtb.batch_multiple("3*B") == 3 and trtb.batch_multiple("B") == 1 and trtb.batch_multiple(77) is None
+    assert io.batch_multiple("3*B") == 3 and io.batch_multiple("B") == 1 and io.batch_multiple(77) is None
     with pytest.raises(ValueError):
-        trtb.batch_multiple("H")
+        io.batch_multiple("H")
 
 
 def test_gpu_info_reads_device_properties() -> None:
@@ -413,19 +419,19 @@ def test_gpu_info_reads_device_properties() -> None:
     ok = SimpleNamespace(cudaSuccess="ok")
     prop = SimpleNamespace(name=b"NVIDIA L4\x00\x00", major=8, minor=9, totalGlobalMem=23_000_000_000)
     rt = SimpleNamespace(cudaError_t=ok, cudaGetDeviceProperties=lambda device: ("ok", prop))
-    assert trtb.gpu_info(0, cudart=rt) == {"name": "NVIDIA L4", "compute_capability": "8.9",
+    assert gpu.gpu_info(0, cudart=rt) == {"name": "NVIDIA L4", "compute_capability": "8.9",
                                            "total_memory_bytes": 23_000_000_000, "device": 0}
     bad = SimpleNamespace(cudaError_t=ok, cudaGetDeviceProperties=lambda device: ("cudaErrorNoDevice", None))
-    with pytest.raises(trtb.TensorRTBuildError, match="not usable"):
-        trtb.gpu_info(0, cudart=bad)
+    with pytest.raises(gpu.GpuUnavailable, match="not usable"):
+        gpu.gpu_info(0, cudart=bad)
 
 
 def test_gpu_info_with_real_cuda_python_and_no_gpu() -> None:
     runtime = pytest.importorskip("cuda.bindings.runtime")
     if runtime.cudaGetDeviceCount()[0] == runtime.cudaError_t.cudaSuccess:
         pytest.skip("a CUDA device is present")
-    with pytest.raises(trtb.TensorRTBuildError, match=r"cudaErrorInsufficientDriver|cudaErrorNoDevice"):
-        trtb.gpu_info()
+    with pytest.raises(gpu.GpuUnavailable, match=r"cudaErrorInsufficientDriver|cudaErrorNoDevice"):
+        gpu.gpu_info()
 
 
 def test_api_listings_hold_what_the_builder_uses() -> None:
@@ -451,7 +457,7 @@ def test_api_listings_hold_what_the_builder_uses() -> None:
 def test_extractor_reads_elf_imports() -> None:
     import importlib.util
 
-    path = Path(load_api.__code__.co_filename).parent / "extract_api.py"
+    path = Path(__file__).resolve().parents[1] / "tools" / "extract_trt_api.py"
     spec = importlib.util.spec_from_file_location("r2r_extract_api", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)

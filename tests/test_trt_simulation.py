@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from support import gpu_sim
+from support.api import load_api
 
+from r2r import gpu
 from r2r import graph_io as io
-from r2r.config import MethodConfig
+from r2r.config import MethodConfig, Variant
 from r2r.engines import tensorrt as trtb
-from r2r.engines.trt_api import load_api
 from r2r.manifest import read_manifest, record_file, write_manifest
-from r2r.runtime import gpu_sim
 from r2r.runtime.backend_ort import OrtBackend
 from r2r.runtime.backend_trt import CudaError, TrtBackend
 from r2r.runtime.bundle import Bundle, open_bundle
@@ -123,11 +124,11 @@ def run(request: pytest.FixtureRequest, sim_bundle: Path, bundle: Bundle, stripe
     """Two batches of one image through OrtBackend and through TrtBackend on the simulation, at the defaults."""
     fused = request.param
     images = [stripes_image(11), stripes_image(12)]
-    ort_sched = CoupledScheduler(bundle, OrtBackend(bundle), 1, MethodConfig(), fused=fused)
+    ort_sched = CoupledScheduler(bundle, OrtBackend(bundle), 1, MethodConfig(), Variant(fused=fused))
     ort = [ort_sched([im])[0] for im in images]
     trt, cudart = gpu_sim.sim_modules(sim_bundle)
     backend = TrtBackend(bundle, "fp32", trt=trt, cudart=cudart)
-    sched = CoupledScheduler(bundle, backend, 1, MethodConfig(), fused=fused)
+    sched = CoupledScheduler(bundle, backend, 1, MethodConfig(), Variant(fused=fused))
     marks = [(len(cudart._fake_calls), len(trt._fake_calls), len(cudart._sim.executions))]
     outs = []
     for im in images:
@@ -296,14 +297,24 @@ def test_engines_for_another_gpu_or_tensorrt_are_refused(sim_bundle: Path, bundl
 
 def test_without_tensorrt_the_backend_names_the_install(monkeypatch: pytest.MonkeyPatch, bundle: Bundle) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # as on a machine without the gpu extra
-    with pytest.raises(trtb.TensorRTNotInstalled) as exc:
+    with pytest.raises(gpu.TensorRTNotInstalled) as exc:
         TrtBackend(bundle)
-    assert str(exc.value) == trtb.INSTALL_HINT and "\n" not in str(exc.value)
+    assert str(exc.value) == gpu.INSTALL_HINT and "\n" not in str(exc.value)
     assert "pip install 'r2r[gpu]'" in str(exc.value)
     monkeypatch.setitem(sys.modules, "cuda.bindings", None)
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", None)
-    with pytest.raises(trtb.TensorRTNotInstalled, match=r"cuda-python is not installed: pip install 'r2r\[gpu\]'"):
+    with pytest.raises(gpu.TensorRTNotInstalled, match=r"cuda-python is not installed: pip install 'r2r\[gpu\]'"):
         TrtBackend(bundle, "fp32", trt=gpu_sim.fake_tensorrt(bundle.root))
+
+
+@pytest.mark.parametrize("variant", [Variant(), Variant(fused=True), Variant("single-pass")])
+def test_every_call_of_the_largest_batch_fits_the_engines_profiles(sim_bundle: Path, bundle: Bundle,
+                                                                   variant: Variant) -> None:
+    """At batch = batch_max the plain UNet binds 2 * batch_max latents (the guided pair): its profile covers it."""
+    trt, cudart = gpu_sim.sim_modules(sim_bundle)
+    with TrtBackend(bundle, "fp32", trt=trt, cudart=cudart) as be:
+        sched = CoupledScheduler(bundle, be, bundle.manifest.batch_max, MethodConfig(steps=10, strength=0.5), variant)
+        assert sched.plan.graph_calls[io.UNET] > 0
 
 
 def test_bindings_that_do_not_fit_the_engine_are_refused(sim_bundle: Path, bundle: Bundle) -> None:
@@ -325,8 +336,8 @@ def test_bindings_that_do_not_fit_the_engine_are_refused(sim_bundle: Path, bundl
         with pytest.raises(ValueError, match=rf"output eps is \[1, {C}, 32, 32\] for these input shapes.*\[2, {C}, 32"):
             be.call(io.UNET, {**ok, io.EPS: be.empty((2, *lat))})
         with pytest.raises(ValueError, match=r"outside the engine's optimization profile.*r2r-export build-engines"):
-            be.call(io.UNET, {**ok, io.SAMPLE: be.empty((5, *lat)), io.ENCODER_HIDDEN_STATES: be.empty((5, 77, 64)),
-                              io.EPS: be.empty((5, *lat))})
+            be.call(io.UNET, {**ok, io.SAMPLE: be.empty((9, *lat)), io.ENCODER_HIDDEN_STATES: be.empty((9, 77, 64)),
+                              io.EPS: be.empty((9, *lat))})  # the unet profile spans B and 2B: 1..8
         host = np.zeros((1, *lat), np.float32)
         with pytest.raises(ValueError, match="not memory of this TensorRT backend"):
             be.call(io.UNET, {**ok, io.SAMPLE: DeviceArray(host.ctypes.data, host.shape, host.dtype, host)})
@@ -453,7 +464,7 @@ def test_simulated_plans_map_back_to_their_graph(sim_bundle: Path) -> None:
     assert list(engine.get_tensor_shape(io.SAMPLE)) == [-1, C, 32, 32]
     assert engine.get_tensor_mode(io.EPS) == trt.TensorIOMode.OUTPUT
     assert [list(d) for d in engine.get_tensor_profile_shape(io.SAMPLE, 0)] == [[1, C, 32, 32], [4, C, 32, 32],
-                                                                                 [4, C, 32, 32]]
+                                                                                 [8, C, 32, 32]]
     trt.__version__ = "10.8.0.43"  # a plan from another TensorRT version does not deserialize
     assert trt.Runtime(trt.Logger()).deserialize_cuda_engine((sim_bundle / entry.files[0]).read_bytes()) is None
     assert "not compatible with this version of TensorRT" in trt._fake_log[-1]

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from r2r.log import log
+
 
 @click.group()
 def main() -> None:
@@ -96,7 +98,7 @@ def _train_errors() -> tuple[type[BaseException], ...]:
 
 def _report(result: object, what: str) -> None:
     if not result.completed:  # type: ignore[attr-defined]
-        click.echo(f"stopped at step {result.step}; rerun with --resume to finish", err=True)  # type: ignore[attr-defined]
+        log(f"stopped at step {result.step}; rerun with --resume to finish")  # type: ignore[attr-defined]
         return
     click.echo(f"{what}: {result.output} (step {result.step}, {result.seconds:.0f} s of training)")  # type: ignore[attr-defined]
 

@@ -30,14 +30,13 @@ import json
 import math
 import multiprocessing
 import os
-import secrets
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from r2r.atomic import atomic_dir
 from r2r.imageio import save_png
 
 GENERATOR_VERSION = 2
@@ -1052,7 +1051,6 @@ def _make_item(args: tuple[int, int, tuple[int, int], str]) -> tuple[int, str]:
     rendered, real = render_pair(design, size)
     name = f"{index:06d}.png"
     for domain, image in zip(DOMAINS, (rendered, real), strict=True):
-        # save_png's temp file is owner-only; a dataset is meant to be shared like dataset.json
         save_png(Path(folder) / domain / name, image)
     return index, caption_for(design)
 
@@ -1070,17 +1068,6 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
                 "`r2r-train data`; refusing to replace it even with --overwrite. Remove it yourself "
                 "or choose another --out"
             )
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished dataset into place; an existing dst is renamed away first, then deleted."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f"{dst.name}.replaced-{secrets.token_hex(4)}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict[str, str]]) -> None:
@@ -1118,10 +1105,7 @@ def generate_dataset(
     _check_out_dir(out, overwrite)
 
     n_train, n_test = split_counts(count, test_fraction)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f"{out.name}.partial-{secrets.token_hex(4)}")
-    partial.mkdir()
-    try:
+    with atomic_dir(out) as partial:
         for split in SPLITS:
             for domain in DOMAINS:
                 (partial / split / domain).mkdir(parents=True)
@@ -1155,9 +1139,5 @@ def generate_dataset(
             "layout": "{split}/{rendered,real}/{index:06d}.png + metadata.jsonl (file_name, text)",
         }
         (partial / "dataset.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        _check_out_dir(out, overwrite)  # someone may have filled it meanwhile
-        _replace_dir(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        _check_out_dir(out, overwrite)  # someone may have filled it meanwhile; the folder replaces `out` after this
     return out

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from r2r.atomic import atomic_path, atomic_write
 from r2r.models import DEFAULT_TOKEN, EMBEDDING_FILE, MAX_TOKENS, Components, load_components, placeholder_tokens
 from r2r.training.finetune import (
     CachedLatents,
@@ -31,7 +32,7 @@ from r2r.training.finetune import (
     scheduler_alphas,
     weight_dtype,
 )
-from r2r.training.loop import LoopConfig, LoopResult, TrainTask, atomic_write_text, run_training
+from r2r.training.loop import LoopConfig, LoopResult, TrainTask, run_training
 
 if TYPE_CHECKING:
     import torch
@@ -45,21 +46,11 @@ DEFAULT_INIT_WORD = "rendered"
 
 def save_embedding(path: Path, token: str, vectors: torch.Tensor) -> Path:
     """diffusers' textual-inversion format: safetensors, one key (the token), float32 [n, d]; atomic."""
-    import os
-    import secrets
-
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
+    with atomic_path(path) as tmp:
         save_file({token: vectors.detach().float().cpu().contiguous()}, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 class PlaceholderPrompt:
@@ -241,7 +232,7 @@ def train_negative_embedding(cfg: EmbeddingConfig, components: Components | None
                                               "init_word": cfg.init_word, "init_noise": cfg.init_noise})
     result = run_training(task, cfg.loop, cfg.out)
     if result.completed:
-        atomic_write_text(Path(cfg.out) / "embedding.json",
+        atomic_write(Path(cfg.out) / "embedding.json",
                           _provenance(cfg, result, isinstance(latents, CachedLatents)))
     return result
 

@@ -38,7 +38,7 @@ from r2r.training.finetune import ImageFolder, images_to_tensor
 if TYPE_CHECKING:
     from torch import nn
 
-    from r2r.runtime.reference import ReferencePipeline
+    from r2r.reference import ReferencePipeline
 
 __all__ = [
     "EvalConfig",
@@ -180,7 +180,7 @@ def _read(folder: ImageFolder, size: tuple[int, int], limit: int | None) -> list
 def _pipeline(model: Path, embedding: Path, size: tuple[int, int]) -> ReferencePipeline:
     """The reference pipeline of `model` for images of `size` = (W, H)."""
     from r2r.models import load_components
-    from r2r.runtime.reference import ReferencePipeline
+    from r2r.reference import ReferencePipeline
 
     return ReferencePipeline(load_components(model), embedding, size[0], size[1])
 

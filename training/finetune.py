@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from r2r.atomic import atomic_dir
 from r2r.imageio import ImageReadError, load_rgb
 from r2r.models import EMBEDDING_FILE, Components, load_components
 from r2r.schedule import alphas_cumprod, forward_noise
-from r2r.training.loop import LoopConfig, LoopResult, WholeModuleTask, atomic_dir, run_training
+from r2r.training.loop import LoopConfig, LoopResult, WholeModuleTask, run_training
 
 if TYPE_CHECKING:
     import torch
@@ -137,7 +138,7 @@ class ImageFolder:
 
 
 def images_to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
-    """uint8 [H, W, 3] images -> float32 [B, 3, H, W] in [-1, 1] (DESIGN.md's `pixels / 127.5 - 1`)."""
+    """uint8 [H, W, 3] images -> float32 [B, 3, H, W] in [-1, 1] (docs/design.md, "Preprocess")."""
     import torch
 
     from r2r.imageio import to_model_input
@@ -224,7 +225,7 @@ def cache_latents(images: ImageFolder, vae: nn.Module, scaling_factor: float, ba
 
 
 class CaptionEncoder:
-    """Frozen text-encoder conditioning [B, 77, d] of captions ("" = DESIGN.md's c_null, padded, not zeros).
+    """Frozen text-encoder conditioning [B, 77, d] of captions ("" = c_null: padded, not zeros; docs/design.md).
 
     With `cache`, each distinct caption is encoded once (exact: the encoder is frozen).
     """

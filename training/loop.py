@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
 import shutil
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+
+from r2r.atomic import atomic_dir, atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -44,8 +43,6 @@ __all__ = [
     "LoopResult",
     "TrainTask",
     "WholeModuleTask",
-    "atomic_dir",
-    "atomic_write_text",
     "data_indices",
     "derive_seed",
     "latest_checkpoint",
@@ -251,63 +248,6 @@ def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> to
 # --------------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file by temp file + fsync + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-@contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a hidden sibling folder to fill; on success it replaces `final` (an old `final` is moved away
-    first and deleted after), on failure it is removed. Readers never see a half-written folder."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{secrets.token_hex(4)}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
@@ -388,7 +328,7 @@ def _save_checkpoint(out: Path, step: int, task_state: dict[str, torch.Tensor], 
             _save_tensors(tmp / EMA_FILE, ema.shadow)
         payload = {"format": CHECKPOINT_FORMAT, "step": step, "optimizer": opt_meta, **state}
         (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    atomic_write_text(root / LATEST_FILE, final.name + "\n")  # the marker last: it commits the checkpoint
+    atomic_write(root / LATEST_FILE, final.name + "\n")  # the marker last: it commits the checkpoint
     steps = sorted(p for p in root.glob("step-*") if p.is_dir() and p != final)
     for old in steps[: max(0, len(steps) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)

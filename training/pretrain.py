@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from r2r.atomic import atomic_dir, atomic_path
 from r2r.models import DEFAULT_TOKEN, EMBEDDING_FILE, load_components
 from r2r.tiny import LATENT_CHANNELS
 from r2r.training.embedding import EmbeddingConfig, train_negative_embedding
@@ -54,7 +55,7 @@ from r2r.training.finetune import (
     cache_latents,
     save_model_with,
 )
-from r2r.training.loop import LoopConfig, LoopResult, WholeModuleTask, atomic_dir, run_training
+from r2r.training.loop import LoopConfig, LoopResult, WholeModuleTask, run_training
 
 if TYPE_CHECKING:
     import torch
@@ -241,14 +242,10 @@ def _loop(cfg: PretrainConfig, **kw: Any) -> LoopConfig:
 
 
 def _save_latents(path: Path, params: torch.Tensor, meta: dict[str, Any]) -> None:
-    import os
-    import secrets
-
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    save_file({"params": params.contiguous()}, str(tmp), metadata={"r2r": json.dumps(meta)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"params": params.contiguous()}, str(tmp), metadata={"r2r": json.dumps(meta)})
 
 
 def _load_latents(path: Path) -> tuple[torch.Tensor, dict[str, Any]]:

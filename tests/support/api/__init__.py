@@ -1,9 +1,9 @@
-"""The TensorRT and CUDA runtime Python APIs as shipped, kept as data (DESIGN.md, "The GPU path").
+"""The TensorRT and CUDA runtime Python APIs as shipped, kept as data (docs/design.md, "What is simulated").
 
-`tensorrt_api.json` (TensorRT 10) and `tensorrt11_api.json` come from `extract_api.py`, which reads the
-`tensorrt-cu12-bindings` wheels; `cudart_api.json` comes from `extract_cudart.py`, which reads cuda-python's
-`cuda.bindings.runtime`. `strict.make_module` turns a TensorRT listing into a stand-in module that refuses any
-call the real one would refuse by name or arguments: the tests' fake builder and the CPU simulation of the GPU
+`tensorrt_api.json` (TensorRT 10) and `tensorrt11_api.json` come from `tools/extract_trt_api.py`, which reads the
+`tensorrt-cu12-bindings` wheels; `cudart_api.json` comes from `tools/extract_cudart_api.py`, which reads cuda-python's
+`cuda.bindings.runtime`. `support.strict.make_module` turns a listing into a stand-in module that refuses any call
+the real one would refuse by name or arguments: the fake builder of the tests and the CPU simulation of the GPU
 path stand on it.
 """
 

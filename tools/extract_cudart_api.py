@@ -4,7 +4,7 @@
 Usage (cuda-python installs and imports without a GPU; its calls then return cudaErrorInsufficientDriver)::
 
     pip install cuda-python
-    python engines/trt_api/extract_cudart.py            # -> engines/trt_api/cudart_api.json
+    python tools/extract_cudart_api.py            # -> tests/support/api/cudart_api.json
 
 Every public `cuda*` function with its argument names (from the signature line that Cython embeds at the top of
 each docstring) and its return tuple (the "Returns" section: a cudaError_t first, then the outputs), every enum
@@ -27,11 +27,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-if __package__:  # imported as r2r.engines.trt_api.extract_cudart
-    from .extract_api import dump, write_listing
-else:  # run as a script, or loaded from its path: extract_api.py (standard library only) is beside it
-    sys.path.insert(0, str(HERE))
-    from extract_api import dump, write_listing
+sys.path.insert(0, str(HERE))
+from extract_trt_api import API_DIR, dump, write_listing
 
 # What r2r's TensorRT builder and runtime call, and the structs/enums they read.
 USED = [
@@ -127,7 +124,7 @@ def extract(module_name: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--module", default="cuda.bindings.runtime")
-    ap.add_argument("--out", type=Path, default=HERE / "cudart_api.json")
+    ap.add_argument("--out", type=Path, default=API_DIR / "cudart_api.json")
     args = ap.parse_args(argv)
     api = extract(args.module)
     write_listing(args.out, dump(api, expand={"functions", "enums", "structs"}.__contains__, sort_inner=False))

@@ -1,9 +1,10 @@
-"""The PyTorch reference of Realistic Image Generation (DESIGN.md, "The method"): the oracle.
+"""The PyTorch reference of Realistic Image Generation (docs/design.md, "The method"): the oracle.
 
 Written for clarity and exactness, not speed: inversion with the empty prompt (one pass per step),
 then generation with negative-embedding guidance against null text, TAC on the null pass in the
-window (cg pass with capture, then the [neg, null] pass with injection). Every fast path is checked
-against this.
+window (cg pass with capture, then the [neg, null] pass with injection). Both inversion variants of
+the runtime are here (`invert`, `invert_single_pass`), so every fast path has an oracle. It lives in
+r2r/ because training's evaluation runs it too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from r2r.config import MethodConfig
+from r2r.config import Inversion, MethodConfig
 from r2r.imageio import to_model_input
 from r2r.models import Components, encode_conditioning
 from r2r.schedule import Schedule, ddim_transfer, guide, make_schedule
@@ -98,8 +99,40 @@ class ReferencePipeline:
         return latents
 
     @torch.no_grad()
-    def generate(self, latents: list[torch.Tensor], sched: Schedule, method: MethodConfig) -> torch.Tensor:
-        """Negative-embedding guidance from z_{ts[0]}, TAC on the null pass in the window."""
+    def invert_single_pass(self, z0: torch.Tensor, sched: Schedule, method: MethodConfig
+                           ) -> tuple[list[torch.Tensor], list[list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """Single-pass inversion: each step reuses the UNet evaluated at the previous latent and that latent's own
+        timestep (z0 at ts[-1] - D, at least 0); the window's evaluations capture their TAC Q/K for generation.
+
+        Returns the latents (like `invert`) and, per window step i, the Q/K captured at z_t(i)."""
+        _, state = self.tac(method)
+        b = z0.shape[0]
+        cond = self.c_null.expand(b, -1, -1)
+        window = tac_window(sched.n, method.tac_ratio)
+        t0 = max(sched.timesteps[-1] - sched.stride, 0)
+        eps = self._unet("inversion", z0, t0, cond)
+        z = z0
+        latents: list[torch.Tensor] = [z0] * sched.n
+        kept: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(window)]
+        for j in reversed(range(sched.n)):
+            z = ddim_transfer(z, eps, sched.alpha_prev[j], sched.alpha[j])
+            latents[j] = z
+            if j < window:
+                state.mode = TACMode.CAPTURE
+                try:
+                    eps = self._unet("inversion", z, sched.timesteps[j], cond)
+                    kept[j] = state.take_captured()
+                finally:
+                    state.mode = TACMode.OFF
+            elif j > 0:  # the last latent's evaluation would feed no step
+                eps = self._unet("inversion", z, sched.timesteps[j], cond)
+        return latents, kept
+
+    @torch.no_grad()
+    def generate(self, latents: list[torch.Tensor], sched: Schedule, method: MethodConfig,
+                 kept: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None) -> torch.Tensor:
+        """Negative-embedding guidance from z_{ts[0]}, TAC on the null pass in the window: the Q/K of a cg pass on
+        z_t(i), or those `kept` by a single-pass inversion."""
         _, state = self.tac(method)
         b = latents[0].shape[0]
         cond_pair = torch.cat([self.c_neg.expand(b, -1, -1), self.c_null.expand(b, -1, -1)])
@@ -108,9 +141,12 @@ class ReferencePipeline:
         zr = latents[0]
         for i, t in enumerate(sched.timesteps):
             if i < window:
-                state.mode = TACMode.CAPTURE
-                self._unet("generation_cg", latents[i], t, cond_cg)
-                state.injected = state.take_captured()
+                if kept is None:
+                    state.mode = TACMode.CAPTURE
+                    self._unet("generation_cg", latents[i], t, cond_cg)
+                    state.injected = state.take_captured()
+                else:
+                    state.injected = kept[i]
                 state.mode = TACMode.INJECT
             try:
                 eps = self._unet("generation", torch.cat([zr, zr]), t, cond_pair)
@@ -126,8 +162,12 @@ class ReferencePipeline:
         u8 = (x.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
         return [im.permute(1, 2, 0).cpu().numpy() for im in u8]
 
-    def __call__(self, images: list[np.ndarray], method: MethodConfig) -> list[np.ndarray]:
+    def __call__(self, images: list[np.ndarray], method: MethodConfig, inversion: Inversion = "exact"
+                 ) -> list[np.ndarray]:
         sched = self.schedule(method)
         self.count.images += len(images)
         z0 = self.encode(images)
+        if inversion == "single-pass":
+            latents, kept = self.invert_single_pass(z0, sched, method)
+            return self.decode(self.generate(latents, sched, method, kept))
         return self.decode(self.generate(self.invert(z0, sched), sched, method))

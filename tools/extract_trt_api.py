@@ -4,10 +4,10 @@
 Usage::
 
     pip download --no-deps -d WHEELDIR tensorrt-cu12-bindings==10.16.1.11
-    python engines/trt_api/extract_api.py WHEELDIR/tensorrt_cu12_bindings-10.16.1.11-*.whl
-    # or the extension module itself: python engines/trt_api/extract_api.py path/to/tensorrt_bindings/tensorrt.so
+    python tools/extract_trt_api.py WHEELDIR/tensorrt_cu12_bindings-10.16.1.11-*.whl
+    # or the extension module itself: python tools/extract_trt_api.py path/to/tensorrt_bindings/tensorrt.so
 
-Writes `tensorrt_api.json` beside this script (or `--out`): every class with its constructor, methods (argument
+Writes `tests/support/api/tensorrt_api.json` (or `--out`): every class with its constructor, methods (argument
 names per overload; an optional argument ends with "="), properties (read-only ones listed), the signatures as
 text, every enum with its members and values, and the module's functions and constants.
 
@@ -25,7 +25,8 @@ Check. Every pybind11-defined name found that way (of 8 characters or more: shor
 into immediate stores) must also occur as a string in the binary, where pybind11's `.def("name", ...)` literals
 live; the script fails if one does not.
 
-Standard library only (plus a C compiler). Linux x86-64/aarch64 ELF64 little-endian.
+Standard library only (plus a C compiler, and two small modules of this checkout: the atomic write and the
+strict layer's signature splitter). Linux x86-64/aarch64 ELF64 little-endian.
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-if __package__:  # imported as r2r.engines.trt_api.extract_api
-    from .strict import split_top
-else:  # run as a script, or loaded from its path: strict.py (standard library only) is beside it
-    sys.path.insert(0, str(HERE))
-    from strict import split_top
+REPO = HERE.parent
+API_DIR = REPO / "tests" / "support" / "api"  # where the listings live, beside the strict layer that reads them
+# The strict layer's signature splitter (standard library only) and the project's atomic write, from the checkout.
+sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+from support.strict import split_top
+
+from r2r.atomic import atomic_write
 
 SHT_DYNAMIC = 6
 SHT_DYNSYM = 11
@@ -355,16 +358,14 @@ def dump(api: dict, expand: Callable[[str], bool] = lambda key: key not in ("sou
 
 
 def write_listing(out: Path, text: str) -> None:
-    """Write `text` to `out` atomically (through `out`.json.part)."""
-    tmp = out.with_suffix(".json.part")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    """Write `text` to `out` atomically."""
+    atomic_write(out, text)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("source", type=Path, help="tensorrt-cuXX-bindings wheel (.whl) or its tensorrt*.so")
-    ap.add_argument("--out", type=Path, default=HERE / "tensorrt_api.json")
+    ap.add_argument("--out", type=Path, default=API_DIR / "tensorrt_api.json")
     args = ap.parse_args(argv)
     api = extract(args.source)
     required = {"BuilderFlag": ["REFIT"], "NetworkDefinitionCreationFlag": ["STRONGLY_TYPED"],

@@ -63,9 +63,7 @@ def _null_graph(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec]) 
 
 
 def _multiple(dim: int | str) -> int:
-    if isinstance(dim, int):
-        return 1
-    return int(dim.split("*")[0]) if "*" in dim else 1
+    return io.batch_multiple(dim) or 1
 
 
 def make_null_bundle(bundle: Path, out: Path, graphs: tuple[str, ...] = io.ALL_GRAPHS) -> Path:

@@ -1,0 +1,188 @@
+"""One runtime assembly: `open_runtime(RunConfig)` is how `r2r-run` and `r2r-bench` get a translator.
+
+It resolves, once and in this order: the bundle (the one given, or the model's, exported into the cache), the
+method (the bundle's defaults under the flags given), the backend row, its device and precision (from the backend
+table), the backend itself, and whether the fused UNet graph is used (timed against emit + inject on that very
+backend: the probe's sessions, compiled models and engines are the ones the scheduler then uses). `--backend torch`
+is the PyTorch reference instead, on the model itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from r2r import __version__
+from r2r import graph_io as io
+from r2r.backends import backend_row
+from r2r.config import Inversion, MethodConfig, Variant
+from r2r.log import log
+from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, default_resolution, sha256_file
+from r2r.runtime.bundle import Bundle, open_bundle
+from r2r.runtime.device import Backend
+from r2r.runtime.scheduler import CoupledScheduler
+from r2r.runtime.select import cached_bundle, resolve_backend, resolve_device, resolve_precision, runtime_module
+
+REFERENCE = "torch"  # --backend torch: the PyTorch reference on the model, no bundle
+FusedChoice = Literal["auto", "on", "off"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What to run; every field the CLIs do not set keeps its default."""
+
+    engine: Path | None = None  # a bundle; None: the model's, exported once into the cache
+    model: Path | None = None  # None: the embedded default
+    embedding: Path | None = None  # None: MODEL/negative_embedding.safetensors
+    width: int | None = None  # None: the model's own resolution (a bundle has its own)
+    height: int | None = None
+    backend: str = "auto"  # a backend table name, "auto", or "torch" (the reference)
+    device: str = "auto"  # bundle backends: auto / cpu / cuda; the reference: a torch device
+    precision: str | None = None  # None: the backend's default
+    batch: int = 1
+    method: Mapping[str, Any] = field(default_factory=dict)  # MethodConfig fields set; the rest: the bundle's
+    inversion: Inversion = "exact"
+    fused: FusedChoice = "auto"
+    threads: int = 0  # per backend session; 0: all cores
+    batch_max: int = 4  # of a bundle exported into the cache (at least `batch`)
+
+    def model_dir(self) -> Path:
+        return self.model or EMBEDDED_DEFAULT
+
+    def embedding_file(self) -> Path:
+        return self.embedding or self.model_dir() / EMBEDDING_FILE
+
+    def size(self) -> tuple[int, int]:
+        dw, dh = default_resolution(self.model_dir())
+        w, h = self.width or dw, self.height or dh
+        if w % 8 or h % 8:
+            raise ValueError(f"--width/--height must be multiples of 8, got {w}x{h}")
+        return w, h
+
+
+@dataclass
+class Runtime:
+    """A translator: uint8 [H, W, 3] images (at most `batch`) -> uint8 outputs, with what made them."""
+
+    translate: Callable[[list[np.ndarray]], list[np.ndarray]]
+    params: dict[str, Any]  # recorded in every output (and compared by --resume)
+    evaluations: Callable[[], float]  # UNet evaluations per image so far
+    size: tuple[int, int]  # (W, H) the images must have
+    device: str = "cpu"
+    bundle: Bundle | None = None
+    backend: Backend | None = None
+    scheduler: CoupledScheduler | None = None
+
+    def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        return self.translate(images)
+
+    def describe(self) -> str:
+        p = self.params
+        if p["backend"] == REFERENCE:
+            return f"{REFERENCE} reference, {p['inversion']} inversion"
+        return (f"{p['backend']} {p['precision']} on {self.device}, {p['inversion']} inversion"
+                f"{', fused' if p['fused'] else ''}")
+
+    def close(self) -> None:
+        _close(self.backend)
+
+
+def _close(backend: Backend | None) -> None:
+    close = getattr(backend, "close", None)  # device backends hold a stream and device memory
+    if close is not None:
+        close()
+
+
+def open_runtime(cfg: RunConfig, progress: Callable[[str], None] = log) -> Runtime:
+    if cfg.batch < 1:
+        raise ValueError("--batch-size must be >= 1")
+    if cfg.backend == REFERENCE:
+        return _open_reference(cfg)
+    # 1. what can be checked before a bundle is exported
+    row = None if cfg.backend == "auto" else backend_row(cfg.backend)
+    device = None if row is None else resolve_device(row, cfg.device)
+    if row is not None and cfg.precision is not None:
+        row.check_precision(cfg.precision)
+    # 2. the bundle and the method
+    if cfg.engine is not None:
+        root = cfg.engine
+    else:
+        w, h = cfg.size()
+        divisor = int(cfg.method.get("tac_divisor") or MethodConfig().tac_divisor)
+        root = cached_bundle(cfg.model_dir(), cfg.embedding_file(), w, h, max(cfg.batch_max, cfg.batch), divisor,
+                             progress)
+    bundle = open_bundle(root)
+    method = MethodConfig(**{**bundle.method_defaults().as_dict(), **cfg.method})
+    # 3. backend, device, precision: once
+    row = row or resolve_backend(cfg.backend, bundle, cfg.device)
+    device = device or resolve_device(row, cfg.device)
+    precision = resolve_precision(row, bundle, cfg.precision)
+    backend = runtime_module(row).open_backend(bundle, device, precision, cfg.threads)
+    try:
+        # 4. the program's variant, the fused choice measured on this backend
+        fused = cfg.fused == "on"
+        if cfg.fused == "auto" and cfg.inversion == "exact" and io.UNET_FUSED in bundle.manifest.graphs:
+            fused = fused_is_faster(backend, bundle, cfg.batch)
+        scheduler = CoupledScheduler(bundle, backend, cfg.batch, method, Variant(cfg.inversion, fused))
+    except BaseException:
+        _close(backend)
+        raise
+    params = {**method.as_dict(), "width": bundle.width, "height": bundle.height, "backend": row.name,
+              "precision": precision, "inversion": cfg.inversion, "fused": fused, "bundle_sha256": bundle.sha256,
+              "r2r": __version__}
+    return Runtime(scheduler, params, lambda: scheduler.unet_evaluations_per_image, (bundle.width, bundle.height),
+                   device, bundle, backend, scheduler)
+
+
+def _open_reference(cfg: RunConfig) -> Runtime:
+    import torch
+
+    from r2r.models import load_components
+    from r2r.reference import ReferencePipeline
+
+    method = MethodConfig(**cfg.method)
+    w, h = cfg.size()
+    emb = cfg.embedding_file()
+    device = "cpu" if cfg.device == "auto" else cfg.device
+    pipe = ReferencePipeline(load_components(cfg.model_dir(), device=device, dtype=torch.float32), emb, w, h)
+    params = {**method.as_dict(), "width": w, "height": h, "backend": REFERENCE, "inversion": cfg.inversion,
+              "model": cfg.model_dir().name, "embedding_sha256": sha256_file(emb), "r2r": __version__}
+    return Runtime(lambda images: pipe(images, method, cfg.inversion), params, lambda: round(pipe.count.per_image),
+                   (w, h), device)
+
+
+def fused_is_faster(backend: Backend, bundle: Bundle, batch: int, repeats: int = 3) -> bool:
+    """Time one TAC step both ways (unet_fused against unet_emit + unet_inject) on scratch buffers of `backend`,
+    min of `repeats` after a warm-up."""
+    be, b = backend, batch
+    c, h, w = bundle.latent_shape
+    d = bundle.c_null.shape[-1]
+    t = be.empty((1,))
+    qk = [be.empty((b, lyr["tokens"], lyr["channels"])) for lyr in bundle.tac_layers for _ in (0, 1)]
+    names = io.tac_names(len(bundle.tac_layers))
+
+    def unet(graph: str, k: int, with_qk: bool) -> Any:
+        binds = {io.SAMPLE: be.empty((k * b, c, h, w)), io.TIMESTEP: t,
+                 io.ENCODER_HIDDEN_STATES: be.empty((k * b, 77, d)), io.EPS: be.empty((k * b, c, h, w))}
+        return be.call(graph, binds | (dict(zip(names, qk, strict=True)) if with_qk else {}))
+
+    emit, inject, fused = unet(io.UNET_EMIT, 1, True), unet(io.UNET_INJECT, 2, True), unet(io.UNET_FUSED, 3, False)
+
+    def best(ops: list) -> float:
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            be.execute(ops, key=("fused-probe", id(ops)))
+            be.synchronize()
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    return best([fused]) < best([emit, inject])
+
+
+__all__ = ["REFERENCE", "RunConfig", "Runtime", "fused_is_faster", "open_runtime"]
