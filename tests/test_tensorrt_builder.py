@@ -1,9 +1,9 @@
 """The TensorRT engine builder (engines/tensorrt.py) against a strict stand-in for the `tensorrt` module.
 
-The stand-in is generated from the API extracted from the TensorRT wheels (engines/trt_api/*.json): its classes
+The stand-in is generated from the API extracted from the TensorRT wheels (tests/support/api/*.json): its classes
 have exactly the real methods and properties, and every call is checked against the real overloads. The few
 behaviours a build needs (parse an ONNX file into network inputs, build a plan, grow a timing cache) are the GPU
-simulation's (runtime/gpu_sim.py). No GPU and no TensorRT library is involved.
+simulation's (tests/support/gpu_sim.py). No GPU and no TensorRT library is involved.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The TensorRT backend (runtime/backend_trt.py) on the CPU simulation of the GPU path (runtime/gpu_sim.py).
+"""The TensorRT backend (runtime/backend_trt.py) on the CPU simulation of the GPU path (tests/support/gpu_sim.py).
 
 The simulation stands behind the same TensorRT and cuda-python calls, generated from the real APIs' listings (a call
 or argument they lack fails), and runs the bundle's ONNX graphs on ONNX Runtime CPU at the device addresses bound.

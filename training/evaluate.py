@@ -1,7 +1,7 @@
 """`r2r-train evaluate`: the paper's ablation on a paired test split, with numbers a command produces.
 
 For each test render (whose real twin is the ground truth) every method row translates the render with
-the PyTorch reference (`r2r.runtime.reference.ReferencePipeline`) and is scored by:
+the PyTorch reference (`r2r.reference.ReferencePipeline`) and is scored by:
 
 * SSIM and PSNR of the output against the real ground truth (fidelity to the photographed garment);
 * SSIM of the output against the input render (texture preservation: the pattern must survive);
