@@ -6,7 +6,6 @@ taken between configurations of one run. Reports: report.json (every figure), re
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -86,27 +86,76 @@ def host_overhead(bundle: Path, work: Path, repeats: int = 30) -> dict:
     return out
 
 
+def _size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"--size {text!r}: WxH, e.g. 512x512") from None
+    if w % 8 or h % 8 or w < 64 or h < 64:
+        raise click.BadParameter(f"--size {text}: sides of at least 64, multiples of 8")
+    return w, h
+
+
+def attention_report(bundle: Path, work: Path, threads: int) -> list[dict]:
+    """`--attention`: one profiled routed-UNet call per engine (benchmarks/attention.py), each in its own process."""
+    from r2r.benchmarks.attention import AttentionConfig
+    from r2r.engines.onnxruntime import ROW as ORT
+    from r2r.manifest import read_manifest
+
+    m = read_manifest(bundle)
+    plain = bundle / m.graphs["unet"].file
+    mha = bundle / m.engines[ORT.slot("cpu", "fp32", "unet")].files[0]
+    configs = [AttentionConfig("onnxruntime-plain-attention", "onnxruntime", str(plain), threads=threads),
+               AttentionConfig("onnxruntime-multi-head-attention", "onnxruntime", str(mha), threads=threads),
+               AttentionConfig("openvino-fp32", "openvino", str(plain), "fp32", threads),
+               AttentionConfig("openvino-bf16", "openvino", str(plain), "bf16", threads)]
+    results = []
+    for c in configs:
+        cfg_path, res_path = work / f"{c.name}.attention.json", work / f"{c.name}.attention.result.json"
+        cfg_path.write_text(json.dumps(asdict(c)))
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "r2r.benchmarks.attention", str(cfg_path), str(res_path)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:  # e.g. killed for memory: that is the measurement
+            results.append({"config": asdict(c), "failed": proc.stderr.strip().splitlines()[-1:] or
+                            [f"exit code {proc.returncode}"]})
+        else:
+            results.append(json.loads(res_path.read_text()))
+        log(f"  {c.name:<40} {time.perf_counter() - t0:6.1f} s")
+    return results
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--quick", is_flag=True, help="The embedded default, 2 images, batch 1-2, 2 repeats (< 3 min).")
 @click.option("--model", type=click.Path(path_type=Path), default=None,
               help="Diffusers SD 1.x directory [default: the embedded default].")
 @click.option("--embedding", type=click.Path(path_type=Path), default=None)
-@click.option("--sd15", is_flag=True, help="Benchmark an SD 1.5-architecture model (random weights) at 256x256.")
+@click.option("--sd15", is_flag=True, help="Benchmark an SD 1.5-architecture model (random weights).")
+@click.option("--size", default=None, metavar="WxH",
+              help="Image size [default: the model's own; 256x256 for --sd15 and the embedded default].")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True)
 @click.option("--images", "n_images", type=int, default=None, help="[default: 2 quick, 4 full]")
 @click.option("--batch-sizes", default=None, help="Comma list [default: 1,2 quick; 1,2,4 full].")
 @click.option("--repeats", type=int, default=None, help="Timed passes after the warm-up [default: 2 quick, 3].")
+@click.option("--warmup/--no-warmup", default=True, show_default=True,
+              help="An untimed pass first (skip it only where one pass costs minutes).")
 @click.option("--threads", type=int, default=0, help="Threads per configuration [default: all cores].")
 @click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
               help="Use this exported bundle of the model instead of exporting one into --out.")
 @click.option("--only", default=None, help="Comma list of configuration names to run (public-code and "
               "torch-reference always run: they are the baseline and the fidelity reference).")
-def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, out: Path, n_images: int | None,
-         batch_sizes: str | None, repeats: int | None, threads: int, bundle_dir: Path | None,
-         only: str | None) -> None:
+@click.option("--attention", is_flag=True, help="Instead: where a UNet call's time and memory go in attention, "
+              "per engine (ONNX Runtime's exported pattern vs MultiHeadAttention, OpenVINO fp32 / bf16).")
+def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, size: str | None, out: Path,
+         n_images: int | None, batch_sizes: str | None, repeats: int | None, warmup: bool, threads: int,
+         bundle_dir: Path | None, only: str | None, attention: bool) -> None:
     """Benchmark r2r's backends beside the public code and the PyTorch reference."""
+    from r2r.backends import auto_choices
     from r2r.benchmarks.report import write_reports
     from r2r.engines.onnxruntime import build_ort_engines
+    from r2r.engines.openvino import build_ov_engines
     from r2r.export.bundle import ExportConfig, export_bundle
     from r2r.machine import describe_machine
     from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, default_resolution
@@ -126,10 +175,9 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, ou
         model = build_sd15_architecture(out / "models" / "sd15-random")
     model = model or EMBEDDED_DEFAULT
     embedding = embedding or model / EMBEDDING_FILE
-    w, h = default_resolution(model)
+    w, h = _size(size) or default_resolution(model)
     start = time.perf_counter()
     log(f"r2r-bench: {model} at {w}x{h}; images {n_images}, batch sizes {sizes}, repeats {repeats}")
-    images = make_images(work, n_images, w, h)
     if bundle_dir is not None:
         from r2r.manifest import read_manifest, verify_files
 
@@ -137,32 +185,48 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, ou
         verify_files(bundle, manifest)
         if manifest.batch_max < max(sizes):
             raise click.BadParameter(f"--bundle supports batches up to {manifest.batch_max}, not {max(sizes)}")
+        if (manifest.width, manifest.height) != (w, h):
+            raise click.BadParameter(f"--bundle is {manifest.width}x{manifest.height}, not {w}x{h}; pass --size")
     else:
         bundle = out / "bundles" / f"{model.name}-{w}x{h}"
         manifest = export_bundle(ExportConfig(model, embedding, bundle, w, h, batch_max=max(sizes)), progress=log)
-    # Pre-optimized ORT graphs for the graphs that fit in one protobuf; larger ones optimize at load.
-    build_ort_engines(bundle, "fp32", "cpu", graphs=[g for g, e in manifest.graphs.items() if not e.external_data],
-                      progress=log)
-    have_openvino = importlib.util.find_spec("openvino") is not None
+    # Every configuration runs from built engines, as a user's would: ORT's optimized graphs (attention as
+    # MultiHeadAttention), OpenVINO's compiled models in the bundle's cache.
+    build_ort_engines(bundle, "fp32", "cpu", progress=log)
+    if attention:
+        report = {"machine": describe_machine(), "model": str(model), "resolution": [w, h],
+                  "attention": attention_report(bundle, work, threads),
+                  "command": "r2r-bench " + " ".join(_portable_args(sys.argv[1:])),
+                  "wall_s": time.perf_counter() - start}
+        paths = write_reports(report, out)
+        log(f"r2r-bench: done in {report['wall_s']:.0f} s -> {', '.join(str(p) for p in paths)}")
+        return
+    for prec in ("fp32", "bf16"):
+        build_ov_engines(bundle, prec, threads, progress=log)
+    images = make_images(work, n_images, w, h)
+    default_row, _ = auto_choices()[0]
+    default = (default_row.name, default_row.native_precision())
 
     method = {}
     common = {"model": str(model), "embedding": str(embedding), "width": w, "height": h, "images": str(images),
-              "method": method, "repeats": repeats, "threads": threads}
+              "method": method, "repeats": repeats, "threads": threads, "warmup": warmup}
 
-    def cfg(name: str, kind: str, **kw: object) -> BenchConfig:
-        return BenchConfig(name=name, kind=kind, outputs=str(work / f"{name}.out.npz"), **common, **kw)
+    def cfg(name: str, kind: str, **kw: Any) -> BenchConfig:
+        is_default = kind == "r2r" and (kw.get("backend", "onnxruntime"), kw.get("precision", "fp32")) == default \
+            and kw.get("inversion", "exact") == "exact" and kw.get("batch", 1) == 1 and kw.get("fused", True)
+        return BenchConfig(name=name, kind=kind, outputs=str(work / f"{name}.out.npz"), default=is_default,
+                           **common, **kw)
 
     configs = [cfg("public-code", "public-code"), cfg("torch-reference", "torch-reference")]
     for b in sizes:
         configs.append(cfg(f"onnxruntime-fp32-b{b}", "r2r", bundle=str(bundle), batch=b))
-    configs.append(cfg("onnxruntime-fp32-fused-b1", "r2r", bundle=str(bundle), fused=True))
-    configs.append(cfg("onnxruntime-fp32-single-pass-b1", "r2r", bundle=str(bundle), inversion="single-pass"))
-    if have_openvino:
-        for prec in ("fp32", "bf16"):
-            configs.append(cfg(f"openvino-{prec}-fused-b1", "r2r", bundle=str(bundle), backend="openvino",
-                               precision=prec, fused=True))
-        configs.append(cfg("openvino-bf16-single-pass-b1", "r2r", bundle=str(bundle), backend="openvino",
-                           precision="bf16", inversion="single-pass"))
+    configs.append(cfg("onnxruntime-fp32-emit-inject-b1", "r2r", bundle=str(bundle), fused=False))
+    configs.append(cfg("onnxruntime-fp32-single-pass-b1", "r2r", bundle=str(bundle), inversion="single-pass",
+                       fused=False))
+    for prec in ("fp32", "bf16"):
+        configs.append(cfg(f"openvino-{prec}-b1", "r2r", bundle=str(bundle), backend="openvino", precision=prec))
+    configs.append(cfg("openvino-bf16-single-pass-b1", "r2r", bundle=str(bundle), backend="openvino",
+                       precision="bf16", inversion="single-pass", fused=False))
     if only:
         keep = {"public-code", "torch-reference", *only.split(",")}
         unknown = keep - {c.name for c in configs}
@@ -179,8 +243,9 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, ou
             "max_abs_error": int(np.abs(got.astype(int) - ref_out.astype(int)).max())}
     overhead = host_overhead(bundle, work)
     report = {"machine": describe_machine(), "model": str(model), "resolution": [w, h], "images": n_images,
-              "repeats": repeats, "batch_sizes": sizes, "method": "defaults (steps 50, strength 0.3, "
-              "guidance 7.5, TAC ratio 0.9, divisor 256)", "results": results, "host_overhead": overhead,
+              "repeats": repeats, "warmup": warmup, "batch_sizes": sizes, "method": "defaults (steps 50, strength "
+              "0.3, guidance 7.5, TAC ratio 0.9, divisor 256)", "results": results, "host_overhead": overhead,
+              "default": f"{default[0]} {default[1]}",
               "command": "r2r-bench " + " ".join(_portable_args(sys.argv[1:])), "wall_s": time.perf_counter() - start}
     paths = write_reports(report, out)
     log(f"r2r-bench: done in {report['wall_s']:.0f} s -> {', '.join(str(p) for p in paths)}")

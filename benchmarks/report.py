@@ -18,7 +18,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     fid = result.get("fidelity_vs_torch_reference", {})
     cfg = result["config"]
     return {
-        "name": cfg["name"], "batch": cfg["batch"],
+        "name": cfg["name"] + (" (r2r-run default)" if cfg.get("default") else ""), "batch": cfg["batch"],
         "latency_s": {"min": per_image[0], "median": statistics.median(per_image), "max": per_image[-1]},
         "stages_s": stages, "images_per_s": 1.0 / statistics.median(per_image),
         "unet_evaluations_per_image": result["unet_evaluations_per_image"],
@@ -43,8 +43,9 @@ def markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"Machine: {m['cpu'].get('model', '?')}, {m['logical_cpus']} logical CPUs, {m['memory_gib']} GiB, "
         f"GPU {m['gpu']}; ISA {' '.join(m['cpu'].get('isa', []))}.  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".  ",
-        f"Method: {report['method']}; {report['images']} images, {report['repeats']} timed passes after a "
-        f"warm-up, each configuration in its own process.  ",
+        f"Method: {report['method']}; {report['images']} images, {report['repeats']} timed passes"
+        f"{' after a warm-up' if report.get('warmup', True) else ' (no warm-up)'}, each configuration in its own "
+        "process.  ",
         f"Command: `{report['command']}`",
         "",
         "| configuration | batch | s / image (min / median / max) | vs public-code | images/s | encode | inversion "
@@ -88,11 +89,11 @@ def charts(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     paths.append(out / "latency.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
-    batched = [r for r in rows if r["name"].startswith("onnxruntime-fp32-b")]
+    batched = [r for r in rows if r["name"].startswith("onnxruntime-fp32-b")]  # the fused program, batch B
     if batched:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r["batch"] for r in batched], [r["images_per_s"] for r in batched], marker="o",
-                label="onnxruntime fp32 (exact)")
+                label="onnxruntime fp32 (fused)")
         for r in rows:
             if r["name"] in ("public-code", "torch-reference"):
                 ax.axhline(r["images_per_s"], linestyle="--", label=r["name"], color="grey" if
@@ -123,7 +124,37 @@ def _portable(obj: Any, out: Path) -> Any:
     return obj
 
 
+def attention_markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"# r2r-bench --attention: {Path(report['model']).name} at {report['resolution'][0]}x"
+        f"{report['resolution'][1]}",
+        "",
+        f"Machine: {m['cpu'].get('model', '?')}, {m['logical_cpus']} logical CPUs, {m['memory_gib']} GiB.  ",
+        "One routed-UNet call on the fused TAC step's batch of 3, profiled by the engine (profiling on), each "
+        "configuration in its own process.  ",
+        f"Command: `{report['command']}`",
+        "",
+        "| configuration | attention layers | fused attention nodes | UNet call ms (min) | attention share of UNet "
+        "time | peak RSS of the call above the loaded model (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["attention"]:
+        name = r["config"]["name"]
+        if "failed" in r:
+            lines.append(f"| {name} | - | - | failed: {' '.join(r['failed'])} | - | - |")
+            continue
+        lines.append(f"| {name} | {r['attention_layers']} | {r['fused_attention_nodes']} | {r['call_ms_min']:.0f} | "
+                     f"{100 * r['attention_share']:.0f}% | {r['call_peak_above_load_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_reports(report: dict[str, Any], out: Path) -> list[Path]:
+    if "attention" in report:
+        report = _portable(report, out)
+        (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (out / "report.md").write_text(attention_markdown(report))
+        return [out / "report.json", out / "report.md"]
     rows = [summarize(r) for r in report["results"]]
     report = _portable({**report, "summary": rows}, out)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from r2r.backends import DEVICES, NAMES, PRECISIONS, BuildRequest, backend_row
+from r2r.backends import DEVICES, NAMES, PRECISIONS, BuildRequest, auto_choices, backend_row
 from r2r.export.cli import export, export_config, model_options, onnx_cmd
 from r2r.log import log
 
@@ -27,11 +27,14 @@ main.add_command(onnx_cmd)
 
 
 @main.command("build-engines")
-@click.option("--backend", type=click.Choice(NAMES), default="onnxruntime", show_default=True)
+@click.option("--backend", type=click.Choice(NAMES), default=None,
+              help="[default: what `r2r-run` runs by default here: tensorrt on an NVIDIA GPU with TensorRT, else "
+                   "onnxruntime's CUDA provider, else openvino]")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-              help="[default: fp32; checked against the backend]")
+              help="[default: tensorrt fp16; on the CPU the best precision it runs natively (openvino: bf16 with "
+                   "AVX512-BF16 or AMX, else fp32)]")
 @click.option("--device", type=click.Choice(DEVICES), default=None,
-              help="onnxruntime: the execution provider [default: cpu; tensorrt: cuda; openvino: cpu].")
+              help="onnxruntime: the execution provider [default: the backend's first usable device].")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="TensorRT builder optimization level.")
 @click.option("--refit", is_flag=True, help="TensorRT: build refittable engines.")
@@ -41,22 +44,30 @@ main.add_command(onnx_cmd)
 def build_engines_cmd(ctx: click.Context, backend: str, precision: str | None, device: str | None, opt_level: int,
                       refit: bool, model, embedding, width, height, batch_max, tac_divisor, out: Path) -> None:
     """Build engines for one backend and precision (exports the ONNX bundle first if needed)."""
-    row = backend_row(backend)
+    choices = auto_choices(device or "auto")  # what r2r-run would pick here, fastest first
+    if backend is None:
+        if not choices:
+            raise click.UsageError(f"no backend runs on device {device} here; name one with --backend")
+        row, default_device = choices[0]
+    else:
+        row = backend_row(backend)
+        default_device = next((d for r, d in choices if r is row), row.devices[0])
     given = [flag for name, flag in TENSORRT_ONLY.items()
              if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)]
-    if given and backend != "tensorrt":
-        raise click.UsageError(f"{', '.join(given)}: TensorRT build options; --backend {backend} takes neither")
+    if given and row.name != "tensorrt":
+        raise click.UsageError(f"{', '.join(given)}: TensorRT build options; --backend {row.name} takes neither")
     try:
-        precision = row.check_precision(precision or "fp32")
-        device = row.check_device(device or ("cpu" if "cpu" in row.devices else row.devices[0]))
+        precision = row.check_precision(precision or (row.precisions[0] if row.needs_engines
+                                                       else row.native_precision()))
+        device = row.check_device(device or default_device)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     cfg = export_config(model, embedding, out, width, height, batch_max, tac_divisor)
     log(f"r2r-export build-engines: checking the ONNX bundle {out}")
     export(cfg)
-    log(f"r2r-export build-engines: {backend} {precision} on {device}")
-    request = BuildRequest(precision=precision, device=device, batches=tuple(sorted({1, batch_max})),
-                           opt_level=opt_level, refit=refit)
+    log(f"r2r-export build-engines: {row.name} {precision} on {device}")
+    request = BuildRequest(precision=precision, device=device, opt_level=opt_level, refit=refit, model=cfg.model,
+                           embedding=cfg.embedding)
     try:
         importlib.import_module(row.builder).build(out, request)
     except (ImportError, RuntimeError, ValueError) as exc:

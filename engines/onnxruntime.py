@@ -1,9 +1,12 @@
 """ONNX Runtime "engines": graphs optimized offline per execution provider, saved in the bundle.
 
-ORT's graph optimizations (constant folding, fusions, layout for the provider) are run once at build
-time and the result saved, so a session opens without redoing them; the session options that go
-with each saved graph are recorded in the manifest. The runtime opens every session through
-`open_session` here, so a graph is built and run with one definition of its options.
+Two passes, once, at build time: every attention is fused into `com.microsoft.MultiHeadAttention` with separate
+Q, K, V, no mask and no bias (`fuse_attention`: the exported scaled-dot-product pattern, matched by onnxscript's
+SDPA and MHA rules alone; its other ORT fusions emit CUDA-only operators such as GroupNorm), which is ONNX Runtime's
+flash-attention kernel on CPU: memory linear in the tokens instead of the full score matrix. Then ORT's own graph
+optimizations (constant folding, fusions, layout for the provider), the result saved so that a session opens
+without redoing them. The session options that go with each saved graph are recorded in the manifest; the runtime
+opens every session through `open_session` here, so a graph is built and run with one definition of its options.
 """
 
 from __future__ import annotations
@@ -49,11 +52,32 @@ def open_session(ort: Any, model: Path | bytes, threads: int, providers: Sequenc
 def engine_key(graph_key: str, precision: str, provider: str) -> str:
     """Fully optimized ORT graphs carry layout choices for this CPU, so its model and ISA are in the key."""
     import onnxruntime as ort
+    import onnxscript
 
     from r2r.machine import describe_machine
 
     cpu = describe_machine()["cpu"]
-    return hashlib.sha256(json.dumps([graph_key, precision, provider, ort.__version__, cpu]).encode()).hexdigest()
+    parts = [graph_key, precision, provider, ort.__version__, cpu, "mha", onnxscript.__version__]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def fuse_attention(src: Path, dst: Path, external_data: bool) -> int:
+    """Write `src` with every scaled-dot-product attention as one com.microsoft.MultiHeadAttention to `dst`;
+    returns how many were fused."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import ShapeInferencePass
+    from onnxscript import optimizer
+    from onnxscript.rewriter.ort_fusions.mha import fuse_mha1, fuse_mha2
+    from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
+
+    model = ir.load(str(src))
+    ShapeInferencePass()(model)
+    optimizer.optimize(model)
+    if fuse_sdpa(model, apply_shape_inference=True) == 0:
+        return 0
+    fused = fuse_mha1(model) + fuse_mha2(model)
+    ir.save(model, str(dst), external_data=f"{dst.name}.data" if external_data else None)
+    return fused
 
 
 def build_ort_engines(bundle: Path, precision: str = "fp32", device: str = "cpu", graphs: list[str] | None = None,
@@ -85,25 +109,33 @@ def build_ort_engines(bundle: Path, precision: str = "fp32", device: str = "cpu"
         verify_files(bundle, manifest, only=[f for f in manifest.files if f.startswith(str(Path(g.file).parent))])
         t0 = time.perf_counter()
         out = bundle_path(bundle, rel)
+        source = bundle_path(bundle, g.file)
         with atomic_path(out) as tmp:
-            so = session_options(ort)
-            so.log_severity_level = 3  # the saved graph is hardware specific: the key records this CPU
-            so.optimized_model_filepath = str(tmp)
-            if g.external_data:
-                so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                            f"{out.name}.data")
-            ort.InferenceSession(str(bundle_path(bundle, g.file)), sess_options=so, providers=[provider])
+            fused_path = tmp.with_name(f"{tmp.name}.mha.onnx")
+            try:
+                fused = fuse_attention(source, fused_path, g.external_data)
+                so = session_options(ort)
+                so.log_severity_level = 3  # the saved graph is hardware specific: the key records this CPU
+                so.optimized_model_filepath = str(tmp)
+                if g.external_data:
+                    so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                                f"{out.name}.data")
+                ort.InferenceSession(str(fused_path if fused else source), sess_options=so, providers=[provider])
+            finally:
+                fused_path.unlink(missing_ok=True)
+                fused_path.with_name(f"{fused_path.name}.data").unlink(missing_ok=True)
         files = [rel] + ([f"{rel}.data"] if g.external_data else [])
         for f in files:
             record_file(bundle, manifest, f)
         entry = EngineEntry("onnxruntime", precision, name, files, key, {
-            "provider": provider, "onnxruntime": ort.__version__,
+            "provider": provider, "onnxruntime": ort.__version__, "multi_head_attention": fused,
             "session_options": {"graph_optimization_level": "ORT_DISABLE_ALL (pre-optimized)",
                                 "execution_mode": "ORT_SEQUENTIAL"},
             "build_seconds": round(time.perf_counter() - t0, 2)})
         manifest.engines[slot] = entry
         built.append(entry)
-        progress(f"  {slot:<36} built in {entry.info['build_seconds']:.1f} s ({out.stat().st_size / 1e6:.1f} MB)")
+        progress(f"  {slot:<36} built in {entry.info['build_seconds']:.1f} s ({out.stat().st_size / 1e6:.1f} MB, "
+                 f"{fused} attention layers as MultiHeadAttention)")
     write_manifest(bundle, manifest)
     return built
 
@@ -113,4 +145,5 @@ def build(bundle: Path, request: BuildRequest, progress: Callable[[str], None] =
     return build_ort_engines(bundle, precision=request.precision, device=request.device, progress=progress)
 
 
-__all__ = ["PROVIDERS", "ROW", "build", "build_ort_engines", "engine_key", "open_session", "session_options"]
+__all__ = ["PROVIDERS", "ROW", "build", "build_ort_engines", "engine_key", "fuse_attention", "open_session",
+           "session_options"]

@@ -1,11 +1,11 @@
-"""OpenVINO "engines": the bundle's graphs compiled for this CPU at the shapes the coupled program binds, kept in
-OpenVINO's model cache inside the bundle.
+"""OpenVINO "engines": the bundle's graphs compiled for this CPU, kept in OpenVINO's model cache inside the bundle.
 
-OpenVINO compiles a model for fixed shapes (seconds per graph for SD 1.5); its model cache turns a later compile of
-the same graph, shapes and configuration into a load. Building = compiling every graph the host program calls at
-every image batch times each multiple the program binds it at (`graph_io.CALL_MULTIPLES`), with the cache folder in
-the bundle, then recording the cache files in the manifest. The runtime compiles through `compile_graph` here, the
-one definition of the configuration, so its compiles of the same shapes are loads.
+Each graph is compiled once, its batch dimension dynamic as exported, so one compiled model (one copy of the
+weights) serves every batch the program binds: the routed UNet at B, 2B and 3B. Compiling is what costs (seconds per
+graph for SD 1.5); OpenVINO's model cache turns a later compile of the same graph and configuration into a load that
+does not read the ONNX weights at all. Building = compiling every graph the host program calls with the cache folder
+in the bundle, then recording the cache files in the manifest; the runtime compiles through `compile_graph` here,
+the one definition of the configuration, so its compiles are loads.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from r2r.backends import BuildRequest, backend_row
 from r2r.log import log
 from r2r.manifest import (
     ENGINES_DIR,
+    BundleError,
     EngineEntry,
     Manifest,
     bundle_path,
@@ -35,6 +36,7 @@ from r2r.manifest import (
 ROW = backend_row("openvino")
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 CACHE_DIR = f"{ENGINES_DIR}/openvino/cache"
+INT8_UNET = ROW.slot("cpu", "int8", io.UNET)  # the manifest entry of the quantized UNet (engines/int8.py)
 
 
 def import_openvino() -> Any:
@@ -58,26 +60,35 @@ def default_threads() -> int:
     return os.cpu_count() or 1
 
 
-def compile_graph(ov: Any, core: Any, model: Any, shapes: Mapping[str, Sequence[int]], precision: str,
-                  threads: int) -> Any:
-    """`model` reshaped to `shapes` (input name -> shape) and compiled for the CPU at `precision`."""
+def compile_config(precision: str, threads: int) -> dict[str, Any]:
+    """int8: the quantized layers run INT8, the rest at the CPU's native float precision."""
     ROW.check_precision(precision)
-    model = model.clone()
-    model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
-    config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "INFERENCE_NUM_THREADS": threads,
-              "PERFORMANCE_HINT": "LATENCY"}
-    return core.compile_model(model, "CPU", config)
+    float_precision = ROW.native_precision() if precision == "int8" else precision
+    return {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[float_precision], "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY"}
 
 
-def program_shapes(manifest: Manifest, graph: str, batches: Sequence[int]) -> list[dict[str, tuple[int, ...]]]:
-    """Every set of input shapes the coupled program binds `graph` at, for these image batches."""
-    inputs = manifest.graphs[graph].inputs
-    mults = io.CALL_MULTIPLES.get(graph, (1,))
-    return [{t.name: io.concrete_shape(t.shape, b * m) for t in inputs} for b in sorted(set(batches)) for m in mults]
+def graph_file(bundle: str | Path, manifest: Manifest, graph: str, precision: str) -> Path:
+    """What to compile for `graph`: the INT8 UNet's IR at int8, else the bundle's ONNX graph."""
+    if precision == "int8" and graph == io.UNET:
+        entry = manifest.engines.get(INT8_UNET)
+        if entry is None:
+            raise BundleError(f"{bundle}: no INT8 UNet; build it (calibrated on the model) with `r2r-export "
+                              f"build-engines --backend openvino --precision int8 --model MODEL --out {bundle}`")
+        return bundle_path(bundle, entry.files[0])
+    return bundle_path(bundle, manifest.graphs[graph].file)
 
 
-def build_ov_engines(bundle: str | Path, precision: str = "fp32", batches: Sequence[int] = (1,), threads: int = 0,
+def compile_graph(core: Any, path: Path, precision: str, threads: int) -> Any:
+    """The graph at `path` compiled for the CPU at `precision`, its batch dynamic (a load from the model cache if
+    it is there)."""
+    return core.compile_model(str(path), "CPU", compile_config(precision, threads))
+
+
+def build_ov_engines(bundle: str | Path, precision: str = "fp32", threads: int = 0,
                      progress: Callable[[str], None] = log) -> EngineEntry:
+    """Compile every graph the host program calls into the bundle's model cache (int8: the INT8 UNet must have been
+    built, `engines/int8.py`)."""
     ov = import_openvino()
     ROW.check_precision(precision)
     manifest = read_manifest(bundle)
@@ -85,19 +96,17 @@ def build_ov_engines(bundle: str | Path, precision: str = "fp32", batches: Seque
     verify_files(bundle, manifest, only=[f for f in manifest.files if not f.startswith(f"{ENGINES_DIR}/")])
     slot = ROW.slot("cpu", precision, "all")
     key = hashlib.sha256(json.dumps([sorted((g, e.key) for g, e in manifest.graphs.items()), precision,
-                                     sorted(batches), ov.__version__]).encode()).hexdigest()
+                                     ov.__version__]).encode()).hexdigest()
     t0 = time.perf_counter()
     core = open_core(ov, bundle)
     for graph in graphs:
-        model = core.read_model(str(bundle_path(bundle, manifest.graphs[graph].file)))
-        for shapes in program_shapes(manifest, graph, batches):
-            compile_graph(ov, core, model, shapes, precision, threads or default_threads())
+        compile_graph(core, graph_file(bundle, manifest, graph, precision), precision, threads or default_threads())
     cache = bundle_path(bundle, CACHE_DIR)
     files = sorted(str(p.relative_to(Path(bundle).resolve())) for p in cache.resolve().rglob("*") if p.is_file())
     for f in files:
         record_file(bundle, manifest, f)
     entry = EngineEntry("openvino", precision, "all", files, key,
-                        {"openvino": ov.__version__, "batches": sorted(batches),
+                        {"openvino": ov.__version__, "batch": "dynamic",
                          "build_seconds": round(time.perf_counter() - t0, 1)})
     manifest.engines[slot] = entry
     write_manifest(bundle, manifest)
@@ -107,9 +116,17 @@ def build_ov_engines(bundle: str | Path, precision: str = "fp32", batches: Seque
 
 
 def build(bundle: Path, request: BuildRequest, progress: Callable[[str], None] = log) -> list[EngineEntry]:
-    """The backend table's builder entry (`r2r-export build-engines --backend openvino`)."""
-    return [build_ov_engines(bundle, request.precision, request.batches, progress=progress)]
+    """The backend table's builder entry (`r2r-export build-engines --backend openvino`); int8 first calibrates and
+    quantizes the UNet on the request's model."""
+    built = []
+    if request.precision == "int8":
+        from r2r.engines.int8 import build_int8_unet
+
+        if request.model is None:
+            raise ValueError("--precision int8 calibrates on the bundle's model: pass --model")
+        built.append(build_int8_unet(bundle, request.model, request.embedding, progress=progress))
+    return [*built, build_ov_engines(bundle, request.precision, progress=progress)]
 
 
-__all__ = ["CACHE_DIR", "PRECISION_HINTS", "ROW", "build", "build_ov_engines", "compile_graph", "default_threads",
-           "import_openvino", "open_core", "program_shapes"]
+__all__ = ["CACHE_DIR", "INT8_UNET", "PRECISION_HINTS", "ROW", "build", "build_ov_engines", "compile_config",
+           "compile_graph", "default_threads", "graph_file", "import_openvino", "open_core"]

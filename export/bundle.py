@@ -26,9 +26,8 @@ from r2r.export.graphs import (
     DdimStep,
     GuidedStep,
     UNetEmit,
-    UNetFused,
     UNetInject,
-    UNetPlain,
+    UNetRouted,
     VaeDecoder,
     VaeEncoder,
     unet_specs,
@@ -102,9 +101,9 @@ def _examples(name: str, comps: Components, plan: TACPlan, h: int, w: int) -> tu
     if name == io.UNET_INJECT:
         qk = [torch.randn(2, lyr.tokens, lyr.channels, generator=g) for lyr in plan.layers for _ in range(2)]
         return (*unet_args(2), *qk)
-    if name == io.UNET_FUSED:
-        return unet_args(3)
-    if name in (io.UNET, io.UNET_EMIT):
+    if name == io.UNET:  # a non-identity routing: the exporter must not fold the gather away
+        return (*unet_args(1), torch.tensor([1, 0], dtype=torch.int64))
+    if name == io.UNET_EMIT:
         return unet_args(1)
     if name == io.VAE_ENCODER:
         return (torch.rand(2, 3, h, w, generator=g) * 2 - 1,)
@@ -183,10 +182,9 @@ def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = log) -> M
 
     state = install_tac(comps.unet, plan)
     modules = {
-        io.UNET: lambda: UNetPlain(comps.unet, state),
+        io.UNET: lambda: UNetRouted(comps.unet, state),
         io.UNET_EMIT: lambda: UNetEmit(comps.unet, state),
         io.UNET_INJECT: lambda: UNetInject(comps.unet, state),
-        io.UNET_FUSED: lambda: UNetFused(comps.unet, state),
         io.VAE_ENCODER: lambda: VaeEncoder(comps.vae),
         io.VAE_DECODER: lambda: VaeDecoder(comps.vae),
         io.DDIM_STEP: DdimStep,

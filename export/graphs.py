@@ -24,12 +24,17 @@ class _UNetGraph(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=ehs, return_dict=False)[0]
 
 
-class UNetPlain(_UNetGraph):
-    """`unet`: eps of the batch."""
+class UNetRouted(_UNetGraph):
+    """`unet`: eps of the batch, row r of every TAC layer using the Q, K of row tac_src[r]. The identity is the
+    plain UNet; [cg x B, neg x B, null x B] with the null third pointing at the cg third is the fused TAC step."""
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor) -> torch.Tensor:
-        self.state.mode = TACMode.OFF
-        return self._eps(sample, timestep, ehs)
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor,
+                tac_src: torch.Tensor) -> torch.Tensor:
+        self.state.mode, self.state.src = TACMode.ROUTED, tac_src
+        try:
+            return self._eps(sample, timestep, ehs)
+        finally:
+            self.state.mode, self.state.src = TACMode.OFF, None
 
 
 class UNetEmit(_UNetGraph):
@@ -56,17 +61,6 @@ class UNetInject(_UNetGraph):
             return self._eps(sample, timestep, ehs)
         finally:
             self.state.mode, self.state.injected = TACMode.OFF, ()
-
-
-class UNetFused(_UNetGraph):
-    """`unet_fused`: batch [cg x B, neg x B, null x B], the injection inside the graph."""
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor) -> torch.Tensor:
-        self.state.mode = TACMode.FUSED
-        try:
-            return self._eps(sample, timestep, ehs)
-        finally:
-            self.state.mode = TACMode.OFF
 
 
 class VaeEncoder(torch.nn.Module):
@@ -129,10 +123,9 @@ def unet_specs(plan: TACPlan) -> dict[str, GraphSpec]:
         return tuple((n, k if b else "") for n, b in base)
 
     return {
-        io.UNET: GraphSpec(io.UNET, base, ((io.EPS, "B"),)),
+        io.UNET: GraphSpec(io.UNET, (*base, (io.TAC_SRC, "B")), ((io.EPS, "B"),)),
         io.UNET_EMIT: GraphSpec(io.UNET_EMIT, base, ((io.EPS, "B"), *((n, "B") for n in qk))),
         io.UNET_INJECT: GraphSpec(io.UNET_INJECT, (*times("2*B"), *((n, "B") for n in qk)), ((io.EPS, "2*B"),)),
-        io.UNET_FUSED: GraphSpec(io.UNET_FUSED, times("3*B"), ((io.EPS, "3*B"),)),
     }
 
 

@@ -1,10 +1,10 @@
 """The backend table (docs/design.md, "Backends"): one row per execution backend.
 
 `r2r-export build-engines`, `r2r-run`, `r2r-bench` and the automatic selection all read it: which devices and
-precisions a backend takes, its default precision, where its engines live in the bundle's manifest, and the two
-modules that implement it. Adding a backend is one row here plus its own files: a builder module in
-`r2r.engines` (`build(bundle, BuildRequest, progress)`) and a runtime module in `r2r.runtime`
-(`available_devices()`, `open_backend(bundle, device, precision, threads)`).
+precisions a backend takes, which of its precisions the CPU runs natively, where its engines live in the bundle's
+manifest, how to tell whether it can run here, and the two modules that implement it. Adding a backend is one row
+here plus its own files: a builder module in `r2r.engines` (`build(bundle, BuildRequest, progress)`) and a runtime
+module in `r2r.runtime` (`open_backend(bundle, device, precision, threads)`).
 
 The rows name those modules instead of importing them: `r2r/` is imported by every stage and imports none. The
 engines CLI imports a row's builder, the runtime its runtime module (`tests/test_layers.py` checks that both
@@ -13,10 +13,31 @@ exist and sit in the stage they belong to).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from r2r.machine import cpu_flags
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")  # every precision some backend takes (CLI choices)
 DEVICES = ("cpu", "cuda")
+
+
+def _tensorrt_devices() -> tuple[str, ...]:
+    from r2r.gpu import tensorrt_usable
+
+    return ("cuda",) if tensorrt_usable() else ()
+
+
+def _onnxruntime_devices() -> tuple[str, ...]:
+    import onnxruntime as ort
+
+    return ("cuda", "cpu") if "CUDAExecutionProvider" in ort.get_available_providers() else ("cpu",)
+
+
+def _openvino_devices() -> tuple[str, ...]:
+    return ("cpu",) if importlib.util.find_spec("openvino") is not None else ()
 
 
 @dataclass(frozen=True)
@@ -24,13 +45,14 @@ class BackendRow:
     name: str
     devices: tuple[str, ...]  # in the order `--device auto` tries them
     precisions: tuple[str, ...]  # what it builds and runs, best first
-    default_precision: str | None  # None: the best precision the bundle has engines of (engines are per GPU)
     engine_slot: str  # manifest.engines key of one build: "{device}", "{precision}", "{graph}" filled in
     builder: str  # module in r2r.engines: build(bundle, BuildRequest, progress) -> list[EngineEntry]
-    runtime: str  # module in r2r.runtime: available_devices(), open_backend(bundle, device, precision, threads)
+    runtime: str  # module in r2r.runtime: open_backend(bundle, device, precision, threads)
     install: str  # what installs it
-    needs_engines: bool = False  # runs only from built engines, never from the ONNX graphs
-    auto: bool = True  # a candidate of `--backend auto` (in table order)
+    available: Callable[[], tuple[str, ...]]  # the devices it can run on here
+    needs_engines: bool = False  # runs only from built engines; its default precision: the best built
+    # precision -> CPU flags of which one must be present for the precision to run natively (else it is emulated)
+    native: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def slot(self, device: str, precision: str, graph: str) -> str:
         return self.engine_slot.format(device=device, precision=precision, graph=graph)
@@ -45,18 +67,32 @@ class BackendRow:
             raise ValueError(f"--device {device}: the {self.name} backend runs on {' or '.join(self.devices)}")
         return device
 
+    def native_precision(self, flags: frozenset[str] | None = None) -> str:
+        """The best precision this machine's CPU runs natively (BF16 needs AVX512-BF16 or AMX)."""
+        have = cpu_flags() if flags is None else flags
+        for p in self.precisions:
+            need = self.native.get(p, ())
+            if not need or any(f in have for f in need):
+                return p
+        return self.precisions[-1]
+
 
 BACKENDS: tuple[BackendRow, ...] = (
-    BackendRow("tensorrt", ("cuda",), ("fp16", "bf16", "fp8", "int8", "fp32"), None, "tensorrt/{precision}/{graph}",
+    BackendRow("tensorrt", ("cuda",), ("fp16", "bf16", "fp8", "int8", "fp32"), "tensorrt/{precision}/{graph}",
                "r2r.engines.tensorrt", "r2r.runtime.backend_trt",
-               "pip install 'r2r[gpu]' on a machine with an NVIDIA GPU", needs_engines=True),
-    BackendRow("onnxruntime", ("cuda", "cpu"), ("fp32",), "fp32", "onnxruntime/{device}-{precision}/{graph}",
+               "pip install 'r2r[gpu]' on a machine with an NVIDIA GPU", _tensorrt_devices, needs_engines=True),
+    BackendRow("onnxruntime", ("cuda", "cpu"), ("fp32",), "onnxruntime/{device}-{precision}/{graph}",
                "r2r.engines.onnxruntime", "r2r.runtime.backend_ort",
-               "onnxruntime comes with r2r; for CUDA: pip install 'r2r[gpu]' (onnxruntime-gpu)"),
-    BackendRow("openvino", ("cpu",), ("fp32", "bf16"), "fp32", "openvino/{device}-{precision}/all",
-               "r2r.engines.openvino", "r2r.runtime.backend_ov", "pip install 'r2r[openvino]'", auto=False),
+               "onnxruntime comes with r2r; for CUDA: pip install 'r2r[gpu]' (onnxruntime-gpu)", _onnxruntime_devices),
+    BackendRow("openvino", ("cpu",), ("bf16", "fp32", "int8"), "openvino/{device}-{precision}/{graph}",
+               "r2r.engines.openvino", "r2r.runtime.backend_ov", "openvino comes with r2r (pip install openvino)",
+               _openvino_devices, native={"bf16": ("avx512_bf16", "amx_bf16")}),
 )
 NAMES = tuple(row.name for row in BACKENDS)
+# What `--backend auto` tries, fastest first (measured: benchmarks/README.md): TensorRT on an NVIDIA GPU, ONNX
+# Runtime's CUDA provider, OpenVINO on the CPU (bf16 where the CPU has BF16 units), ONNX Runtime on the CPU.
+AUTO_ORDER: tuple[tuple[str, str], ...] = (("tensorrt", "cuda"), ("onnxruntime", "cuda"), ("openvino", "cpu"),
+                                           ("onnxruntime", "cpu"))
 
 
 def backend_row(name: str) -> BackendRow:
@@ -66,15 +102,27 @@ def backend_row(name: str) -> BackendRow:
     raise ValueError(f"backend {name!r}: choose one of {', '.join(NAMES)}")
 
 
+def auto_choices(device: str = "auto") -> list[tuple[BackendRow, str]]:
+    """The (row, device) pairs of AUTO_ORDER that can run here, on `device` ("auto": any), fastest first."""
+    out = []
+    for name, dev in AUTO_ORDER:
+        row = backend_row(name)
+        if device in ("auto", dev) and dev in row.available():
+            out.append((row, dev))
+    return out
+
+
 @dataclass(frozen=True)
 class BuildRequest:
     """What `r2r-export build-engines` asks of a row's builder."""
 
     precision: str
     device: str
-    batches: tuple[int, ...] = (1,)  # the image batches the runtime will run (OpenVINO compiles at exact shapes)
     opt_level: int = 3  # TensorRT builder optimization level (0-5)
     refit: bool = False  # TensorRT: refittable engines
+    model: Path | None = None  # the bundle's model, where a build calibrates on it (OpenVINO int8)
+    embedding: Path | None = None
 
 
-__all__ = ["BACKENDS", "DEVICES", "NAMES", "PRECISIONS", "BackendRow", "BuildRequest", "backend_row"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "DEVICES", "NAMES", "PRECISIONS", "BackendRow", "BuildRequest", "auto_choices",
+           "backend_row"]

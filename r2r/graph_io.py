@@ -5,17 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-# Graphs of a bundle.
+# Graphs of a bundle. `unet` routes TAC by `tac_src`: one graph (one copy of the weights) serves the plain batch,
+# the guided [neg, null] pair and the fused TAC step [cg, neg, null]; emit / inject carry Q/K as outputs / inputs.
 UNET = "unet"
 UNET_EMIT = "unet_emit"
 UNET_INJECT = "unet_inject"
-UNET_FUSED = "unet_fused"
 VAE_ENCODER = "vae_encoder"
 VAE_DECODER = "vae_decoder"
 # The scheduler's arithmetic as graphs, so that it runs on the device next to the UNet (TensorRT).
 DDIM_STEP = "ddim_step"  # z_next = cz * z + ce * eps
 GUIDED_STEP = "guided_step"  # e = e_neg + w (e_null - e_neg); z_pair = [z_next, z_next]
-UNET_GRAPHS = (UNET, UNET_EMIT, UNET_INJECT, UNET_FUSED)
+UNET_GRAPHS = (UNET, UNET_EMIT, UNET_INJECT)
 STEP_GRAPHS = (DDIM_STEP, GUIDED_STEP)
 ALL_GRAPHS = (*UNET_GRAPHS, VAE_ENCODER, VAE_DECODER, *STEP_GRAPHS)
 
@@ -23,6 +23,7 @@ ALL_GRAPHS = (*UNET_GRAPHS, VAE_ENCODER, VAE_DECODER, *STEP_GRAPHS)
 SAMPLE = "sample"
 TIMESTEP = "timestep"
 ENCODER_HIDDEN_STATES = "encoder_hidden_states"
+TAC_SRC = "tac_src"  # int64 [N]: row r of every TAC layer takes the Q, K of row tac_src[r] (unet only)
 EPS = "eps"
 
 # VAE graphs.
@@ -77,8 +78,8 @@ def concrete_shape(shape: Sequence[int | str], batch: int) -> tuple[int, ...]:
     return tuple(int(d) if (k := batch_multiple(d)) is None else k * batch for d in shape)
 
 
-# The values the coupled program binds to each graph's B, as multiples of the image batch: the plain UNet serves
-# the inversion (B latents) and the guided [neg, null] pair after the TAC window (2B); every other graph is called
-# at its own symbols with B = the image batch. TensorRT profiles and OpenVINO's ahead-of-time
-# compiles take their shapes from this; the scheduler's tests check that its program binds nothing else.
-CALL_MULTIPLES: dict[str, tuple[int, ...]] = {UNET: (1, 2), **{g: (1,) for g in ALL_GRAPHS if g != UNET}}
+# The values the coupled program binds to each graph's B, as multiples of the image batch: the routed UNet serves
+# the inversion (B latents), the guided [neg, null] pair after the TAC window (2B) and the fused TAC step
+# [cg, neg, null] (3B); every other graph is called at its own symbols with B = the image batch. TensorRT profiles
+# take their shapes from this; the scheduler's tests check that its program binds nothing else.
+CALL_MULTIPLES: dict[str, tuple[int, ...]] = {UNET: (1, 2, 3), **{g: (1,) for g in ALL_GRAPHS if g != UNET}}

@@ -27,6 +27,17 @@ def _cpuinfo() -> dict[str, Any]:
     return info
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    path = Path("/proc/cpuinfo")
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "flags":
+                return frozenset(value.split())
+    return frozenset()
+
+
 def describe_machine() -> dict[str, Any]:
     mem = None
     if Path("/proc/meminfo").is_file():

@@ -17,7 +17,7 @@ from r2r.models import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "r2r-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `unet` routes TAC by tac_src and replaces unet_fused
 ONNX_DIR = "onnx"
 COND_DIR = "cond"
 COND_FILE = "cond/conditioning.safetensors"

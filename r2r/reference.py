@@ -9,6 +9,7 @@ r2r/ because training's evaluation runs it too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,9 @@ class ReferencePipeline:
         self._plan: TACPlan | None = None
         self._state: TACState | None = None
         self.count = EvalCount()
+        # Called with (stage, latents, timestep, conditioning) before every UNet evaluation: how INT8 calibration
+        # sees the method's own trajectories ("inversion", "generation_cg", "generation").
+        self.observer: Callable[[str, torch.Tensor, int, torch.Tensor], None] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -73,6 +77,8 @@ class ReferencePipeline:
 
     def _unet(self, stage: str, z: torch.Tensor, t: int, cond: torch.Tensor) -> torch.Tensor:
         self.count.add(stage, z.shape[0])
+        if self.observer is not None:
+            self.observer(stage, z, t, cond)
         ts = torch.tensor(t, dtype=torch.long, device=z.device)
         return self.c.unet(z, ts, encoder_hidden_states=cond).sample
 

@@ -3,7 +3,8 @@
 This is the one definition of TAC (paper eq. 9; docs/design.md, "TAC layers"). The PyTorch reference and the ONNX
 export both install `TACProcessor` through diffusers' attention-processor API; a `TACState` owned by
 the caller switches it between plain attention, capture (the emit graph), injection (the inject
-graph) and the fused three-way batch.
+graph), the fused three-way batch, and routing by a per-row source index (the `unet` graph: one
+graph serves the plain batch, the guided pair and the fused step).
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ class TACMode(enum.Enum):
     CAPTURE = "capture"  # record Q, K of the whole batch (the cg pass; the emit graph)
     INJECT = "inject"  # batch [neg x B, null x B]: null half's Q, K := given tensors
     FUSED = "fused"  # batch [cg x B, neg x B, null x B]: null third's Q, K := cg third's
+    ROUTED = "routed"  # row r takes the Q, K of row src[r] (identity: plain; [cg, neg, cg]: fused)
 
 
 @dataclass
@@ -149,6 +151,7 @@ class TACState:
     target: str = "null"  # "both": the negative pass is controlled too
     captured: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     injected: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()
+    src: torch.Tensor | None = None  # ROUTED: int64 [N], the row whose Q, K each row uses
 
     def __post_init__(self) -> None:
         self.captured = [None] * self.num_layers
@@ -224,6 +227,10 @@ class TACProcessor:
         if mode is TACMode.CAPTURE:
             st.captured[self.index] = (q, k)
             return q, k
+        if mode is TACMode.ROUTED:
+            if st.src is None:
+                raise RuntimeError(f"{self.layer.name}: routed TAC without a source index")
+            return q.index_select(0, st.src), k.index_select(0, st.src)
         both = st.target == "both"
         if mode is TACMode.INJECT:
             qi, ki = st.injected[self.index]

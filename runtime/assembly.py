@@ -2,14 +2,13 @@
 
 It resolves, once and in this order: the bundle (the one given, or the model's, exported into the cache), the
 method (the bundle's defaults under the flags given), the backend row, its device and precision (from the backend
-table), the backend itself, and whether the fused UNet graph is used (timed against emit + inject on that very
-backend: the probe's sessions, compiled models and engines are the ones the scheduler then uses). `--backend torch`
-is the PyTorch reference instead, on the model itself.
+table), the backend itself, and the program's variant. `--backend torch` is the PyTorch reference instead, on the
+model itself.
 """
 
 from __future__ import annotations
 
-import time
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from r2r import __version__
-from r2r import graph_io as io
-from r2r.backends import backend_row
+from r2r.backends import BuildRequest, backend_row
 from r2r.config import Inversion, MethodConfig, Variant
 from r2r.log import log
 from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, default_resolution, sha256_file
@@ -118,16 +116,21 @@ def open_runtime(cfg: RunConfig, progress: Callable[[str], None] = log) -> Runti
                              progress)
     bundle = open_bundle(root)
     method = MethodConfig(**{**bundle.method_defaults().as_dict(), **cfg.method})
-    # 3. backend, device, precision: once
+    # 3. backend, device, precision: once; a bundle of the cache gets the engines they need, once
     row = row or resolve_backend(cfg.backend, bundle, cfg.device)
     device = device or resolve_device(row, cfg.device)
     precision = resolve_precision(row, bundle, cfg.precision)
+    slot = row.slot(device, precision, "")
+    if cfg.engine is None and not any(k.startswith(slot) for k in bundle.manifest.engines):
+        progress(f"r2r-run: building the {row.name} {precision} engines of {root} once")
+        request = BuildRequest(precision, device, model=cfg.model_dir(), embedding=cfg.embedding_file())
+        importlib.import_module(row.builder).build(root, request, progress)
+        bundle = open_bundle(root)
     backend = runtime_module(row).open_backend(bundle, device, precision, cfg.threads)
     try:
-        # 4. the program's variant, the fused choice measured on this backend
-        fused = cfg.fused == "on"
-        if cfg.fused == "auto" and cfg.inversion == "exact" and io.UNET_FUSED in bundle.manifest.graphs:
-            fused = fused_is_faster(backend, bundle, cfg.batch)
+        # 4. the program's variant: auto fuses the TAC step whenever the inversion allows it (one routed UNet call of
+        # 3B instead of emit B + inject 2B, and the only UNet graph the program loads)
+        fused = cfg.fused == "on" or (cfg.fused == "auto" and cfg.inversion == "exact")
         scheduler = CoupledScheduler(bundle, backend, cfg.batch, method, Variant(cfg.inversion, fused))
     except BaseException:
         _close(backend)
@@ -156,33 +159,4 @@ def _open_reference(cfg: RunConfig) -> Runtime:
                    (w, h), device)
 
 
-def fused_is_faster(backend: Backend, bundle: Bundle, batch: int, repeats: int = 3) -> bool:
-    """Time one TAC step both ways (unet_fused against unet_emit + unet_inject) on scratch buffers of `backend`,
-    min of `repeats` after a warm-up."""
-    be, b = backend, batch
-    c, h, w = bundle.latent_shape
-    d = bundle.c_null.shape[-1]
-    t = be.empty((1,))
-    qk = [be.empty((b, lyr["tokens"], lyr["channels"])) for lyr in bundle.tac_layers for _ in (0, 1)]
-    names = io.tac_names(len(bundle.tac_layers))
-
-    def unet(graph: str, k: int, with_qk: bool) -> Any:
-        binds = {io.SAMPLE: be.empty((k * b, c, h, w)), io.TIMESTEP: t,
-                 io.ENCODER_HIDDEN_STATES: be.empty((k * b, 77, d)), io.EPS: be.empty((k * b, c, h, w))}
-        return be.call(graph, binds | (dict(zip(names, qk, strict=True)) if with_qk else {}))
-
-    emit, inject, fused = unet(io.UNET_EMIT, 1, True), unet(io.UNET_INJECT, 2, True), unet(io.UNET_FUSED, 3, False)
-
-    def best(ops: list) -> float:
-        times = []
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            be.execute(ops, key=("fused-probe", id(ops)))
-            be.synchronize()
-            times.append(time.perf_counter() - t0)
-        return min(times[1:])
-
-    return best([fused]) < best([emit, inject])
-
-
-__all__ = ["REFERENCE", "RunConfig", "Runtime", "fused_is_faster", "open_runtime"]
+__all__ = ["REFERENCE", "RunConfig", "Runtime", "open_runtime"]

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from r2r.engines.onnxruntime import open_session
 from r2r.runtime.bundle import Bundle
 from r2r.runtime.device import Backend, DeviceArray, HostBackend, Op
-from r2r.runtime.ort_session import CPU_PROVIDER, cuda_available, element_type, graph_source, require_cuda
+from r2r.runtime.ort_session import CPU_PROVIDER, element_type, graph_source, require_cuda
 
 
 class OrtBackend(HostBackend):
@@ -64,13 +64,6 @@ class OrtBackend(HostBackend):
     def describe(self) -> dict[str, str]:
         return {"backend": self.name, "device": self.device, "precision": self.precision,
                 "onnxruntime": self.ort.__version__, "threads": str(self.threads)}
-
-
-def available_devices() -> tuple[str, ...]:
-    """cuda where this onnxruntime has the CUDA provider; cpu always."""
-    import onnxruntime as ort
-
-    return ("cuda", "cpu") if cuda_available(ort) else ("cpu",)
 
 
 def open_backend(bundle: Bundle, device: str, precision: str, threads: int = 0) -> Backend:

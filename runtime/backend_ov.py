@@ -1,10 +1,10 @@
-"""OpenVINO backend for Intel/AMD CPUs: static-shape compiled models, zero-copy tensors, bf16 option.
+"""OpenVINO backend for Intel/AMD CPUs: one compiled model per graph (dynamic batch), zero-copy tensors, bf16 option.
 
-Each prepared call has its own infer request whose input and output tensors wrap the scheduler's
-numpy buffers (shared memory), so a step is `infer()` plus in-place ufuncs, as on ONNX Runtime.
-Models are reshaped to the exact shapes of the call and compiled once per shape
-(`r2r.engines.openvino.compile_graph`, the build's own definition); the compiled blobs are cached in
-the bundle (engines/openvino/cache), so a built bundle loads instead of compiling.
+Each prepared call has its own infer request whose input and output tensors wrap the scheduler's numpy buffers
+(shared memory), so a step is `infer()` plus in-place ufuncs, as on ONNX Runtime. Each graph is compiled once with
+its batch dynamic (`r2r.engines.openvino.compile_graph`, the build's own definition): the routed UNet's calls at
+B, 2B and 3B share one compiled model, one copy of the weights. The compiled blobs are cached in the bundle
+(engines/openvino/cache), so a built bundle loads instead of compiling.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from r2r.engines.openvino import ROW, compile_graph, default_threads, import_openvino, open_core
+from r2r.engines.openvino import ROW, compile_graph, default_threads, graph_file, import_openvino, open_core
 from r2r.runtime.bundle import Bundle
 from r2r.runtime.device import Backend, DeviceArray, HostBackend, Op
 
@@ -27,20 +27,13 @@ class OpenVinoBackend(HostBackend):
         self.bundle, self.precision = bundle, precision
         self.threads = threads or default_threads()
         self.core = open_core(self.ov, bundle.root)
-        self._models: dict[str, Any] = {}
-        self._compiled: dict[tuple, Any] = {}
+        self._compiled: dict[str, Any] = {}
 
-    def model(self, graph: str) -> Any:
-        if graph not in self._models:
-            self._models[graph] = self.core.read_model(str(self.bundle.graph_path(graph)))
-        return self._models[graph]
-
-    def compiled(self, graph: str, shapes: Mapping[str, tuple[int, ...]]) -> Any:
-        key = (graph, tuple(sorted(shapes.items())))
-        if key not in self._compiled:
-            self._compiled[key] = compile_graph(self.ov, self.core, self.model(graph), shapes, self.precision,
-                                                self.threads)
-        return self._compiled[key]
+    def compiled(self, graph: str) -> Any:
+        if graph not in self._compiled:
+            path = graph_file(self.bundle.root, self.bundle.manifest, graph, self.precision)
+            self._compiled[graph] = compile_graph(self.core, path, self.precision, self.threads)
+        return self._compiled[graph]
 
     @staticmethod
     def _name(port: Any, bindings: Mapping[str, DeviceArray], graph: str) -> str:
@@ -51,8 +44,7 @@ class OpenVinoBackend(HostBackend):
         return names[0]
 
     def call(self, graph: str, bindings: Mapping[str, DeviceArray]) -> Op:
-        ins = [self._name(p, bindings, graph) for p in self.model(graph).inputs]
-        compiled = self.compiled(graph, {n: bindings[n].shape for n in ins})
+        compiled = self.compiled(graph)
         req = compiled.create_infer_request()
         for i, port in enumerate(compiled.inputs):
             req.set_input_tensor(i, self.ov.Tensor(bindings[self._name(port, bindings, graph)].host,
@@ -71,10 +63,6 @@ class OpenVinoBackend(HostBackend):
     def describe(self) -> dict[str, str]:
         return {"backend": self.name, "precision": self.precision, "openvino": self.ov.__version__,
                 "threads": str(self.threads)}
-
-
-def available_devices() -> tuple[str, ...]:
-    return ("cpu",)
 
 
 def open_backend(bundle: Bundle, device: str, precision: str, threads: int = 0) -> Backend:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from r2r.engines.tensorrt import EngineCompatError, check_engine_compat, engine_entry_key, rebuild_command
-from r2r.gpu import CudaError, cuda_check, gpu_info, import_cudart, import_tensorrt, tensorrt_usable
+from r2r.gpu import CudaError, cuda_check, gpu_info, import_cudart, import_tensorrt
 from r2r.manifest import bundle_path
 from r2r.runtime.bundle import Bundle
 from r2r.runtime.device import Backend, Buffers, DeviceArray, Op, StepGraphBackend
@@ -412,13 +412,9 @@ class TrtBackend(StepGraphBackend):
                 "cuda_graphs": "per program", "contexts": str(len(self._contexts))}
 
 
-def available_devices() -> tuple[str, ...]:
-    return ("cuda",) if tensorrt_usable() else ()
-
-
 def open_backend(bundle: Bundle, device: str, precision: str, threads: int = 0) -> Backend:
     """The backend table's runtime entry (one GPU; `threads` does not apply)."""
     return TrtBackend(bundle, precision=precision)
 
 
-__all__ = ["CudaError", "TrtBackend", "available_devices", "open_backend"]
+__all__ = ["CudaError", "TrtBackend", "open_backend"]

@@ -94,8 +94,8 @@ def _check_flags(ctx: click.Context, backend: str, engine: Path | None, precisio
 @click.option("--inversion", type=click.Choice(INVERSIONS), default="exact", show_default=True,
               help="single-pass: 46 instead of 58 UNet evaluations, another epsilon convention (measure first).")
 @click.option("--fused", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="Bundles: unet_fused in the TAC window (auto: when the bundle has it and it measures faster on "
-                   "the backend in use).")
+              help="Bundles: the TAC step as one routed UNet call on [cg, neg, null] (on) or unet_emit + unet_inject "
+                   "(off: two more UNet graphs loaded); auto: on with exact inversion, off with single-pass.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="[default: the backend's: fp32 on CPU, the best the bundle's TensorRT engines were built with]")
 @click.option("--batch-size", type=int, default=1, show_default=True)

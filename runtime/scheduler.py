@@ -50,8 +50,6 @@ class CoupledScheduler:
                  variant: Variant | None = None) -> None:
         variant = variant or Variant()
         bundle.check(method, batch)
-        if variant.fused and io.UNET_FUSED not in bundle.manifest.graphs:
-            raise ValueError(f"{bundle.root}: no {io.UNET_FUSED} graph in the bundle")
         self.bundle, self.backend, self.batch, self.method, self.variant = bundle, backend, batch, method, variant
         self.schedule, self.window = bundle.schedule(method)
         self._alloc()
@@ -97,6 +95,12 @@ class CoupledScheduler:
         self.coef_host = self._coefficients()
         self.coefs = be.empty((len(self.coef_host), 3))
         be.upload(self.coefs, np.array([[c.cz, c.ce, c.w] for c in self.coef_host], np.float32))
+        # tac_src of the routed UNet: the identity at B and 2B, and the fused step [cg, neg, null -> cg]
+        self.identity = {k: be.empty((k * b,), np.int64) for k in (1, 2)}
+        for k, src in self.identity.items():
+            be.upload(src, np.arange(k * b, dtype=np.int64))
+        self.routed = be.empty((3 * b,), np.int64)
+        be.upload(self.routed, np.concatenate([np.arange(2 * b), np.arange(b)]).astype(np.int64))
 
     def _t0(self) -> int:
         """Single-pass inversion evaluates z0 at its own level: timestep ts[-1] - D, at least 0."""
@@ -117,11 +121,14 @@ class CoupledScheduler:
         return self.pairs[i % 2]
 
     def unet(self, plan: Plan, graph: str, sample: DeviceArray, t: int, cond: DeviceArray, eps: DeviceArray,
-             qk: list[DeviceArray] | None = None) -> Op:
-        """A prepared UNet call at timestep row `t`, counted in the plan."""
+             qk: list[DeviceArray] | None = None, src: DeviceArray | None = None) -> Op:
+        """A prepared UNet call at timestep row `t`, counted in the plan. The routed `unet` takes `src` (default:
+        the identity, a plain evaluation)."""
         binds = {io.SAMPLE: sample, io.TIMESTEP: self.timesteps[t], io.ENCODER_HIDDEN_STATES: cond, io.EPS: eps}
         if qk is not None:
             binds |= dict(zip(io.tac_names(len(self.bundle.tac_layers)), qk, strict=True))
+        if graph == io.UNET:
+            binds[io.TAC_SRC] = src if src is not None else self.identity[sample.shape[0] // self.batch]
         per_image = sample.shape[0] // self.batch
         plan.unet_evaluations[graph] += per_image
         plan.graph_calls[graph] += 1
@@ -186,8 +193,9 @@ def tac_emit_inject(s: CoupledScheduler, plan: Plan, i: int, cur: DeviceArray) -
 
 
 def tac_fused(s: CoupledScheduler, plan: Plan, i: int, cur: DeviceArray) -> DeviceArray:
-    """One call on [z_t(i), zr, zr]: the injection happens inside the graph; eps of [neg, null] is its tail."""
-    plan.add(s.unet(plan, io.UNET_FUSED, s.fused_in[i], i, s.c_fused, s.eps_fused))
+    """One routed UNet call on [z_t(i), zr, zr], the null third taking the cg third's Q/K inside the graph; eps of
+    [neg, null] is its tail."""
+    plan.add(s.unet(plan, io.UNET, s.fused_in[i], i, s.c_fused, s.eps_fused, src=s.routed))
     return s.eps_fused[s.batch:]
 
 

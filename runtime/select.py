@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from r2r.backends import BACKENDS, BackendRow, backend_row
+from r2r.backends import BackendRow, auto_choices, backend_row
 from r2r.log import log
 from r2r.models import sha256_file, sha256_tree
 from r2r.runtime.bundle import Bundle
@@ -21,7 +21,7 @@ class DeviceUnavailable(ImportError):
 
 
 def runtime_module(row: BackendRow) -> ModuleType:
-    """The row's runtime module: `available_devices()` and `open_backend(bundle, device, precision, threads)`."""
+    """The row's runtime module: `open_backend(bundle, device, precision, threads)`."""
     return importlib.import_module(row.runtime)
 
 
@@ -33,7 +33,7 @@ def resolve_device(row: BackendRow, device: str = "auto") -> str:
     """The device `row` runs on: the first of its devices usable here for "auto", else the one asked for, checked."""
     if device != "auto":
         row.check_device(device)
-    available = runtime_module(row).available_devices()
+    available = row.available()
     if device == "auto":
         for d in row.devices:
             if d in available:
@@ -46,31 +46,25 @@ def resolve_device(row: BackendRow, device: str = "auto") -> str:
 
 
 def resolve_backend(name: str, bundle: Bundle, device: str = "auto") -> BackendRow:
-    """A named row, or for "auto" the first candidate row (table order) that can run this bundle here."""
+    """A named row, or for "auto" the fastest (backend, device) of the table's auto order that can run this bundle
+    here (TensorRT only where the bundle has engines)."""
     if name != "auto":
         return backend_row(name)
-    for row in BACKENDS:
-        if not row.auto or (device != "auto" and device not in row.devices):
-            continue
-        if row.needs_engines and not has_engines(bundle, row):
-            continue
-        try:
-            resolve_device(row, device)
-        except (ImportError, ValueError):
-            continue
-        return row
+    for row, _ in auto_choices(device):
+        if not row.needs_engines or has_engines(bundle, row):
+            return row
     raise DeviceUnavailable(f"no backend can run {bundle.root} on device {device} here")
 
 
 def resolve_precision(row: BackendRow, bundle: Bundle, precision: str | None = None) -> str:
-    """The precision asked for (checked against the row), else the row's default, else (engines built per GPU) the
-    best precision the bundle has engines of."""
+    """The precision asked for (checked against the row); else, for engines built per GPU, the best precision the
+    bundle has engines of; else the best precision this CPU runs natively."""
     if precision is not None:
         return row.check_precision(precision)
-    if row.default_precision is not None:
-        return row.default_precision
-    built = {e.precision for e in bundle.manifest.engines.values() if e.backend == row.name}
-    return next((p for p in row.precisions if p in built), row.precisions[0])
+    if row.needs_engines:
+        built = {e.precision for e in bundle.manifest.engines.values() if e.backend == row.name}
+        return next((p for p in row.precisions if p in built), row.precisions[0])
+    return row.native_precision()
 
 
 def cache_dir() -> Path:

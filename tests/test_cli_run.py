@@ -47,11 +47,11 @@ def test_engine_run_records_the_bundle_hash_and_resume_skips_done_work(tiny_bund
     _write_inputs(tmp_path / "in")
     out = tmp_path / "out"
     args = ["--engine", str(tiny_bundle), "--input", str(tmp_path / "in"), "--output", str(out),
-            "--steps", "10", "--strength", "0.5", "--fused", "off"]
+            "--backend", "onnxruntime", "--steps", "10", "--strength", "0.5", "--fused", "off"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     params = json.loads(read_png_text(out / "dress.png")["r2r:parameters"])
-    assert params["backend"] == "onnxruntime" and len(params["bundle_sha256"]) == 64
+    assert params["backend"] == "onnxruntime" and params["fused"] is False and len(params["bundle_sha256"]) == 64
     (out / "shirt.png").write_bytes((out / "shirt.png").read_bytes()[:100])  # a truncated output
     res = CliRunner().invoke(main, [*args, "--resume"])
     assert res.exit_code == 0, res.output
@@ -118,19 +118,22 @@ def test_flags_that_do_not_apply_are_refused_by_name(tiny_bundle: Path, tiny_mod
 
 
 def test_without_engine_the_models_own_bundle_is_used_from_the_cache(tiny_bundle: Path, tiny_model_dir: Path,
-                                                                      r2r_cache: Path, tmp_path: Path,
-                                                                      monkeypatch) -> None:
-    """--model is honoured on the bundle path: its bundle (here exported by the fixture) is found, not re-exported,
-    and neither the embedded default's bundle nor any other is made."""
-    monkeypatch.setenv("R2R_CACHE", str(r2r_cache))
-    before = sorted(p.name for p in (r2r_cache / "bundles").iterdir())
+                                                                      tmp_path: Path, monkeypatch) -> None:
+    """--model is honoured on the bundle path: its bundle in the cache (a copy of the fixture's, which r2r-run
+    exported) is found, not re-exported; the backend's engines are built into it once, then reused."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_bundle, cache / "bundles" / tiny_bundle.name)
+    monkeypatch.setenv("R2R_CACHE", str(cache))
     _write_inputs(tmp_path / "in")
-    res = CliRunner().invoke(main, ["--model", str(tiny_model_dir), "--backend", "onnxruntime", "--fused", "off",
-                                    "--input", str(tmp_path / "in" / "shirt.png"), "--output", str(tmp_path / "out"),
-                                    "--steps", "4", "--strength", "0.5"])
+    args = ["--model", str(tiny_model_dir), "--backend", "onnxruntime", "--input", str(tmp_path / "in" / "shirt.png"),
+            "--steps", "4", "--strength", "0.5"]
+    res = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     assert "up to date" in res.output and "exported in" not in res.output
-    assert sorted(p.name for p in (r2r_cache / "bundles").iterdir()) == before
-    params = json.loads(read_png_text(tmp_path / "out" / "shirt.png")["r2r:parameters"])
-    manifest = (tiny_bundle / "manifest.json").read_bytes()
+    assert "building the onnxruntime fp32 engines" in res.output and "MultiHeadAttention" in res.output
+    assert sorted(p.name for p in (cache / "bundles").iterdir()) == [tiny_bundle.name]
+    res = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "again")])
+    assert res.exit_code == 0 and "building" not in res.output
+    params = json.loads(read_png_text(tmp_path / "again" / "shirt.png")["r2r:parameters"])
+    manifest = (cache / "bundles" / tiny_bundle.name / "manifest.json").read_bytes()
     assert params["bundle_sha256"] == hashlib.sha256(manifest).hexdigest()

@@ -99,6 +99,6 @@ def test_backend_rows_name_a_builder_in_engines_and_a_runtime_in_runtime(row) ->
     assert row.builder.startswith("r2r.engines.") and row.runtime.startswith("r2r.runtime.")
     assert callable(importlib.import_module(row.builder).build)
     module = importlib.import_module(row.runtime)
-    assert callable(module.open_backend) and callable(module.available_devices)
-    assert row.default_precision is None or row.default_precision in row.precisions
+    assert callable(module.open_backend)
+    assert set(row.native) <= set(row.precisions) and set(row.available()) <= set(row.devices)
     assert row.slot(row.devices[0], row.precisions[0], "unet").startswith(f"{row.name}/")

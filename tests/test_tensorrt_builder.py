@@ -82,8 +82,9 @@ def tiny_unet(path: Path, k: int = 1, weight_type: int = TensorProto.FLOAT, qdq:
 
 
 def make_bundle(root: Path, graphs: dict[str, int] | None = None, **graph_kw: Any) -> Path:
-    """A bundle with tiny UNet graphs: name -> batch multiple k (unet B, unet_inject 2*B, unet_fused 3*B)."""
-    graphs = graphs or {io.UNET: 1, io.UNET_INJECT: 2, io.UNET_FUSED: 3}
+    """A bundle with tiny UNet graphs: name -> batch multiple k of their inputs (here unet B, unet_inject 2*B,
+    unet_emit 3*B: the contract's names, the test's own shapes)."""
+    graphs = graphs or {io.UNET: 1, io.UNET_INJECT: 2, io.UNET_EMIT: 3}
     manifest = Manifest(source={"model": "tiny"}, width=64, height=64, batch_min=1, batch_max=4,
                         latent={"channels": 4, "height": 8, "width": 8}, scaling_factor=0.18215,
                         tac_plan={}, schedule={})
@@ -115,7 +116,7 @@ def build(bundle: Path, trt: Any, precision: str = "fp16", gpu: dict[str, Any] =
 def test_builder_calls_only_real_api_with_valid_arguments(bundle: Path) -> None:
     trt = fake_tensorrt()
     entries, lines = build(bundle, trt, "fp16", workspace_bytes=1 << 30, refit=True, builder_optimization_level=5)
-    assert [e.graph for e in entries] == [io.UNET, io.UNET_INJECT, io.UNET_FUSED]
+    assert [e.graph for e in entries] == [io.UNET, io.UNET_EMIT, io.UNET_INJECT]  # contract order
     api = load_api("tensorrt")["classes"]
     for call in trt._fake_calls:  # every call went through a real class's real method or property
         cls, _, member = call.name.partition(".")
@@ -144,7 +145,7 @@ def test_builder_calls_only_real_api_with_valid_arguments(bundle: Path) -> None:
         assert e.info["gpu_name"] == GPU["name"] and e.info["compute_capability"] == "8.9"
     assert not list(bundle.rglob(TEMP_GLOB))
     manifest = read_manifest(bundle)
-    assert set(manifest.engines) == {f"tensorrt/fp16/{g}" for g in (io.UNET, io.UNET_INJECT, io.UNET_FUSED)}
+    assert set(manifest.engines) == {f"tensorrt/fp16/{g}" for g in (io.UNET, io.UNET_INJECT, io.UNET_EMIT)}
     assert "engines/tensorrt/timing.cache" in manifest.files
     assert len(lines) == 3 and all(" built in " in line and " MB" in line for line in lines)
 
@@ -153,8 +154,8 @@ def test_profile_spans_batch_range_with_multiples(bundle: Path) -> None:
     trt = fake_tensorrt()
     entries, _ = build(bundle, trt, "fp16", batch_opt=2)
     by_graph = {e.graph: e.info["profile"] for e in entries}
-    # the plain UNet also runs the guided [neg, null] pair, so its B reaches 2 * batch_max (graph_io.CALL_MULTIPLES)
-    for graph, k, top in ((io.UNET, 1, 8), (io.UNET_INJECT, 2, 4), (io.UNET_FUSED, 3, 4)):
+    # the routed UNet also runs the guided pair and the fused step, so its B reaches 3 * batch_max (CALL_MULTIPLES)
+    for graph, k, top in ((io.UNET, 1, 12), (io.UNET_INJECT, 2, 4), (io.UNET_EMIT, 3, 4)):
         prof = by_graph[graph]
         assert prof[io.SAMPLE] == {"min": [k, 4, 8, 8], "opt": [2 * k, 4, 8, 8], "max": [top * k, 4, 8, 8]}
         assert prof[io.ENCODER_HIDDEN_STATES] == {"min": [k, 77, 16], "opt": [2 * k, 77, 16],
@@ -162,16 +163,16 @@ def test_profile_spans_batch_range_with_multiples(bundle: Path) -> None:
         assert prof[io.TIMESTEP] == {"min": [1], "opt": [1], "max": [1]}
     set_shapes = calls(trt, "IOptimizationProfile.set_shape")
     assert len(set_shapes) == 9
-    fused = [a for a in set_shapes if a["input"] == io.SAMPLE][2]
-    assert (list(fused["min"]), list(fused["opt"]), list(fused["max"])) == ([3, 4, 8, 8], [6, 4, 8, 8], [12, 4, 8, 8])
+    third = [a for a in set_shapes if a["input"] == io.SAMPLE][1]  # unet_emit, built second, with 3*B inputs here
+    assert (list(third["min"]), list(third["opt"]), list(third["max"])) == ([3, 4, 8, 8], [6, 4, 8, 8], [12, 4, 8, 8])
     assert len(calls(trt, "IBuilderConfig.add_optimization_profile")) == 3  # one profile per engine
 
 
 def test_batch_opt_defaults_to_batch_max(bundle: Path) -> None:
     entries, _ = build(bundle, fake_tensorrt(), "fp16", batch_opt=None)
     by_graph = {e.graph: e.info["batch"] for e in entries}
-    assert by_graph[io.UNET] == {"min": 1, "opt": 4, "max": 8}  # B and the guided pair's 2B
-    assert by_graph[io.UNET_FUSED] == {"min": 1, "opt": 4, "max": 4}
+    assert by_graph[io.UNET] == {"min": 1, "opt": 4, "max": 12}  # B, the guided pair's 2B, the fused step's 3B
+    assert by_graph[io.UNET_EMIT] == {"min": 1, "opt": 4, "max": 4}
     with pytest.raises(ValueError, match="outside the bundle's batch range"):
         build(bundle, fake_tensorrt(), "bf16", batch_opt=5)
 
@@ -229,7 +230,7 @@ def test_unchanged_bundle_rebuilds_nothing(bundle: Path) -> None:
     assert all("up to date" in line for line in lines) and len(lines) == 3
     assert read_manifest(bundle).engines == before.engines
     assert [e.key for e in entries] == [before.engines[f"tensorrt/fp16/{g}"].key
-                                        for g in (io.UNET, io.UNET_INJECT, io.UNET_FUSED)]
+                                        for g in (io.UNET, io.UNET_EMIT, io.UNET_INJECT)]
 
 
 @pytest.mark.parametrize("change", ["precision", "gpu", "tensorrt", "opt_level", "graph", "tampered"])
@@ -256,7 +257,7 @@ def test_changes_rebuild(bundle: Path, change: str) -> None:
     assert rebuilt == (1 if change in ("graph", "tampered") else 3)
     after = read_manifest(bundle).engines
     if change == "precision":
-        assert set(after) == set(first) | {f"tensorrt/bf16/{g}" for g in (io.UNET, io.UNET_INJECT, io.UNET_FUSED)}
+        assert set(after) == set(first) | {f"tensorrt/bf16/{g}" for g in (io.UNET, io.UNET_INJECT, io.UNET_EMIT)}
     else:
         assert after["tensorrt/fp16/unet"].key != first["tensorrt/fp16/unet"].key or change == "tampered"
     if change == "gpu":
@@ -386,9 +387,9 @@ def test_parser_kept_alive_until_the_build(bundle: Path) -> None:
 
 def test_graph_selection_and_unknown_graph(bundle: Path) -> None:
     trt = fake_tensorrt()
-    entries = trtb.build_bundle_engines(bundle, trtb.TrtBuildConfig("fp16"), graphs=[io.UNET_FUSED], trt=trt,
+    entries = trtb.build_bundle_engines(bundle, trtb.TrtBuildConfig("fp16"), graphs=[io.UNET_EMIT], trt=trt,
                                         gpu=GPU, progress=lambda _: None)
-    assert [e.graph for e in entries] == [io.UNET_FUSED]
+    assert [e.graph for e in entries] == [io.UNET_EMIT]
     with pytest.raises(ValueError, match="no graph vae_decoder"):
         trtb.build_bundle_engines(bundle, trtb.TrtBuildConfig("fp16"), graphs=[io.VAE_DECODER], trt=trt, gpu=GPU)
 

@@ -310,7 +310,8 @@ def test_without_tensorrt_the_backend_names_the_install(monkeypatch: pytest.Monk
 @pytest.mark.parametrize("variant", [Variant(), Variant(fused=True), Variant("single-pass")])
 def test_every_call_of_the_largest_batch_fits_the_engines_profiles(sim_bundle: Path, bundle: Bundle,
                                                                    variant: Variant) -> None:
-    """At batch = batch_max the plain UNet binds 2 * batch_max latents (the guided pair): its profile covers it."""
+    """At batch = batch_max the routed UNet binds up to 3 * batch_max latents (the fused step): its profile covers
+    it."""
     trt, cudart = gpu_sim.sim_modules(sim_bundle)
     with TrtBackend(bundle, "fp32", trt=trt, cudart=cudart) as be:
         sched = CoupledScheduler(bundle, be, bundle.manifest.batch_max, MethodConfig(steps=10, strength=0.5), variant)
@@ -322,7 +323,8 @@ def test_bindings_that_do_not_fit_the_engine_are_refused(sim_bundle: Path, bundl
     with TrtBackend(bundle, "fp32", trt=trt, cudart=cudart) as be:
         lat = (C, 32, 32)
         ok = {io.SAMPLE: be.empty((1, *lat)), io.TIMESTEP: be.empty((1,)),
-              io.ENCODER_HIDDEN_STATES: be.empty((1, 77, 64)), io.EPS: be.empty((1, *lat))}
+              io.ENCODER_HIDDEN_STATES: be.empty((1, 77, 64)), io.EPS: be.empty((1, *lat)),
+              io.TAC_SRC: be.empty((1,), np.int64)}
         be.call(io.UNET, ok)
         with pytest.raises(KeyError, match=r"no buffer bound for \['eps'\]"):
             be.call(io.UNET, {k: v for k, v in ok.items() if k != io.EPS})
@@ -336,8 +338,8 @@ def test_bindings_that_do_not_fit_the_engine_are_refused(sim_bundle: Path, bundl
         with pytest.raises(ValueError, match=rf"output eps is \[1, {C}, 32, 32\] for these input shapes.*\[2, {C}, 32"):
             be.call(io.UNET, {**ok, io.EPS: be.empty((2, *lat))})
         with pytest.raises(ValueError, match=r"outside the engine's optimization profile.*r2r-export build-engines"):
-            be.call(io.UNET, {**ok, io.SAMPLE: be.empty((9, *lat)), io.ENCODER_HIDDEN_STATES: be.empty((9, 77, 64)),
-                              io.EPS: be.empty((9, *lat))})  # the unet profile spans B and 2B: 1..8
+            be.call(io.UNET, {**ok, io.SAMPLE: be.empty((13, *lat)), io.ENCODER_HIDDEN_STATES: be.empty((13, 77, 64)),
+                              io.EPS: be.empty((13, *lat)), io.TAC_SRC: be.empty((13,), np.int64)})  # profile 1..12
         host = np.zeros((1, *lat), np.float32)
         with pytest.raises(ValueError, match="not memory of this TensorRT backend"):
             be.call(io.UNET, {**ok, io.SAMPLE: DeviceArray(host.ctypes.data, host.shape, host.dtype, host)})
@@ -460,11 +462,11 @@ def test_simulated_plans_map_back_to_their_graph(sim_bundle: Path) -> None:
     engine = trt.Runtime(trt.Logger()).deserialize_cuda_engine((sim_bundle / entry.files[0]).read_bytes())
     assert engine is not None and engine.name == io.UNET
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    assert names == [io.SAMPLE, io.TIMESTEP, io.ENCODER_HIDDEN_STATES, io.EPS]
+    assert names == [io.SAMPLE, io.TIMESTEP, io.ENCODER_HIDDEN_STATES, io.TAC_SRC, io.EPS]
     assert list(engine.get_tensor_shape(io.SAMPLE)) == [-1, C, 32, 32]
     assert engine.get_tensor_mode(io.EPS) == trt.TensorIOMode.OUTPUT
     assert [list(d) for d in engine.get_tensor_profile_shape(io.SAMPLE, 0)] == [[1, C, 32, 32], [4, C, 32, 32],
-                                                                                 [8, C, 32, 32]]
+                                                                                 [12, C, 32, 32]]
     trt.__version__ = "10.8.0.43"  # a plan from another TensorRT version does not deserialize
     assert trt.Runtime(trt.Logger()).deserialize_cuda_engine((sim_bundle / entry.files[0]).read_bytes()) is None
     assert "not compatible with this version of TensorRT" in trt._fake_log[-1]
