@@ -14,7 +14,6 @@ activations take (the exported pattern materialises the [heads, N, N] score matr
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from r2r.machine import peak_rss_mb
 
 CALL_BATCH = 3  # the fused TAC step of one image: [cg, neg, null]
 
@@ -34,10 +35,6 @@ class AttentionConfig:
     precision: str = "fp32"
     threads: int = 0
     repeats: int = 3
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def attention_nodes(onnx_path: str | Path) -> tuple[set[str], int, int]:
@@ -96,13 +93,13 @@ def _onnxruntime(cfg: AttentionConfig) -> dict[str, Any]:
     so.profile_file_prefix = str(Path(cfg.graph).parent / f".profile-{cfg.name}")
     sess = ort.InferenceSession(cfg.graph, sess_options=so, providers=["CPUExecutionProvider"])
     feeds = _feeds([(i.name, list(i.shape), i.type) for i in sess.get_inputs()])
-    loaded = _rss_mb()
+    loaded = peak_rss_mb()
     runs = []
     for _ in range(cfg.repeats + 1):
         t0 = time.perf_counter()
         sess.run(None, feeds)
         runs.append(time.perf_counter() - t0)
-    peak = _rss_mb()
+    peak = peak_rss_mb()
     profile = Path(sess.end_profiling())
     events = json.loads(profile.read_text())
     profile.unlink(missing_ok=True)
@@ -130,13 +127,13 @@ def _openvino(cfg: AttentionConfig) -> dict[str, Any]:
     req = compiled.create_infer_request()
     feeds = _feeds([(p.get_any_name(), [-1 if d.is_dynamic else d.get_length() for d in p.get_partial_shape()],
                      str(p.get_element_type())) for p in compiled.inputs])
-    loaded = _rss_mb()
+    loaded = peak_rss_mb()
     runs = []
     for _ in range(cfg.repeats + 1):
         t0 = time.perf_counter()
         req.infer(feeds)
         runs.append(time.perf_counter() - t0)
-    peak = _rss_mb()
+    peak = peak_rss_mb()
     # The CPU plugin fuses each attention (MatMul, Softmax, MatMul) into one node; its original layers say so.
     fused = set()
     for op in compiled.get_runtime_model().get_ordered_ops():

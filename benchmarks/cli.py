@@ -6,6 +6,7 @@ taken between configurations of one run. Reports: report.json (every figure), re
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -144,20 +145,29 @@ def attention_report(bundle: Path, work: Path, threads: int) -> list[dict]:
 @click.option("--threads", type=int, default=0, help="Threads per configuration [default: all cores].")
 @click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
               help="Use this exported bundle of the model instead of exporting one into --out.")
-@click.option("--only", default=None, help="Comma list of configuration names to run (public-code and "
-              "torch-reference always run: they are the baseline and the fidelity reference).")
+@click.option("--only", default=None, help="Comma list of configuration names to run (torch-reference always runs: "
+              "it is the fidelity reference; name public-code to keep the baseline).")
 @click.option("--attention", is_flag=True, help="Instead: where a UNet call's time and memory go in attention, "
               "per engine (ONNX Runtime's exported pattern vs MultiHeadAttention, OpenVINO fp32 / bf16).")
+@click.option("--gpu-check", is_flag=True, help="Instead: the GPU path's parity and timings on a CUDA machine "
+              "(benchmarks/gpu-check.md); with no GPU, its CPU rehearsal. --quick: fewer steps.")
 def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, size: str | None, out: Path,
          n_images: int | None, batch_sizes: str | None, repeats: int | None, warmup: bool, threads: int,
-         bundle_dir: Path | None, only: str | None, attention: bool) -> None:
+         bundle_dir: Path | None, only: str | None, attention: bool, gpu_check: bool) -> None:
     """Benchmark r2r's backends beside the public code and the PyTorch reference."""
+    if gpu_check:
+        from r2r.benchmarks.gpu_check import run
+
+        out.mkdir(parents=True, exist_ok=True)
+        run(out, quick=quick, repeats=repeats or 2)
+        return
     from r2r.backends import auto_choices
     from r2r.benchmarks.report import write_reports
     from r2r.engines.onnxruntime import build_ort_engines
-    from r2r.engines.openvino import build_ov_engines
+    from r2r.engines.openvino import INT8_UNET, build_ov_engines
     from r2r.export.bundle import ExportConfig, export_bundle
     from r2r.machine import describe_machine
+    from r2r.manifest import read_manifest
     from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, default_resolution
 
     sizes = [int(x) for x in (batch_sizes or ("1,2" if quick else "1,2,4")).split(",")]
@@ -179,7 +189,7 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, si
     start = time.perf_counter()
     log(f"r2r-bench: {model} at {w}x{h}; images {n_images}, batch sizes {sizes}, repeats {repeats}")
     if bundle_dir is not None:
-        from r2r.manifest import read_manifest, verify_files
+        from r2r.manifest import verify_files
 
         bundle, manifest = bundle_dir, read_manifest(bundle_dir)
         verify_files(bundle, manifest)
@@ -203,6 +213,13 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, si
         return
     for prec in ("fp32", "bf16"):
         build_ov_engines(bundle, prec, threads, progress=log)
+    int8 = importlib.util.find_spec("nncf") is not None and (not only or "openvino-int8-b1" in only.split(","))
+    if int8:
+        from r2r.engines.int8 import build_int8_unet
+
+        if read_manifest(bundle).engines.get(INT8_UNET) is None:
+            build_int8_unet(bundle, model, embedding, progress=log)
+        build_ov_engines(bundle, "int8", threads, progress=log)
     images = make_images(work, n_images, w, h)
     default_row, _ = auto_choices()[0]
     default = (default_row.name, default_row.native_precision())
@@ -227,8 +244,10 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, si
         configs.append(cfg(f"openvino-{prec}-b1", "r2r", bundle=str(bundle), backend="openvino", precision=prec))
     configs.append(cfg("openvino-bf16-single-pass-b1", "r2r", bundle=str(bundle), backend="openvino",
                        precision="bf16", inversion="single-pass", fused=False))
+    if int8:
+        configs.append(cfg("openvino-int8-b1", "r2r", bundle=str(bundle), backend="openvino", precision="int8"))
     if only:
-        keep = {"public-code", "torch-reference", *only.split(",")}
+        keep = {"torch-reference", *only.split(",")}
         unknown = keep - {c.name for c in configs}
         if unknown:
             raise click.BadParameter(f"--only: unknown {sorted(unknown)}; known: {[c.name for c in configs]}")
@@ -249,3 +268,7 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, si
               "command": "r2r-bench " + " ".join(_portable_args(sys.argv[1:])), "wall_s": time.perf_counter() - start}
     paths = write_reports(report, out)
     log(f"r2r-bench: done in {report['wall_s']:.0f} s -> {', '.join(str(p) for p in paths)}")
+
+
+if __name__ == "__main__":
+    main()

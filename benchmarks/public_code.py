@@ -54,7 +54,8 @@ class PublicCodePipeline:
                  tac_divisor: int = 256) -> None:
         self.c = components
         self.width, self.height = width, height
-        self.c_null, self.c_neg = encode_conditioning(components, embedding)
+        dev, dt = components.unet.device, components.unet.dtype
+        self.c_null, self.c_neg = (c.to(dev, dt) for c in encode_conditioning(components, embedding))
         self.switch = {"on": False}
         plan = plan_tac(components.unet.config, width, height, tac_divisor)
         procs = dict(components.unet.attn_processors)
@@ -70,7 +71,8 @@ class PublicCodePipeline:
 
     @torch.no_grad()
     def encode(self, img: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(to_model_input(img))[None]
+        unet = self.c.unet
+        x = torch.from_numpy(to_model_input(img))[None].to(unet.device, unet.dtype)
         return self.c.vae.encode(x).latent_dist.mean * self.c.scaling_factor
 
     def _schedule(self, m: MethodConfig) -> tuple[list[int], int, torch.Tensor]:
@@ -116,7 +118,7 @@ class PublicCodePipeline:
     @torch.no_grad()
     def decode(self, zr: torch.Tensor) -> np.ndarray:
         dec = self.c.vae.decode(zr / self.c.scaling_factor).sample
-        return (dec / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
+        return (dec.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
 
     def __call__(self, images: list[np.ndarray], m: MethodConfig) -> list[np.ndarray]:
         """One image at a time, as the script does."""

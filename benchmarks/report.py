@@ -36,7 +36,7 @@ def _fmt_db(x: float | None) -> str:
 
 def markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     m = report["machine"]
-    base = next(r for r in rows if r["name"] == "public-code")["latency_s"]["median"]
+    base = next((r["latency_s"]["median"] for r in rows if r["name"] == "public-code"), None)
     lines = [
         f"# r2r-bench: {Path(report['model']).name} at {report['resolution'][0]}x{report['resolution'][1]}",
         "",
@@ -54,9 +54,10 @@ def markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         lat, st = r["latency_s"], r["stages_s"]
+        ratio = f"{base / lat['median']:.2f}x" if base else "-"
         lines.append(
             f"| {r['name']} | {r['batch']} | {lat['min']:.3f} / {lat['median']:.3f} / {lat['max']:.3f} | "
-            f"{base / lat['median']:.2f}x | {r['images_per_s']:.2f} | {st['encode']:.3f} | {st['inversion']:.3f} | "
+            f"{ratio} | {r['images_per_s']:.2f} | {st['encode']:.3f} | {st['inversion']:.3f} | "
             f"{st['generation']:.3f} | {st['decode']:.3f} | {r['unet_evaluations_per_image']:.0f} | "
             f"{r['peak_rss_mb']:.0f} | {_fmt_db(r['psnr_min_db'])} | {r['max_abs_error']} |")
     ho = report["host_overhead"]

@@ -8,7 +8,6 @@ images in batches, timing each stage; writes the timings, counts, peak RSS and t
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from r2r.machine import peak_rss_mb
 from r2r.runtime.scheduler import STAGES
 
 
@@ -41,10 +41,6 @@ class BenchConfig:
     threads: int = 0
     warmup: bool = True
     default: bool = False  # the configuration r2r-run runs by default on this machine
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class _Timer:
@@ -158,7 +154,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                        "per_image_s": {k: v / len(images) for k, v in timer.stages.items()}})
     np.savez_compressed(cfg.outputs, images=np.stack(outputs))
     return {"config": asdict(cfg), "load_s": load_s, "passes": passes, "unet_evaluations_per_image": evals(),
-            "peak_rss_mb": _rss_mb()}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> None:

@@ -44,7 +44,7 @@ main.add_command(onnx_cmd)
 def build_engines_cmd(ctx: click.Context, backend: str, precision: str | None, device: str | None, opt_level: int,
                       refit: bool, model, embedding, width, height, batch_max, tac_divisor, out: Path) -> None:
     """Build engines for one backend and precision (exports the ONNX bundle first if needed)."""
-    choices = auto_choices(device or "auto")  # what r2r-run would pick here, fastest first
+    choices = [c for c in auto_choices(device or "auto") if c[0].builder]  # what r2r-run picks here, fastest first
     if backend is None:
         if not choices:
             raise click.UsageError(f"no backend runs on device {device} here; name one with --backend")
@@ -62,6 +62,8 @@ def build_engines_cmd(ctx: click.Context, backend: str, precision: str | None, d
         device = row.check_device(device or default_device)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
+    if row.builder is None:
+        raise click.UsageError(f"--backend {row.name} builds no engines: it runs the model's own modules")
     cfg = export_config(model, embedding, out, width, height, batch_max, tac_divisor)
     log(f"r2r-export build-engines: checking the ONNX bundle {out}")
     export(cfg)

@@ -86,9 +86,17 @@ def _weighted_matmuls(model: Any) -> list[str]:
             and any(is_weight(op.input_value(k).get_node()) for k in range(2))]
 
 
+def import_nncf() -> Any:
+    try:
+        import nncf
+    except ImportError as exc:
+        raise ImportError("INT8 needs NNCF: pip install 'r2r[int8]'") from exc
+    return nncf
+
+
 def quantize_unet(onnx_path: Path, samples: list[dict[str, np.ndarray]], out: Path) -> dict[str, Any]:
     """The hybrid INT8 UNet as an OpenVINO IR at `out` (.xml, with its .bin)."""
-    import nncf
+    nncf = import_nncf()
     import openvino as ov
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
@@ -112,7 +120,7 @@ def build_int8_unet(bundle: str | Path, model_dir: Path, embedding: Path | None 
                     progress: Callable[[str], None] = log) -> EngineEntry:
     """Calibrate on the method's trajectories and write the INT8 UNet IR into the bundle; recorded in the manifest
     as openvino/cpu-int8/unet."""
-    import nncf
+    nncf = import_nncf()
 
     from r2r.engines.openvino import ROW
 

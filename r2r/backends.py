@@ -40,19 +40,27 @@ def _openvino_devices() -> tuple[str, ...]:
     return ("cpu",) if importlib.util.find_spec("openvino") is not None else ()
 
 
+def _torch_devices() -> tuple[str, ...]:
+    import torch
+
+    return ("cuda", "cpu") if torch.cuda.is_available() else ("cpu",)
+
+
 @dataclass(frozen=True)
 class BackendRow:
     name: str
     devices: tuple[str, ...]  # in the order `--device auto` tries them
     precisions: tuple[str, ...]  # what it builds and runs, best first
     engine_slot: str  # manifest.engines key of one build: "{device}", "{precision}", "{graph}" filled in
-    builder: str  # module in r2r.engines: build(bundle, BuildRequest, progress) -> list[EngineEntry]
-    runtime: str  # module in r2r.runtime: open_backend(bundle, device, precision, threads)
+    builder: str | None  # module in r2r.engines: build(bundle, BuildRequest, progress); None: nothing to build
+    runtime: str  # module in r2r.runtime: open_backend(bundle, device, precision, threads, model)
     install: str  # what installs it
     available: Callable[[], tuple[str, ...]]  # the devices it can run on here
     needs_engines: bool = False  # runs only from built engines; its default precision: the best built
     # precision -> CPU flags of which one must be present for the precision to run natively (else it is emulated)
     native: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    device_default: Mapping[str, str] = field(default_factory=dict)  # a device's default precision, where fixed
+    graphs: bool = True  # runs the bundle's ONNX graphs (False: only its manifest and conditioning)
 
     def slot(self, device: str, precision: str, graph: str) -> str:
         return self.engine_slot.format(device=device, precision=precision, graph=graph)
@@ -67,8 +75,11 @@ class BackendRow:
             raise ValueError(f"--device {device}: the {self.name} backend runs on {' or '.join(self.devices)}")
         return device
 
-    def native_precision(self, flags: frozenset[str] | None = None) -> str:
-        """The best precision this machine's CPU runs natively (BF16 needs AVX512-BF16 or AMX)."""
+    def native_precision(self, flags: frozenset[str] | None = None, device: str = "cpu") -> str:
+        """The device's default precision if the row fixes one, else the best precision this machine's CPU runs
+        natively (BF16 needs AVX512-BF16 or AMX)."""
+        if device in self.device_default:
+            return self.device_default[device]
         have = cpu_flags() if flags is None else flags
         for p in self.precisions:
             need = self.native.get(p, ())
@@ -87,12 +98,16 @@ BACKENDS: tuple[BackendRow, ...] = (
     BackendRow("openvino", ("cpu",), ("bf16", "fp32", "int8"), "openvino/{device}-{precision}/{graph}",
                "r2r.engines.openvino", "r2r.runtime.backend_ov", "openvino comes with r2r (pip install openvino)",
                _openvino_devices, native={"bf16": ("avx512_bf16", "amx_bf16")}),
+    BackendRow("torch", ("cuda", "cpu"), ("fp16", "bf16", "fp32"), "torch/{device}-{precision}/{graph}", None,
+               "r2r.runtime.backend_torch", "torch comes with r2r (a CUDA or ROCm build of torch for a GPU)",
+               _torch_devices, device_default={"cuda": "fp16", "cpu": "fp32"}, graphs=False),
 )
 NAMES = tuple(row.name for row in BACKENDS)
 # What `--backend auto` tries, fastest first (measured: benchmarks/README.md): TensorRT on an NVIDIA GPU, ONNX
-# Runtime's CUDA provider, OpenVINO on the CPU (bf16 where the CPU has BF16 units), ONNX Runtime on the CPU.
-AUTO_ORDER: tuple[tuple[str, str], ...] = (("tensorrt", "cuda"), ("onnxruntime", "cuda"), ("openvino", "cpu"),
-                                           ("onnxruntime", "cpu"))
+# Runtime's CUDA provider, the PyTorch backend on a GPU (CUDA graphs), OpenVINO on the CPU (bf16 where the CPU has
+# BF16 units), ONNX Runtime on the CPU.
+AUTO_ORDER: tuple[tuple[str, str], ...] = (("tensorrt", "cuda"), ("onnxruntime", "cuda"), ("torch", "cuda"),
+                                           ("openvino", "cpu"), ("onnxruntime", "cpu"))
 
 
 def backend_row(name: str) -> BackendRow:

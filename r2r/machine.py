@@ -53,3 +53,19 @@ def describe_machine() -> dict[str, Any]:
     return {"cpu": _cpuinfo(), "logical_cpus": cpus, "memory_gib": mem, "os": platform.platform(),
             "python": platform.python_version(), "gpu": "none" if shutil.which("nvidia-smi") is None else "present",
             "versions": versions}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB): the high-water mark of its own address space (VmHWM).
+
+    Not `getrusage().ru_maxrss`: on Linux that survives fork and exec, so a worker started by a large parent would
+    report at least the parent's peak.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -26,7 +26,7 @@ from r2r.runtime.device import Backend
 from r2r.runtime.scheduler import CoupledScheduler
 from r2r.runtime.select import cached_bundle, resolve_backend, resolve_device, resolve_precision, runtime_module
 
-REFERENCE = "torch"  # --backend torch: the PyTorch reference on the model, no bundle
+REFERENCE = "reference"  # --backend reference: the PyTorch reference (the oracle) on the model, no bundle
 FusedChoice = Literal["auto", "on", "off"]
 
 
@@ -39,7 +39,7 @@ class RunConfig:
     embedding: Path | None = None  # None: MODEL/negative_embedding.safetensors
     width: int | None = None  # None: the model's own resolution (a bundle has its own)
     height: int | None = None
-    backend: str = "auto"  # a backend table name, "auto", or "torch" (the reference)
+    backend: str = "auto"  # a backend table name, "auto", or "reference" (the PyTorch reference)
     device: str = "auto"  # bundle backends: auto / cpu / cuda; the reference: a torch device
     precision: str | None = None  # None: the backend's default
     batch: int = 1
@@ -113,20 +113,22 @@ def open_runtime(cfg: RunConfig, progress: Callable[[str], None] = log) -> Runti
         w, h = cfg.size()
         divisor = int(cfg.method.get("tac_divisor") or MethodConfig().tac_divisor)
         root = cached_bundle(cfg.model_dir(), cfg.embedding_file(), w, h, max(cfg.batch_max, cfg.batch), divisor,
-                             progress)
+                             progress, graphs=row is None or row.graphs)
     bundle = open_bundle(root)
     method = MethodConfig(**{**bundle.method_defaults().as_dict(), **cfg.method})
     # 3. backend, device, precision: once; a bundle of the cache gets the engines they need, once
-    row = row or resolve_backend(cfg.backend, bundle, cfg.device)
+    # (auto picks the torch backend only where the model is known to be the bundle's: it runs the model's modules)
+    row = row or resolve_backend(cfg.backend, bundle, cfg.device, eligible=lambda r: r.graphs or cfg.engine is None
+                                 or cfg.model is not None)
     device = device or resolve_device(row, cfg.device)
-    precision = resolve_precision(row, bundle, cfg.precision)
+    precision = resolve_precision(row, bundle, cfg.precision, device)
     slot = row.slot(device, precision, "")
-    if cfg.engine is None and not any(k.startswith(slot) for k in bundle.manifest.engines):
+    if cfg.engine is None and row.builder and not any(k.startswith(slot) for k in bundle.manifest.engines):
         progress(f"r2r-run: building the {row.name} {precision} engines of {root} once")
         request = BuildRequest(precision, device, model=cfg.model_dir(), embedding=cfg.embedding_file())
         importlib.import_module(row.builder).build(root, request, progress)
         bundle = open_bundle(root)
-    backend = runtime_module(row).open_backend(bundle, device, precision, cfg.threads)
+    backend = runtime_module(row).open_backend(bundle, device, precision, cfg.threads, model=cfg.model_dir())
     try:
         # 4. the program's variant: auto fuses the TAC step whenever the inversion allows it (one routed UNet call of
         # 3B instead of emit B + inject 2B, and the only UNet graph the program loads)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 from r2r.engines.onnxruntime import open_session
 from r2r.runtime.bundle import Bundle
@@ -66,7 +67,8 @@ class OrtBackend(HostBackend):
                 "onnxruntime": self.ort.__version__, "threads": str(self.threads)}
 
 
-def open_backend(bundle: Bundle, device: str, precision: str, threads: int = 0) -> Backend:
+def open_backend(bundle: Bundle, device: str, precision: str, threads: int = 0,
+                 model: Path | None = None) -> Backend:
     """The backend table's runtime entry: host buffers on the CPU provider, device-resident buffers (and CUDA
     graphs) on the CUDA provider."""
     if device == "cuda":

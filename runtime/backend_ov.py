@@ -10,6 +10,7 @@ B, 2B and 3B share one compiled model, one copy of the weights. The compiled blo
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from r2r.engines.openvino import ROW, compile_graph, default_threads, graph_file, import_openvino, open_core
@@ -65,6 +66,7 @@ class OpenVinoBackend(HostBackend):
                 "threads": str(self.threads)}
 
 
-def open_backend(bundle: Bundle, device: str, precision: str, threads: int = 0) -> Backend:
+def open_backend(bundle: Bundle, device: str, precision: str, threads: int = 0,
+                 model: Path | None = None) -> Backend:
     """The backend table's runtime entry."""
     return OpenVinoBackend(bundle, precision, threads)

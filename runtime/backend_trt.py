@@ -412,7 +412,8 @@ class TrtBackend(StepGraphBackend):
                 "cuda_graphs": "per program", "contexts": str(len(self._contexts))}
 
 
-def open_backend(bundle: Bundle, device: str, precision: str, threads: int = 0) -> Backend:
+def open_backend(bundle: Bundle, device: str, precision: str, threads: int = 0,
+                 model: Path | None = None) -> Backend:
     """The backend table's runtime entry (one GPU; `threads` does not apply)."""
     return TrtBackend(bundle, precision=precision)
 

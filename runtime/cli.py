@@ -52,10 +52,10 @@ def _check_flags(ctx: click.Context, backend: str, engine: Path | None, precisio
     if backend == REFERENCE:
         bad = _given(ctx, BUNDLE_ONLY)
         if bad:
-            raise click.UsageError(f"{', '.join(bad)}: the torch reference runs the model itself, not a bundle; "
+            raise click.UsageError(f"{', '.join(bad)}: the PyTorch reference runs the model itself, not a bundle; "
                                    "drop it, or choose a bundle backend with --backend")
         if precision not in (None, "fp32"):
-            raise click.UsageError(f"--precision {precision}: the torch reference runs fp32 only")
+            raise click.UsageError(f"--precision {precision}: the PyTorch reference runs fp32 only")
         return
     if engine is not None:
         bad = _given(ctx, WITHOUT_ENGINE)
@@ -75,8 +75,9 @@ def _check_flags(ctx: click.Context, backend: str, engine: Path | None, precisio
 @click.option("--engine", type=click.Path(path_type=Path), default=None,
               help="Bundle from `r2r-export` [default: --model's bundle, exported once into the cache].")
 @click.option("--backend", type=click.Choice(("auto", *NAMES, REFERENCE)), default="auto", show_default=True,
-              help="auto: tensorrt when the bundle has engines and a GPU and TensorRT are there, else onnxruntime; "
-                   "torch: the PyTorch reference on --model.")
+              help="auto: the fastest here (tensorrt, onnxruntime's CUDA provider or torch on a GPU; openvino, else "
+                   "onnxruntime on a CPU); torch: the coupled scheduler on --model's PyTorch modules (CUDA graphs on "
+                   "a GPU); reference: the PyTorch reference (the oracle) on --model.")
 @click.option("--model", type=click.Path(path_type=Path), default=None,
               help="Diffusers SD 1.x directory [default: the embedded tiny model].")
 @click.option("--embedding", type=click.Path(path_type=Path), default=None,
@@ -90,7 +91,7 @@ def _check_flags(ctx: click.Context, backend: str, engine: Path | None, precisio
 @click.option("--tac-divisor", type=int, default=None,
               help="[default: the bundle's, 256; without --engine the cached bundle is exported with it]")
 @click.option("--tac-target", type=click.Choice(["null", "both"]), default=None,
-              help="--backend torch only: which guidance pass TAC controls [default: null].")
+              help="--backend reference only: which guidance pass TAC controls [default: null].")
 @click.option("--inversion", type=click.Choice(INVERSIONS), default="exact", show_default=True,
               help="single-pass: 46 instead of 58 UNet evaluations, another epsilon convention (measure first).")
 @click.option("--fused", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
@@ -102,7 +103,7 @@ def _check_flags(ctx: click.Context, backend: str, engine: Path | None, precisio
 @click.option("--resume", is_flag=True, help="Skip inputs whose output exists, is complete and has these parameters.")
 @click.option("--device", default="auto", show_default=True,
               help="Bundle backends: auto, cpu or cuda (checked against the backend; onnxruntime on cuda runs "
-                   "device-resident buffers and CUDA graphs). torch: a torch device [auto = cpu].")
+                   "device-resident buffers and CUDA graphs). reference: a torch device [auto = cpu].")
 @click.pass_context
 def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ...], output: Path,
          engine: Path | None, backend: str, model: Path | None, embedding: Path | None, width: int | None,
@@ -118,6 +119,9 @@ def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ..
     if batch_size < 1:
         raise click.BadParameter("--batch-size must be >= 1")
     _check_flags(ctx, backend, engine, precision, device)
+    if backend == "torch":
+        log("r2r-run: --backend torch now runs the PyTorch backend of the coupled scheduler (the bundle's program "
+            "on the model's modules); the PyTorch reference it ran before is --backend reference")
     try:
         paths = collect_inputs(specs)
     except ImageReadError as exc:

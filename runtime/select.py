@@ -45,18 +45,19 @@ def resolve_device(row: BackendRow, device: str = "auto") -> str:
     return device
 
 
-def resolve_backend(name: str, bundle: Bundle, device: str = "auto") -> BackendRow:
+def resolve_backend(name: str, bundle: Bundle, device: str = "auto",
+                    eligible: Callable[[BackendRow], bool] = lambda row: True) -> BackendRow:
     """A named row, or for "auto" the fastest (backend, device) of the table's auto order that can run this bundle
-    here (TensorRT only where the bundle has engines)."""
+    here (TensorRT only where the bundle has engines; `eligible` may rule rows out)."""
     if name != "auto":
         return backend_row(name)
     for row, _ in auto_choices(device):
-        if not row.needs_engines or has_engines(bundle, row):
+        if eligible(row) and (not row.needs_engines or has_engines(bundle, row)):
             return row
     raise DeviceUnavailable(f"no backend can run {bundle.root} on device {device} here")
 
 
-def resolve_precision(row: BackendRow, bundle: Bundle, precision: str | None = None) -> str:
+def resolve_precision(row: BackendRow, bundle: Bundle, precision: str | None = None, device: str = "cpu") -> str:
     """The precision asked for (checked against the row); else, for engines built per GPU, the best precision the
     bundle has engines of; else the best precision this CPU runs natively."""
     if precision is not None:
@@ -64,7 +65,7 @@ def resolve_precision(row: BackendRow, bundle: Bundle, precision: str | None = N
     if row.needs_engines:
         built = {e.precision for e in bundle.manifest.engines.values() if e.backend == row.name}
         return next((p for p in row.precisions if p in built), row.precisions[0])
-    return row.native_precision()
+    return row.native_precision(device=device)
 
 
 def cache_dir() -> Path:
@@ -76,15 +77,18 @@ def cache_dir() -> Path:
 
 
 def cached_bundle(model: Path, embedding: Path, width: int, height: int, batch_max: int, tac_divisor: int,
-                  progress: Callable[[str], None] = log) -> Path:
+                  progress: Callable[[str], None] = log, graphs: bool = True) -> Path:
     """A model's bundle, exported once into the cache and named by what it is made from (a later call with the same
-    model, embedding and settings checks hashes only)."""
+    model, embedding and settings checks hashes only). `graphs=False`: the manifest and conditioning alone, for a
+    backend that runs the model's own modules."""
     from r2r.export.bundle import ExportConfig, export_bundle
 
     digest = hashlib.sha256(f"{sha256_tree(model)} {sha256_file(embedding)}".encode()).hexdigest()[:12]
-    out = cache_dir() / "bundles" / f"{model.name}-{digest}-{width}x{height}-b{batch_max}-d{tac_divisor}"
+    name = f"{model.name}-{digest}-{width}x{height}-b{batch_max}-d{tac_divisor}{'' if graphs else '-nographs'}"
+    out = cache_dir() / "bundles" / name
     progress(f"r2r-run: using the bundle of {model.name} at {width}x{height} in {out}")
-    export_bundle(ExportConfig(model, embedding, out, width, height, batch_max, tac_divisor), progress=progress)
+    export_bundle(ExportConfig(model, embedding, out, width, height, batch_max, tac_divisor,
+                               **({} if graphs else {"graphs": ()})), progress=progress)
     return out
 
 

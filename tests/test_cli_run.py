@@ -27,10 +27,10 @@ def _write_inputs(folder: Path) -> list[Path]:
     return paths
 
 
-def test_torch_backend_writes_one_png_per_input_with_parameters(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_reference_writes_one_png_per_input_with_parameters(tiny_model_dir: Path, tmp_path: Path) -> None:
     _write_inputs(tmp_path / "in")
     out = tmp_path / "out"
-    res = CliRunner().invoke(main, ["--backend", "torch", "--input", str(tmp_path / "in"), "--output", str(out),
+    res = CliRunner().invoke(main, ["--backend", "reference", "--input", str(tmp_path / "in"), "--output", str(out),
                                     "--model", str(tiny_model_dir), "--steps", "10", "--strength", "0.5"])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == ["dress.png", "shirt.png"]
@@ -38,7 +38,7 @@ def test_torch_backend_writes_one_png_per_input_with_parameters(tiny_model_dir: 
         assert im.size == (256, 256) and im.mode == "RGB"
     params = json.loads(read_png_text(out / "shirt.png")["r2r:parameters"])
     assert params["steps"] == 10 and params["strength"] == 0.5 and params["tac_divisor"] == 256
-    assert params["width"] == 256 and params["source"] == "shirt.png" and params["backend"] == "torch"
+    assert params["width"] == 256 and params["source"] == "shirt.png" and params["backend"] == "reference"
     assert "2 written, 0 skipped (complete), 0 failed" in res.output
     assert "19 UNet evaluations per image" in res.output  # n = 5, window 4: 5 + 4 + 2 * 5
 
@@ -78,7 +78,7 @@ def test_pickled_weights_are_refused_with_the_file_named(tmp_path: Path, tiny_mo
         f.unlink()
     (bad / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
-    res = CliRunner().invoke(main, ["--backend", "torch", "--input", str(tmp_path / "x.png"),
+    res = CliRunner().invoke(main, ["--backend", "reference", "--input", str(tmp_path / "x.png"),
                                     "--output", str(tmp_path / "o"), "--model", str(bad)])
     assert res.exit_code != 0
     assert "diffusion_pytorch_model.bin" in res.output and "never unpickles" in res.output
@@ -93,7 +93,7 @@ def test_flags_the_bundle_does_not_support_are_refused(tiny_bundle: Path, tmp_pa
 
 def test_invalid_method_flags_are_refused_before_any_work(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
-    res = CliRunner().invoke(main, ["--backend", "torch", "--input", str(tmp_path / "x.png"),
+    res = CliRunner().invoke(main, ["--backend", "reference", "--input", str(tmp_path / "x.png"),
                                     "--output", str(tmp_path / "o"), "--steps", "10", "--strength", "0.05"])
     assert res.exit_code == 1 and "no denoising step" in res.output
 
@@ -104,9 +104,9 @@ def test_flags_that_do_not_apply_are_refused_by_name(tiny_bundle: Path, tiny_mod
     cases = [
         (["--engine", str(tiny_bundle), "--model", str(tiny_model_dir)], "--model"),
         (["--engine", str(tiny_bundle), "--width", "128"], "--width"),
-        (["--backend", "torch", "--fused", "on"], "--fused"),
-        (["--backend", "torch", "--engine", str(tiny_bundle)], "--engine"),
-        (["--backend", "torch", "--precision", "bf16"], "fp32 only"),
+        (["--backend", "reference", "--fused", "on"], "--fused"),
+        (["--backend", "reference", "--engine", str(tiny_bundle)], "--engine"),
+        (["--backend", "reference", "--precision", "bf16"], "fp32 only"),
         (["--engine", str(tiny_bundle), "--backend", "onnxruntime", "--precision", "bf16"], "takes fp32"),
         (["--engine", str(tiny_bundle), "--backend", "openvino", "--device", "cuda"], "runs on cpu"),
         (["--engine", str(tiny_bundle), "--precision", "int4"], "int4"),

@@ -49,3 +49,52 @@ def test_tensorrt_build_options_are_refused_for_other_backends(tmp_path: Path) -
                                     "--out", str(tmp_path / "b")])
     assert res.exit_code == 2 and "takes fp32" in res.output
     assert not (tmp_path / "b").exists()  # refused before anything was exported
+
+
+def test_without_backend_build_engines_builds_what_r2r_run_runs_here(embedded_bundle: Path, tmp_path: Path) -> None:
+    from r2r.backends import auto_choices
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(embedded_bundle, bundle)
+    res = CliRunner().invoke(main, ["build-engines", "--out", str(bundle)])
+    assert res.exit_code == 0, res.output
+    row, device = auto_choices()[0]
+    precision = row.native_precision()
+    assert f"r2r-export build-engines: {row.name} {precision} on {device}" in res.output
+    assert any(k.startswith(f"{row.name}/") and read_manifest(bundle).engines[k].precision == precision
+               for k in read_manifest(bundle).engines)
+
+
+def test_int8_calibrates_on_the_method_and_meets_the_reduced_precision_bar(embedded_bundle: Path,
+                                                                          tmp_path: Path) -> None:
+    """OpenVINO int8: the UNet quantized (NNCF hybrid) on the reference's own UNet inputs; >= 35 dB against the
+    fp32 reference on the trained default."""
+    import numpy as np
+    import openvino as ov
+
+    from r2r.config import MethodConfig, Variant
+    from r2r.engines.int8 import calibration_renders
+    from r2r.metrics import psnr
+    from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, load_components
+    from r2r.reference import ReferencePipeline
+    from r2r.runtime.backend_ov import OpenVinoBackend
+    from r2r.runtime.bundle import open_bundle
+    from r2r.runtime.scheduler import CoupledScheduler
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(embedded_bundle, bundle)
+    res = CliRunner().invoke(main, ["build-engines", "--backend", "openvino", "--precision", "int8", "--out",
+                                    str(bundle)])
+    assert res.exit_code == 0, res.output
+    assert "recording the UNet's inputs on 4 renders" in res.output and "120 calibration inputs" in res.output
+    entry = read_manifest(bundle).engines["openvino/cpu-int8/unet"]
+    model = ov.Core().read_model(str(bundle / entry.files[0]))
+    assert sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops()) > 0
+    renders = calibration_renders(read_manifest(bundle), 2, seed=99)  # not the calibration renders
+    ref = ReferencePipeline(load_components(EMBEDDED_DEFAULT), EMBEDDED_DEFAULT / EMBEDDING_FILE, 256, 256)
+    expected = ref(renders, MethodConfig())
+    b = open_bundle(bundle)
+    got = CoupledScheduler(b, OpenVinoBackend(b, "int8"), 2, MethodConfig(), Variant(fused=True))(renders)
+    assert all(psnr(g, e) >= 35.0 for g, e in zip(got, expected, strict=True))
+    assert not np.array_equal(got[0], CoupledScheduler(b, OpenVinoBackend(b, "fp32"), 1, MethodConfig(),
+                                                       Variant(fused=True))(renders[:1])[0])

@@ -96,9 +96,33 @@ def test_no_test_double_or_api_listing_is_installed() -> None:
 
 @pytest.mark.parametrize("row", BACKENDS, ids=lambda r: r.name)
 def test_backend_rows_name_a_builder_in_engines_and_a_runtime_in_runtime(row) -> None:
-    assert row.builder.startswith("r2r.engines.") and row.runtime.startswith("r2r.runtime.")
-    assert callable(importlib.import_module(row.builder).build)
+    assert row.builder is None or row.builder.startswith("r2r.engines.")
+    assert row.runtime.startswith("r2r.runtime.")
+    assert row.builder is None or callable(importlib.import_module(row.builder).build)
     module = importlib.import_module(row.runtime)
     assert callable(module.open_backend)
     assert set(row.native) <= set(row.precisions) and set(row.available()) <= set(row.devices)
     assert row.slot(row.devices[0], row.precisions[0], "unet").startswith(f"{row.name}/")
+
+
+def test_the_default_cpu_precision_follows_the_cpus_bf16_units() -> None:
+    from r2r.backends import backend_row
+
+    ov = backend_row("openvino")
+    assert ov.native_precision(frozenset({"avx512f", "avx512_bf16"})) == "bf16"
+    assert ov.native_precision(frozenset({"amx_bf16", "amx_tile"})) == "bf16"
+    assert ov.native_precision(frozenset({"avx2", "avx512f"})) == "fp32"  # bf16 would be emulated: slower
+    assert backend_row("onnxruntime").native_precision(frozenset()) == "fp32"
+
+
+def test_auto_prefers_the_gpu_then_openvino_then_onnxruntime_on_the_cpu(monkeypatch) -> None:
+    import onnxruntime as ort
+
+    from r2r import backends
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    names = [(row.name, dev) for row, dev in backends.auto_choices()]
+    assert names[:2] == [("openvino", "cpu"), ("onnxruntime", "cpu")]  # no GPU here: TensorRT is not usable
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert next((r.name, d) for r, d in backends.auto_choices()) == ("onnxruntime", "cuda")
+    assert next((r.name, d) for r, d in backends.auto_choices("cpu")) == ("openvino", "cpu")
