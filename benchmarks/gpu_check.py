@@ -240,7 +240,12 @@ def run(out: Path, quick: bool = False, repeats: int = 2) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(0)
         report["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
                          "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
+    def save() -> None:  # after every section: a check cut short by its time limit still leaves its figures
+        report["wall_s"] = time.perf_counter() - start
+        (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+
     report["parity"] = parity(setup, work)
+    save()
     if cuda:
         log("r2r-gpu-check: building the SD 1.5-architecture model (random weights) at 768x1024")
         model = build_sd15_architecture(work / "models" / "sd15-random", width=768, height=1024)
@@ -249,6 +254,7 @@ def run(out: Path, quick: bool = False, repeats: int = 2) -> dict[str, Any]:
         model = EMBEDDED_DEFAULT
         report["timing_model"] = f"embedded default, {setup.width}x{setup.height} (rehearsal)"
     report["timings"] = timings(setup, model, work, repeats)
+    save()
     if not cuda:
         report["capture_audit"] = capture_audit(setup, work)
     report["other_backends"] = {name: ("imports; not run by this check" if importlib.util.find_spec(mod) else
@@ -259,8 +265,7 @@ def run(out: Path, quick: bool = False, repeats: int = 2) -> dict[str, Any]:
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             report["other_backends"]["onnxruntime-gpu"] = "onnxruntime has no CUDA provider here: not run"
-    report["wall_s"] = time.perf_counter() - start
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    save()
     (out / "report.md").write_text(markdown(report))
     log(f"r2r-bench --gpu-check: done in {report['wall_s']:.0f} s -> {out / 'report.md'}")
     return report

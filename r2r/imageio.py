@@ -1,44 +1,62 @@
 """Image I/O shared by every stage: the preprocess of docs/design.md, PNG writing with text metadata.
 
-Inputs are treated as hostile: Pillow's decompression-bomb guard stays on, only regular files are
-read, and written names are confined to the output folder.
+Inputs are treated as hostile: only regular files are opened (a folder, a FIFO, a dangling link never is);
+Pillow's decompression-bomb guard stays on (its warning band is an error too); what a format can verify is
+verified before anything is decoded (every PNG chunk's CRC, so flipped bits are refused instead of decoded into a
+garbled picture; truncated JPEG and WebP streams fail their decode); images below the smallest side the model can
+run are refused; EXIF orientation is applied; written names are confined to the output folder.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from r2r.atomic import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # Largest input accepted, in pixels (a 16k x 16k image); past it Pillow raises DecompressionBombError.
 MAX_INPUT_PIXELS = 16384 * 16384
+# Smallest side accepted: an f8 VAE and a UNet of three 2x downsamplings leave one latent cell per side at 64 px.
+MIN_INPUT_SIDE = 64
 
 
 class ImageReadError(ValueError):
-    """An input image that cannot be used; the message names the file."""
+    """An input image that cannot be used; the message names the file and why."""
 
 
 def load_rgb(path: str | os.PathLike[str], size: tuple[int, int] | None = None) -> np.ndarray:
     """Read an image as uint8 RGB [H, W, 3], per the preprocess of docs/design.md ("The method").
 
-    RGBA (and palette or LA images with transparency) are composited over white; the result is
-    resized with Pillow BICUBIC only if its size differs from `size` = (W, H).
+    RGBA (and palette or LA images with transparency) are composited over white; 16-bit grey is scaled to 8 bits;
+    EXIF orientation is applied; the result is resized with Pillow BICUBIC only if its size differs from
+    `size` = (W, H).
     """
     p = Path(path)
     if not p.is_file():
         raise ImageReadError(f"{p}: not a regular file")
     Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
     try:
-        with Image.open(p) as im:
-            im.load()
-            img = _to_rgb(im)
-    except (OSError, Image.DecompressionBombError, ValueError, SyntaxError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                if min(im.size) < MIN_INPUT_SIDE:
+                    raise ImageReadError(f"{p}: {im.size[0]}x{im.size[1]} pixels; the smallest side r2r takes is "
+                                         f"{MIN_INPUT_SIDE}")
+                if im.format == "PNG":
+                    im.verify()  # every chunk's CRC; a verified image must be opened again to be decoded
+            with Image.open(p) as im:
+                im.load()
+                img = _to_rgb(ImageOps.exif_transpose(im) or im)
+    except ImageReadError:
+        raise
+    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning, ValueError, SyntaxError,
+            EOFError) as exc:
         raise ImageReadError(f"{p}: cannot read image ({exc})") from exc
     if size is not None and img.size != tuple(size):
         img = img.resize(tuple(size), Image.Resampling.BICUBIC)
@@ -51,6 +69,10 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
+    if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit grey: Pillow's convert would clip it to white
+        grey = np.asarray(im, dtype=np.int64)
+        top = 65535 if im.mode.startswith("I;16") or grey.max() > 255 else 255
+        return Image.fromarray(np.clip(grey * 255 // top, 0, 255).astype(np.uint8), "L").convert("RGB")
     return im.convert("RGB")
 
 
