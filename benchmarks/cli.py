@@ -147,19 +147,40 @@ def attention_report(bundle: Path, work: Path, threads: int) -> list[dict]:
               help="Use this exported bundle of the model instead of exporting one into --out.")
 @click.option("--only", default=None, help="Comma list of configuration names to run (torch-reference always runs: "
               "it is the fidelity reference; name public-code to keep the baseline).")
+@click.option("--static", "static_too", is_flag=True,
+              help="Also run a static bundle (graphs of --size only) beside the default dynamic-size one, on "
+                   "onnxruntime fp32 and openvino: what serving a range of sizes costs.")
+@click.option("--padding", is_flag=True,
+              help="Instead: edge-replicated vs white padding of inputs that are not the bundle's multiple "
+                   "(benchmarks/padding.py), on the default backend.")
 @click.option("--attention", is_flag=True, help="Instead: where a UNet call's time and memory go in attention, "
               "per engine (ONNX Runtime's exported pattern vs MultiHeadAttention, OpenVINO fp32 / bf16).")
 @click.option("--gpu-check", is_flag=True, help="Instead: the GPU path's parity and timings on a CUDA machine "
               "(benchmarks/gpu-check.md); with no GPU, its CPU rehearsal. --quick: fewer steps.")
 def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, size: str | None, out: Path,
          n_images: int | None, batch_sizes: str | None, repeats: int | None, warmup: bool, threads: int,
-         bundle_dir: Path | None, only: str | None, attention: bool, gpu_check: bool) -> None:
+         bundle_dir: Path | None, only: str | None, static_too: bool, padding: bool, attention: bool,
+         gpu_check: bool) -> None:
     """Benchmark r2r's backends beside the public code and the PyTorch reference."""
     if gpu_check:
         from r2r.benchmarks.gpu_check import run
 
         out.mkdir(parents=True, exist_ok=True)
         run(out, quick=quick, repeats=repeats or 2)
+        return
+    if padding:
+        from r2r.atomic import atomic_write
+        from r2r.benchmarks.padding import padding_report
+        from r2r.machine import describe_machine
+
+        out.mkdir(parents=True, exist_ok=True)
+        result = {"machine": describe_machine(), **padding_report(count=n_images or 6, threads=threads),
+                  "command": "r2r-bench " + " ".join(_portable_args(sys.argv[1:]))}
+        atomic_write(out / "padding.json", json.dumps(result, indent=2).encode())
+        for mode, r in result["padding"].items():
+            log(f"  {mode:<6} PSNR {r['psnr_db_mean']:.2f} dB, border band {r['border_band_psnr_db_mean']:.2f} dB")
+        log(f"r2r-bench: {result['cut']} padded to {result['run']}: {result['better']} is closer -> "
+            f"{out / 'padding.json'}")
         return
     from r2r.backends import auto_choices
     from r2r.benchmarks.report import write_reports
@@ -220,6 +241,13 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, si
         if read_manifest(bundle).engines.get(INT8_UNET) is None:
             build_int8_unet(bundle, model, embedding, progress=log)
         build_ov_engines(bundle, "int8", threads, progress=log)
+    static = None
+    if static_too:
+        static = out / "bundles" / f"{model.name}-{w}x{h}-static"
+        export_bundle(ExportConfig(model, embedding, static, w, h, batch_max=max(sizes), static=True), progress=log)
+        build_ort_engines(static, "fp32", "cpu", progress=log)
+        for prec in ("fp32", "bf16"):
+            build_ov_engines(static, prec, threads, progress=log)
     images = make_images(work, n_images, w, h)
     default_row, _ = auto_choices()[0]
     default = (default_row.name, default_row.native_precision())
@@ -230,7 +258,8 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, si
 
     def cfg(name: str, kind: str, **kw: Any) -> BenchConfig:
         is_default = kind == "r2r" and (kw.get("backend", "onnxruntime"), kw.get("precision", "fp32")) == default \
-            and kw.get("inversion", "exact") == "exact" and kw.get("batch", 1) == 1 and kw.get("fused", True)
+            and kw.get("inversion", "exact") == "exact" and kw.get("batch", 1) == 1 and kw.get("fused", True) \
+            and kw.get("bundle") == str(bundle)
         return BenchConfig(name=name, kind=kind, outputs=str(work / f"{name}.out.npz"), default=is_default,
                            **common, **kw)
 
@@ -246,6 +275,11 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, si
                        precision="bf16", inversion="single-pass", fused=False))
     if int8:
         configs.append(cfg("openvino-int8-b1", "r2r", bundle=str(bundle), backend="openvino", precision="int8"))
+    if static is not None:
+        configs.append(cfg("onnxruntime-fp32-static-b1", "r2r", bundle=str(static)))
+        for prec in ("fp32", "bf16"):
+            configs.append(cfg(f"openvino-{prec}-static-b1", "r2r", bundle=str(static), backend="openvino",
+                               precision=prec))
     if only:
         keep = {"torch-reference", *only.split(",")}
         unknown = keep - {c.name for c in configs}

@@ -66,19 +66,31 @@ def _multiple(dim: int | str) -> int:
     return io.batch_multiple(dim) or 1
 
 
+def _at_example_size(shape: list[int | str], env: dict[str, int]) -> list[int | str]:
+    """A shape with its spatial dimensions at the bundle's example size, its batch symbols kept."""
+    return [d if isinstance(d, int) or d.replace(" ", "").endswith(io.BATCH) else io.eval_dim(d, env) for d in shape]
+
+
 def make_null_bundle(bundle: Path, out: Path, graphs: tuple[str, ...] = io.ALL_GRAPHS) -> Path:
-    """Copy `bundle`'s manifest and conditioning into `out` with null graphs of the same I/O."""
-    src: Manifest = read_manifest(bundle)
+    """Copy `bundle`'s manifest and conditioning into `out` with null graphs of the same I/O at the bundle's example
+    size (a static-size null bundle: the scheduler's own time does not depend on the range)."""
+    read_manifest(bundle)  # the source must be a valid bundle
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     manifest = Manifest.from_dict(json.loads((bundle / MANIFEST).read_text()))
     manifest.files, manifest.engines = {}, {}
+    m, opt = manifest.sizes["multiple"], manifest.sizes["opt"]
+    env = {io.HM: opt[1] // m, io.WM: opt[0] // m}
+    manifest.sizes = {**manifest.sizes, "min": list(opt), "max": list(opt)}
+    for entry in manifest.graphs.values():
+        for spec in (*entry.inputs, *entry.outputs):
+            spec.shape = _at_example_size(spec.shape, env)
     cond = manifest.cond["file"]
     bundle_path(out, cond).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(bundle_path(bundle, cond), bundle_path(out, cond))
     record_file(out, manifest, cond)
-    for name, entry in src.graphs.items():
+    for name, entry in manifest.graphs.items():
         if name not in graphs:
             continue
         path = bundle_path(out, entry.file)

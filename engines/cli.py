@@ -15,7 +15,7 @@ from r2r.backends import DEVICES, NAMES, PRECISIONS, BuildRequest, auto_choices,
 from r2r.export.cli import export, export_config, model_options, onnx_cmd
 from r2r.log import log
 
-TENSORRT_ONLY = {"opt_level": "--opt-level", "refit": "--refit"}
+TENSORRT_ONLY = {"opt_level": "--opt-level", "refit": "--refit", "static_size": "--static-size"}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,11 +38,14 @@ main.add_command(onnx_cmd)
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="TensorRT builder optimization level.")
 @click.option("--refit", is_flag=True, help="TensorRT: build refittable engines.")
+@click.option("--static-size", is_flag=True,
+              help="TensorRT: engines of the bundle's example size only (faster than a range; others refused).")
 @model_options
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
 @click.pass_context
 def build_engines_cmd(ctx: click.Context, backend: str, precision: str | None, device: str | None, opt_level: int,
-                      refit: bool, model, embedding, width, height, batch_max, tac_divisor, out: Path) -> None:
+                      refit: bool, static_size: bool, model, embedding, width, height, batch_max, tac_divisor,
+                      min_side, max_side, static, out: Path) -> None:
     """Build engines for one backend and precision (exports the ONNX bundle first if needed)."""
     choices = [c for c in auto_choices(device or "auto") if c[0].builder]  # what r2r-run picks here, fastest first
     if backend is None:
@@ -64,11 +67,12 @@ def build_engines_cmd(ctx: click.Context, backend: str, precision: str | None, d
         raise click.BadParameter(str(exc)) from exc
     if row.builder is None:
         raise click.UsageError(f"--backend {row.name} builds no engines: it runs the model's own modules")
-    cfg = export_config(model, embedding, out, width, height, batch_max, tac_divisor)
+    cfg = export_config(model, embedding, out, width, height, batch_max, tac_divisor, min_side, max_side, static)
     log(f"r2r-export build-engines: checking the ONNX bundle {out}")
     export(cfg)
     log(f"r2r-export build-engines: {row.name} {precision} on {device}")
-    request = BuildRequest(precision=precision, device=device, opt_level=opt_level, refit=refit, model=cfg.model,
+    request = BuildRequest(precision=precision, device=device, opt_level=opt_level, refit=refit,
+                           static_size=static_size, model=cfg.model,
                            embedding=cfg.embedding)
     try:
         importlib.import_module(row.builder).build(out, request)

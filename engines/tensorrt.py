@@ -9,7 +9,7 @@ simulation can pass a strict stand-in (`tests/support/strict.py`).
 The flow per graph, in the order of the TensorRT documentation's "Python API Documentation: The Build Phase":
 Logger -> Builder -> `create_network(flags)` -> `OnnxParser(network, logger).parse_from_file(path)` (the path
 form, so that ONNX external data next to the graph is found) -> builder config (precision, optimization level,
-workspace pool, refit, one optimization profile over the bundle's batch range, the bundle's timing cache) ->
+workspace pool, refit, one optimization profile over the bundle's batch and size range, the bundle's timing cache) ->
 `build_serialized_network` -> the plan file, written atomically, and the grown timing cache written back.
 
 Precision (`TrtBuildConfig.precision`):
@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -81,6 +81,9 @@ class TrtBuildConfig:
     workspace_bytes: int | None = None  # MemoryPoolType.WORKSPACE limit; None leaves TensorRT's (device memory)
     refit: bool = False  # BuilderFlag.REFIT: weights can be swapped later without a rebuild
     batch_opt: int | None = None  # the batch the kernels are tuned for; None: the bundle's batch_max
+    # The profile's sizes: the bundle's whole range ("range"), or its example size only ("opt": a static-size engine,
+    # faster, that refuses every other size; docs/design.md, "Sizes")
+    sizes: str = "range"
     timing_cache: str = TIMING_CACHE  # bundle-relative
 
     def __post_init__(self) -> None:
@@ -92,28 +95,32 @@ class TrtBuildConfig:
             raise ValueError(f"workspace_bytes {self.workspace_bytes}: positive, or None for TensorRT's default")
         if self.batch_opt is not None and self.batch_opt < 1:
             raise ValueError(f"batch_opt {self.batch_opt}: at least 1")
+        if self.sizes not in ("range", "opt"):
+            raise ValueError(f"sizes {self.sizes!r}: 'range' (the bundle's) or 'opt' (its example size only)")
         if Path(self.timing_cache).is_absolute() or ".." in Path(self.timing_cache).parts:
             raise ValueError(f"timing_cache {self.timing_cache}: a path inside the bundle")
 
 
 # ---- shapes and graph inspection ------------------------------------------------------------------------------
 
-def profile_batches(graph: str, batch_min: int, batch_opt: int, batch_max: int) -> tuple[int, int, int]:
-    """(min, opt, max) of a graph's B over the bundle's image batches, at every multiple the program binds it
-    (`graph_io.CALL_MULTIPLES`: the plain UNet also runs the guided pair, 2B); tuned for its most frequent call."""
+def profile_envs(manifest: Manifest, graph: str, batch_opt: int, sizes: str = "range"
+                 ) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """The symbols' values (B, hm, wm) at a graph's profile min / opt / max: the bundle's image batches at every
+    multiple the program binds the graph's B at (`graph_io.CALL_MULTIPLES`: the routed UNet also runs the guided pair
+    and the fused step), tuned for its most frequent call; the bundle's size range ("opt": its example size only),
+    tuned for the example size."""
     mults = io.CALL_MULTIPLES.get(graph, (1,))
-    return batch_min * min(mults), batch_opt * mults[0], batch_max * max(mults)
+    m, rng = manifest.sizes["multiple"], manifest.sizes
+    batches = (manifest.batch_min * min(mults), batch_opt * mults[0], manifest.batch_max * max(mults))
+    sides = (rng["min"], rng["opt"], rng["max"]) if sizes == "range" else (rng["opt"],) * 3
+    mn, opt, mx = ({io.BATCH: b, io.HM: side[1] // m, io.WM: side[0] // m}
+                   for b, side in zip(batches, sides, strict=True))
+    return mn, opt, mx
 
 
-def profile_shapes(spec: TensorSpec, batch_min: int, batch_opt: int, batch_max: int
-                   ) -> tuple[list[int], list[int], list[int]]:
-    """min/opt/max shapes of one input: k*B dims scale with the batch, fixed dims stay."""
-    shapes: tuple[list[int], list[int], list[int]] = ([], [], [])
-    for dim in spec.shape:
-        k = io.batch_multiple(dim)
-        for shape, b in zip(shapes, (batch_min, batch_opt, batch_max), strict=True):
-            shape.append(int(dim) if k is None else k * b)
-    return shapes
+def profile_shapes(spec: TensorSpec, envs: Sequence[dict[str, int]]) -> tuple[list[int], ...]:
+    """min / opt / max shapes of one input: its symbolic dimensions at each environment, fixed ones as they are."""
+    return tuple(list(io.concrete_shape(spec.shape, env)) for env in envs)
 
 
 @dataclass(frozen=True)
@@ -207,7 +214,7 @@ def _check_inputs(network: Any, inputs: Sequence[TensorSpec], onnx_path: Path) -
     for spec in inputs:
         dims = got[spec.name]
         fixed_ok = len(dims) == len(spec.shape) and all(
-            d == -1 or io.batch_multiple(s) is not None or d == int(s) for d, s in zip(dims, spec.shape, strict=True))
+            d == -1 or isinstance(s, str) or d == s for d, s in zip(dims, spec.shape, strict=True))
         if not fixed_ok:
             raise TensorRTBuildError(f"{onnx_path}: input {spec.name} is {dims} in the graph but {spec.shape} in the "
                                      "manifest; re-export the bundle with `r2r-export onnx`")
@@ -231,20 +238,22 @@ def _load_timing_cache(config: Any, path: Path | None, progress: Callable[[str],
     return cache, len(cache.queryKeys()), bool(blob)
 
 
-def build_engine(onnx_path: str | Path, engine_path: str | Path, inputs: Sequence[TensorSpec], batch_min: int,
-                 batch_max: int, batch_opt: int, cfg: TrtBuildConfig, trt: ModuleType | None = None, *,
+def build_engine(onnx_path: str | Path, engine_path: str | Path, inputs: Sequence[TensorSpec],
+                 envs: Sequence[Mapping[str, int]], cfg: TrtBuildConfig, trt: ModuleType | None = None, *,
                  timing_cache: str | Path | None = None, gpu: dict[str, Any] | None = None,
                  progress: Callable[[str], None] = log) -> dict[str, Any]:
     """Build one serialized engine (plan) from an ONNX graph; returns the facts the manifest records.
 
-    `inputs` are the graph's input specs (TensorSpec shapes with "B", "2*B", "3*B" batch dims); the single
-    optimization profile spans batch_min..batch_max, tuned for batch_opt. `timing_cache` is a file to load and
-    grow (None: an in-memory cache). `gpu` is `gpu_info()`'s answer (asked when None).
+    `inputs` are the graph's input specs (TensorSpec shapes over the symbols B, hm, wm: "2*B", "4*hm"); the single
+    optimization profile spans `envs` = (min, opt, max) values of those symbols, tuned for opt. `timing_cache` is a
+    file to load and grow (None: an in-memory cache). `gpu` is `gpu_info()`'s answer (asked when None).
     """
     t = trt or import_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    if not 1 <= batch_min <= batch_opt <= batch_max:
-        raise ValueError(f"batch range min {batch_min} <= opt {batch_opt} <= max {batch_max} does not hold")
+    mn_env, opt_env, mx_env = envs
+    for sym in mn_env:
+        if not 1 <= mn_env[sym] <= opt_env[sym] <= mx_env[sym]:
+            raise ValueError(f"{sym}: min {mn_env[sym]} <= opt {opt_env[sym]} <= max {mx_env[sym]} does not hold")
     if not onnx_path.is_file():
         raise TensorRTBuildError(f"{onnx_path}: missing; re-export the bundle with `r2r-export onnx`")
     gpu = gpu if gpu is not None else gpu_info()
@@ -271,7 +280,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, inputs: Sequenc
     profile = builder.create_optimization_profile()
     shapes: dict[str, dict[str, list[int]]] = {}
     for spec in inputs:
-        mn, opt, mx = profile_shapes(spec, batch_min, batch_opt, batch_max)
+        mn, opt, mx = profile_shapes(spec, envs)
         profile.set_shape(spec.name, t.Dims(mn), t.Dims(opt), t.Dims(mx))
         shapes[spec.name] = {"min": mn, "opt": opt, "max": mx}
     config.add_optimization_profile(profile)
@@ -302,7 +311,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, inputs: Sequenc
         "builder_optimization_level": cfg.builder_optimization_level,
         "workspace_bytes": cfg.workspace_bytes,
         "refit": cfg.refit,
-        "batch": {"min": batch_min, "opt": batch_opt, "max": batch_max},
+        "batch": {"min": mn_env[io.BATCH], "opt": opt_env[io.BATCH], "max": mx_env[io.BATCH]},
+        "sizes": {k: [env[io.WM], env[io.HM]] for k, env in zip(("min", "opt", "max"), envs, strict=True)
+                  if io.HM in env},  # in pixel multiples, [W, H]
         "profile": shapes,
         "build_seconds": round(seconds, 3),
         "size_bytes": size,
@@ -326,11 +337,11 @@ def engine_entry_key(precision: str, graph: str) -> str:
 
 
 def engine_key(graph_key: str, cfg: TrtBuildConfig, trt_version: str, gpu: dict[str, Any],
-               batch: tuple[int, int, int]) -> str:
+               envs: Sequence[Mapping[str, int]]) -> str:
     """Hash of everything an engine is made from: unchanged key and file = nothing to rebuild."""
     parts = {"graph": graph_key, "precision": cfg.precision, "opt_level": cfg.builder_optimization_level,
-             "refit": cfg.refit, "workspace": cfg.workspace_bytes, "batch": list(batch), "tensorrt": trt_version,
-             "gpu": gpu["name"], "cc": gpu["compute_capability"]}
+             "refit": cfg.refit, "workspace": cfg.workspace_bytes, "profile": [dict(e) for e in envs],
+             "tensorrt": trt_version, "gpu": gpu["name"], "cc": gpu["compute_capability"]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -372,10 +383,10 @@ def build_bundle_engines(bundle: str | Path, cfg: TrtBuildConfig, graphs: Sequen
     entries = []
     for name in names:
         graph = manifest.graphs[name]
-        batch = profile_batches(name, manifest.batch_min, batch_opt, manifest.batch_max)
+        envs = profile_envs(manifest, name, batch_opt, cfg.sizes)
         rel = engine_file(cfg.precision, name)
         entry_key = engine_entry_key(cfg.precision, name)
-        key = engine_key(graph.key, cfg, t.__version__, gpu, batch)
+        key = engine_key(graph.key, cfg, t.__version__, gpu, envs)
         old = manifest.engines.get(entry_key)
         if _up_to_date(root, manifest, old, key):
             assert old is not None
@@ -384,8 +395,8 @@ def build_bundle_engines(bundle: str | Path, cfg: TrtBuildConfig, graphs: Sequen
             continue
         graph_files = [f for f in manifest.files if f.startswith(str(Path(graph.file).parent) + "/")]
         verify_files(root, manifest, only=graph_files)  # never build from a graph that is not the recorded one
-        info = build_engine(bundle_path(root, graph.file), bundle_path(root, rel), graph.inputs, batch[0], batch[2],
-                            batch[1], cfg, trt=t, timing_cache=bundle_path(root, cache_rel), gpu=gpu,
+        info = build_engine(bundle_path(root, graph.file), bundle_path(root, rel), graph.inputs, envs, cfg, trt=t,
+                            timing_cache=bundle_path(root, cache_rel), gpu=gpu,
                             progress=progress)
         info["graph_key"] = graph.key
         record_file(root, manifest, rel)
@@ -436,12 +447,14 @@ def build(bundle: str | Path, request: BuildRequest, progress: Callable[[str], N
     """The backend table's builder entry (`r2r-export build-engines --backend tensorrt`)."""
     return build_bundle_engines(bundle, TrtBuildConfig(precision=request.precision,
                                                        builder_optimization_level=request.opt_level,
-                                                       refit=request.refit), progress=progress)
+                                                       refit=request.refit,
+                                                       sizes="opt" if request.static_size else "range"),
+                                progress=progress)
 
 
 __all__ = [
     "BACKEND", "PRECISIONS", "ROW", "TIMING_CACHE", "EngineCompatError", "OnnxTypes", "TensorRTBuildError",
     "TrtBuildConfig", "build", "build_bundle_engines", "build_engine", "check_engine_compat", "engine_entry_key",
-    "engine_file", "engine_key", "inspect_onnx", "network_plan", "profile_batches", "profile_shapes",
+    "engine_file", "engine_key", "inspect_onnx", "network_plan", "profile_envs", "profile_shapes",
     "rebuild_command",
 ]

@@ -32,7 +32,7 @@ from r2r.export.graphs import (
     VaeEncoder,
     unet_specs,
 )
-from r2r.export.to_onnx import OPSET, export_graph
+from r2r.export.to_onnx import OPSET, Sizes, export_graph
 from r2r.log import log
 from r2r.manifest import (
     COND_FILE,
@@ -48,7 +48,11 @@ from r2r.manifest import (
     write_manifest,
 )
 from r2r.models import Components, encode_conditioning, load_components, sha256_file, sha256_tree
-from r2r.tac import TACPlan, install_tac, plan_tac
+from r2r.tac import TACPlan, install_tac, pixel_multiple, plan_tac
+
+# Default side range of a dynamic bundle, pixels: from two pixel multiples (the UNet's deepest level two cells
+# wide) to this.
+DEFAULT_MAX_SIDE = 2048
 
 
 @dataclass(frozen=True)
@@ -56,11 +60,29 @@ class ExportConfig:
     model: Path
     embedding: Path
     out: Path
-    width: int
+    width: int  # the example (and TensorRT "opt") size
     height: int
     batch_max: int = 4
     tac_divisor: int = 256
     graphs: tuple[str, ...] = io.ALL_GRAPHS
+    min_side: int | None = None  # None: two pixel multiples
+    max_side: int | None = DEFAULT_MAX_SIDE
+    static: bool = False  # graphs of the example size only (TensorRT builds static engines from them)
+
+    def sizes(self, multiple: int) -> Sizes:
+        """The size range of the bundle, checked: sides multiples of the model's pixel multiple."""
+        for name, v in (("width", self.width), ("height", self.height)):
+            if v % multiple:
+                raise ValueError(f"--{name} {v}: this model takes sides that are multiples of {multiple}")
+        if self.static:
+            return Sizes(multiple)
+        lo = self.min_side or 2 * multiple
+        hi = self.max_side or DEFAULT_MAX_SIDE
+        if lo % multiple or hi % multiple or lo < 2 * multiple or not lo <= min(self.width, self.height) \
+                or max(self.width, self.height) > hi:
+            raise ValueError(f"sides {lo}..{hi} must be multiples of {multiple} from {2 * multiple}, around the "
+                             f"example size {self.width}x{self.height}")
+        return Sizes(multiple, (lo, hi), (lo, hi))
 
 
 def _key(*parts: object) -> str:
@@ -99,7 +121,8 @@ def _examples(name: str, comps: Components, plan: TACPlan, h: int, w: int) -> tu
         return torch.randn(2 * k, c, h // 8, w // 8, generator=g), t, torch.randn(2 * k, 77, d, generator=g)
 
     if name == io.UNET_INJECT:
-        qk = [torch.randn(2, lyr.tokens, lyr.channels, generator=g) for lyr in plan.layers for _ in range(2)]
+        qk = [torch.randn(2, h // 8 >> lyr.level, w // 8 >> lyr.level, lyr.channels, generator=g)
+              for lyr in plan.layers for _ in range(2)]
         return (*unet_args(2), *qk)
     if name == io.UNET:  # a non-identity routing: the exporter must not fold the gather away
         return (*unet_args(1), torch.tensor([1, 0], dtype=torch.int64))
@@ -120,11 +143,13 @@ def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = log) -> M
     out.mkdir(parents=True, exist_ok=True)
     comps = load_components(cfg.model)
     plan = plan_tac(comps.unet.config, cfg.width, cfg.height, cfg.tac_divisor)
+    multiple = pixel_multiple(comps.unet.config)
+    sizes = cfg.sizes(multiple)
     tools = tool_versions()
     model_dir = comps.model_dir
     part_hash = {p: sha256_tree(model_dir / p) for p in ("unet", "vae", "text_encoder", "tokenizer")}
     emb_hash = sha256_file(cfg.embedding)
-    shape_key = (cfg.width, cfg.height, cfg.batch_max)
+    shape_key = (cfg.width, cfg.height, cfg.batch_max, sizes.width, sizes.height)
     keys = {
         **{g: _key(g, part_hash["unet"], shape_key, plan.as_dict(), tools) for g in unet_specs(plan)},
         **{g: _key(g, part_hash["vae"], shape_key, tools) for g in VAE_SPECS},
@@ -140,6 +165,9 @@ def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = log) -> M
         source={"model": model_dir.name, "model_sha256": sha256_tree(model_dir), "parts_sha256": part_hash,
                 "embedding": Path(cfg.embedding).name, "embedding_sha256": emb_hash},
         width=cfg.width, height=cfg.height, batch_min=1, batch_max=cfg.batch_max,
+        sizes={"multiple": multiple, "opt": [cfg.width, cfg.height],
+               "min": [sizes.width[0], sizes.height[0]] if sizes.dynamic else [cfg.width, cfg.height],
+               "max": [sizes.width[1], sizes.height[1]] if sizes.dynamic else [cfg.width, cfg.height]},
         latent={"channels": int(comps.unet.config.in_channels), "height": cfg.height // 8, "width": cfg.width // 8},
         scaling_factor=comps.scaling_factor,
         tac_plan={**plan.as_dict(), "target": "null"},
@@ -183,7 +211,7 @@ def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = log) -> M
     state = install_tac(comps.unet, plan)
     modules = {
         io.UNET: lambda: UNetRouted(comps.unet, state),
-        io.UNET_EMIT: lambda: UNetEmit(comps.unet, state),
+        io.UNET_EMIT: lambda: UNetEmit(comps.unet, state, plan),
         io.UNET_INJECT: lambda: UNetInject(comps.unet, state),
         io.VAE_ENCODER: lambda: VaeEncoder(comps.vae),
         io.VAE_DECODER: lambda: VaeDecoder(comps.vae),
@@ -202,7 +230,7 @@ def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = log) -> M
         t0 = time.perf_counter()
         module = modules[name]().eval()
         inputs, outputs, external = export_graph(module, _examples(name, comps, plan, cfg.height, cfg.width),
-                                                 specs[name], bundle_path(out, rel), cfg.batch_max)
+                                                 specs[name], bundle_path(out, rel), cfg.batch_max, sizes)
         for f in _files_of(out, rel):
             record_file(out, manifest, f)
         manifest.graphs[name] = GraphEntry(rel, inputs, outputs, keys[name], external)

@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 
 
 def export_config(model: Path | None, embedding: Path | None, out: Path, width: int | None, height: int | None,
-                  batch_max: int, tac_divisor: int) -> ExportConfig:
-    from r2r.export.bundle import ExportConfig
+                  batch_max: int, tac_divisor: int, min_side: int | None = None, max_side: int | None = None,
+                  static: bool = False) -> ExportConfig:
+    from r2r.export.bundle import DEFAULT_MAX_SIDE, ExportConfig
 
     model_dir = model or EMBEDDED_DEFAULT
     dw, dh = default_resolution(model_dir)
@@ -28,11 +29,13 @@ def export_config(model: Path | None, embedding: Path | None, out: Path, width: 
         raise click.BadParameter(f"--width/--height must be multiples of 8, got {w}x{h}")
     if batch_max < 1:
         raise click.BadParameter("--batch-max must be >= 1")
-    return ExportConfig(model_dir, embedding or model_dir / EMBEDDING_FILE, out, w, h, batch_max, tac_divisor)
+    return ExportConfig(model_dir, embedding or model_dir / EMBEDDING_FILE, out, w, h, batch_max, tac_divisor,
+                        min_side=min_side, max_side=max_side or DEFAULT_MAX_SIDE, static=static)
 
 
 def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--model, --embedding, --width, --height, --batch-max, --tac-divisor: what a bundle is made from."""
+    """--model, --embedding, --width, --height, --batch-max, --tac-divisor, --min-side, --max-side, --static: what a
+    bundle is made from."""
     for opt in reversed([
         click.option("--model", type=click.Path(path_type=Path), default=None,
                      help="Diffusers SD 1.x directory [default: the embedded tiny model]."),
@@ -42,6 +45,12 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--height", type=int, default=None, help="[default: the model's own resolution]"),
         click.option("--batch-max", type=int, default=4, show_default=True, help="Largest batch of images."),
         click.option("--tac-divisor", type=int, default=DEFAULT_TAC_DIVISOR, show_default=True),
+        click.option("--min-side", type=int, default=None,
+                     help="Smallest image side the graphs take [default: two of the model's pixel multiples, 64 "
+                          "for SD 1.5]."),
+        click.option("--max-side", type=int, default=None, help="Largest image side the graphs take [default: 2048]."),
+        click.option("--static", is_flag=True,
+                     help="Graphs of --width x --height only (TensorRT builds static-size engines from them)."),
     ]):
         f = opt(f)
     return f
@@ -60,8 +69,10 @@ def export(cfg: ExportConfig) -> None:
 @click.command("onnx")
 @model_options
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
-def onnx_cmd(model, embedding, width, height, batch_max, tac_divisor, out: Path) -> None:
+def onnx_cmd(model, embedding, width, height, batch_max, tac_divisor, min_side, max_side, static,
+             out: Path) -> None:
     """Write the ONNX bundle: UNet variants, VAE graphs, conditioning, manifest."""
-    cfg = export_config(model, embedding, out, width, height, batch_max, tac_divisor)
-    log(f"r2r-export onnx: {cfg.model} at {cfg.width}x{cfg.height}, batch 1-{cfg.batch_max} -> {out}")
+    cfg = export_config(model, embedding, out, width, height, batch_max, tac_divisor, min_side, max_side, static)
+    sides = "static" if static else f"sides {cfg.min_side or 'auto'}..{cfg.max_side}"
+    log(f"r2r-export onnx: {cfg.model} at {cfg.width}x{cfg.height} ({sides}), batch 1-{cfg.batch_max} -> {out}")
     export(cfg)

@@ -38,7 +38,12 @@ class UNetRouted(_UNetGraph):
 
 
 class UNetEmit(_UNetGraph):
-    """`unet_emit`: eps and every TAC layer's Q, K (the cg pass)."""
+    """`unet_emit`: eps and every TAC layer's Q, K (the cg pass), each as [B, h_l, w_l, C]: the layer's tokens on
+    its level's grid, so that their shape is linear in the image's sides."""
+
+    def __init__(self, unet: torch.nn.Module, state: TACState, plan: TACPlan) -> None:
+        super().__init__(unet, state)
+        self.levels = [layer.level for layer in plan.layers]
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.state.mode = TACMode.CAPTURE
@@ -47,16 +52,19 @@ class UNetEmit(_UNetGraph):
             qk = self.state.take_captured()
         finally:
             self.state.mode = TACMode.OFF
-        return (eps, *[t for pair in qk for t in pair])
+        h, w = sample.shape[2], sample.shape[3]
+        return (eps, *[t.reshape(t.shape[0], h >> lvl, w >> lvl, t.shape[-1])
+                       for (q, k), lvl in zip(qk, self.levels, strict=True) for t in (q, k)])
 
 
 class UNetInject(_UNetGraph):
-    """`unet_inject`: batch [neg x B, null x B]; the null half's Q, K come from the inputs."""
+    """`unet_inject`: batch [neg x B, null x B]; the null half's Q, K come from the inputs ([B, h_l, w_l, C])."""
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor,
                 *qk: torch.Tensor) -> torch.Tensor:
+        flat = [t.reshape(t.shape[0], -1, t.shape[-1]) for t in qk]
         self.state.mode = TACMode.INJECT
-        self.state.injected = [(qk[2 * i], qk[2 * i + 1]) for i in range(len(qk) // 2)]
+        self.state.injected = [(flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2)]
         try:
             return self._eps(sample, timestep, ehs)
         finally:
@@ -108,33 +116,57 @@ class GuidedStep(torch.nn.Module):
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """Names and batch multiplicity of one graph's inputs and outputs, from the contract."""
+    """Names, batch multiplicity and spatial role of one graph's inputs and outputs, from the contract.
+
+    A role says which dimensions follow the image's size: "latent" ([., ., L*hm, L*wm], L = multiple / 8),
+    "image" ([., ., m*hm, m*wm]), "qk<level>" ([., (L >> level)*hm, (L >> level)*wm, .]); "" none.
+    """
 
     name: str
-    inputs: tuple[tuple[str, str], ...]  # (tensor name, batch symbol)
-    outputs: tuple[tuple[str, str], ...]
+    inputs: tuple[tuple[str, str, str], ...]  # (tensor name, batch symbol, spatial role)
+    outputs: tuple[tuple[str, str, str], ...]
+
+
+def spatial_dims(role: str, multiple: int) -> dict[int, tuple[int, str]]:
+    """axis -> (factor, symbol) of a role's spatial dimensions, for a bundle of pixel multiple `multiple`."""
+    latent = multiple // 8
+    if role == "latent":
+        return {2: (latent, io.HM), 3: (latent, io.WM)}
+    if role == "image":
+        return {2: (multiple, io.HM), 3: (multiple, io.WM)}
+    if role.startswith("qk"):
+        k = latent >> int(role[2:])
+        return {1: (k, io.HM), 2: (k, io.WM)}
+    return {}
+
+
+def dim_expr(factor: int, symbol: str) -> str:
+    return symbol if factor == 1 else f"{factor}*{symbol}"
 
 
 def unet_specs(plan: TACPlan) -> dict[str, GraphSpec]:
-    qk = tuple(io.tac_names(len(plan.layers)))
-    base = ((io.SAMPLE, "B"), (io.TIMESTEP, ""), (io.ENCODER_HIDDEN_STATES, "B"))
+    qk = tuple((name, "B", f"qk{layer.level}") for i, layer in enumerate(plan.layers)
+               for name in (io.tac_q(i), io.tac_k(i)))
+    base = ((io.SAMPLE, "B", "latent"), (io.TIMESTEP, "", ""), (io.ENCODER_HIDDEN_STATES, "B", ""))
 
-    def times(k: str) -> tuple[tuple[str, str], ...]:
-        return tuple((n, k if b else "") for n, b in base)
+    def times(k: str) -> tuple[tuple[str, str, str], ...]:
+        return tuple((n, k if b else "", role) for n, b, role in base)
 
     return {
-        io.UNET: GraphSpec(io.UNET, (*base, (io.TAC_SRC, "B")), ((io.EPS, "B"),)),
-        io.UNET_EMIT: GraphSpec(io.UNET_EMIT, base, ((io.EPS, "B"), *((n, "B") for n in qk))),
-        io.UNET_INJECT: GraphSpec(io.UNET_INJECT, (*times("2*B"), *((n, "B") for n in qk)), ((io.EPS, "2*B"),)),
+        io.UNET: GraphSpec(io.UNET, (*base, (io.TAC_SRC, "B", "")), ((io.EPS, "B", "latent"),)),
+        io.UNET_EMIT: GraphSpec(io.UNET_EMIT, base, ((io.EPS, "B", "latent"), *qk)),
+        io.UNET_INJECT: GraphSpec(io.UNET_INJECT, (*times("2*B"), *qk), ((io.EPS, "2*B", "latent"),)),
     }
 
 
 STEP_SPECS = {
-    io.DDIM_STEP: GraphSpec(io.DDIM_STEP, ((io.Z, "B"), (io.EPS, "B"), (io.COEF, "")), ((io.Z_NEXT, "B"),)),
-    io.GUIDED_STEP: GraphSpec(io.GUIDED_STEP, ((io.Z, "B"), (io.EPS, "2*B"), (io.COEF, "")), ((io.Z_PAIR, "2*B"),)),
+    io.DDIM_STEP: GraphSpec(io.DDIM_STEP, ((io.Z, "B", "latent"), (io.EPS, "B", "latent"), (io.COEF, "", "")),
+                            ((io.Z_NEXT, "B", "latent"),)),
+    io.GUIDED_STEP: GraphSpec(io.GUIDED_STEP, ((io.Z, "B", "latent"), (io.EPS, "2*B", "latent"), (io.COEF, "", "")),
+                              ((io.Z_PAIR, "2*B", "latent"),)),
 }
 
 VAE_SPECS = {
-    io.VAE_ENCODER: GraphSpec(io.VAE_ENCODER, ((io.IMAGE, "B"),), ((io.LATENT, "B"),)),
-    io.VAE_DECODER: GraphSpec(io.VAE_DECODER, ((io.LATENT, "B"),), ((io.IMAGE, "B"),)),
+    io.VAE_ENCODER: GraphSpec(io.VAE_ENCODER, ((io.IMAGE, "B", "image"),), ((io.LATENT, "B", "latent"),)),
+    io.VAE_DECODER: GraphSpec(io.VAE_DECODER, ((io.LATENT, "B", "latent"),), ((io.IMAGE, "B", "image"),)),
 }

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -12,7 +14,7 @@ import torch
 
 from r2r import graph_io as io
 from r2r.atomic import atomic_dir
-from r2r.export.graphs import GraphSpec
+from r2r.export.graphs import GraphSpec, dim_expr, spatial_dims
 from r2r.manifest import TensorSpec
 
 OPSET = 18
@@ -20,24 +22,51 @@ OPSET = 18
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
-def _dim(symbol: str, batch: torch.export.Dim) -> object:
-    k = io.batch_multiple(symbol) if symbol else None
-    if k is None:
-        return None
-    return batch if k == 1 else k * batch
+@dataclass(frozen=True)
+class Sizes:
+    """The image sizes a bundle's graphs take: sides in [min, max] (pixels), multiples of `multiple`; None bounds:
+    a static bundle, of its example size only."""
+
+    multiple: int
+    width: tuple[int, int] | None = None  # (min, max)
+    height: tuple[int, int] | None = None
+
+    @property
+    def dynamic(self) -> bool:
+        return self.width is not None and self.height is not None
+
+
+def _dims(batch_symbol: str, role: str, batch: Any, side: dict[str, Any], sizes: Sizes) -> dict[int, Any] | None:
+    """torch.export's dynamic dimensions of one input."""
+    dims: dict[int, Any] = {}
+    k = io.batch_multiple(batch_symbol) if batch_symbol else None
+    if k is not None:
+        dims[0] = batch if k == 1 else k * batch
+    if sizes.dynamic:
+        for axis, (factor, symbol) in spatial_dims(role, sizes.multiple).items():
+            dims[axis] = side[symbol] if factor == 1 else factor * side[symbol]
+    return dims or None
 
 
 def export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], spec: GraphSpec, path: Path,
-                 batch_max: int) -> tuple[list[TensorSpec], list[TensorSpec], bool]:
+                 batch_max: int, sizes: Sizes) -> tuple[list[TensorSpec], list[TensorSpec], bool]:
     """Export `module(*args)` to `path`, check it, and return its I/O specs. The graph's folder (the graph and its
     external data) is replaced as a whole, atomically.
 
-    `args` must use a batch of 2 (B=2), so the exporter cannot specialise the batch axis to 1.
+    `args` must use a batch of 2 (B=2) and sides of at least 2 multiples, so the exporter cannot specialise a
+    dynamic axis to 1.
     """
     batch = torch.export.Dim("B", min=1, max=max(batch_max, 2))
-    in_names = [n for n, _ in spec.inputs]
-    out_names = [n for n, _ in spec.outputs]
-    shapes: list[object] = [{0: _dim(sym, batch)} if sym else None for _, sym in spec.inputs]
+    side = {}
+    if sizes.dynamic:
+        assert sizes.width is not None and sizes.height is not None
+        side = {io.HM: torch.export.Dim(io.HM, min=sizes.height[0] // sizes.multiple,
+                                        max=sizes.height[1] // sizes.multiple),
+                io.WM: torch.export.Dim(io.WM, min=sizes.width[0] // sizes.multiple,
+                                        max=sizes.width[1] // sizes.multiple)}
+    in_names = [n for n, _, _ in spec.inputs]
+    out_names = [n for n, _, _ in spec.outputs]
+    shapes: list[object] = [_dims(sym, role, batch, side, sizes) for _, sym, role in spec.inputs]
     params_sig = list(inspect.signature(module.forward).parameters.values())
     if params_sig and params_sig[-1].kind is inspect.Parameter.VAR_POSITIONAL:
         fixed = len(params_sig) - 1  # torch.export takes a *args parameter's shapes as one tuple
@@ -51,10 +80,36 @@ def export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], spec: 
             dynamo=True, dynamic_shapes=tuple(shapes), optimize=True, verbose=False,
         )
         assert program is not None
+        _name_dims(program.model, spec, sizes)
         program.save(tmpdir / path.name, external_data=external)
         check_graph(tmpdir / path.name)
-    inputs, outputs = graph_io_specs(path, spec)
+    inputs, outputs = graph_io_specs(path, spec, sizes)
     return inputs, outputs, external
+
+
+def _contract_dims(batch_symbol: str, role: str, sizes: Sizes) -> dict[int, str]:
+    """axis -> the contract's expression ("2*B", "4*hm") of an input's or output's free dimensions."""
+    expected = {0: batch_symbol} if batch_symbol else {}
+    if sizes.dynamic:
+        expected |= {a: dim_expr(f, sym) for a, (f, sym) in spatial_dims(role, sizes.multiple).items()}
+    return expected
+
+
+def _name_dims(model: Any, spec: GraphSpec, sizes: Sizes) -> None:
+    """Name the graph's free input and output dimensions by the contract ("4*hm", not the exporter's "s60"), so that
+    whatever reads the graph (a TensorRT network's output shapes, a viewer) sees the same names as the manifest."""
+    import onnx_ir as ir
+
+    want = {n: _contract_dims(sym, role, sizes) for n, sym, role in (*spec.inputs, *spec.outputs)}
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        axes = want.get(value.name)
+        if not axes or value.shape is None:
+            continue
+        dims = list(value.shape.dims)
+        for axis, name in axes.items():
+            if not isinstance(dims[axis], int):
+                dims[axis] = name
+        value.shape = ir.Shape(dims)
 
 
 def check_graph(path: Path) -> None:
@@ -67,10 +122,12 @@ def check_graph(path: Path) -> None:
         inferred.unlink(missing_ok=True)
 
 
-def graph_io_specs(path: Path, spec: GraphSpec) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Read names, shapes and dtypes back from the saved graph; check them against the contract."""
+def graph_io_specs(path: Path, spec: GraphSpec, sizes: Sizes) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Read names, shapes and dtypes back from the saved graph; check them against the contract. Batch dimensions
+    are recorded as the contract's symbols ("B", "2*B"), spatial ones (dynamic bundles) as its expressions of hm, wm
+    ("4*hm"): the graph must have left them free."""
     model = onnx.load(str(path), load_external_data=False)
-    symbols = dict(spec.inputs) | dict(spec.outputs)
+    roles = {n: (sym, role) for n, sym, role in (*spec.inputs, *spec.outputs)}
 
     def specs(values: list[onnx.ValueInfoProto], names: list[str]) -> list[TensorSpec]:
         got = [v.name for v in values]
@@ -80,14 +137,14 @@ def graph_io_specs(path: Path, spec: GraphSpec) -> tuple[list[TensorSpec], list[
         for v in values:
             t = v.type.tensor_type
             dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
-            if symbols[v.name]:
-                if isinstance(dims[0], int):
-                    raise RuntimeError(f"{path}: {v.name} has a fixed batch {dims[0]}; the contract says "
-                                       f"{symbols[v.name]} (the exporter specialised the batch axis)")
-                dims[0] = symbols[v.name]
+            for axis, symbol in _contract_dims(*roles[v.name], sizes).items():
+                if isinstance(dims[axis], int):
+                    raise RuntimeError(f"{path}: {v.name} has a fixed dimension {axis} of {dims[axis]}; the contract "
+                                       f"says {symbol} (the exporter specialised it)")
+                dims[axis] = symbol
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
             out.append(TensorSpec(v.name, dims, dtype))
         return out
 
-    return specs(list(model.graph.input), [n for n, _ in spec.inputs]), specs(
-        list(model.graph.output), [n for n, _ in spec.outputs])
+    return specs(list(model.graph.input), [n for n, _, _ in spec.inputs]), specs(
+        list(model.graph.output), [n for n, _, _ in spec.outputs])

@@ -135,6 +135,7 @@ class BuildRequest:
     device: str
     opt_level: int = 3  # TensorRT builder optimization level (0-5)
     refit: bool = False  # TensorRT: refittable engines
+    static_size: bool = False  # TensorRT: a profile of the bundle's example size only
     model: Path | None = None  # the bundle's model, where a build calibrates on it (OpenVINO int8)
     embedding: Path | None = None
 

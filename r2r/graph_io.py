@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ast
+import operator
+from collections.abc import Callable, Mapping, Sequence
 
 # Graphs of a bundle. `unet` routes TAC by `tac_src`: one graph (one copy of the weights) serves the plain batch,
 # the guided [neg, null] pair and the fused TAC step [cg, neg, null]; emit / inject carry Q/K as outputs / inputs.
@@ -73,9 +75,60 @@ def batch_multiple(dim: int | str) -> int | None:
     raise ValueError(f"dimension {dim!r}: a shape dimension is a fixed size, 'B' or 'k*B'")
 
 
-def concrete_shape(shape: Sequence[int | str], batch: int) -> tuple[int, ...]:
-    """A manifest shape with B bound to `batch`."""
-    return tuple(int(d) if (k := batch_multiple(d)) is None else k * batch for d in shape)
+# A bundle's graphs take any size in its range: their spatial dimensions are expressions of HM and WM, the image's
+# sides in units of the bundle's pixel multiple (8 per latent cell, times 2 per UNet downsampling), so that every
+# UNet level has whole sides. A latent side is L*hm with L = multiple / 8; TAC Q/K are [B, h_l, w_l, C] per level l.
+HM, WM = "hm", "wm"
+
+
+def eval_dim(dim: int | str, env: Mapping[str, int]) -> int:
+    """A manifest dimension's value: a size, or an expression over `env`'s symbols ("2*B", "4*hm", "hm*wm")."""
+    if isinstance(dim, int):
+        return dim
+
+    def value(node: ast.AST) -> int:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name) and node.id in env:
+            return int(env[node.id])
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](value(node.left), value(node.right))
+        raise ValueError(f"dimension {dim!r}: an integer expression over {sorted(env)} was expected")
+
+    try:
+        tree = ast.parse(dim.replace(" ", ""), mode="eval")
+    except SyntaxError as exc:
+        raise ValueError(f"dimension {dim!r}: not an integer expression") from exc
+    return value(tree.body)
+
+
+_OPS: dict[type, Callable[[int, int], int]] = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+                                               ast.FloorDiv: operator.floordiv}
+
+
+def concrete_shape(shape: Sequence[int | str], env: Mapping[str, int]) -> tuple[int, ...]:
+    """A manifest shape at the values of its symbols (B, hm, wm)."""
+    return tuple(eval_dim(d, env) for d in shape)
+
+
+def shape_env(batch: int, width: int, height: int, multiple: int) -> dict[str, int]:
+    """The symbols' values for an image batch at width x height (sides multiples of the bundle's `multiple`)."""
+    if width % multiple or height % multiple:
+        raise ValueError(f"{width}x{height}: sides must be multiples of {multiple}")
+    return {BATCH: batch, HM: height // multiple, WM: width // multiple}
+
+
+def solve_env(specs: Sequence[Sequence[int | str]], shapes: Sequence[Sequence[int]]) -> dict[str, int]:
+    """The symbols' values that give `shapes` for the manifest `specs` (each dimension "k*sym" or "sym" fixes sym)."""
+    env: dict[str, int] = {}
+    for spec, shape in zip(specs, shapes, strict=True):
+        for d, v in zip(spec, shape, strict=True):
+            if isinstance(d, str):
+                head, sep, tail = d.replace(" ", "").partition("*")
+                k, sym = (int(head), tail) if sep and head.isdigit() and tail.isidentifier() else (1, d)
+                if sym.isidentifier() and v % k == 0:
+                    env.setdefault(sym, v // k)
+    return env
 
 
 # The values the coupled program binds to each graph's B, as multiples of the image batch: the routed UNet serves

@@ -17,7 +17,7 @@ from r2r.models import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "r2r-bundle"
-FORMAT_VERSION = 2  # 2: `unet` routes TAC by tac_src and replaces unet_fused
+FORMAT_VERSION = 3  # 2: `unet` routes TAC by tac_src and replaces unet_fused; 3: dynamic sizes
 ONNX_DIR = "onnx"
 COND_DIR = "cond"
 COND_FILE = "cond/conditioning.safetensors"
@@ -31,7 +31,7 @@ class BundleError(ValueError):
 @dataclass
 class TensorSpec:
     name: str
-    shape: list[int | str]  # symbolic dims by name ("B", "2*B", "3*B")
+    shape: list[int | str]  # free dims by the contract's expressions ("B", "2*B", "4*hm"; r2r.graph_io)
     dtype: str  # numpy dtype name
 
     @classmethod
@@ -80,6 +80,8 @@ class Manifest:
     scaling_factor: float
     tac_plan: dict[str, Any]  # TACPlan.as_dict() plus the target
     schedule: dict[str, Any]  # scheduler config + method defaults
+    # multiple, min, opt, max ([W, H]): the sizes the graphs take (sides multiples of `multiple`; min = max: static)
+    sizes: dict[str, Any] = field(default_factory=dict)
     graphs: dict[str, GraphEntry] = field(default_factory=dict)
     cond: dict[str, Any] = field(default_factory=dict)  # file, key, tensor specs
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256

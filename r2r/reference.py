@@ -72,6 +72,16 @@ class ReferencePipeline:
             self._state = install_tac(self.c.unet, self._plan, method.tac_target)
         return self._plan, self._state
 
+    def set_size(self, width: int, height: int) -> None:
+        """Serve images of width x height from now on (the TAC plan is made again if it differs at that size)."""
+        if (width, height) == (self.width, self.height):
+            return
+        self.width, self.height = width, height
+        if self._plan is not None:
+            new = plan_tac(self.c.unet.config, width, height, self._plan.divisor)
+            if [lyr.name for lyr in new.layers] != [lyr.name for lyr in self._plan.layers]:
+                self._plan = None
+
     def schedule(self, method: MethodConfig) -> Schedule:
         return make_schedule(self.c.scheduler, method)
 

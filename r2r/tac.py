@@ -123,6 +123,14 @@ def self_attention_layers(unet_config: Mapping[str, Any], width: int, height: in
     return out
 
 
+def pixel_multiple(unet_config: Mapping[str, Any]) -> int:
+    """The side multiple at which every UNet level has whole sides: 8 per latent cell, times 2 per downsampling.
+
+    At such sizes a layer's token count is H*W / (64 * 4**level), so whether N * divisor >= H * W, and with it the TAC
+    plan, depends on the level alone: one plan serves every size of a bundle's range."""
+    return 8 * 2 ** (len(unet_config["block_out_channels"]) - 1)
+
+
 def plan_tac(unet_config: Mapping[str, Any], width: int, height: int, divisor: int) -> TACPlan:
     """Paper eq. 9's f > F, as the public code's attn_replace_layers: N * divisor >= H * W."""
     if width % 8 or height % 8:
@@ -191,12 +199,7 @@ class TACProcessor:
             raise ValueError(f"{self.layer.name}: TAC applies to self-attention (attn1) only")
         if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.ndim != 3:
             raise ValueError(f"{self.layer.name}: unsupported attention layout for TAC")
-        batch, tokens, _ = hidden_states.shape
-        if not torch.jit.is_tracing() and not torch.compiler.is_compiling() and tokens != self.layer.tokens:
-            raise ValueError(
-                f"{self.layer.name}: {tokens} tokens, the TAC plan expects {self.layer.tokens}; "
-                "the plan was made for another resolution"
-            )
+        batch = hidden_states.shape[0]
         residual = hidden_states
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)

@@ -9,6 +9,7 @@ model itself.
 from __future__ import annotations
 
 import importlib
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +26,10 @@ from r2r.runtime.bundle import Bundle, open_bundle
 from r2r.runtime.device import Backend
 from r2r.runtime.scheduler import CoupledScheduler
 from r2r.runtime.select import cached_bundle, resolve_backend, resolve_device, resolve_precision, runtime_module
+from r2r.runtime.sizing import Fit, Placement, SizeRange, place
 
 REFERENCE = "reference"  # --backend reference: the PyTorch reference (the oracle) on the model, no bundle
+REFERENCE_MAX_SIDE = 4096  # the reference takes any multiple of the model's pixel multiple up to this
 FusedChoice = Literal["auto", "on", "off"]
 
 
@@ -48,6 +51,9 @@ class RunConfig:
     fused: FusedChoice = "auto"
     threads: int = 0  # per backend session; 0: all cores
     batch_max: int = 4  # of a bundle exported into the cache (at least `batch`)
+    fit: Fit = "pad"  # how an input the bundle does not take as it is runs (runtime/sizing.py)
+    max_pixels: int | None = None  # the pixel budget; None: the model's native area
+    max_sizes: int = 4  # sizes whose buffers stay allocated at once, where dropping them frees them
 
     def model_dir(self) -> Path:
         return self.model or EMBEDDED_DEFAULT
@@ -65,19 +71,25 @@ class RunConfig:
 
 @dataclass
 class Runtime:
-    """A translator: uint8 [H, W, 3] images (at most `batch`) -> uint8 outputs, with what made them."""
+    """A translator: uint8 [H, W, 3] images of one size it takes (at most `batch`) -> uint8 outputs, with what made
+    them. `place` says at what size an input of any size runs (runtime/sizing.py)."""
 
     translate: Callable[[list[np.ndarray]], list[np.ndarray]]
     params: dict[str, Any]  # recorded in every output (and compared by --resume)
     evaluations: Callable[[], float]  # UNet evaluations per image so far
-    size: tuple[int, int]  # (W, H) the images must have
+    sizes: SizeRange
+    fit: Fit = "pad"
+    max_pixels: int | None = None
     device: str = "cpu"
     bundle: Bundle | None = None
     backend: Backend | None = None
-    scheduler: CoupledScheduler | None = None
+    scheduler: CoupledScheduler | None = None  # the example size's (the others are made on first use)
 
     def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
         return self.translate(images)
+
+    def place(self, width: int, height: int) -> Placement:
+        return place(width, height, self.sizes, self.fit, self.max_pixels)
 
     def describe(self) -> str:
         p = self.params
@@ -133,15 +145,53 @@ def open_runtime(cfg: RunConfig, progress: Callable[[str], None] = log) -> Runti
         # 4. the program's variant: auto fuses the TAC step whenever the inversion allows it (one routed UNet call of
         # 3B instead of emit B + inject 2B, and the only UNet graph the program loads)
         fused = cfg.fused == "on" or (cfg.fused == "auto" and cfg.inversion == "exact")
-        scheduler = CoupledScheduler(bundle, backend, cfg.batch, method, Variant(cfg.inversion, fused))
+        variant = Variant(cfg.inversion, fused)
+        scheduler = CoupledScheduler(bundle, backend, cfg.batch, method, variant)
     except BaseException:
         _close(backend)
         raise
-    params = {**method.as_dict(), "width": bundle.width, "height": bundle.height, "backend": row.name,
+    # 5. a scheduler (buffers and bound program) per image size, made on the size's first batch
+    schedulers = SchedulerCache(lambda size: CoupledScheduler(bundle, backend, cfg.batch, method, variant, size),
+                                cfg.max_sizes if backend.frees_dropped_buffers else None)
+    schedulers.put((bundle.width, bundle.height), scheduler)
+    (w0, h0), (w1, h1) = bundle.size_range()
+    sizes = SizeRange(bundle.multiple, (w0, h0), (w1, h1), (bundle.width, bundle.height))
+    params = {**method.as_dict(), "fit": cfg.fit, "max_pixels": cfg.max_pixels, "backend": row.name,
               "precision": precision, "inversion": cfg.inversion, "fused": fused, "bundle_sha256": bundle.sha256,
               "r2r": __version__}
-    return Runtime(scheduler, params, lambda: scheduler.unet_evaluations_per_image, (bundle.width, bundle.height),
-                   device, bundle, backend, scheduler)
+    return Runtime(schedulers.translate, params, lambda: scheduler.unet_evaluations_per_image, sizes, cfg.fit,
+                   cfg.max_pixels, device, bundle, backend, scheduler)
+
+
+class SchedulerCache:
+    """One coupled scheduler per image size, made on first use. With `keep`, the least recently used beyond `keep`
+    are dropped (host backends: their buffers go with them); without, every size's stays (device backends, whose
+    memory is the backend's until it closes)."""
+
+    def __init__(self, make: Callable[[tuple[int, int]], Any], keep: int | None) -> None:
+        self.make, self.keep = make, keep
+        self._by_size: OrderedDict[tuple[int, int], Any] = OrderedDict()
+
+    def put(self, size: tuple[int, int], scheduler: Any) -> None:
+        self._by_size[size] = scheduler
+
+    def get(self, size: tuple[int, int]) -> Any:
+        if size not in self._by_size:
+            self._by_size[size] = self.make(size)
+        self._by_size.move_to_end(size)
+        while self.keep is not None and len(self._by_size) > max(self.keep, 1):
+            self._by_size.popitem(last=False)
+        return self._by_size[size]
+
+    def translate(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Images of one size through that size's scheduler."""
+        h, w = images[0].shape[:2]
+        if any(im.shape[:2] != (h, w) for im in images):
+            raise ValueError("a batch holds images of one size; group them by size first")
+        return self.get((w, h))(images)
+
+    def __len__(self) -> int:
+        return len(self._by_size)
 
 
 def _open_reference(cfg: RunConfig) -> Runtime:
@@ -149,16 +199,25 @@ def _open_reference(cfg: RunConfig) -> Runtime:
 
     from r2r.models import load_components
     from r2r.reference import ReferencePipeline
+    from r2r.tac import pixel_multiple
 
     method = MethodConfig(**cfg.method)
     w, h = cfg.size()
     emb = cfg.embedding_file()
     device = "cpu" if cfg.device == "auto" else cfg.device
-    pipe = ReferencePipeline(load_components(cfg.model_dir(), device=device, dtype=torch.float32), emb, w, h)
-    params = {**method.as_dict(), "width": w, "height": h, "backend": REFERENCE, "inversion": cfg.inversion,
-              "model": cfg.model_dir().name, "embedding_sha256": sha256_file(emb), "r2r": __version__}
-    return Runtime(lambda images: pipe(images, method, cfg.inversion), params, lambda: round(pipe.count.per_image),
-                   (w, h), device)
+    comps = load_components(cfg.model_dir(), device=device, dtype=torch.float32)
+    pipe = ReferencePipeline(comps, emb, w, h)
+    m = pixel_multiple(comps.unet.config)
+    sizes = SizeRange(m, (2 * m, 2 * m), (REFERENCE_MAX_SIDE, REFERENCE_MAX_SIDE), (w, h))
+    params = {**method.as_dict(), "fit": cfg.fit, "max_pixels": cfg.max_pixels, "backend": REFERENCE,
+              "inversion": cfg.inversion, "model": cfg.model_dir().name, "embedding_sha256": sha256_file(emb),
+              "r2r": __version__}
+
+    def translate(images: list[np.ndarray]) -> list[np.ndarray]:
+        pipe.set_size(images[0].shape[1], images[0].shape[0])
+        return pipe(images, method, cfg.inversion)
+
+    return Runtime(translate, params, lambda: round(pipe.count.per_image), sizes, cfg.fit, cfg.max_pixels, device)
 
 
-__all__ = ["REFERENCE", "RunConfig", "Runtime", "open_runtime"]
+__all__ = ["REFERENCE", "RunConfig", "Runtime", "SchedulerCache", "open_runtime"]

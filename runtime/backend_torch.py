@@ -66,6 +66,7 @@ class TorchBackend(Backend):
             raise BundleError(f"{bundle.root}: the model's TAC layers are not the bundle's; re-export the bundle")
         self.state = install_tac(self.unet, plan)
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self.frees_dropped_buffers = not self.cuda_graph  # captured programs hold their buffers
         self.buffers = Buffers()  # base address -> tensor
         self.allocations = 0  # tensors made by empty(); a program must not add any
         self._graphs: dict[object, tuple[Sequence[Op], Any]] = {}
@@ -130,6 +131,7 @@ class TorchBackend(Backend):
         names = io.tac_names(len(self.bundle.tac_layers))
         qk = [t[n] for n in names if n in t]
         pairs = [(qk[2 * i], qk[2 * i + 1]) for i in range(len(qk) // 2)]
+        flat = [(q.view(q.shape[0], -1, q.shape[-1]), k.view(k.shape[0], -1, k.shape[-1])) for q, k in pairs]
 
         def run() -> Any:
             return unet(sample.to(dt), timestep, encoder_hidden_states=ehs.to(dt)).sample
@@ -152,17 +154,17 @@ class TorchBackend(Backend):
                 try:
                     eps.copy_(run())
                     for (q, k), (qo, ko) in zip(state.take_captured(), pairs, strict=True):
-                        qo.copy_(q)
-                        ko.copy_(k)
+                        qo.view(q.shape).copy_(q)  # [B, h_l, w_l, C] buffers hold the [B, N, C] tokens
+                        ko.view(k.shape).copy_(k)
                 finally:
                     state.mode = TACMode.OFF
 
             return emit
-        injected = [(q.to(dt), k.to(dt)) for q, k in pairs] if dt != self.torch.float32 else pairs
+        injected = [(q.to(dt), k.to(dt)) for q, k in flat] if dt != self.torch.float32 else flat
 
         def inject() -> None:
             if dt != self.torch.float32:
-                for (q, k), (qc, kc) in zip(pairs, injected, strict=True):
+                for (q, k), (qc, kc) in zip(flat, injected, strict=True):
                     qc.copy_(q)
                     kc.copy_(k)
             state.mode, state.injected = TACMode.INJECT, injected

@@ -37,9 +37,30 @@ class Bundle:
         return self.manifest.height
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        lat = self.manifest.latent
-        return lat["channels"], lat["height"], lat["width"]
+    def channels(self) -> int:
+        """The latent's channels."""
+        return int(self.manifest.latent["channels"])
+
+    @property
+    def multiple(self) -> int:
+        """Image sides are multiples of this (8 per latent cell, 2 per UNet downsampling)."""
+        return int(self.manifest.sizes["multiple"])
+
+    def size_range(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((min W, min H), (max W, max H)) the graphs take."""
+        lo, hi = self.manifest.sizes["min"], self.manifest.sizes["max"]
+        return (int(lo[0]), int(lo[1])), (int(hi[0]), int(hi[1]))
+
+    def takes(self, width: int, height: int) -> bool:
+        """Whether the graphs run at width x height as it is."""
+        (w0, h0), (w1, h1) = self.size_range()
+        return not width % self.multiple and not height % self.multiple and w0 <= width <= w1 and h0 <= height <= h1
+
+    def check_size(self, width: int, height: int) -> None:
+        if not self.takes(width, height):
+            (w0, h0), (w1, h1) = self.size_range()
+            raise BundleError(f"{width}x{height}: the bundle takes {w0}..{w1} x {h0}..{h1}, sides multiples of "
+                              f"{self.multiple}; re-export with `r2r-export onnx --min-side/--max-side` to widen it")
 
     @property
     def tac_layers(self) -> list[dict]:
@@ -62,7 +83,7 @@ class Bundle:
                 f"{plan['divisor']}; re-export with `r2r-export onnx --tac-divisor {method.tac_divisor}`")
         if method.tac_target != plan.get("target", "null"):
             raise BundleError(f"--tac-target {method.tac_target}: the bundle's graphs control the {plan['target']} "
-                              "pass only; the torch reference (--backend torch) takes --tac-target both")
+                              "pass only; the PyTorch reference (--backend reference) takes --tac-target both")
         if not self.manifest.batch_min <= batch <= self.manifest.batch_max:
             raise BundleError(
                 f"--batch-size {batch}: the bundle supports {self.manifest.batch_min}-{self.manifest.batch_max}; "

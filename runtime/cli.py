@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
 import click
+import numpy as np
 
 from r2r import __version__
 from r2r.backends import DEVICES, NAMES, PRECISIONS
@@ -17,7 +19,8 @@ from r2r.imageio import ImageReadError, collect_inputs, load_rgb, output_path_fo
 from r2r.log import log
 from r2r.manifest import BundleError
 from r2r.models import ModelLoadError
-from r2r.runtime.assembly import REFERENCE, FusedChoice, RunConfig, open_runtime
+from r2r.runtime.assembly import REFERENCE, FusedChoice, RunConfig, Runtime, open_runtime
+from r2r.runtime.sizing import FITS, Fit, Placement, prepare, restore
 
 PARAMS_KEY = "r2r:parameters"
 METHOD_FLAGS = ("steps", "strength", "guidance", "tac_ratio", "tac_divisor", "tac_target")
@@ -39,6 +42,31 @@ def _complete(path: Path, params: dict) -> bool:
     except (OSError, ValueError):
         return False
     return {k: v for k, v in old.items() if k != "source"} == params
+
+
+def stream_batches(paths: list[Path], runtime: Runtime, batch_size: int,
+                   run: Callable[[list[tuple[Path, np.ndarray, Placement]]], None], pending_max: int = 0
+                   ) -> Iterator[tuple[Path, str]]:
+    """Read `paths` in order, place each at its run size, and call `run` on batches of one run size: a batch runs as
+    soon as it is full, and when more than `pending_max` images wait (default 4 batches) the largest group runs, so
+    a folder of mixed sizes streams in bounded memory. Yields (path, why) for each input that cannot be read."""
+    pending: dict[tuple[int, int], list[tuple[Path, np.ndarray, Placement]]] = {}
+    cap = pending_max or 4 * batch_size
+    for p in paths:
+        try:
+            img = load_rgb(p)
+        except ImageReadError as exc:
+            yield p, str(exc)
+            continue
+        placement = runtime.place(img.shape[1], img.shape[0])
+        group = pending.setdefault(placement.run, [])
+        group.append((p, prepare(img, placement), placement))
+        if len(group) == batch_size:
+            run(pending.pop(placement.run))
+        elif sum(len(g) for g in pending.values()) > cap:
+            run(pending.pop(max(pending, key=lambda k: len(pending[k]))))
+    for size in list(pending):
+        run(pending.pop(size))
 
 
 def _given(ctx: click.Context, names: dict[str, str]) -> list[str]:
@@ -82,8 +110,17 @@ def _check_flags(ctx: click.Context, backend: str, engine: Path | None, precisio
               help="Diffusers SD 1.x directory [default: the embedded tiny model].")
 @click.option("--embedding", type=click.Path(path_type=Path), default=None,
               help="Negative embedding [default: MODEL/negative_embedding.safetensors].")
-@click.option("--width", type=int, default=None, help="Without --engine: [default: the model's own resolution]")
-@click.option("--height", type=int, default=None, help="Without --engine: [default: the model's own resolution]")
+@click.option("--width", type=int, default=None,
+              help="Without --engine: the bundle's native size (the pixel budget) [default: the model's own]")
+@click.option("--height", type=int, default=None,
+              help="Without --engine: the bundle's native size (the pixel budget) [default: the model's own]")
+@click.option("--fit", type=click.Choice(FITS), default="pad", show_default=True,
+              help="An input the bundle does not take as it is: pad (scaled to the pixel budget, aspect kept, padded "
+                   "to the bundle's multiple; output at the input's size), crop (center-cropped to the multiple "
+                   "instead) or stretch (resized to the native size, aspect ignored; output at that size).")
+@click.option("--max-pixels", type=click.IntRange(min=4096), default=None,
+              help="Pixel budget: larger inputs are scaled down to it [default: the native area; an input the "
+                   "bundle takes as it is runs at its own size].")
 @click.option("--steps", type=int, default=None, help="[default: the bundle's, 50]")
 @click.option("--strength", type=float, default=None, help="[default: the bundle's, 0.3]")
 @click.option("--guidance", type=float, default=None, help="[default: the bundle's, 7.5]")
@@ -107,8 +144,9 @@ def _check_flags(ctx: click.Context, backend: str, engine: Path | None, precisio
 @click.pass_context
 def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ...], output: Path,
          engine: Path | None, backend: str, model: Path | None, embedding: Path | None, width: int | None,
-         height: int | None, steps: int | None, strength: float | None, guidance: float | None,
-         tac_ratio: float | None, tac_divisor: int | None, tac_target: str | None, inversion: str, fused: str,
+         height: int | None, fit: str, max_pixels: int | None, steps: int | None, strength: float | None,
+         guidance: float | None, tac_ratio: float | None, tac_divisor: int | None, tac_target: str | None,
+         inversion: str, fused: str,
          precision: str | None, batch_size: int, resume: bool, device: str) -> None:
     """Translate rendered images into realistic photos (FashionR2R), one PNG per input."""
     from tqdm import tqdm
@@ -132,7 +170,7 @@ def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ..
     cfg = RunConfig(engine=engine, model=model, embedding=embedding, width=width, height=height, backend=backend,
                     device=device, precision=precision, batch=batch_size,
                     method={k: v for k, v in flags.items() if v is not None}, inversion=cast(Inversion, inversion),
-                    fused=cast(FusedChoice, fused))
+                    fused=cast(FusedChoice, fused), fit=cast(Fit, fit), max_pixels=max_pixels)
     try:
         MethodConfig(**cfg.method)  # a bad flag fails before anything is exported or loaded
         runtime = open_runtime(cfg)
@@ -147,29 +185,25 @@ def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ..
     done = 0
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", desc="r2r-run", file=sys.stderr, dynamic_ncols=True)
-    for k in range(0, len(todo), batch_size):
-        chunk, images = [], []
-        for p in todo[k : k + batch_size]:
-            try:
-                images.append(load_rgb(p, runtime.size))
-                chunk.append(p)
-            except ImageReadError as exc:
-                failed.append(str(exc))
-                bar.update(1)
-        if not chunk:
-            continue
+
+    def run_batch(batch: list[tuple[Path, np.ndarray, Placement]]) -> None:
+        nonlocal done
         try:
-            outs = runtime(images)
-            for p, img in zip(chunk, outs, strict=True):
+            outs = runtime([img for _, img, _ in batch])
+            for (p, _, placement), img in zip(batch, outs, strict=True):
                 text = {PARAMS_KEY: json.dumps({**params, "source": p.name}, sort_keys=True),
                         "Software": f"r2r {__version__}"}
-                save_png(output_path_for(p, output), img, text)
+                save_png(output_path_for(p, output), restore(img, placement), text)
                 done += 1
         except (RuntimeError, ValueError, OSError) as exc:
-            failed.extend(f"{p}: {exc}" for p in chunk)
-        bar.update(len(chunk))
+            failed.extend(f"{p}: {exc}" for p, _, _ in batch)
+        bar.update(len(batch))
         elapsed = time.perf_counter() - start
         bar.set_postfix_str(f"{done / elapsed:.2f} img/s" if elapsed > 0 else "")
+
+    for _, why in stream_batches(todo, runtime, batch_size, run_batch):
+        failed.append(why)
+        bar.update(1)
     bar.close()
     runtime.close()
     elapsed = time.perf_counter() - start

@@ -101,6 +101,9 @@ class Backend(ABC):
     """What the coupled scheduler needs from an execution engine."""
 
     name: str = "abstract"
+    # Whether a scheduler's buffers are freed when it is dropped (host memory), so that the runtime may drop the
+    # schedulers of sizes it has not seen lately; a device backend's memory stays its own until it closes.
+    frees_dropped_buffers: bool = True
 
     @abstractmethod
     def empty(self, shape: Sequence[int], dtype: np.dtype | type = np.float32) -> DeviceArray: ...
@@ -147,6 +150,8 @@ class StepGraphBackend(Backend):
     """A backend whose memory the host cannot touch: the scheduler updates are the bundle's `ddim_step` /
     `guided_step` graphs, prepared like any call, with `coef` bound to the scheduler's device row (cz, ce, w), so
     the arithmetic stays on the device and no host scalar enters the loop."""
+
+    frees_dropped_buffers = False
 
     def ddim(self, dst: DeviceArray, z: DeviceArray, eps: DeviceArray, coef: Coefficients,
              coef_dev: DeviceArray) -> Op:

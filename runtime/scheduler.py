@@ -44,12 +44,15 @@ class Plan:
 
 
 class CoupledScheduler:
-    """FashionR2R's generation on a bundle through one backend, batch of B images."""
+    """FashionR2R's generation on a bundle through one backend, batch of B images of one size (the bundle's example
+    size by default; any size the bundle takes)."""
 
     def __init__(self, bundle: Bundle, backend: Backend, batch: int, method: MethodConfig,
-                 variant: Variant | None = None) -> None:
+                 variant: Variant | None = None, size: tuple[int, int] | None = None) -> None:
         variant = variant or Variant()
         bundle.check(method, batch)
+        self.width, self.height = size or (bundle.width, bundle.height)
+        bundle.check_size(self.width, self.height)
         self.bundle, self.backend, self.batch, self.method, self.variant = bundle, backend, batch, method, variant
         self.schedule, self.window = bundle.schedule(method)
         self._alloc()
@@ -58,10 +61,10 @@ class CoupledScheduler:
     # -- buffers ---------------------------------------------------------------------------------
     def _alloc(self) -> None:
         be, b, n = self.backend, self.batch, self.schedule.n
-        c, h, w = self.bundle.latent_shape
+        c, h, w = self.bundle.channels, self.height // 8, self.width // 8
         lat = (c, h, w)
-        self.image_in = be.empty((b, 3, self.bundle.height, self.bundle.width))
-        self.image_out = be.empty((b, 3, self.bundle.height, self.bundle.width))
+        self.image_in = be.empty((b, 3, self.height, self.width))
+        self.image_out = be.empty((b, 3, self.height, self.width))
         self.z0 = be.empty((b, *lat))
         d = self.bundle.c_null.shape[-1]
         self.c_null = be.empty((b, 77, d))
@@ -87,8 +90,9 @@ class CoupledScheduler:
         layers = self.bundle.tac_layers
         # exact inversion: one Q/K set, rewritten by each step's cg pass; single-pass: one per window step
         slots = self.window if self.variant.inversion == "single-pass" else min(self.window, 1)
-        self.qk = [[be.empty((b, lyr["tokens"], lyr["channels"])) for lyr in layers for _ in (0, 1)]
-                   for _ in range(slots)]
+        # Q/K of a TAC layer: its tokens on its level's grid, [B, h_l, w_l, C] (docs/design.md, "Graphs")
+        self.qk = [[be.empty((b, h >> lyr["level"], w >> lyr["level"], lyr["channels"])) for lyr in layers
+                    for _ in (0, 1)] for _ in range(slots)]
         sched = self.schedule
         self.timesteps = be.empty((n + 1, 1))  # row n: single-pass inversion's first timestep (t0)
         be.upload(self.timesteps, np.array([[t] for t in (*sched.timesteps, self._t0())], np.float32))

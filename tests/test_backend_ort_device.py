@@ -92,9 +92,13 @@ def test_cuda_sessions_share_the_stream_and_capture_where_onnxruntime_accepts(bu
     assert be.session_for(io.UNET, {io.SAMPLE: (2, *lat)}) == ("unet None", (io.UNET,), True)
     assert be.session_for(io.UNET, {io.SAMPLE: (4, *lat)})[0] == "unet None"  # one session for every batch
     sess, key, captured = be.session_for(io.GUIDED_STEP, {io.Z: (2, *lat), io.EPS: (4, *lat), io.COEF: (3,)})
-    assert captured and sess == "guided_step {'B': 2, '2*B': 4}" and key == (io.GUIDED_STEP, ("2*B", 4), ("B", 2))
+    # fixed at the call's batch and size: the spatial dimensions are named too, so each size gets its own capture
+    assert captured and sess == "guided_step {'B': 2, '4*hm': 32, '4*wm': 32, '2*B': 4}"
+    assert key == (io.GUIDED_STEP, ("2*B", 4), ("4*hm", 32), ("4*wm", 32), ("B", 2))
     assert be.session_for(io.GUIDED_STEP, {io.Z: (1, *lat), io.EPS: (2, *lat), io.COEF: (3,)})[0] == \
-        "guided_step {'B': 1, '2*B': 2}"
+        "guided_step {'B': 1, '4*hm': 32, '4*wm': 32, '2*B': 2}"
+    assert be.session_for(io.GUIDED_STEP, {io.Z: (1, C, 24, 32), io.EPS: (2, C, 24, 32), io.COEF: (3,)})[0] == \
+        "guided_step {'B': 1, '4*hm': 24, '4*wm': 32, '2*B': 2}"
     assert be.session_for(io.VAE_DECODER, {io.LATENT: (2, *lat)}) == ("vae_decoder None", (io.VAE_DECODER,), False)
     with pytest.raises(RuntimeError, match="No such file"):  # any other failure is not taken for a refusal
         monkeypatch.setattr(mod, "open_session", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("No such file")))
@@ -102,9 +106,11 @@ def test_cuda_sessions_share_the_stream_and_capture_where_onnxruntime_accepts(bu
     stream = str(int(be._stream))
     assert all(o["user_compute_stream"] == stream and o["has_user_compute_stream"] == "1" for _, o, _ in opened)
     assert [(n, o["enable_cuda_graph"], d) for n, o, d in opened] == [
-        ("unet", "1", None), ("guided_step", "1", None), ("guided_step", "1", {"B": 2, "2*B": 4}),
-        ("guided_step", "1", {"B": 1, "2*B": 2}), ("vae_decoder", "1", None), ("vae_decoder", "1", {"B": 2}),
-        ("vae_decoder", "0", None)]
+        ("unet", "1", None), ("guided_step", "1", None),
+        ("guided_step", "1", {"B": 2, "2*B": 4, "4*hm": 32, "4*wm": 32}),
+        ("guided_step", "1", {"B": 1, "2*B": 2, "4*hm": 32, "4*wm": 32}),
+        ("guided_step", "1", {"B": 1, "2*B": 2, "4*hm": 24, "4*wm": 32}), ("vae_decoder", "1", None),
+        ("vae_decoder", "1", {"B": 2, "4*hm": 32, "4*wm": 32}), ("vae_decoder", "0", None)]
     assert be.describe()["cuda_graphs"] == "per call (not vae_decoder)"
     be.close()
     assert [c.name for c in rt._fake_calls if not c.name.endswith("__int__")] == [

@@ -35,10 +35,10 @@ def test_reference_writes_one_png_per_input_with_parameters(tiny_model_dir: Path
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == ["dress.png", "shirt.png"]
     with Image.open(out / "dress.png") as im:
-        assert im.size == (256, 256) and im.mode == "RGB"
+        assert im.size == (180, 200) and im.mode == "RGB"  # the input's own size
     params = json.loads(read_png_text(out / "shirt.png")["r2r:parameters"])
     assert params["steps"] == 10 and params["strength"] == 0.5 and params["tac_divisor"] == 256
-    assert params["width"] == 256 and params["source"] == "shirt.png" and params["backend"] == "reference"
+    assert params["fit"] == "pad" and params["source"] == "shirt.png" and params["backend"] == "reference"
     assert "2 written, 0 skipped (complete), 0 failed" in res.output
     assert "19 UNet evaluations per image" in res.output  # n = 5, window 4: 5 + 4 + 2 * 5
 

@@ -49,12 +49,14 @@ def _session(bundle: Path, name: str) -> ort.InferenceSession:
 
 def _rel(got: np.ndarray, ref: torch.Tensor) -> float:
     r = ref.detach().numpy()
+    if got.ndim == r.ndim + 1:  # TAC Q/K: the graphs' [B, h_l, w_l, C] against PyTorch's [B, N, C]
+        got = got.reshape(got.shape[0], -1, got.shape[-1])
     return float(np.abs(got - r).max() / max(np.abs(r).max(), 1e-12))
 
 
-def _inputs(batch: int, seed: int) -> dict[str, torch.Tensor]:
+def _inputs(batch: int, seed: int, height: int = H, width: int = W) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {io.SAMPLE: torch.randn(batch, C, H // 8, W // 8, generator=g),
+    return {io.SAMPLE: torch.randn(batch, C, height // 8, width // 8, generator=g),
             io.TIMESTEP: torch.tensor([float(torch.randint(1, 1000, (1,), generator=g))]),
             io.ENCODER_HIDDEN_STATES: torch.randn(batch, 77, 64, generator=g)}
 
@@ -81,10 +83,11 @@ def test_manifest_names_every_graph_with_the_contract_io(bundle: Path) -> None:
     assert n == 6
     emit = m.graphs[io.UNET_EMIT]
     assert [t.name for t in emit.outputs] == [io.EPS, *io.tac_names(n)]
-    assert [t.shape for t in emit.outputs[1:3]] == [["B", 1024, 32], ["B", 1024, 32]]
+    assert [t.shape for t in emit.outputs[1:3]] == [["B", "4*hm", "4*wm", 32]] * 2  # level 0: 32x32 at 256x256
     inject = m.graphs[io.UNET_INJECT]
     assert [t.name for t in inject.inputs] == [io.SAMPLE, io.TIMESTEP, io.ENCODER_HIDDEN_STATES, *io.tac_names(n)]
-    assert inject.inputs[0].shape == ["2*B", C, 32, 32]
+    assert inject.inputs[0].shape == ["2*B", C, "4*hm", "4*wm"]
+    assert m.sizes == {"multiple": 32, "min": [64, 64], "opt": [W, H], "max": [2048, 2048]}
     unet = m.graphs[io.UNET]
     assert [(t.name, t.shape, t.dtype) for t in unet.inputs][-1] == (io.TAC_SRC, ["B"], "int64")
     verify_files(bundle, m)
@@ -101,11 +104,35 @@ def test_unet_and_emit_match_torch_including_every_qk(bundle: Path, torch_unet, 
     assert _rel(out[0], eps) < BOUND
     flat = [t for pair in qk for t in pair]
     assert len(out) == 1 + len(flat)
-    for got, ref in zip(out[1:], flat, strict=True):
-        assert got.shape == tuple(ref.shape)
+    for got, ref, layer in zip(out[1:], flat, [lyr for lyr in m_layers(bundle) for _ in (0, 1)], strict=True):
+        assert got.shape == (batch, H // 8 >> layer["level"], W // 8 >> layer["level"], ref.shape[-1])
         assert _rel(got, ref) < BOUND
     plain = _session(bundle, io.UNET).run(None, _np(x) | {io.TAC_SRC: np.arange(batch)})[0]  # identity routing
     assert _rel(plain, eps) < BOUND
+
+
+def m_layers(bundle: Path) -> list[dict]:
+    return read_manifest(bundle).tac_plan["layers"]
+
+
+@pytest.mark.parametrize(("height", "width"), [(192, 256), (256, 96), (320, 224)])
+def test_the_graphs_take_other_sizes_of_the_range_with_the_same_parity(bundle: Path, torch_unet, height: int,
+                                                                       width: int) -> None:
+    """One dynamic-size bundle: emit, inject and the routed unet at sizes other than the export's, each against
+    PyTorch at that size (the TAC plan is the same at every multiple of the pixel multiple)."""
+    unet, plan, state = torch_unet
+    assert [lyr.name for lyr in plan_tac(unet.config, width, height, 256).layers] == [lyr.name for lyr in plan.layers]
+    cg, pair = _inputs(2, 40, height, width), _inputs(4, 41, height, width)
+    pair[io.TIMESTEP] = cg[io.TIMESTEP]
+    eps, qk = _run_torch(unet, state, TACMode.CAPTURE, cg)
+    emit = _session(bundle, io.UNET_EMIT).run(None, _np(cg))
+    for got, ref in zip(emit, [eps, *[t for p in qk for t in p]], strict=True):
+        assert _rel(got, ref) < BOUND
+    ref, _ = _run_torch(unet, state, TACMode.INJECT, pair, qk)
+    feeds = _np(pair) | dict(zip(io.tac_names(len(plan.layers)), emit[1:], strict=True))
+    assert _rel(_session(bundle, io.UNET_INJECT).run(None, feeds)[0], ref) < BOUND
+    routed = _session(bundle, io.UNET).run(None, _np(cg) | {io.TAC_SRC: np.arange(2)})[0]
+    assert _rel(routed, eps) < BOUND
 
 
 def test_inject_fed_with_emit_qk_equals_the_torch_tac_pass(bundle: Path, torch_unet) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from r2r import graph_io as io
 from r2r.export.graphs import UNetEmit, unet_specs
-from r2r.export.to_onnx import export_graph
+from r2r.export.to_onnx import Sizes, export_graph
 from r2r.models import SD15_UNET_CONFIG
 from r2r.tac import install_tac, plan_tac
 
@@ -31,11 +31,12 @@ def test_sd15_unet_emit_exports_with_external_data_and_keeps_parity(tmp_path: Pa
     assert {lyr.name.split(".attentions")[0] for lyr in plan.layers} == {
         "down_blocks.0", "down_blocks.1", "up_blocks.2", "up_blocks.3"}
     state = install_tac(unet, plan)
-    module = UNetEmit(unet, state).eval()
+    module = UNetEmit(unet, state, plan).eval()
     g = torch.Generator().manual_seed(1)
     args = (torch.randn(2, 4, 32, 32, generator=g), torch.tensor([281.0]), torch.randn(2, 77, 768, generator=g))
     path = tmp_path / "unet_emit" / "unet_emit.onnx"
-    _, outputs, external = export_graph(module, args, unet_specs(plan)[io.UNET_EMIT], path, batch_max=2)
+    _, outputs, external = export_graph(module, args, unet_specs(plan)[io.UNET_EMIT], path, batch_max=2,
+                                         sizes=Sizes(64))
     assert external
     assert path.stat().st_size < 100_000_000  # weights live beside it, not inside the protobuf
     assert sum(f.stat().st_size for f in path.parent.iterdir()) > 3_000_000_000
@@ -51,4 +52,5 @@ def test_sd15_unet_emit_exports_with_external_data_and_keeps_parity(tmp_path: Pa
     got = sess.run(None, {io.SAMPLE: x[0].numpy(), io.TIMESTEP: x[1].numpy(), io.ENCODER_HIDDEN_STATES: x[2].numpy()})
     for a, r in zip(got, ref, strict=True):
         r = r.numpy()
+        assert a.shape == r.shape  # Q/K on their level's grid, [B, h_l, w_l, C], in both
         assert np.abs(a - r).max() / np.abs(r).max() < 1e-4

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from r2r.tac import TACMode, install_tac, plan_tac, self_attention_layers
+from r2r.tac import TACMode, install_tac, pixel_multiple, plan_tac, self_attention_layers
 from r2r.tiny import LATENT_CHANNELS as C
 
 
@@ -73,10 +73,15 @@ def test_capture_returns_projections_before_the_head_split(unet) -> None:
     assert [tuple(k.shape) for _, k in qk] == [(3, lyr.tokens, lyr.channels) for lyr in plan.layers]
 
 
-def test_a_plan_for_another_resolution_is_refused_at_run_time(unet) -> None:
-    install_tac(unet, plan_tac(unet.config, 512, 512, 256))
-    with torch.no_grad(), pytest.raises(ValueError, match="another resolution"):
-        unet(*_inputs(1)[:2], encoder_hidden_states=_inputs(1)[2])
+def test_one_plan_serves_every_size_that_is_a_multiple_of_the_pixel_multiple(unet) -> None:
+    """At sides that are multiples of the pixel multiple a layer's tokens are H*W / (64 * 4**level), so the plan's
+    layers are a property of their level: the same at every such size."""
+    m = pixel_multiple(unet.config)
+    assert m == 32  # three levels: 8 * 2**2
+    names = [lyr.name for lyr in plan_tac(unet.config, 256, 256, 256).layers]
+    for w, h in ((64, 64), (256, 96), (320, 224), (1024, 2048)):
+        assert [lyr.name for lyr in plan_tac(unet.config, w, h, 256).layers] == names, (w, h)
+    assert [lyr.name for lyr in plan_tac(unet.config, 256, 256, 64).layers] != names  # the divisor does matter
 
 
 def test_replanning_returns_dropped_layers_to_plain_attention(unet) -> None:

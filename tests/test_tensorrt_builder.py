@@ -42,14 +42,16 @@ def fake_tensorrt(listing: str = "tensorrt", **overrides: Any) -> Any:
 # ---- a tiny bundle -----------------------------------------------------------------------------------------------
 
 def tiny_unet(path: Path, k: int = 1, weight_type: int = TensorProto.FLOAT, qdq: str | None = None,
-              custom_op: bool = False) -> list[TensorSpec]:
-    """eps = sample * timestep * w + mean(ehs) with the contract's names; batch dim k*B; returns input specs."""
+              custom_op: bool = False, spatial: bool = False) -> list[TensorSpec]:
+    """eps = sample * timestep * w + mean(ehs) with the contract's names; batch dim k*B; with `spatial`, the
+    latent's sides free as in a dynamic-size bundle of pixel multiple 64 (8*hm, 8*wm); returns input specs."""
     b = "B" if k == 1 else f"{k}*B"
+    lat: list[int | str] = [b, 4, "8*hm", "8*wm"] if spatial else [b, 4, 8, 8]
     np_type = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}[weight_type]
-    inputs = [helper.make_tensor_value_info(io.SAMPLE, TensorProto.FLOAT, [b, 4, 8, 8]),
+    inputs = [helper.make_tensor_value_info(io.SAMPLE, TensorProto.FLOAT, lat),
               helper.make_tensor_value_info(io.TIMESTEP, TensorProto.FLOAT, [1]),
               helper.make_tensor_value_info(io.ENCODER_HIDDEN_STATES, TensorProto.FLOAT, [b, 77, 16])]
-    output = helper.make_tensor_value_info(io.EPS, TensorProto.FLOAT, [b, 4, 8, 8])
+    output = helper.make_tensor_value_info(io.EPS, TensorProto.FLOAT, lat)
     inits = [numpy_helper.from_array(np.full([1], 0.5, np_type), "w"),
              numpy_helper.from_array(np.array([1, 2], np.int64), "axes"),
              numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "bshape")]
@@ -77,7 +79,7 @@ def tiny_unet(path: Path, k: int = 1, weight_type: int = TensorProto.FLOAT, qdq:
         onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
-    return [TensorSpec(io.SAMPLE, [b, 4, 8, 8], "float32"), TensorSpec(io.TIMESTEP, [1], "float32"),
+    return [TensorSpec(io.SAMPLE, lat, "float32"), TensorSpec(io.TIMESTEP, [1], "float32"),
             TensorSpec(io.ENCODER_HIDDEN_STATES, [b, 77, 16], "float32")]
 
 
@@ -85,15 +87,15 @@ def make_bundle(root: Path, graphs: dict[str, int] | None = None, **graph_kw: An
     """A bundle with tiny UNet graphs: name -> batch multiple k of their inputs (here unet B, unet_inject 2*B,
     unet_emit 3*B: the contract's names, the test's own shapes)."""
     graphs = graphs or {io.UNET: 1, io.UNET_INJECT: 2, io.UNET_EMIT: 3}
-    manifest = Manifest(source={"model": "tiny"}, width=64, height=64, batch_min=1, batch_max=4,
+    manifest = Manifest(source={"model": "tiny"}, width=512, height=512, batch_min=1, batch_max=4,
                         latent={"channels": 4, "height": 8, "width": 8}, scaling_factor=0.18215,
-                        tac_plan={}, schedule={})
+                        tac_plan={}, schedule={},
+                        sizes={"multiple": 64, "min": [128, 128], "opt": [512, 512], "max": [1024, 768]})
     for name, k in graphs.items():
         rel = f"onnx/{name}/{name}.onnx"
         inputs = tiny_unet(root / rel, k, **graph_kw)
         record_file(root, manifest, rel)
-        b = "B" if k == 1 else f"{k}*B"
-        manifest.graphs[name] = GraphEntry(rel, inputs, [TensorSpec(io.EPS, [b, 4, 8, 8], "float32")],
+        manifest.graphs[name] = GraphEntry(rel, inputs, [TensorSpec(io.EPS, inputs[0].shape, "float32")],
                                            key=f"key-{name}")
     write_manifest(root, manifest)
     return root
@@ -166,6 +168,23 @@ def test_profile_spans_batch_range_with_multiples(bundle: Path) -> None:
     third = [a for a in set_shapes if a["input"] == io.SAMPLE][1]  # unet_emit, built second, with 3*B inputs here
     assert (list(third["min"]), list(third["opt"]), list(third["max"])) == ([3, 4, 8, 8], [6, 4, 8, 8], [12, 4, 8, 8])
     assert len(calls(trt, "IBuilderConfig.add_optimization_profile")) == 3  # one profile per engine
+
+
+def test_a_dynamic_size_graph_gets_one_profile_over_the_bundles_size_range_or_its_example_size(
+        tmp_path: Path) -> None:
+    root = make_bundle(tmp_path / "bundle", {io.UNET: 1}, spatial=True)
+    (entry,), _ = build(root, fake_tensorrt(), "fp16", batch_opt=1)
+    # sizes 128x128 .. 1024x768 in multiples of 64, tuned for the example size 512x512 (latent 64x64)
+    assert entry.info["profile"][io.SAMPLE] == {"min": [1, 4, 16, 16], "opt": [1, 4, 64, 64],
+                                                "max": [12, 4, 96, 128]}
+    assert entry.info["sizes"] == {"min": [2, 2], "opt": [8, 8], "max": [16, 12]}  # [W, H] in multiples
+    trt = fake_tensorrt()
+    (static,), lines = build(root, trt, "fp16", batch_opt=1, sizes="opt")
+    assert "built in" in lines[0] and static.key != entry.key  # another profile: another engine
+    assert static.info["profile"][io.SAMPLE] == {"min": [1, 4, 64, 64], "opt": [1, 4, 64, 64],
+                                                 "max": [12, 4, 64, 64]}
+    with pytest.raises(ValueError, match="sizes"):
+        trtb.TrtBuildConfig("fp16", sizes="any")
 
 
 def test_batch_opt_defaults_to_batch_max(bundle: Path) -> None:

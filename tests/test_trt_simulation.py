@@ -330,9 +330,13 @@ def test_bindings_that_do_not_fit_the_engine_are_refused(sim_bundle: Path, bundl
             be.call(io.UNET, {k: v for k, v in ok.items() if k != io.EPS})
         with pytest.raises(KeyError, match="has no tensors"):
             be.call(io.UNET, {**ok, "tac_q_0": be.empty((1, 1024, 32))})
-        bad_shape = rf"unet: input sample has shape \[-1, {C}, 32, 32\].*buffer is \[1, {C}, 64"
+        bad_shape = rf"unet: input sample has shape \[-1, {C}, -1, -1\].*buffer is \[1, {C + 1}, 32"
         with pytest.raises(ValueError, match=bad_shape):
-            be.call(io.UNET, {**ok, io.SAMPLE: be.empty((1, C, 64, 32))})
+            be.call(io.UNET, {**ok, io.SAMPLE: be.empty((1, C + 1, 32, 32))})
+        with pytest.raises(ValueError, match=rf"output eps is \[1, {C}, 64, 32\] for these input shapes"):
+            be.call(io.UNET, {**ok, io.SAMPLE: be.empty((1, C, 64, 32))})  # another size: its own buffers
+        with pytest.raises(ValueError, match=r"outside the engine's optimization profile"):  # sides up to 2048 px
+            be.call(io.UNET, {**ok, io.SAMPLE: be.empty((1, C, 264, 32)), io.EPS: be.empty((1, C, 264, 32))})
         with pytest.raises(ValueError, match="float32 in the engine but its buffer is float16"):
             be.call(io.UNET, {**ok, io.EPS: be.empty((1, *lat), np.float16)})
         with pytest.raises(ValueError, match=rf"output eps is \[1, {C}, 32, 32\] for these input shapes.*\[2, {C}, 32"):
@@ -463,10 +467,11 @@ def test_simulated_plans_map_back_to_their_graph(sim_bundle: Path) -> None:
     assert engine is not None and engine.name == io.UNET
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     assert names == [io.SAMPLE, io.TIMESTEP, io.ENCODER_HIDDEN_STATES, io.TAC_SRC, io.EPS]
-    assert list(engine.get_tensor_shape(io.SAMPLE)) == [-1, C, 32, 32]
+    assert list(engine.get_tensor_shape(io.SAMPLE)) == [-1, C, -1, -1]  # batch and sides free
     assert engine.get_tensor_mode(io.EPS) == trt.TensorIOMode.OUTPUT
-    assert [list(d) for d in engine.get_tensor_profile_shape(io.SAMPLE, 0)] == [[1, C, 32, 32], [4, C, 32, 32],
-                                                                                 [12, C, 32, 32]]
+    # batch 1..3x4, sides 64..2048 px (latent 8..256), tuned for batch 4 at the example size 256x256
+    assert [list(d) for d in engine.get_tensor_profile_shape(io.SAMPLE, 0)] == [[1, C, 8, 8], [4, C, 32, 32],
+                                                                                 [12, C, 256, 256]]
     trt.__version__ = "10.8.0.43"  # a plan from another TensorRT version does not deserialize
     assert trt.Runtime(trt.Logger()).deserialize_cuda_engine((sim_bundle / entry.files[0]).read_bytes()) is None
     assert "not compatible with this version of TensorRT" in trt._fake_log[-1]

@@ -109,14 +109,17 @@ def _report(result: object, what: str) -> None:
               help="Folder of real images with metadata.jsonl, or an r2r dataset (uses train/real).")
 @click.option("--out", type=_PATH, required=True, help="Run folder: OUT/model (the result), OUT/checkpoints.")
 @click.option("--resolution", type=click.IntRange(min=8), default=None,
-              help="Square training side [default: the model's own (256 for the tiny default), else 512].")
+              help="Training area as a side: each image trains at the aspect bucket of about RESOLUTION^2 pixels "
+                   "closest to its own aspect [default: the model's own (256 for the tiny default), else 512].")
+@click.option("--buckets/--no-buckets", default=True, show_default=True,
+              help="Aspect-ratio buckets; --no-buckets: centre-cropped RESOLUTION squares.")
 @click.option("--caption-dropout", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Share of captions replaced by the empty prompt (teaches the null text).")
 @click.option("--cache-latents", is_flag=True, help="Encode every image once instead of every step.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for UNet activation memory.")
 @_with(_TIMESTEP_BIAS)
 @loop_options(lr=1e-5, max_steps=1000, batch_size=1, weight_decay=1e-2)
-def finetune_cmd(model: Path, data: Path, out: Path, resolution: int | None, caption_dropout: float,
+def finetune_cmd(model: Path, data: Path, out: Path, resolution: int | None, buckets: bool, caption_dropout: float,
                  cache_latents: bool, gradient_checkpointing: bool, timestep_bias_portion: float,
                  timestep_bias_range: tuple[int, int], **loop: object) -> None:
     """DKI, target domain (paper eq. 6): finetune the UNet on real images with their captions.
@@ -127,7 +130,7 @@ def finetune_cmd(model: Path, data: Path, out: Path, resolution: int | None, cap
     """
     from r2r.training.finetune import FinetuneConfig, finetune
 
-    cfg = FinetuneConfig(model, data, out, loop_config_from_options(loop), resolution, caption_dropout,
+    cfg = FinetuneConfig(model, data, out, loop_config_from_options(loop), resolution, buckets, caption_dropout,
                          cache_latents, gradient_checkpointing, timestep_bias_portion, *timestep_bias_range)
     try:
         _report(finetune(cfg), "finetuned model")
@@ -147,12 +150,15 @@ def finetune_cmd(model: Path, data: Path, out: Path, resolution: int | None, cap
 @click.option("--init-word", default="rendered", show_default=True,
               help="Vectors start at this word's embedding ('' = the mean token embedding).")
 @click.option("--resolution", type=click.IntRange(min=8), default=None,
-              help="Square training side [default: the model's own, else 512].")
+              help="Training area as a side: each image trains at the aspect bucket of about RESOLUTION^2 pixels "
+                   "closest to its own aspect [default: the model's own, else 512].")
+@click.option("--buckets/--no-buckets", default=True, show_default=True,
+              help="Aspect-ratio buckets; --no-buckets: centre-cropped RESOLUTION squares.")
 @click.option("--cache-latents", is_flag=True, help="Encode every image once instead of every step.")
 @_with(_TIMESTEP_BIAS)
 @loop_options(lr=5e-4, max_steps=3000, batch_size=1, weight_decay=0.0)
 def negative_embedding_cmd(model: Path, data: Path, out: Path, token: str, num_vectors: int, init_word: str,
-                           resolution: int | None, cache_latents: bool, timestep_bias_portion: float,
+                           resolution: int | None, buckets: bool, cache_latents: bool, timestep_bias_portion: float,
                            timestep_bias_range: tuple[int, int], **loop: object) -> None:
     """DKI, source domain (paper eq. 7): the negative domain embedding, trained on renders.
 
@@ -162,7 +168,7 @@ def negative_embedding_cmd(model: Path, data: Path, out: Path, token: str, num_v
     from r2r.training.embedding import EmbeddingConfig, train_negative_embedding
 
     cfg = EmbeddingConfig(model, data, out, loop_config_from_options(loop), token, num_vectors, init_word,
-                          resolution=resolution, cache_latents=cache_latents,
+                          resolution=resolution, buckets=buckets, cache_latents=cache_latents,
                           timestep_bias_portion=timestep_bias_portion, timestep_bias_begin=timestep_bias_range[0],
                           timestep_bias_end=timestep_bias_range[1])
     try:

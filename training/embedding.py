@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from r2r.atomic import atomic_path, atomic_write
 from r2r.models import DEFAULT_TOKEN, EMBEDDING_FILE, MAX_TOKENS, Components, load_components, placeholder_tokens
+from r2r.tac import pixel_multiple
 from r2r.training.finetune import (
     CachedLatents,
     ImageFolder,
     LatentSource,
     OnlineLatents,
     TimestepSampler,
+    bucketed_loss,
     cache_latents,
     default_train_resolution,
     diffusion_loss,
@@ -164,6 +166,9 @@ class NegativeEmbeddingTask(TrainTask):
         return _make_module(self.c.text_encoder, self.prompt, self.init).to(device)
 
     def loss(self, module: nn.Module, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+        return bucketed_loss(indices, self.source.size_of, lambda group: self._loss(module, group, generator))
+
+    def _loss(self, module: nn.Module, indices: list[int], generator: torch.Generator) -> torch.Tensor:
         device = module.vectors.device if hasattr(module, "vectors") else next(module.parameters()).device
         z0 = self.source.latents(indices, generator, device)
         cond = module()  # through the (possibly DDP-wrapped) module, so gradients synchronise
@@ -196,6 +201,7 @@ class EmbeddingConfig:
     init_word: str = DEFAULT_INIT_WORD
     init_noise: float = 0.01
     resolution: int | None = None
+    buckets: bool = True  # aspect-ratio buckets of about resolution^2 pixels; False: centre-cropped squares
     cache_latents: bool = False
     timestep_bias_portion: float = 0.0
     timestep_bias_begin: int = 0
@@ -212,7 +218,8 @@ def train_negative_embedding(cfg: EmbeddingConfig, components: Components | None
     comps = components or load_components(cfg.model)
     if latents is None:
         folder = resolve_folder(cfg.data, cfg.domain)
-        images = ImageFolder.open(folder, cfg.resolution or default_train_resolution(cfg.model))
+        images = ImageFolder.open(folder, cfg.resolution or default_train_resolution(cfg.model),
+                                  pixel_multiple(comps.unet.config) if cfg.buckets else None)
         frozen = weight_dtype(cfg.loop.mixed_precision)
         if frozen != comps.vae.dtype:
             comps.vae.to(dtype=frozen)
@@ -222,14 +229,16 @@ def train_negative_embedding(cfg: EmbeddingConfig, components: Components | None
         else:
             latents = OnlineLatents(images, comps.vae, comps.scaling_factor)
         data_key = str(folder.resolve())
+        buckets = sorted(set(images.sizes))
     else:
-        data_key = str(Path(cfg.data).resolve())
+        data_key, buckets = str(Path(cfg.data).resolve()), []
     init = initial_vectors(comps, cfg.num_vectors, cfg.init_word, cfg.init_noise, cfg.loop.seed)
     n = comps.scheduler.num_train_timesteps
     timesteps = TimestepSampler(n, cfg.timestep_bias_portion, cfg.timestep_bias_begin, min(cfg.timestep_bias_end, n))
     task = NegativeEmbeddingTask(comps, latents, cfg.token, cfg.num_vectors, init, timesteps,
                                  fingerprint={"model": str(Path(cfg.model).resolve()), "data": data_key,
-                                              "init_word": cfg.init_word, "init_noise": cfg.init_noise})
+                                              "init_word": cfg.init_word, "init_noise": cfg.init_noise,
+                                              **({"buckets": buckets} if buckets else {})})
     result = run_training(task, cfg.loop, cfg.out)
     if result.completed:
         atomic_write(Path(cfg.out) / "embedding.json",

@@ -12,9 +12,10 @@ conditioning) are shared with the negative embedding and the tiny model's pretra
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from r2r.atomic import atomic_dir
 from r2r.imageio import ImageReadError, load_rgb
 from r2r.models import EMBEDDING_FILE, Components, load_components
 from r2r.schedule import alphas_cumprod, forward_noise
+from r2r.tac import pixel_multiple
 from r2r.training.loop import LoopConfig, LoopResult, WholeModuleTask, run_training
 
 if TYPE_CHECKING:
@@ -42,8 +44,12 @@ __all__ = [
     "OnlineLatents",
     "TimestepSampler",
     "UNetTask",
+    "aspect_buckets",
+    "bucketed_loss",
+    "by_size",
     "cache_latents",
     "finetune",
+    "nearest_bucket",
     "resolve_folder",
     "save_model_with",
     "save_model_with_unet",
@@ -77,17 +83,53 @@ def resolve_folder(data: str | Path, domain: str) -> Path:
     )
 
 
+def aspect_buckets(resolution: int, multiple: int, max_ratio: float = 2.0) -> tuple[tuple[int, int], ...]:
+    """Training sizes (W, H) of about resolution x resolution pixels, sides multiples of `multiple`, aspect up to
+    `max_ratio` either way (the aspect-ratio buckets of diffusers' and kohya's SD trainers)."""
+    area, out = resolution * resolution, set()
+    for w in range(multiple, int(resolution * math.sqrt(max_ratio)) + multiple + 1, multiple):
+        h = area // w // multiple * multiple
+        if h >= multiple and max(w / h, h / w) <= max_ratio:
+            out.add((w, h))
+    return tuple(sorted(out))
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect is closest to width:height (log ratio), the larger one on a tie."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
+
+
+def _oriented_size(path: Path) -> tuple[int, int]:
+    """An image's (W, H) after its EXIF orientation, from its header."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            rotated = im.getexif().get(0x0112) in (5, 6, 7, 8)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc})") from exc
+    return (h, w) if rotated else (w, h)
+
+
 @dataclass(frozen=True)
 class ImageFolder:
-    """Images and captions listed by a folder's metadata.jsonl (the diffusers imagefolder layout)."""
+    """Images and captions listed by a folder's metadata.jsonl (the diffusers imagefolder layout).
+
+    Each item is served at its `sizes` entry: with aspect buckets, the bucket closest to its aspect; without,
+    resolution x resolution."""
 
     folder: Path
     files: tuple[str, ...]
     captions: tuple[str, ...]
     resolution: int
+    sizes: tuple[tuple[int, int], ...] = ()  # per item (W, H); empty: every item square
 
     @classmethod
-    def open(cls, folder: str | Path, resolution: int) -> ImageFolder:
+    def open(cls, folder: str | Path, resolution: int, multiple: int | None = None) -> ImageFolder:
+        """`multiple`: serve each image at its aspect bucket (sides multiples of it, about resolution^2 pixels);
+        None: centre-cropped squares."""
         folder = Path(folder)
         meta = folder / METADATA_FILE
         if not meta.is_file():
@@ -112,13 +154,21 @@ class ImageFolder:
             raise DataError(f"{meta}: lists no image")
         if resolution < 8 or resolution % 8:
             raise DataError(f"resolution {resolution} must be a positive multiple of 8")
-        return cls(folder, tuple(files), tuple(captions), resolution)
+        sizes: tuple[tuple[int, int], ...] = ()
+        if multiple is not None:
+            buckets = aspect_buckets(resolution, multiple)
+            sizes = tuple(nearest_bucket(*_oriented_size(folder / f), buckets) for f in files)
+        return cls(folder, tuple(files), tuple(captions), resolution, sizes)
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def size(self, i: int) -> tuple[int, int]:
+        """(W, H) item i is served at."""
+        return self.sizes[i] if self.sizes else (self.resolution, self.resolution)
+
     def image(self, i: int) -> np.ndarray:
-        """uint8 [res, res, 3]: shorter side resized to the resolution (bicubic), then centre-cropped."""
+        """uint8 [H, W, 3] at `size(i)`: resized to cover it (bicubic, aspect kept), then centre-cropped."""
         from PIL import Image
 
         path = self.folder / self.files[i]
@@ -127,13 +177,13 @@ class ImageFolder:
         except ImageReadError as exc:
             raise DataError(str(exc)) from exc
         h, w = rgb.shape[:2]
-        r = self.resolution
-        if (w, h) != (r, r):
-            scale = r / min(w, h)
-            nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
+        bw, bh = self.size(i)
+        if (w, h) != (bw, bh):
+            scale = max(bw / w, bh / h)
+            nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
             im = Image.fromarray(rgb).resize((nw, nh), Image.Resampling.BICUBIC)
-            left, top = (nw - r) // 2, (nh - r) // 2
-            rgb = np.asarray(im.crop((left, top, left + r, top + r)), dtype=np.uint8)
+            left, top = (nw - bw) // 2, (nh - bh) // 2
+            rgb = np.asarray(im.crop((left, top, left + bw, top + bh)), dtype=np.uint8)
         return rgb
 
 
@@ -153,6 +203,10 @@ class LatentSource(ABC):
     def __len__(self) -> int: ...
 
     @abstractmethod
+    def size_of(self, i: int) -> tuple[int, ...]:
+        """The size item i's latent has (items of one size can share a batch)."""
+
+    @abstractmethod
     def latents(self, indices: Sequence[int], generator: torch.Generator, device: torch.device) -> torch.Tensor: ...
 
 
@@ -164,6 +218,9 @@ class OnlineLatents(LatentSource):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def size_of(self, i: int) -> tuple[int, ...]:
+        return self.images.size(i)
 
     def latents(self, indices: Sequence[int], generator: torch.Generator, device: torch.device) -> torch.Tensor:
         import torch
@@ -177,29 +234,38 @@ class OnlineLatents(LatentSource):
 
 
 class CachedLatents(LatentSource):
-    """The VAE's posterior parameters [N, 2C, h, w] computed once; each batch samples from them.
+    """The VAE's posterior parameters computed once, [N, 2C, h, w] (or one [2C, h, w] per item where items have
+    several sizes); each batch samples from them.
 
     Exact for a frozen VAE without augmentation; trades memory for not running the VAE every step.
     With `crop`, each sample is a random crop x crop window of its latent (the UNet is convolutional;
     on a CPU budget, windows teach local texture at a fraction of a full latent's cost).
     """
 
-    def __init__(self, params: torch.Tensor, scaling_factor: float, crop: int | None = None) -> None:
+    def __init__(self, params: torch.Tensor | Sequence[torch.Tensor], scaling_factor: float,
+                 crop: int | None = None) -> None:
         self.params, self.scaling_factor, self.crop = params, scaling_factor, crop
-        if crop is not None and not 1 <= crop <= min(params.shape[-2:]):
-            raise ValueError(f"latent crop {crop} does not fit latents of {tuple(params.shape[-2:])}")
+        smallest = min(min(p.shape[-2:]) for p in params)
+        if crop is not None and not 1 <= crop <= smallest:
+            raise ValueError(f"latent crop {crop} does not fit latents of side {smallest}")
 
     def __len__(self) -> int:
-        return int(self.params.shape[0])
+        return len(self.params)
+
+    def size_of(self, i: int) -> tuple[int, ...]:
+        return tuple(self.params[i].shape[-2:])
 
     def subset(self, rows: Sequence[int], crop: int | None = None) -> CachedLatents:
+        if isinstance(self.params, Sequence):
+            return CachedLatents([self.params[r] for r in rows], self.scaling_factor, crop)
         return CachedLatents(self.params[list(rows)], self.scaling_factor, crop)
 
     def latents(self, indices: Sequence[int], generator: torch.Generator, device: torch.device) -> torch.Tensor:
         import torch
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        params = self.params[list(indices)]
+        params = (torch.stack([self.params[i] for i in indices]) if isinstance(self.params, Sequence)
+                  else self.params[list(indices)])
         if self.crop is not None and self.crop < max(params.shape[-2:]):
             h, w, c = params.shape[-2], params.shape[-1], self.crop
             ys = torch.randint(0, h - c + 1, (len(indices),), generator=generator).tolist()
@@ -210,18 +276,48 @@ class CachedLatents(LatentSource):
 
 def cache_latents(images: ImageFolder, vae: nn.Module, scaling_factor: float, batch_size: int = 16,
                   progress: bool = True, desc: str = "cache latents") -> CachedLatents:
-    """Encode a whole folder once (posterior mean and log-variance, float32, CPU)."""
+    """Encode a whole folder once (posterior mean and log-variance, float32, CPU), in batches of one size."""
     import torch
     from tqdm import tqdm
 
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
-    chunks = []
-    for k in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress):
-        x = images_to_tensor([images.image(i) for i in range(k, min(k + batch_size, len(images)))])
+    batches = [g[k:k + batch_size] for g in by_size(range(len(images)), images.size)
+               for k in range(0, len(g), batch_size)]
+    rows: list[torch.Tensor | None] = [None] * len(images)
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+        x = images_to_tensor([images.image(i) for i in batch])
         with torch.no_grad():
-            chunks.append(vae.encode(x.to(device, dtype)).latent_dist.parameters.float().cpu())
-    return CachedLatents(torch.cat(chunks), scaling_factor)
+            params = vae.encode(x.to(device, dtype)).latent_dist.parameters.float().cpu()
+        for i, p in zip(batch, params, strict=True):
+            rows[i] = p
+    done = [r for r in rows if r is not None]
+    if len({tuple(r.shape) for r in done}) == 1:
+        return CachedLatents(torch.stack(done), scaling_factor)
+    return CachedLatents(done, scaling_factor)
+
+
+def by_size(indices: Iterable[int], size_of: Callable[[int], tuple[int, ...]]) -> list[list[int]]:
+    """`indices` grouped by size, groups in order of first appearance: one group when all share a size."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in indices:
+        groups.setdefault(size_of(i), []).append(i)
+    return list(groups.values())
+
+
+def bucketed_loss(indices: list[int], size_of: Callable[[int], tuple[int, ...]],
+                  loss: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+    """The batch's mean loss over items of several sizes: each size's items as one batch, the per-size means
+    weighted by their share of the batch (the mean over items, since each item's loss is a mean over its own
+    pixels). A batch of one size is one call, exactly as without buckets; the data order (and so resuming) does not
+    depend on the buckets."""
+    groups = by_size(indices, size_of)
+    if len(groups) == 1:
+        return loss(indices)
+    total = loss(groups[0]) * (len(groups[0]) / len(indices))
+    for g in groups[1:]:
+        total = total + loss(g) * (len(g) / len(indices))
+    return total
 
 
 class CaptionEncoder:
@@ -375,6 +471,9 @@ class UNetTask(WholeModuleTask):
         return unet
 
     def loss(self, module: nn.Module, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+        return bucketed_loss(indices, self.source.size_of, lambda group: self._loss(module, group, generator))
+
+    def _loss(self, module: nn.Module, indices: list[int], generator: torch.Generator) -> torch.Tensor:
         import torch
 
         device = next(module.parameters()).device
@@ -410,6 +509,7 @@ class FinetuneConfig:
     out: Path
     loop: LoopConfig = field(default_factory=LoopConfig)
     resolution: int | None = None  # default: the model's r2r_defaults.json width, else 512
+    buckets: bool = True  # aspect-ratio buckets of about resolution^2 pixels; False: centre-cropped squares
     caption_dropout: float = 0.0
     cache_latents: bool = False
     gradient_checkpointing: bool = False
@@ -441,8 +541,8 @@ def finetune(cfg: FinetuneConfig) -> LoopResult:
     """Run (or resume) the finetune; returns the loop's result, whose `output` is `OUT/model`."""
     folder = resolve_folder(cfg.data, cfg.domain)
     res = cfg.resolution or default_train_resolution(cfg.model)
-    images = ImageFolder.open(folder, res)
     comps = load_components(cfg.model)
+    images = ImageFolder.open(folder, res, pixel_multiple(comps.unet.config) if cfg.buckets else None)
     frozen = weight_dtype(cfg.loop.mixed_precision)
     if frozen != comps.vae.dtype:
         comps.vae.to(dtype=frozen)
@@ -456,5 +556,6 @@ def finetune(cfg: FinetuneConfig) -> LoopResult:
     timesteps = TimestepSampler(n, cfg.timestep_bias_portion, cfg.timestep_bias_begin, min(cfg.timestep_bias_end, n))
     task = UNetTask(comps, source, images.captions, text, timesteps, cfg.caption_dropout, cfg.gradient_checkpointing,
                     fingerprint={"model": str(Path(cfg.model).resolve()), "data": str(folder.resolve()),
-                                 "resolution": res})
+                                 "resolution": res, **({"buckets": sorted(set(images.sizes))} if images.sizes
+                                                       else {})})
     return run_training(task, cfg.loop, cfg.out)

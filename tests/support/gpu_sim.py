@@ -836,38 +836,17 @@ def _deserialize(self: FakeObject, serialized_engine: Any = None, stream_reader:
     return mod._fake_new("ICudaEngine", data=data)
 
 
-def _batch_multiple(dim: str) -> int | None:
-    """k of a batch dimension "B" / "k*B" (the contract's parser); None for another symbol."""
-    try:
-        return io.batch_multiple(dim)
-    except ValueError:
-        return None
-
-
 def _resolve_dims(data: _EngineData, shapes: dict[str, tuple[int, ...]], dims: list[int | str]) -> list[int]:
-    """Concrete output dims: symbolic dims ("B", "2*B", ...) resolved from the input shapes set."""
-    env: dict[str, int] = {}
-    for t in data.inputs:
-        shape = shapes.get(t["name"])
-        if shape is None:
-            continue
-        for d, v in zip(t["dims"], shape, strict=False):
-            if isinstance(d, str):
-                env[d] = v
-                k = _batch_multiple(d)
-                if k is not None and v % k == 0:
-                    env.setdefault(io.BATCH, v // k)
+    """Concrete output dims: symbolic dims ("2*B", "4*hm", ...) from the symbols' values in the input shapes set;
+    -1 where a symbol is not known (as TensorRT answers before every input shape is set)."""
+    known = [(t["dims"], shapes[t["name"]]) for t in data.inputs
+             if t["name"] in shapes and len(shapes[t["name"]]) == len(t["dims"])]
+    env = io.solve_env([d for d, _ in known], [s for _, s in known])
     out = []
     for d in dims:
-        if isinstance(d, int):
-            out.append(d)
-            continue
-        k = _batch_multiple(d)
-        if d in env:
-            out.append(env[d])
-        elif k is not None and io.BATCH in env:
-            out.append(k * env[io.BATCH])
-        else:
+        try:
+            out.append(io.eval_dim(d, env))
+        except ValueError:
             out.append(-1)
     return out
 
