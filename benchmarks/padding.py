@@ -27,7 +27,7 @@ def padding_report(count: int = 6, size: tuple[int, int] = (256, 192), cut: tupl
                    backend: str = "auto", threads: int = 0) -> dict[str, Any]:
     """Edge vs white padding on `count` procedural renders of `size`, each cut to `cut` at a seeded offset."""
     from r2r.runtime.assembly import RunConfig, open_runtime
-    from r2r.runtime.sizing import prepare, restore
+    from r2r.sizing import prepare, restore
     from r2r.training.data import render_pair, sample_design
 
     runtime = open_runtime(RunConfig(backend=backend, threads=threads))

@@ -26,10 +26,9 @@ from r2r.runtime.bundle import Bundle, open_bundle
 from r2r.runtime.device import Backend
 from r2r.runtime.scheduler import CoupledScheduler
 from r2r.runtime.select import cached_bundle, resolve_backend, resolve_device, resolve_precision, runtime_module
-from r2r.runtime.sizing import Fit, Placement, SizeRange, place
+from r2r.sizing import MAX_SIDE, Fit, Placement, SizeRange, place
 
 REFERENCE = "reference"  # --backend reference: the PyTorch reference (the oracle) on the model, no bundle
-REFERENCE_MAX_SIDE = 4096  # the reference takes any multiple of the model's pixel multiple up to this
 FusedChoice = Literal["auto", "on", "off"]
 
 
@@ -51,7 +50,7 @@ class RunConfig:
     fused: FusedChoice = "auto"
     threads: int = 0  # per backend session; 0: all cores
     batch_max: int = 4  # of a bundle exported into the cache (at least `batch`)
-    fit: Fit = "pad"  # how an input the bundle does not take as it is runs (runtime/sizing.py)
+    fit: Fit = "pad"  # how an input the bundle does not take as it is runs (r2r/sizing.py)
     max_pixels: int | None = None  # the pixel budget; None: the model's native area
     max_sizes: int = 4  # sizes whose buffers stay allocated at once, where dropping them frees them
 
@@ -72,7 +71,7 @@ class RunConfig:
 @dataclass
 class Runtime:
     """A translator: uint8 [H, W, 3] images of one size it takes (at most `batch`) -> uint8 outputs, with what made
-    them. `place` says at what size an input of any size runs (runtime/sizing.py)."""
+    them. `place` says at what size an input of any size runs (r2r/sizing.py)."""
 
     translate: Callable[[list[np.ndarray]], list[np.ndarray]]
     params: dict[str, Any]  # recorded in every output (and compared by --resume)
@@ -208,7 +207,7 @@ def _open_reference(cfg: RunConfig) -> Runtime:
     comps = load_components(cfg.model_dir(), device=device, dtype=torch.float32)
     pipe = ReferencePipeline(comps, emb, w, h)
     m = pixel_multiple(comps.unet.config)
-    sizes = SizeRange(m, (2 * m, 2 * m), (REFERENCE_MAX_SIDE, REFERENCE_MAX_SIDE), (w, h))
+    sizes = SizeRange(m, (2 * m, 2 * m), (MAX_SIDE, MAX_SIDE), (w, h))
     params = {**method.as_dict(), "fit": cfg.fit, "max_pixels": cfg.max_pixels, "backend": REFERENCE,
               "inversion": cfg.inversion, "model": cfg.model_dir().name, "embedding_sha256": sha256_file(emb),
               "r2r": __version__}

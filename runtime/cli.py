@@ -20,7 +20,7 @@ from r2r.log import log
 from r2r.manifest import BundleError
 from r2r.models import ModelLoadError
 from r2r.runtime.assembly import REFERENCE, FusedChoice, RunConfig, Runtime, open_runtime
-from r2r.runtime.sizing import FITS, Fit, Placement, prepare, restore
+from r2r.sizing import FITS, Fit, Placement, prepare, restore
 
 PARAMS_KEY = "r2r:parameters"
 METHOD_FLAGS = ("steps", "strength", "guidance", "tac_ratio", "tac_divisor", "tac_target")

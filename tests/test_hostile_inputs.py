@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -157,3 +158,29 @@ def test_folders_fifos_and_dangling_links_are_never_opened(corpus) -> None:
     for name in ("a-folder.png", "dangling.png", "pipe.png"):
         with pytest.raises(ImageReadError, match="not a regular file"):
             load_rgb(folder / name)
+
+
+def test_r2r_run_translates_each_valid_file_at_its_size_and_refuses_each_broken_one_by_name(
+        corpus, embedded_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole corpus through `r2r-run`: every valid input written at its own size, a per-file error naming each
+    broken one, nothing else in the output folder (no partial file), and no hang on the FIFO."""
+    from click.testing import CliRunner
+
+    from r2r.runtime.cli import main
+
+    folder, broken = corpus
+    cache = tmp_path / "cache"
+    shutil.copytree(embedded_bundle, cache / "bundles" / embedded_bundle.name)
+    monkeypatch.setenv("R2R_CACHE", str(cache))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["--input", str(folder), "--output", str(out), "--backend", "onnxruntime",
+                                    "--steps", "4", "--batch-size", "2"])
+    assert res.exit_code == 1, res.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{Path(n).stem}.png" for n in VALID)
+    for name, (w, h) in VALID.items():
+        with Image.open(out / f"{Path(name).stem}.png") as im:
+            assert im.size == (w, h), name
+    failed = [line for line in res.output.splitlines() if "failed: " in line]
+    assert len(failed) == len(broken)
+    for name in broken:
+        assert any(name in line and broken[name] in line for line in failed), name

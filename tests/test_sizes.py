@@ -22,7 +22,7 @@ from r2r.runtime.assembly import SchedulerCache
 from r2r.runtime.backend_ort import OrtBackend
 from r2r.runtime.bundle import open_bundle
 from r2r.runtime.scheduler import CoupledScheduler
-from r2r.runtime.sizing import SizeRange, place, prepare, restore
+from r2r.sizing import SizeRange, place, prepare, restore
 
 TINY = SizeRange(32, (64, 64), (2048, 2048), (256, 256))  # the embedded default's bundle
 

@@ -33,7 +33,8 @@ from r2r.config import MethodConfig
 from r2r.imageio import load_rgb, save_png
 from r2r.metrics import psnr, ssim
 from r2r.schedule import forward_noise
-from r2r.training.finetune import ImageFolder, images_to_tensor
+from r2r.sizing import MAX_SIDE, SizeRange, place, prepare, restore
+from r2r.training.finetune import ImageFolder, by_size, images_to_tensor
 
 if TYPE_CHECKING:
     from torch import nn
@@ -80,12 +81,14 @@ class RealismClassifier:
         import torch
 
         self.net.eval()
-        out = []
+        out = np.zeros(len(images))
         with torch.no_grad():
-            for k in range(0, len(images), batch_size):
-                x = images_to_tensor(images[k : k + batch_size])
-                out.append(torch.sigmoid(self.net(x)).squeeze(1).numpy())
-        return np.concatenate(out) if out else np.zeros(0)
+            for group in by_size(range(len(images)), lambda i: images[i].shape):  # batches of one size
+                for k in range(0, len(group), batch_size):
+                    part = group[k : k + batch_size]
+                    x = images_to_tensor([images[i] for i in part])
+                    out[part] = torch.sigmoid(self.net(x)).squeeze(1).numpy()
+        return out
 
 
 def train_realism_classifier(rendered: Sequence[np.ndarray], real: Sequence[np.ndarray], steps: int = 300,
@@ -97,9 +100,11 @@ def train_realism_classifier(rendered: Sequence[np.ndarray], real: Sequence[np.n
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    x = torch.from_numpy(np.stack([*rendered, *real]))  # uint8 [N, H, W, 3]
+    x = [torch.from_numpy(im) for im in (*rendered, *real)]  # uint8 [H, W, 3] each, of any size
     y = torch.cat([torch.zeros(len(rendered)), torch.ones(len(real))])
-    h, w = x.shape[1:3]
+    hs, ws = torch.tensor([t.shape[0] for t in x]), torch.tensor([t.shape[1] for t in x])
+    h, w = int(hs.min()), int(ws.min())
+    one_size = bool((hs == h).all() and (ws == w).all())
     c = min(CLASSIFIER_CROP, h, w)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -110,9 +115,13 @@ def train_realism_classifier(rendered: Sequence[np.ndarray], real: Sequence[np.n
     bar = tqdm(range(steps), desc="realism classifier", unit="step", disable=not progress)
     for _ in bar:
         idx = torch.randint(0, len(x), (batch_size,), generator=gen)
-        ys = torch.randint(0, h - c + 1, (batch_size,), generator=gen).tolist()
-        xs = torch.randint(0, w - c + 1, (batch_size,), generator=gen).tolist()
-        crops = torch.stack([x[i, a : a + c, b : b + c] for i, a, b in zip(idx.tolist(), ys, xs, strict=True)])
+        if one_size:
+            ys = torch.randint(0, h - c + 1, (batch_size,), generator=gen).tolist()
+            xs = torch.randint(0, w - c + 1, (batch_size,), generator=gen).tolist()
+        else:  # each crop inside its own image
+            ys = (torch.rand(batch_size, generator=gen) * (hs[idx] - c + 1)).long().tolist()
+            xs = (torch.rand(batch_size, generator=gen) * (ws[idx] - c + 1)).long().tolist()
+        crops = torch.stack([x[i][a : a + c, b : b + c] for i, a, b in zip(idx.tolist(), ys, xs, strict=True)])
         xb = crops.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
         flip = torch.rand(batch_size, generator=gen) < 0.5
         xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
@@ -172,9 +181,22 @@ def _pair_folders(data: Path, split: str) -> tuple[ImageFolder, ImageFolder]:
     return rend, real
 
 
-def _read(folder: ImageFolder, size: tuple[int, int], limit: int | None) -> list[np.ndarray]:
+def _read(folder: ImageFolder, limit: int | None) -> list[np.ndarray]:
+    """The folder's images at their own sizes."""
     names = folder.files[:limit] if limit else folder.files
-    return [load_rgb(folder.folder / n, size) for n in names]
+    return [load_rgb(folder.folder / n) for n in names]
+
+
+def _size_range(model: Path, native: tuple[int, int]) -> SizeRange:
+    """The sizes the reference takes for `model` (any multiple of its pixel multiple), its native size the budget."""
+    from r2r.tac import pixel_multiple
+
+    m = pixel_multiple(json.loads((Path(model) / "unet" / "config.json").read_text()))
+    return SizeRange(m, (2 * m, 2 * m), (MAX_SIDE, MAX_SIDE), native)
+
+
+def _groups(images: Sequence[np.ndarray]) -> list[list[int]]:
+    return by_size(range(len(images)), lambda i: images[i].shape)
 
 
 def _pipeline(model: Path, embedding: Path, size: tuple[int, int]) -> ReferencePipeline:
@@ -191,11 +213,15 @@ def _translate(pipe: ReferencePipeline, images: list[np.ndarray], methods: dict[
     from tqdm import tqdm
 
     results = {}
+    batches = [g[k : k + batch_size] for g in _groups(images) for k in range(0, len(g), batch_size)]
     for name, method in methods.items():
         t0 = time.perf_counter()
-        outs: list[np.ndarray] = []
-        for k in tqdm(range(0, len(images), batch_size), desc=name, unit="batch", disable=not progress):
-            outs.extend(pipe(images[k : k + batch_size], method))
+        outs: list[np.ndarray] = [np.zeros(0, np.uint8)] * len(images)
+        for batch in tqdm(batches, desc=name, unit="batch", disable=not progress):
+            h, w = images[batch[0]].shape[:2]
+            pipe.set_size(w, h)
+            for i, out in zip(batch, pipe([images[i] for i in batch], method), strict=True):
+                outs[i] = out
         results[name] = (outs, time.perf_counter() - t0)
     return results
 
@@ -222,11 +248,13 @@ def dki_separation(pipe: ReferencePipeline, renders: Sequence[np.ndarray], reals
         for domain, images in (("rendered", renders), ("real", reals)):
             sums = dict.fromkeys(conds, 0.0)
             count = 0
-            for k in range(0, len(images), batch_size):
-                z0 = pipe.encode(list(images[k : k + batch_size]))
-                noise = torch.stack([  # image k + j's noise, whatever the batch size
-                    torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(seed * 100_003 + k + j))
-                    for j in range(z0.shape[0])
+            for batch in [g[k : k + batch_size] for g in _groups(images) for k in range(0, len(g), batch_size)]:
+                h, w = images[batch[0]].shape[:2]
+                pipe.set_size(w, h)
+                z0 = pipe.encode([images[i] for i in batch])
+                noise = torch.stack([  # image i's noise, whatever the batch size
+                    torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(seed * 100_003 + i))
+                    for i in batch
                 ]).to(z0.device, z0.dtype)
                 for t, a in zip(timesteps, alphas, strict=True):
                     zt = forward_noise(z0, noise, a)
@@ -244,21 +272,26 @@ def _vae_roundtrip(model: Path, images: list[np.ndarray], batch_size: int) -> li
     from r2r.models import load_components
 
     c = load_components(model)
-    outs = []
+    outs: list[np.ndarray] = [np.zeros(0, np.uint8)] * len(images)
     with torch.no_grad():
-        for k in range(0, len(images), batch_size):
-            x = images_to_tensor(images[k : k + batch_size])
+        for batch in [g[k : k + batch_size] for g in _groups(images) for k in range(0, len(g), batch_size)]:
+            x = images_to_tensor([images[i] for i in batch])
             z = c.vae.encode(x).latent_dist.mean
             y = c.vae.decode(z).sample
             u8 = (y / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
-            outs.extend(im.permute(1, 2, 0).numpy() for im in u8)
+            for i, im in zip(batch, u8, strict=True):
+                outs[i] = im.permute(1, 2, 0).numpy()
     return outs
 
 
 def _grid(columns: list[list[np.ndarray]], rows: int, pad: int = 4) -> np.ndarray:
-    """Images side by side (one column per list), `rows` rows, white gutters."""
+    """Images side by side (one column per list), `rows` rows, white gutters; cells at the first image's size."""
+    from PIL import Image
+
     h, w = columns[0][0].shape[:2]
     n = min(rows, len(columns[0]))
+    columns = [[im if im.shape[:2] == (h, w) else np.asarray(Image.fromarray(im).resize((w, h))) for im in col]
+               for col in columns]
     grid = np.full((n * h + (n + 1) * pad, len(columns) * w + (len(columns) + 1) * pad, 3), 255, np.uint8)
     for r in range(n):
         for c, col in enumerate(columns):
@@ -332,16 +365,25 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     size = default_resolution(cfg.model)
     test_r, test_q = _pair_folders(cfg.data, "test")
-    renders = _read(test_r, size, cfg.limit)
-    reals = _read(test_q, size, cfg.limit)
+    renders = _read(test_r, cfg.limit)
+    reals = _read(test_q, cfg.limit)
     names = list(test_r.files[: len(renders)])
+    # every image at its own size: the reference runs it where r2r-run would (r2r/sizing.py), outputs come back at
+    # the input's size
+    sizes = _size_range(cfg.model, size)
+    placed = [place(im.shape[1], im.shape[0], sizes) for im in renders]
+    runs = [prepare(im, p) for im, p in zip(renders, placed, strict=True)]
+    runs_real = [prepare(im, place(im.shape[1], im.shape[0], sizes)) for im in reals]
+
+    def back(outs: list[np.ndarray]) -> list[np.ndarray]:
+        return [restore(o, p) for o, p in zip(outs, placed, strict=True)]
 
     # classifier: trained on the train split, judged on the whole test split
     train_r, train_q = _pair_folders(cfg.data, "train")
     t0 = time.perf_counter()
-    clf = train_realism_classifier(_read(train_r, size, None), _read(train_q, size, None), cfg.classifier_steps,
+    clf = train_realism_classifier(_read(train_r, None), _read(train_q, None), cfg.classifier_steps,
                                    seed=cfg.seed, progress=cfg.progress)
-    all_r, all_q = _read(test_r, size, None), _read(test_q, size, None)
+    all_r, all_q = _read(test_r, None), _read(test_q, None)
     pr, pq = clf.prob_real(all_r), clf.prob_real(all_q)
     clf.test_accuracy_rendered = float(np.mean(pr <= 0.5))
     clf.test_accuracy_real = float(np.mean(pq > 0.5))
@@ -351,21 +393,22 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     m = cfg.method
     rows = [Row("render (input)", "the input render, untranslated", renders),
             Row("VAE round trip", "decode(encode(render)) with the model's VAE, no diffusion",
-                _vae_roundtrip(cfg.model, renders, cfg.batch_size))]
+                back(_vae_roundtrip(cfg.model, runs, cfg.batch_size)))]
     methods = {
         "full": (m, "the method at its defaults (DKI model + negative embedding, TAC)"),
         "w/o TAC": (replace(m, tac_ratio=0.0), "tac_ratio 0"),
         "w/o negative embedding": (replace(m, guidance=1.0), "null text only (guidance 1: e = e_null)"),
     }
     pipe = _pipeline(cfg.model, cfg.embedding, size)
-    done = _translate(pipe, renders, {k: v[0] for k, v in methods.items()}, cfg.batch_size, cfg.progress)
-    separation = {"DKI model": dki_separation(pipe, renders, reals, m, cfg.batch_size, cfg.seed)}
-    rows += [Row(k, methods[k][1], outs, secs) for k, (outs, secs) in done.items()]
+    done = _translate(pipe, runs, {k: v[0] for k, v in methods.items()}, cfg.batch_size, cfg.progress)
+    separation = {"DKI model": dki_separation(pipe, runs, runs_real, m, cfg.batch_size, cfg.seed)}
+    rows += [Row(k, methods[k][1], back(outs), secs) for k, (outs, secs) in done.items()]
     if cfg.base_model is not None:
         base_emb = cfg.base_embedding or Path(cfg.base_model) / "negative_embedding.safetensors"
         base = _pipeline(cfg.base_model, base_emb, size)
-        (outs, secs), = _translate(base, renders, {"w/o finetune": m}, cfg.batch_size, cfg.progress).values()
-        separation["base model (w/o finetune)"] = dki_separation(base, renders, reals, m, cfg.batch_size, cfg.seed)
+        (outs, secs), = _translate(base, runs, {"w/o finetune": m}, cfg.batch_size, cfg.progress).values()
+        outs = back(outs)
+        separation["base model (w/o finetune)"] = dki_separation(base, runs, runs_real, m, cfg.batch_size, cfg.seed)
         rows.append(Row("w/o finetune", "the pre-DKI base model with its own negative embedding, trained on it",
                         outs, secs))
     rows.append(Row("real (ground truth)", "the photographed twin of each render", reals))

@@ -21,6 +21,7 @@ from PIL import Image
 Fit = Literal["pad", "crop", "stretch"]
 FITS: tuple[Fit, ...] = ("pad", "crop", "stretch")
 PadMode = Literal["edge", "white"]
+MAX_SIDE = 4096  # the largest side the PyTorch reference is asked to run (it takes any multiple of the pixel multiple)
 
 
 @dataclass(frozen=True)
@@ -112,4 +113,4 @@ def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC), dtype=np.uint8).copy()
 
 
-__all__ = ["FITS", "Fit", "PadMode", "Placement", "SizeRange", "place", "prepare", "restore"]
+__all__ = ["FITS", "MAX_SIDE", "Fit", "PadMode", "Placement", "SizeRange", "place", "prepare", "restore"]
