@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from r2r.graph_io import eval_dim, shape_env
 from r2r.machine import peak_rss_mb
 
 CALL_BATCH = 3  # the fused TAC step of one image: [cg, neg, null]
@@ -32,6 +33,9 @@ class AttentionConfig:
     name: str
     engine: str  # onnxruntime | openvino
     graph: str  # the ONNX file to run
+    width: int
+    height: int
+    multiple: int  # the bundle's pixel multiple: the graphs' spatial axes are multiples of height/multiple, ...
     precision: str = "fp32"
     threads: int = 0
     repeats: int = 3
@@ -66,16 +70,21 @@ def attention_nodes(onnx_path: str | Path) -> tuple[set[str], int, int]:
     return names, count, mha
 
 
-def _feeds(inputs: list[tuple[str, list[int | str], str]]) -> dict[str, np.ndarray]:
+def _feeds(cfg: AttentionConfig) -> dict[str, np.ndarray]:
+    """Inputs of one call at the configured size, shaped by the graph's own dimension expressions (B, 4*hm, ...)."""
+    import onnx
+
+    env = shape_env(CALL_BATCH, cfg.width, cfg.height, cfg.multiple)
     rng = np.random.default_rng(0)
     feeds = {}
-    for name, shape, kind in inputs:
-        dims = [CALL_BATCH if isinstance(d, str) or d is None or d < 0 else int(d) for d in shape]
+    for i in onnx.load(cfg.graph, load_external_data=False).graph.input:
+        name, kind = i.name, i.type.tensor_type.elem_type
+        dims = [eval_dim(d.dim_param or d.dim_value, env) for d in i.type.tensor_type.shape.dim]
         if name == "tac_src":
             feeds[name] = np.array([0, 1, 0], np.int64)  # the null row takes the cg row's Q/K
         elif name == "timestep":
             feeds[name] = np.array([261.0], np.float32)
-        elif "int" in kind:
+        elif kind == onnx.TensorProto.INT64:
             feeds[name] = np.zeros(dims, np.int64)
         else:
             feeds[name] = rng.standard_normal(dims).astype(np.float32)
@@ -92,7 +101,7 @@ def _onnxruntime(cfg: AttentionConfig) -> dict[str, Any]:
     so.enable_profiling = True
     so.profile_file_prefix = str(Path(cfg.graph).parent / f".profile-{cfg.name}")
     sess = ort.InferenceSession(cfg.graph, sess_options=so, providers=["CPUExecutionProvider"])
-    feeds = _feeds([(i.name, list(i.shape), i.type) for i in sess.get_inputs()])
+    feeds = _feeds(cfg)
     loaded = peak_rss_mb()
     runs = []
     for _ in range(cfg.repeats + 1):
@@ -125,8 +134,7 @@ def _openvino(cfg: AttentionConfig) -> dict[str, Any]:
     config = {**compile_config(cfg.precision, cfg.threads or default_threads()), "PERF_COUNT": True}
     compiled = core.compile_model(cfg.graph, "CPU", config)
     req = compiled.create_infer_request()
-    feeds = _feeds([(p.get_any_name(), [-1 if d.is_dynamic else d.get_length() for d in p.get_partial_shape()],
-                     str(p.get_element_type())) for p in compiled.inputs])
+    feeds = _feeds(cfg)
     loaded = peak_rss_mb()
     runs = []
     for _ in range(cfg.repeats + 1):

@@ -22,6 +22,7 @@ import numpy as np
 from r2r.benchmarks.worker import BenchConfig
 from r2r.log import log
 from r2r.metrics import psnr
+from r2r.sizing import SizeRange
 
 
 def make_images(out: Path, count: int, width: int, height: int, seed: int = 1234) -> Path:
@@ -99,8 +100,9 @@ def _size(text: str | None) -> tuple[int, int] | None:
     return w, h
 
 
-def attention_report(bundle: Path, work: Path, threads: int) -> list[dict]:
-    """`--attention`: one profiled routed-UNet call per engine (benchmarks/attention.py), each in its own process."""
+def attention_report(bundle: Path, work: Path, threads: int, width: int, height: int) -> list[dict]:
+    """`--attention`: one profiled routed-UNet call at width x height per engine (benchmarks/attention.py), each in
+    its own process."""
     from r2r.benchmarks.attention import AttentionConfig
     from r2r.engines.onnxruntime import ROW as ORT
     from r2r.manifest import read_manifest
@@ -108,10 +110,11 @@ def attention_report(bundle: Path, work: Path, threads: int) -> list[dict]:
     m = read_manifest(bundle)
     plain = bundle / m.graphs["unet"].file
     mha = bundle / m.engines[ORT.slot("cpu", "fp32", "unet")].files[0]
-    configs = [AttentionConfig("onnxruntime-plain-attention", "onnxruntime", str(plain), threads=threads),
-               AttentionConfig("onnxruntime-multi-head-attention", "onnxruntime", str(mha), threads=threads),
-               AttentionConfig("openvino-fp32", "openvino", str(plain), "fp32", threads),
-               AttentionConfig("openvino-bf16", "openvino", str(plain), "bf16", threads)]
+    at = {"width": width, "height": height, "multiple": int(m.sizes["multiple"]), "threads": threads}
+    configs = [AttentionConfig("onnxruntime-plain-attention", "onnxruntime", str(plain), **at),
+               AttentionConfig("onnxruntime-multi-head-attention", "onnxruntime", str(mha), **at),
+               AttentionConfig("openvino-fp32", "openvino", str(plain), precision="fp32", **at),
+               AttentionConfig("openvino-bf16", "openvino", str(plain), precision="bf16", **at)]
     results = []
     for c in configs:
         cfg_path, res_path = work / f"{c.name}.attention.json", work / f"{c.name}.attention.result.json"
@@ -216,8 +219,10 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, si
         verify_files(bundle, manifest)
         if manifest.batch_max < max(sizes):
             raise click.BadParameter(f"--bundle supports batches up to {manifest.batch_max}, not {max(sizes)}")
-        if (manifest.width, manifest.height) != (w, h):
-            raise click.BadParameter(f"--bundle is {manifest.width}x{manifest.height}, not {w}x{h}; pass --size")
+        sz = manifest.sizes
+        if not SizeRange(sz["multiple"], tuple(sz["min"]), tuple(sz["max"]), (w, h)).takes(w, h):
+            raise click.BadParameter(f"--bundle takes sides multiples of {sz['multiple']} from {sz['min']} to "
+                                     f"{sz['max']}, not {w}x{h}; pass a --size inside that range")
     else:
         bundle = out / "bundles" / f"{model.name}-{w}x{h}"
         manifest = export_bundle(ExportConfig(model, embedding, bundle, w, h, batch_max=max(sizes)), progress=log)
@@ -226,7 +231,7 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, si
     build_ort_engines(bundle, "fp32", "cpu", progress=log)
     if attention:
         report = {"machine": describe_machine(), "model": str(model), "resolution": [w, h],
-                  "attention": attention_report(bundle, work, threads),
+                  "attention": attention_report(bundle, work, threads, w, h),
                   "command": "r2r-bench " + " ".join(_portable_args(sys.argv[1:])),
                   "wall_s": time.perf_counter() - start}
         paths = write_reports(report, out)

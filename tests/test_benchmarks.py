@@ -41,3 +41,22 @@ def test_report_states_ratios_against_public_code_and_fidelity_beside_speed() ->
     md = markdown(report, rows)
     line = next(x for x in md.splitlines() if x.startswith("| onnxruntime-fp32-b1"))
     assert "4.00x" in line and "| 58 |" in line and "| 48.0 |" in line
+
+
+def test_attention_profile_calls_the_unet_at_the_requested_size_and_openvino_fuses_every_attention(
+        tiny_bundle: Path) -> None:
+    """`r2r-bench --attention` feeds the routed UNet at the size asked (the graph's own dimension expressions), not
+    at a placeholder; OpenVINO's CPU plugin fuses each attention of the graph, the TAC layers' included."""
+    from r2r.benchmarks.attention import CALL_BATCH, AttentionConfig, _feeds, run
+    from r2r.manifest import read_manifest
+
+    m = read_manifest(tiny_bundle)
+    graph = str(tiny_bundle / m.graphs["unet"].file)
+    cfg = AttentionConfig("ov", "openvino", graph, width=192, height=256, multiple=int(m.sizes["multiple"]),
+                          precision="fp32", threads=1, repeats=1)
+    feeds = _feeds(cfg)
+    assert feeds["sample"].shape[0] == CALL_BATCH and feeds["sample"].shape[2:] == (256 // 8, 192 // 8)
+    assert feeds["tac_src"].tolist() == [0, 1, 0]
+    result = run(cfg)
+    assert result["attention_layers"] > 0 and result["fused_attention_nodes"] == result["attention_layers"]
+    assert result["call_ms_min"] > 0 and 0 < result["attention_share"] < 1
