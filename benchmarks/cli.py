@@ -158,18 +158,33 @@ def attention_report(bundle: Path, work: Path, threads: int, width: int, height:
                    "(benchmarks/padding.py), on the default backend.")
 @click.option("--attention", is_flag=True, help="Instead: where a UNet call's time and memory go in attention, "
               "per engine (ONNX Runtime's exported pattern vs MultiHeadAttention, OpenVINO fp32 / bf16).")
+@click.option("--ray", "ray_check", is_flag=True, help="Instead: one r2r-run process (--threads T, default 2) "
+              "against r2r-run --ray local (T actors x 1 thread) on the same renders (--images, default 20).")
 @click.option("--gpu-check", is_flag=True, help="Instead: the GPU path's parity and timings on a CUDA machine "
               "(benchmarks/gpu-check.md); with no GPU, its CPU rehearsal. --quick: fewer steps.")
 def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, size: str | None, out: Path,
          n_images: int | None, batch_sizes: str | None, repeats: int | None, warmup: bool, threads: int,
          bundle_dir: Path | None, only: str | None, static_too: bool, padding: bool, attention: bool,
-         gpu_check: bool) -> None:
+         ray_check: bool, gpu_check: bool) -> None:
     """Benchmark r2r's backends beside the public code and the PyTorch reference."""
     if gpu_check:
         from r2r.benchmarks.gpu_check import run
 
         out.mkdir(parents=True, exist_ok=True)
         run(out, quick=quick, repeats=repeats or 2)
+        return
+    if ray_check:
+        from r2r.benchmarks.report import write_reports
+        from r2r.benchmarks.scale_out import ray_report
+        from r2r.machine import describe_machine
+
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        report = {"machine": describe_machine(), "ray": ray_report(out, n_images or 20, threads or 2),
+                  "command": "r2r-bench " + " ".join(_portable_args(sys.argv[1:])),
+                  "wall_s": time.perf_counter() - t0}
+        paths = write_reports(report, out)
+        log(f"r2r-bench: done in {report['wall_s']:.0f} s -> {', '.join(str(p) for p in paths)}")
         return
     if padding:
         from r2r.atomic import atomic_write

@@ -150,7 +150,34 @@ def attention_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ray_markdown(report: dict[str, Any]) -> str:
+    m, one, ray = report["machine"], report["ray"]["one_process"], report["ray"]["ray_local"]
+    return "\n".join([
+        f"# r2r-bench --ray: {report['ray']['images']} renders, {report['ray']['backend']} "
+        f"{report['ray']['precision']}",
+        "",
+        f"Machine: {m['cpu'].get('model', '?')}, {m['logical_cpus']} logical CPUs, {m['memory_gib']} GiB.  ",
+        f"Command: `{report['command']}`",
+        "",
+        "| run | wall s | images/s (wall) | images/s (steady) | first output s |",
+        "|---|---|---|---|---|",
+        f"| r2r-run, one process, {one['threads']} threads | {one['wall_s']:.1f} | {one['images_per_s_wall']:.2f} | "
+        f"{one['images_per_s_after_load']:.2f} (after loading) | |",
+        f"| r2r-run --ray local, {ray['actors']} actors x 1 thread | {ray['wall_s']:.1f} | "
+        f"{ray['images_per_s_wall']:.2f} | {ray['images_per_s_steady']:.2f} | {ray['first_output_s']:.1f} |",
+        "",
+        f"Translation inside the actors: {ray['translate_s_per_image']:.3f} s per image. Outputs identical to the "
+        f"one-process run's: {report['ray']['outputs_identical']}.",
+        "",
+    ])
+
+
 def write_reports(report: dict[str, Any], out: Path) -> list[Path]:
+    if "ray" in report:
+        report = _portable(report, out)
+        (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (out / "report.md").write_text(ray_markdown(report))
+        return [out / "report.json", out / "report.md"]
     if "attention" in report:
         report = _portable(report, out)
         (out / "report.json").write_text(json.dumps(report, indent=2, default=str))

@@ -27,6 +27,7 @@ import numpy as np
 
 from r2r import graph_io as io
 from r2r.config import MethodConfig
+from r2r.locks import writes_bundle
 from r2r.log import log
 from r2r.manifest import ENGINES_DIR, EngineEntry, Manifest, bundle_path, read_manifest, record_file, write_manifest
 from r2r.models import EMBEDDING_FILE, sha256_tree
@@ -115,6 +116,7 @@ def quantize_unet(onnx_path: Path, samples: list[dict[str, np.ndarray]], out: Pa
             "scheme": "hybrid: INT8 weights of MatMuls with weights; INT8 weights and activations elsewhere"}
 
 
+@writes_bundle
 def build_int8_unet(bundle: str | Path, model_dir: Path, embedding: Path | None = None,
                     renders: Sequence[np.ndarray] | None = None,
                     progress: Callable[[str], None] = log) -> EngineEntry:

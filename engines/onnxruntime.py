@@ -20,6 +20,7 @@ from typing import Any
 
 from r2r.atomic import atomic_path
 from r2r.backends import BuildRequest, backend_row
+from r2r.locks import writes_bundle
 from r2r.log import log
 from r2r.manifest import ENGINES_DIR, EngineEntry, bundle_path, read_manifest, record_file, verify_files, write_manifest
 
@@ -80,6 +81,7 @@ def fuse_attention(src: Path, dst: Path, external_data: bool) -> int:
     return fused
 
 
+@writes_bundle
 def build_ort_engines(bundle: Path, precision: str = "fp32", device: str = "cpu", graphs: list[str] | None = None,
                       progress: Callable[[str], None] = log) -> list[EngineEntry]:
     """Optimize each bundle graph for one provider and save it under engines/onnxruntime/<device>-<precision>/."""

@@ -20,6 +20,7 @@ from typing import Any
 
 from r2r import graph_io as io
 from r2r.backends import BuildRequest, backend_row
+from r2r.locks import writes_bundle
 from r2r.log import log
 from r2r.manifest import (
     ENGINES_DIR,
@@ -85,6 +86,7 @@ def compile_graph(core: Any, path: Path, precision: str, threads: int) -> Any:
     return core.compile_model(str(path), "CPU", compile_config(precision, threads))
 
 
+@writes_bundle
 def build_ov_engines(bundle: str | Path, precision: str = "fp32", threads: int = 0,
                      progress: Callable[[str], None] = log) -> EngineEntry:
     """Compile every graph the host program calls into the bundle's model cache (int8: the INT8 UNet must have been

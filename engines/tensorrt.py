@@ -44,6 +44,7 @@ from r2r import graph_io as io
 from r2r.atomic import atomic_write
 from r2r.backends import BuildRequest, backend_row
 from r2r.gpu import gpu_info, import_tensorrt
+from r2r.locks import writes_bundle
 from r2r.log import log
 from r2r.manifest import (
     ENGINES_DIR,
@@ -357,6 +358,7 @@ def _up_to_date(bundle: Path, manifest: Manifest, entry: EngineEntry | None, key
     return True
 
 
+@writes_bundle
 def build_bundle_engines(bundle: str | Path, cfg: TrtBuildConfig, graphs: Sequence[str] | None = None,
                          trt: ModuleType | None = None, gpu: dict[str, Any] | None = None,
                          progress: Callable[[str], None] = log) -> list[EngineEntry]:

@@ -33,6 +33,7 @@ from r2r.export.graphs import (
     unet_specs,
 )
 from r2r.export.to_onnx import OPSET, Sizes, export_graph
+from r2r.locks import bundle_lock
 from r2r.log import log
 from r2r.manifest import (
     COND_FILE,
@@ -138,7 +139,13 @@ def _examples(name: str, comps: Components, plan: TACPlan, h: int, w: int) -> tu
 
 
 def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = log) -> Manifest:
-    """Write or refresh the bundle at cfg.out; returns its manifest."""
+    """Write or refresh the bundle at cfg.out, holding its writer lock (another process exporting or building the
+    same bundle finishes first; then what it wrote is reused); returns its manifest."""
+    with bundle_lock(cfg.out, progress):
+        return _export_bundle(cfg, progress)
+
+
+def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manifest:
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     comps = load_components(cfg.model)

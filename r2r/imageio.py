@@ -24,6 +24,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MAX_INPUT_PIXELS = 16384 * 16384
 # Smallest side accepted: an f8 VAE and a UNet of three 2x downsamplings leave one latent cell per side at 64 px.
 MIN_INPUT_SIDE = 64
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of the orientation
 
 
 class ImageReadError(ValueError):
@@ -61,6 +62,20 @@ def load_rgb(path: str | os.PathLike[str], size: tuple[int, int] | None = None) 
     if size is not None and img.size != tuple(size):
         img = img.resize(tuple(size), Image.Resampling.BICUBIC)
     return np.asarray(img, dtype=np.uint8).copy()
+
+
+def oriented_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """An image's (W, H) after its EXIF orientation, from its header alone (nothing decoded)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ImageReadError(f"{p}: not a regular file")
+    try:
+        with Image.open(p) as im:
+            w, h = im.size
+            rotated = im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)  # the transposing orientations
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageReadError(f"{p}: cannot read image ({exc})") from exc
+    return (h, w) if rotated else (w, h)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -12,8 +12,9 @@ stretch` resizes to the bundle's own size, aspect ignored (the public code's pre
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -21,6 +22,7 @@ from PIL import Image
 Fit = Literal["pad", "crop", "stretch"]
 FITS: tuple[Fit, ...] = ("pad", "crop", "stretch")
 PadMode = Literal["edge", "white"]
+T = TypeVar("T")
 MAX_SIDE = 4096  # the largest side the PyTorch reference is asked to run (it takes any multiple of the pixel multiple)
 
 
@@ -113,4 +115,24 @@ def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC), dtype=np.uint8).copy()
 
 
-__all__ = ["FITS", "MAX_SIDE", "Fit", "PadMode", "Placement", "SizeRange", "place", "prepare", "restore"]
+def group_by_size(items: Iterable[T], size_of: Callable[[T], tuple[int, int]], batch_size: int,
+                  pending_max: int = 0) -> Iterator[list[T]]:
+    """Batches of one run size, in a stream: a batch is yielded as soon as it is full, and when more than
+    `pending_max` items wait (default 4 batches) the largest group goes, so a folder of mixed sizes streams in bounded
+    memory; the rest at the end, in the order their sizes first came. One process and a Ray driver batch alike."""
+    pending: dict[tuple[int, int], list[T]] = {}
+    cap = pending_max or 4 * batch_size
+    for item in items:
+        size = size_of(item)
+        group = pending.setdefault(size, [])
+        group.append(item)
+        if len(group) == batch_size:
+            yield pending.pop(size)
+        elif sum(len(g) for g in pending.values()) > cap:
+            yield pending.pop(max(pending, key=lambda k: len(pending[k])))
+    for size in list(pending):
+        yield pending.pop(size)
+
+
+__all__ = ["FITS", "MAX_SIDE", "Fit", "PadMode", "Placement", "SizeRange", "group_by_size", "place", "prepare",
+           "restore"]

@@ -2,7 +2,8 @@
 
 It resolves, once and in this order: the bundle (the one given, or the model's, exported into the cache), the
 method (the bundle's defaults under the flags given), the backend row, its device and precision (from the backend
-table), the backend itself, and the program's variant. `--backend torch` is the PyTorch reference instead, on the
+table) and the program's variant (`prepare_run`: what a Ray driver resolves once for all its actors), then the
+backend itself. `--backend reference` is the PyTorch reference instead, on the
 model itself.
 """
 
@@ -11,14 +12,14 @@ from __future__ import annotations
 import importlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from r2r import __version__
-from r2r.backends import BuildRequest, backend_row
+from r2r.backends import BackendRow, BuildRequest, backend_row
 from r2r.config import Inversion, MethodConfig, Variant
 from r2r.log import log
 from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, default_resolution, sha256_file
@@ -107,11 +108,31 @@ def _close(backend: Backend | None) -> None:
         close()
 
 
-def open_runtime(cfg: RunConfig, progress: Callable[[str], None] = log) -> Runtime:
+@dataclass
+class PreparedRun:
+    """A run resolved down to what each process that runs it opens: the bundle (exported and built once), the
+    backend row, device and precision, the method and the program's variant, what every output records, and the
+    sizes it takes. `r2r-run --ray` prepares on the driver; each actor then opens the same run."""
+
+    root: Path
+    bundle: Bundle
+    row: BackendRow
+    device: str
+    precision: str
+    method: MethodConfig
+    variant: Variant
+    params: dict[str, Any]
+    sizes: SizeRange
+
+    def config(self, cfg: RunConfig) -> RunConfig:
+        """`cfg` pinned to this run: its bundle, backend, device and precision (nothing left to resolve)."""
+        return replace(cfg, engine=self.root, backend=self.row.name, device=self.device, precision=self.precision)
+
+
+def prepare_run(cfg: RunConfig, progress: Callable[[str], None] = log) -> PreparedRun:
+    """Steps 1-4 of `open_runtime`: everything but opening the backend (bundle backends only)."""
     if cfg.batch < 1:
         raise ValueError("--batch-size must be >= 1")
-    if cfg.backend == REFERENCE:
-        return _open_reference(cfg)
     # 1. what can be checked before a bundle is exported
     row = None if cfg.backend == "auto" else backend_row(cfg.backend)
     device = None if row is None else resolve_device(row, cfg.device)
@@ -139,27 +160,39 @@ def open_runtime(cfg: RunConfig, progress: Callable[[str], None] = log) -> Runti
         request = BuildRequest(precision, device, model=cfg.model_dir(), embedding=cfg.embedding_file())
         importlib.import_module(row.builder).build(root, request, progress)
         bundle = open_bundle(root)
-    backend = runtime_module(row).open_backend(bundle, device, precision, cfg.threads, model=cfg.model_dir())
-    try:
-        # 4. the program's variant: auto fuses the TAC step whenever the inversion allows it (one routed UNet call of
-        # 3B instead of emit B + inject 2B, and the only UNet graph the program loads)
-        fused = cfg.fused == "on" or (cfg.fused == "auto" and cfg.inversion == "exact")
-        variant = Variant(cfg.inversion, fused)
-        scheduler = CoupledScheduler(bundle, backend, cfg.batch, method, variant)
-    except BaseException:
-        _close(backend)
-        raise
-    # 5. a scheduler (buffers and bound program) per image size, made on the size's first batch
-    schedulers = SchedulerCache(lambda size: CoupledScheduler(bundle, backend, cfg.batch, method, variant, size),
-                                cfg.max_sizes if backend.frees_dropped_buffers else None)
-    schedulers.put((bundle.width, bundle.height), scheduler)
+    # 4. the program's variant: auto fuses the TAC step whenever the inversion allows it (one routed UNet call of
+    # 3B instead of emit B + inject 2B, and the only UNet graph the program loads)
+    fused = cfg.fused == "on" or (cfg.fused == "auto" and cfg.inversion == "exact")
     (w0, h0), (w1, h1) = bundle.size_range()
     sizes = SizeRange(bundle.multiple, (w0, h0), (w1, h1), (bundle.width, bundle.height))
     params = {**method.as_dict(), "fit": cfg.fit, "max_pixels": cfg.max_pixels, "backend": row.name,
               "precision": precision, "inversion": cfg.inversion, "fused": fused, "bundle_sha256": bundle.sha256,
               "r2r": __version__}
-    return Runtime(schedulers.translate, params, lambda: scheduler.unet_evaluations_per_image, sizes, cfg.fit,
-                   cfg.max_pixels, device, bundle, backend, scheduler)
+    return PreparedRun(Path(root), bundle, row, device, precision, method, Variant(cfg.inversion, fused), params,
+                       sizes)
+
+
+def open_runtime(cfg: RunConfig, progress: Callable[[str], None] = log) -> Runtime:
+    if cfg.backend == REFERENCE:
+        if cfg.batch < 1:
+            raise ValueError("--batch-size must be >= 1")
+        return _open_reference(cfg)
+    run = prepare_run(cfg, progress)
+    bundle, method, variant = run.bundle, run.method, run.variant
+    # 5. the backend, and the example size's scheduler (buffers allocated once, the program bound)
+    backend = runtime_module(run.row).open_backend(bundle, run.device, run.precision, cfg.threads,
+                                                   model=cfg.model_dir())
+    try:
+        scheduler = CoupledScheduler(bundle, backend, cfg.batch, method, variant)
+    except BaseException:
+        _close(backend)
+        raise
+    # 6. a scheduler (buffers and bound program) per image size, made on the size's first batch
+    schedulers = SchedulerCache(lambda size: CoupledScheduler(bundle, backend, cfg.batch, method, variant, size),
+                                cfg.max_sizes if backend.frees_dropped_buffers else None)
+    schedulers.put((bundle.width, bundle.height), scheduler)
+    return Runtime(schedulers.translate, run.params, lambda: scheduler.unet_evaluations_per_image, run.sizes,
+                   cfg.fit, cfg.max_pixels, run.device, bundle, backend, scheduler)
 
 
 class SchedulerCache:
@@ -219,4 +252,4 @@ def _open_reference(cfg: RunConfig) -> Runtime:
     return Runtime(translate, params, lambda: round(pipe.count.per_image), sizes, cfg.fit, cfg.max_pixels, device)
 
 
-__all__ = ["REFERENCE", "RunConfig", "Runtime", "SchedulerCache", "open_runtime"]
+__all__ = ["REFERENCE", "PreparedRun", "RunConfig", "Runtime", "SchedulerCache", "open_runtime", "prepare_run"]

@@ -2,71 +2,55 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
 import click
 import numpy as np
 
-from r2r import __version__
 from r2r.backends import DEVICES, NAMES, PRECISIONS
 from r2r.config import INVERSIONS, Inversion, MethodConfig
-from r2r.imageio import ImageReadError, collect_inputs, load_rgb, output_path_for, read_png_text, save_png
+from r2r.imageio import ImageReadError, collect_inputs, load_rgb, output_path_for
 from r2r.log import log
 from r2r.manifest import BundleError
 from r2r.models import ModelLoadError
-from r2r.runtime.assembly import REFERENCE, FusedChoice, RunConfig, Runtime, open_runtime
-from r2r.sizing import FITS, Fit, Placement, prepare, restore
+from r2r.runtime.assembly import REFERENCE, FusedChoice, RunConfig, Runtime, open_runtime, prepare_run
+from r2r.runtime.outputs import is_complete, write_output
+from r2r.sizing import FITS, Fit, Placement, group_by_size, prepare, restore
 
-PARAMS_KEY = "r2r:parameters"
 METHOD_FLAGS = ("steps", "strength", "guidance", "tac_ratio", "tac_divisor", "tac_target")
 # Flags that only one kind of run takes: given with the other, r2r-run refuses them by name instead of ignoring them.
 BUNDLE_ONLY = {"engine": "--engine", "fused": "--fused"}
 WITHOUT_ENGINE = {"width": "--width", "height": "--height", "model": "--model", "embedding": "--embedding"}
 
 
-def _complete(path: Path, params: dict) -> bool:
-    """An output counts as done if it decodes whole and was made with the same parameters."""
-    from PIL import Image
-
-    if not path.is_file():
-        return False
-    try:
-        with Image.open(path) as im:
-            im.load()
-        old = json.loads(read_png_text(path).get(PARAMS_KEY, "{}"))
-    except (OSError, ValueError):
-        return False
-    return {k: v for k, v in old.items() if k != "source"} == params
-
-
 def stream_batches(paths: list[Path], runtime: Runtime, batch_size: int,
                    run: Callable[[list[tuple[Path, np.ndarray, Placement]]], None], pending_max: int = 0
                    ) -> Iterator[tuple[Path, str]]:
-    """Read `paths` in order, place each at its run size, and call `run` on batches of one run size: a batch runs as
-    soon as it is full, and when more than `pending_max` images wait (default 4 batches) the largest group runs, so
-    a folder of mixed sizes streams in bounded memory. Yields (path, why) for each input that cannot be read."""
-    pending: dict[tuple[int, int], list[tuple[Path, np.ndarray, Placement]]] = {}
-    cap = pending_max or 4 * batch_size
-    for p in paths:
-        try:
-            img = load_rgb(p)
-        except ImageReadError as exc:
-            yield p, str(exc)
-            continue
-        placement = runtime.place(img.shape[1], img.shape[0])
-        group = pending.setdefault(placement.run, [])
-        group.append((p, prepare(img, placement), placement))
-        if len(group) == batch_size:
-            run(pending.pop(placement.run))
-        elif sum(len(g) for g in pending.values()) > cap:
-            run(pending.pop(max(pending, key=lambda k: len(pending[k]))))
-    for size in list(pending):
-        run(pending.pop(size))
+    """Read `paths` in order, place each at its run size, and call `run` on batches of one run size
+    (`group_by_size`: full batches as soon as they are, a folder of mixed sizes in bounded memory). Yields (path, why)
+    for each input that cannot be read, as it is met."""
+    failed: list[tuple[Path, str]] = []
+
+    def decoded() -> Iterator[tuple[Path, np.ndarray, Placement]]:
+        for p in paths:
+            try:
+                img = load_rgb(p)
+            except ImageReadError as exc:
+                failed.append((p, str(exc)))
+                continue
+            placement = runtime.place(img.shape[1], img.shape[0])
+            yield p, prepare(img, placement), placement
+
+    for batch in group_by_size(decoded(), lambda item: item[2].run, batch_size, pending_max):
+        yield from failed
+        failed.clear()
+        run(batch)
+    yield from failed
 
 
 def _given(ctx: click.Context, names: dict[str, str]) -> list[str]:
@@ -137,7 +121,16 @@ def _check_flags(ctx: click.Context, backend: str, engine: Path | None, precisio
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="[default: the backend's: fp32 on CPU, the best the bundle's TensorRT engines were built with]")
 @click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="CPU threads per backend session (0: all cores); several runs on one machine split them.")
 @click.option("--resume", is_flag=True, help="Skip inputs whose output exists, is complete and has these parameters.")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Translate on a Ray cluster (pip install 'r2r[ray]'): local (one here, for the run), auto (join "
+                   "RAY_ADDRESS) or ray://host:port. The bundle and --output must be paths every node sees "
+                   "(docs/scale-out.md); OUTPUT/results.jsonl records every input.")
+@click.option("--actors", default=None, metavar="N|MIN:MAX",
+              help="With --ray: translating actors, a fixed pool or autoscaling [default: the CPUs / --threads; "
+                   "one per GPU with --device cuda].")
 @click.option("--device", default="auto", show_default=True,
               help="Bundle backends: auto, cpu or cuda (checked against the backend; onnxruntime on cuda runs "
                    "device-resident buffers and CUDA graphs). reference: a torch device [auto = cpu].")
@@ -147,7 +140,8 @@ def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ..
          height: int | None, fit: str, max_pixels: int | None, steps: int | None, strength: float | None,
          guidance: float | None, tac_ratio: float | None, tac_divisor: int | None, tac_target: str | None,
          inversion: str, fused: str,
-         precision: str | None, batch_size: int, resume: bool, device: str) -> None:
+         precision: str | None, batch_size: int, threads: int, resume: bool, ray_address: str | None,
+         actors: str | None, device: str) -> None:
     """Translate rendered images into realistic photos (FashionR2R), one PNG per input."""
     from tqdm import tqdm
 
@@ -168,9 +162,13 @@ def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ..
         raise click.UsageError(f"no image found in {', '.join(specs)}")
     flags = dict(zip(METHOD_FLAGS, (steps, strength, guidance, tac_ratio, tac_divisor, tac_target), strict=True))
     cfg = RunConfig(engine=engine, model=model, embedding=embedding, width=width, height=height, backend=backend,
-                    device=device, precision=precision, batch=batch_size,
+                    device=device, precision=precision, batch=batch_size, threads=threads,
                     method={k: v for k, v in flags.items() if v is not None}, inversion=cast(Inversion, inversion),
                     fused=cast(FusedChoice, fused), fit=cast(Fit, fit), max_pixels=max_pixels)
+    if ray_address is not None:
+        sys.exit(_run_on_ray(cfg, paths, output, resume, ray_address, actors))
+    if actors is not None:
+        raise click.UsageError("--actors: only with --ray")
     try:
         MethodConfig(**cfg.method)  # a bad flag fails before anything is exported or loaded
         runtime = open_runtime(cfg)
@@ -179,7 +177,7 @@ def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ..
 
     params = runtime.params
     output.mkdir(parents=True, exist_ok=True)
-    todo = [p for p in paths if not (resume and _complete(output_path_for(p, output), params))]
+    todo = [p for p in paths if not (resume and is_complete(output_path_for(p, output), params))]
     skipped = len(paths) - len(todo)
     failed: list[str] = []
     done = 0
@@ -191,9 +189,7 @@ def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ..
         try:
             outs = runtime([img for _, img, _ in batch])
             for (p, _, placement), img in zip(batch, outs, strict=True):
-                text = {PARAMS_KEY: json.dumps({**params, "source": p.name}, sort_keys=True),
-                        "Software": f"r2r {__version__}"}
-                save_png(output_path_for(p, output), restore(img, placement), text)
+                write_output(output_path_for(p, output), restore(img, placement), params, p.name)
                 done += 1
         except (RuntimeError, ValueError, OSError) as exc:
             failed.extend(f"{p}: {exc}" for p, _, _ in batch)
@@ -214,3 +210,28 @@ def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ..
         log(f"  failed: {why}")
     if failed:
         sys.exit(1)
+
+
+def _run_on_ray(cfg: RunConfig, paths: list[Path], output: Path, resume: bool, address: str,
+                actors: str | None) -> int:
+    """`--ray`: prepare the run here once (bundle and engines), then translate on the cluster's actors."""
+    from r2r.runtime import ray_run
+
+    if cfg.backend == REFERENCE:
+        raise click.UsageError("--ray runs a bundle backend; the PyTorch reference runs in one process")
+    try:
+        ray_run.import_ray()
+        MethodConfig(**cfg.method)
+        prepared = prepare_run(cfg)
+    except (ModelLoadError, BundleError, ValueError, ImportError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    gpus = 1.0 if prepared.device == "cuda" else 0.0
+    threads = cfg.threads or 1
+    try:
+        lo, hi = ray_run.parse_actors(actors) if actors else (None, None)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    ray_cfg = ray_run.RayConfig(address, lo, hi, threads, gpus)
+    describe = (f"{prepared.row.name} {prepared.precision} on {prepared.device}, {cfg.inversion} inversion"
+                f"{', fused' if prepared.variant.fused else ''}")
+    return ray_run.run_cli(prepared, replace(cfg, threads=threads), paths, output, ray_cfg, resume, describe)

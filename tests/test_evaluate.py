@@ -69,18 +69,23 @@ def test_the_realism_classifier_beats_chance_on_held_out_images(data_dir: Path) 
     assert len(p_rend) == 18 and accuracy >= 0.75, (p_rend, p_real)
 
 
-def test_evaluate_writes_the_ablation_report(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+def _evaluate(model: Path, data: Path, out: Path, limit: int, steps: int) -> None:
+    """`r2r-train evaluate` with the model as its own base, few steps; it must succeed."""
     from click.testing import CliRunner
 
     from r2r.training.cli import main
 
-    out = tmp_path / "eval"
-    emb = tiny_model_dir / "negative_embedding.safetensors"
-    args = ["evaluate", "--model", str(tiny_model_dir), "--data", str(data_dir), "--out", str(out),
-            "--base-model", str(tiny_model_dir), "--base-embedding", str(emb), "--limit", "2", "--steps", "4",
-            "--strength", "0.5", "--classifier-steps", "5", "--no-progress"]
+    emb = model / "negative_embedding.safetensors"
+    args = ["evaluate", "--model", str(model), "--data", str(data), "--out", str(out), "--base-model", str(model),
+            "--base-embedding", str(emb), "--limit", str(limit), "--steps", str(steps), "--strength", "0.5",
+            "--classifier-steps", "5", "--no-progress"]
     res = CliRunner().invoke(main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
+
+
+def test_evaluate_writes_the_ablation_report(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    _evaluate(tiny_model_dir, data_dir, out, limit=2, steps=4)
     report = json.loads((out / "report.json").read_text())
     names = [r["name"] for r in report["rows"]]
     assert names == ["render (input)", "VAE round trip", "full", "w/o TAC", "w/o negative embedding",
@@ -96,6 +101,31 @@ def test_evaluate_writes_the_ablation_report(tiny_model_dir: Path, data_dir: Pat
     assert len(list((out / "images" / "full").glob("*.png"))) == 2
     assert set(report["separation"]) == {"DKI model", "base model (w/o finetune)"}
     assert "DKI separation" in md and "| DKI model |" in md
+
+
+def test_evaluate_translates_a_test_split_of_mixed_sizes_each_at_its_own_size(
+        tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    """Pairs of different sizes (one off the pixel multiple: padded and restored) are evaluated together; every
+    output has its render's size and every metric compares like with like."""
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "mixed"
+    shutil.copytree(data_dir, data)
+    names = sorted(p.name for p in (data / "test" / "rendered").glob("*.png"))[:3]
+    sizes = {names[0]: (96, 64), names[1]: (80, 112)}  # names[2] keeps 64x64
+    for name, size in sizes.items():
+        for domain in ("rendered", "real"):
+            path = data / "test" / domain / name
+            Image.open(path).convert("RGB").resize(size, Image.BICUBIC).save(path)
+    out = tmp_path / "eval"
+    _evaluate(tiny_model_dir, data, out, limit=3, steps=2)
+    for row in ("full", "wo_TAC", "VAE_round_trip"):
+        got = {p.name: Image.open(p).size for p in (out / "images" / row).glob("*.png")}
+        assert got == {**{n: (64, 64) for n in names}, **sizes}, (row, got)
+    report = json.loads((out / "report.json").read_text())
+    assert report["images"] == 3 and all(0.0 < r["ssim_input"] <= 1.0 + 1e-9 for r in report["rows"])
 
 
 def _test_pairs(count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:

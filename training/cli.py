@@ -266,3 +266,7 @@ def evaluate_cmd(model: Path | None, embedding: Path | None, base_model: Path | 
         raise click.ClickException(str(exc)) from exc
     click.echo((out / "report.md").read_text(encoding="utf-8"))
     click.echo(f"report: {out / 'report.json'} ({report['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":  # `accelerate launch -m r2r.training.cli ...`
+    main()

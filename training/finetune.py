@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from r2r.atomic import atomic_dir
-from r2r.imageio import ImageReadError, load_rgb
+from r2r.imageio import ImageReadError, load_rgb, oriented_size
 from r2r.models import EMBEDDING_FILE, Components, load_components
 from r2r.schedule import alphas_cumprod, forward_noise
 from r2r.tac import pixel_multiple
@@ -102,15 +102,10 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) 
 
 def _oriented_size(path: Path) -> tuple[int, int]:
     """An image's (W, H) after its EXIF orientation, from its header."""
-    from PIL import Image
-
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-            rotated = im.getexif().get(0x0112) in (5, 6, 7, 8)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: cannot read image ({exc})") from exc
-    return (h, w) if rotated else (w, h)
+        return oriented_size(path)
+    except ImageReadError as exc:
+        raise DataError(str(exc)) from exc
 
 
 @dataclass(frozen=True)

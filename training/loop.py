@@ -236,11 +236,13 @@ def data_indices(seed: int, num_samples: int, start: int, count: int) -> list[in
     return out
 
 
-def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> torch.Generator:
-    """The CPU generator of one micro-batch: noise, timesteps, crops and dropout of (step, micro, process)."""
+def step_generator(seed: int, step: int, slot: int = 0) -> torch.Generator:
+    """The CPU generator of one micro-batch: noise, timesteps, crops and dropout of its `slot` in the step's global
+    batch (micro-batch x processes + process). Keyed by the slot, not by the process, so that P processes draw what
+    one process with P times the gradient accumulation draws: the same samples, the same noise."""
     import torch
 
-    return torch.Generator().manual_seed(derive_seed(_STEP_SALT, seed, step, micro, process))
+    return torch.Generator().manual_seed(derive_seed(_STEP_SALT, seed, step, slot, 0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,8 +409,9 @@ def run_training(task: TrainTask, cfg: LoopConfig, out: Path) -> LoopResult:
     """Train `task` to `cfg.max_steps` optimizer steps under accelerate; checkpoints and logs go to `out`.
 
     With `cfg.resume`, continues from `out`'s latest checkpoint (or starts fresh if there is none).
-    Single process here; under `accelerate launch` every process takes its own slice of each global
-    batch (batch-size per process) and only the main process writes.
+    Under `accelerate launch` every process takes its own slice of each global batch (batch-size per process;
+    the global batch is processes x batch-size x grad-accum, with the same samples and noise whatever the split)
+    and only the main process writes.
     """
     import torch
     from accelerate import Accelerator
@@ -468,11 +471,12 @@ def run_training(task: TrainTask, cfg: LoopConfig, out: Path) -> LoopResult:
                 step_loss = 0.0
                 cuda = [torch.cuda.current_device()] if device.type == "cuda" else []
                 with torch.random.fork_rng(devices=cuda):
-                    torch.manual_seed(derive_seed(_STEP_SALT, cfg.seed, step, rank, 1))  # e.g. dropout layers
                     for micro in range(cfg.grad_accum):
+                        slot = micro * procs + rank  # the micro-batch's place in the step's global batch
+                        torch.manual_seed(derive_seed(_STEP_SALT, cfg.seed, step, slot, 1))  # e.g. dropout layers
                         first = ((step * cfg.grad_accum + micro) * procs + rank) * cfg.batch_size
                         idx = data_indices(cfg.seed, task.num_samples, first, cfg.batch_size)
-                        gen = step_generator(cfg.seed, step, micro, rank)
+                        gen = step_generator(cfg.seed, step, slot)
                         with accelerator.accumulate(module):
                             with accelerator.autocast():
                                 loss = task.loss(module, idx, gen)

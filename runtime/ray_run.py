@@ -1,0 +1,278 @@
+"""`r2r-run --ray ADDRESS`: the translation of `r2r-run` on a Ray cluster, through Ray Data (docs/scale-out.md).
+
+1. The driver prepares the run once (`prepare_run`: the bundle exported and its engines built), lists the inputs,
+   records those `--resume` finds complete as skipped, reads each other input's size from its header and plans the
+   batches as one process does (`group_by_size`), so the outputs are those of single-process `r2r-run`.
+2. Ray Data: one row per batch. A task reads and decodes a batch's images (`decode_batch`); an actor pool
+   translates (`Translator`: each actor opens the prepared run once, at a bundle path every node sees) and writes
+   each PNG atomically into the output folder (a path every node sees). An actor that dies mid-batch is restarted
+   and its batch retried by Ray; outputs the dead attempt completed are found complete and not written again.
+3. The driver appends one record per input to OUT/results.jsonl as results arrive (input, output, status
+   ok / failed / skipped, error, seconds, parameters hash, when it arrived), with a progress bar in images/s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from r2r.imageio import ImageReadError, load_rgb, oriented_size, output_path_for
+from r2r.log import log
+from r2r.runtime.assembly import PreparedRun, RunConfig, open_runtime
+from r2r.runtime.outputs import is_complete, params_hash, write_output
+from r2r.sizing import Placement, group_by_size, place, prepare, restore
+
+RESULTS_FILE = "results.jsonl"
+INSTALL_HINT = "r2r-run --ray needs Ray Data: pip install 'r2r[ray]'"
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where and how wide: `address` is `local` (a cluster on this machine for the run), `auto` (join RAY_ADDRESS
+    or the local node's cluster) or `ray://host:port`; actors from `min_actors` to `max_actors` (autoscaling between
+    them), each with `threads` CPUs, or one GPU where `gpus` is set."""
+
+    address: str = "local"
+    min_actors: int | None = None  # None: as many as the cluster has room for (its CPUs / threads, or its GPUs)
+    max_actors: int | None = None
+    threads: int = 1
+    gpus: float = 0.0
+
+    def pool(self, cluster: dict[str, float]) -> tuple[int, int]:
+        """(min, max) actors on a cluster with these resources (`ray.cluster_resources()`)."""
+        room = int(cluster.get("GPU", 0) // self.gpus) if self.gpus else int(cluster.get("CPU", 1) // self.threads)
+        lo = self.min_actors or max(1, room)
+        return lo, max(lo, self.max_actors or lo)
+
+
+def parse_actors(text: str) -> tuple[int, int]:
+    """`--actors N` (a fixed pool) or `MIN:MAX` (autoscaling)."""
+    lo, sep, hi = text.partition(":")
+    try:
+        pair = (int(lo), int(hi)) if sep else (int(lo), int(lo))
+    except ValueError:
+        raise ValueError(f"--actors {text}: expected N or MIN:MAX") from None
+    if pair[0] < 1 or pair[1] < pair[0]:
+        raise ValueError(f"--actors {text}: need 1 <= MIN <= MAX")
+    return pair
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # the extra, not only ray core
+    except ImportError as exc:
+        raise ImportError(INSTALL_HINT) from exc
+    return ray
+
+
+@contextmanager
+def ray_session(address: str, num_cpus: int | None = None) -> Iterator[Any]:
+    """Connected to the cluster at `address` for the block (`local` starts one here, with `num_cpus` or every core,
+    and stops it after)."""
+    ray = import_ray()
+    if ray.is_initialized():  # the caller connected already (e.g. with its own runtime_env)
+        yield ray
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if address == "local":
+        ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+    else:
+        ray.init(address=address, **kwargs)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def record(input_path: str, output: str, status: str, error: str = "", seconds: float = 0.0,
+           params: str = "", written: bool = False) -> dict[str, Any]:
+    """One line of results.jsonl (`written`: this attempt wrote the PNG; False where a dead attempt had)."""
+    return {"input": input_path, "output": output, "status": status, "error": error, "seconds": round(seconds, 4),
+            "params": params, "written": written}
+
+
+def plan(paths: list[Path], output: Path, prepared: PreparedRun, cfg: RunConfig, resume: bool
+         ) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """The batches (items: input, output, placement) and the records known before translating (skipped, failed)."""
+    phash = params_hash(prepared.params)
+    known: list[dict[str, Any]] = []
+    items: list[dict[str, Any]] = []
+    for p in paths:
+        try:
+            out = output_path_for(p, output)
+            if resume and is_complete(out, prepared.params):
+                known.append(record(str(p), str(out), "skipped", params=phash))
+                continue
+            w, h = oriented_size(p)
+        except ImageReadError as exc:
+            known.append(record(str(p), "", "failed", str(exc), params=phash))
+            continue
+        pl = place(w, h, prepared.sizes, cfg.fit, cfg.max_pixels)
+        items.append({"input": str(p), "output": str(out), "placement": asdict(pl)})
+    batches = list(group_by_size(items, lambda it: tuple(it["placement"]["run"]), cfg.batch))
+    return batches, known
+
+
+def placement_from(d: dict[str, Any]) -> Placement:
+    """A Placement from its JSON form (a batch row carries it from the driver to the actor)."""
+    return Placement(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def decode_batch(row: dict[str, Any]) -> dict[str, Any]:
+    """A Ray Data task: one batch's images read, decoded and placed at their run size (stacked: one size)."""
+    items, images, failed = [], [], []
+    for it in json.loads(row["items"]):
+        pl = placement_from(it["placement"])
+        try:
+            img = load_rgb(it["input"])
+            if (img.shape[1], img.shape[0]) != pl.source:
+                raise ImageReadError(f"{it['input']}: decoded at {img.shape[1]}x{img.shape[0]}, not its header's "
+                                     f"{pl.source[0]}x{pl.source[1]}")
+        except ImageReadError as exc:
+            failed.append(record(it["input"], "", "failed", str(exc)))
+            continue
+        items.append(it)
+        images.append(prepare(img, pl))
+    stack = np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
+    return {"items": json.dumps(items), "images": stack, "failed": json.dumps(failed)}
+
+
+class Translator:
+    """A Ray Data actor: opens the prepared run once, then translates batches and writes their PNGs."""
+
+    def __init__(self, cfg: RunConfig, params: dict[str, Any]) -> None:
+        self.runtime = open_runtime(cfg, progress=lambda s: None)
+        if self.runtime.params != params:  # a worker must run exactly what the driver planned
+            raise RuntimeError(f"this worker's run differs from the driver's: {self.runtime.params} vs {params}")
+        self.params, self.phash = params, params_hash(params)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        records: list[dict[str, Any]] = []
+        for items, images, failed in zip(batch["items"], batch["images"], batch["failed"], strict=True):
+            records += [{**r, "params": self.phash} for r in json.loads(failed)]
+            records += self.translate(json.loads(items), np.asarray(images))
+        return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
+
+    def translate(self, items: list[dict[str, Any]], images: np.ndarray) -> list[dict[str, Any]]:
+        if not items:
+            return []
+        t0 = time.perf_counter()
+        try:
+            outs = self.runtime(list(images))
+        except (RuntimeError, ValueError, OSError) as exc:
+            return [record(it["input"], it["output"], "failed", str(exc), params=self.phash) for it in items]
+        seconds = (time.perf_counter() - t0) / len(items)
+        records = []
+        for it, img in zip(items, outs, strict=True):
+            out = Path(it["output"])
+            written = not is_complete(out, self.params)  # complete: an attempt that died wrote it already
+            try:
+                if written:
+                    image = restore(img, placement_from(it["placement"]))
+                    write_output(out, image, self.params, Path(it["input"]).name)
+                records.append(record(it["input"], it["output"], "ok", "", seconds, self.phash, written))
+            except OSError as exc:
+                records.append(record(it["input"], it["output"], "failed", str(exc), seconds, self.phash))
+        return records
+
+
+class ResultsLog:
+    """OUT/results.jsonl: one JSON line per input, appended and flushed as results arrive."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh = open(path, "w", encoding="utf-8")  # noqa: SIM115  (held for the run)
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(rec, sort_keys=True) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def translate_on_ray(prepared: PreparedRun, cfg: RunConfig, paths: list[Path], output: Path, ray_cfg: RayConfig,
+                     resume: bool = False, translator: type[Translator] = Translator,
+                     on_record: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Translate `paths` into `output` on the connected cluster; returns every record (also in results.jsonl)."""
+    import ray
+    import ray.data
+
+    output.mkdir(parents=True, exist_ok=True)
+    batches, known = plan(paths, output, prepared, cfg, resume)
+    results = ResultsLog(output / RESULTS_FILE)
+    records: list[dict[str, Any]] = []
+
+    def add(rec: dict[str, Any]) -> None:
+        rec = {**rec, "finished_at": round(time.time(), 3)}  # when the driver had it
+        results.add(rec)
+        records.append(rec)
+        if on_record is not None:
+            on_record(rec)
+
+    try:
+        for rec in known:
+            add(rec)
+        if batches:
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False  # r2r-run draws its own, in images
+            ds = ray.data.from_items([{"items": json.dumps(b)} for b in batches], override_num_blocks=len(batches))
+            lo, hi = ray_cfg.pool(ray.cluster_resources())
+            # decoding takes no CPU slot: the actors hold them all, and a task waiting for one would stall the stream
+            ds = ds.map(decode_batch, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2 * hi))
+            resources = {"num_gpus": ray_cfg.gpus} if ray_cfg.gpus else {"num_cpus": ray_cfg.threads}
+            pool = (ray.data.ActorPoolStrategy(size=lo) if lo == hi
+                    else ray.data.ActorPoolStrategy(min_size=lo, max_size=hi))
+            ds = ds.map_batches(translator, batch_size=1, compute=pool, batch_format="numpy",
+                                fn_constructor_kwargs={"cfg": prepared.config(cfg), "params": prepared.params},
+                                **resources)
+            for row in ds.iter_rows():
+                add(json.loads(row["record"]))
+    finally:
+        results.close()
+    return records
+
+
+def run_cli(prepared: PreparedRun, cfg: RunConfig, paths: list[Path], output: Path, ray_cfg: RayConfig,
+            resume: bool, describe: str) -> int:
+    """`r2r-run --ray`: the run with a progress bar and the summary line; returns the exit code."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(paths), unit="img", desc="r2r-run --ray", file=sys.stderr, dynamic_ncols=True)
+    start = time.perf_counter()
+    counts = {"ok": 0, "failed": 0, "skipped": 0}
+
+    def on_record(rec: dict[str, Any]) -> None:
+        counts[rec["status"]] += 1
+        bar.update(1)
+        elapsed = time.perf_counter() - start
+        bar.set_postfix_str(f"{counts['ok'] / elapsed:.2f} img/s" if elapsed > 0 else "")
+
+    with ray_session(ray_cfg.address) as ray:
+        lo, hi = ray_cfg.pool(ray.cluster_resources())
+        records = translate_on_ray(prepared, cfg, paths, output, ray_cfg, resume, on_record=on_record)
+    bar.close()
+    elapsed = time.perf_counter() - start
+    actors = f"{lo} actors" if lo == hi else f"{lo}..{hi} actors"
+    log(f"r2r-run: {counts['ok']} written, {counts['skipped']} skipped (complete), {counts['failed']} failed in "
+        f"{elapsed:.1f} s ({counts['ok'] / elapsed:.2f} img/s; {describe}; Ray {ray_cfg.address}, {actors} x "
+        f"{ray_cfg.threads} threads) -> {output} (records: {output / RESULTS_FILE})")
+    for rec in records:
+        if rec["status"] == "failed":
+            log(f"  failed: {rec['input']}: {rec['error']}")
+    return 1 if counts["failed"] else 0
+
+
+__all__ = ["RESULTS_FILE", "RayConfig", "ResultsLog", "Translator", "decode_batch", "import_ray", "parse_actors",
+           "placement_from", "plan", "ray_session", "record", "run_cli", "translate_on_ray"]
