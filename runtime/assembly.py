@@ -92,14 +92,18 @@ class Runtime:
         return place(width, height, self.sizes, self.fit, self.max_pixels)
 
     def describe(self) -> str:
-        p = self.params
-        if p["backend"] == REFERENCE:
-            return f"{REFERENCE} reference, {p['inversion']} inversion"
-        return (f"{p['backend']} {p['precision']} on {self.device}, {p['inversion']} inversion"
-                f"{', fused' if p['fused'] else ''}")
+        return describe_run(self.params, self.device)
 
     def close(self) -> None:
         _close(self.backend)
+
+
+def describe_run(params: dict[str, Any], device: str) -> str:
+    """What a run is, for its summary line: backend, precision, device, inversion, fused."""
+    if params["backend"] == REFERENCE:
+        return f"{REFERENCE} reference, {params['inversion']} inversion"
+    return (f"{params['backend']} {params['precision']} on {device}, {params['inversion']} inversion"
+            f"{', fused' if params['fused'] else ''}")
 
 
 def _close(backend: Backend | None) -> None:
@@ -123,6 +127,9 @@ class PreparedRun:
     variant: Variant
     params: dict[str, Any]
     sizes: SizeRange
+
+    def describe(self) -> str:
+        return describe_run(self.params, self.device)
 
     def config(self, cfg: RunConfig) -> RunConfig:
         """`cfg` pinned to this run: its bundle, backend, device and precision (nothing left to resolve)."""
@@ -252,4 +259,5 @@ def _open_reference(cfg: RunConfig) -> Runtime:
     return Runtime(translate, params, lambda: round(pipe.count.per_image), sizes, cfg.fit, cfg.max_pixels, device)
 
 
-__all__ = ["REFERENCE", "PreparedRun", "RunConfig", "Runtime", "SchedulerCache", "open_runtime", "prepare_run"]
+__all__ = ["REFERENCE", "PreparedRun", "RunConfig", "Runtime", "SchedulerCache", "describe_run", "open_runtime",
+           "prepare_run"]

@@ -232,6 +232,4 @@ def _run_on_ray(cfg: RunConfig, paths: list[Path], output: Path, resume: bool, a
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     ray_cfg = ray_run.RayConfig(address, lo, hi, threads, gpus)
-    describe = (f"{prepared.row.name} {prepared.precision} on {prepared.device}, {cfg.inversion} inversion"
-                f"{', fused' if prepared.variant.fused else ''}")
-    return ray_run.run_cli(prepared, replace(cfg, threads=threads), paths, output, ray_cfg, resume, describe)
+    return ray_run.run_cli(prepared, replace(cfg, threads=threads), paths, output, ray_cfg, resume)

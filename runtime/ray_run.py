@@ -245,7 +245,7 @@ def translate_on_ray(prepared: PreparedRun, cfg: RunConfig, paths: list[Path], o
 
 
 def run_cli(prepared: PreparedRun, cfg: RunConfig, paths: list[Path], output: Path, ray_cfg: RayConfig,
-            resume: bool, describe: str) -> int:
+            resume: bool) -> int:
     """`r2r-run --ray`: the run with a progress bar and the summary line; returns the exit code."""
     from tqdm import tqdm
 
@@ -266,8 +266,8 @@ def run_cli(prepared: PreparedRun, cfg: RunConfig, paths: list[Path], output: Pa
     elapsed = time.perf_counter() - start
     actors = f"{lo} actors" if lo == hi else f"{lo}..{hi} actors"
     log(f"r2r-run: {counts['ok']} written, {counts['skipped']} skipped (complete), {counts['failed']} failed in "
-        f"{elapsed:.1f} s ({counts['ok'] / elapsed:.2f} img/s; {describe}; Ray {ray_cfg.address}, {actors} x "
-        f"{ray_cfg.threads} threads) -> {output} (records: {output / RESULTS_FILE})")
+        f"{elapsed:.1f} s ({counts['ok'] / elapsed:.2f} img/s; {prepared.describe()}; Ray {ray_cfg.address}, "
+        f"{actors} x {ray_cfg.threads} threads) -> {output} (records: {output / RESULTS_FILE})")
     for rec in records:
         if rec["status"] == "failed":
             log(f"  failed: {rec['input']}: {rec['error']}")
