@@ -33,7 +33,7 @@ def bundle_lock(bundle: str | os.PathLike[str], progress: Callable[[str], None] 
     folder.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(folder / LOCK_FILE), is_singleton=True)  # one object per path: reentrant in a process
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(blocking=False)  # one try: timeout=0 may poll once more before giving up
     except Timeout:
         progress(f"r2r: another process is writing {folder}; waiting for it")
         lock.acquire()
