@@ -76,16 +76,16 @@ def import_ray() -> Any:
 
 
 @contextmanager
-def ray_session(address: str, num_cpus: int | None = None) -> Iterator[Any]:
-    """Connected to the cluster at `address` for the block (`local` starts one here, with `num_cpus` or every core,
-    and stops it after)."""
+def ray_session(address: str) -> Iterator[Any]:
+    """Connected to the cluster at `address` for the block (`local` starts one here on every core, and stops it
+    after)."""
     ray = import_ray()
     if ray.is_initialized():  # the caller connected already (e.g. with its own runtime_env)
         yield ray
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if address == "local":
-        ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        ray.init(num_cpus=os.cpu_count(), **kwargs)
     else:
         ray.init(address=address, **kwargs)
     try:
@@ -190,7 +190,6 @@ class ResultsLog:
     """OUT/results.jsonl: one JSON line per input, appended and flushed as results arrive."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         self._fh = open(path, "w", encoding="utf-8")  # noqa: SIM115  (held for the run)
 
     def add(self, rec: dict[str, Any]) -> None:
