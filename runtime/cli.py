@@ -12,6 +12,7 @@ from typing import cast
 import click
 import numpy as np
 
+from r2r import storage
 from r2r.backends import DEVICES, NAMES, PRECISIONS
 from r2r.config import INVERSIONS, Inversion, MethodConfig
 from r2r.imageio import ImageReadError, collect_inputs, load_rgb, output_path_for
@@ -21,6 +22,7 @@ from r2r.models import ModelLoadError
 from r2r.runtime.assembly import REFERENCE, FusedChoice, RunConfig, Runtime, open_runtime, prepare_run
 from r2r.runtime.outputs import is_complete, write_output
 from r2r.sizing import FITS, Fit, Placement, group_by_size, prepare, restore
+from r2r.storage import Location
 
 METHOD_FLAGS = ("steps", "strength", "guidance", "tac_ratio", "tac_divisor", "tac_target")
 # Flags that only one kind of run takes: given with the other, r2r-run refuses them by name instead of ignoring them.
@@ -28,15 +30,15 @@ BUNDLE_ONLY = {"engine": "--engine", "fused": "--fused"}
 WITHOUT_ENGINE = {"width": "--width", "height": "--height", "model": "--model", "embedding": "--embedding"}
 
 
-def stream_batches(paths: list[Path], runtime: Runtime, batch_size: int,
-                   run: Callable[[list[tuple[Path, np.ndarray, Placement]]], None], pending_max: int = 0
-                   ) -> Iterator[tuple[Path, str]]:
+def stream_batches(paths: list[Location], runtime: Runtime, batch_size: int,
+                   run: Callable[[list[tuple[Location, np.ndarray, Placement]]], None], pending_max: int = 0
+                   ) -> Iterator[tuple[Location, str]]:
     """Read `paths` in order, place each at its run size, and call `run` on batches of one run size
     (`group_by_size`: full batches as soon as they are, a folder of mixed sizes in bounded memory). Yields (path, why)
     for each input that cannot be read, as it is met."""
-    failed: list[tuple[Path, str]] = []
+    failed: list[tuple[Location, str]] = []
 
-    def decoded() -> Iterator[tuple[Path, np.ndarray, Placement]]:
+    def decoded() -> Iterator[tuple[Location, np.ndarray, Placement]]:
         for p in paths:
             try:
                 img = load_rgb(p)
@@ -81,9 +83,11 @@ def _check_flags(ctx: click.Context, backend: str, engine: Path | None, precisio
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--input", "inputs", multiple=True, metavar="PATH...",
-              help="Images, folders, globs or .txt lists of paths (repeatable; more may follow as arguments).")
+              help="Images, folders, globs or .txt lists of paths (repeatable; more may follow as arguments); or "
+                   "fsspec URLs of the same (s3://, gs://, ... with the filesystem's package installed).")
 @click.argument("more_inputs", nargs=-1, metavar="[PATH]...")
-@click.option("--output", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--output", "output_text", required=True,
+              help="Output folder: a path, or an fsspec URL (s3://bucket/out/, ...).")
 @click.option("--engine", type=click.Path(path_type=Path), default=None,
               help="Bundle from `r2r-export` [default: --model's bundle, exported once into the cache].")
 @click.option("--backend", type=click.Choice(("auto", *NAMES, REFERENCE)), default="auto", show_default=True,
@@ -135,7 +139,7 @@ def _check_flags(ctx: click.Context, backend: str, engine: Path | None, precisio
               help="Bundle backends: auto, cpu or cuda (checked against the backend; onnxruntime on cuda runs "
                    "device-resident buffers and CUDA graphs). reference: a torch device [auto = cpu].")
 @click.pass_context
-def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ...], output: Path,
+def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ...], output_text: str,
          engine: Path | None, backend: str, model: Path | None, embedding: Path | None, width: int | None,
          height: int | None, fit: str, max_pixels: int | None, steps: int | None, strength: float | None,
          guidance: float | None, tac_ratio: float | None, tac_divisor: int | None, tac_target: str | None,
@@ -156,7 +160,10 @@ def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ..
             "on the model's modules); the PyTorch reference it ran before is --backend reference")
     try:
         paths = collect_inputs(specs)
-    except ImageReadError as exc:
+        output = storage.location(output_text)
+        if storage.is_url(output):
+            storage.filesystem(str(output))  # a missing filesystem package fails here, before any work
+    except (ImageReadError, storage.StorageError) as exc:
         raise click.UsageError(str(exc)) from exc
     if not paths:
         raise click.UsageError(f"no image found in {', '.join(specs)}")
@@ -176,7 +183,7 @@ def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ..
         raise click.ClickException(str(exc)) from exc
 
     params = runtime.params
-    output.mkdir(parents=True, exist_ok=True)
+    storage.make_dirs(output)
     todo = [p for p in paths if not (resume and is_complete(output_path_for(p, output), params))]
     skipped = len(paths) - len(todo)
     failed: list[str] = []
@@ -184,12 +191,12 @@ def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ..
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", desc="r2r-run", file=sys.stderr, dynamic_ncols=True)
 
-    def run_batch(batch: list[tuple[Path, np.ndarray, Placement]]) -> None:
+    def run_batch(batch: list[tuple[Location, np.ndarray, Placement]]) -> None:
         nonlocal done
         try:
             outs = runtime([img for _, img, _ in batch])
             for (p, _, placement), img in zip(batch, outs, strict=True):
-                write_output(output_path_for(p, output), restore(img, placement), params, p.name)
+                write_output(output_path_for(p, output), restore(img, placement), params, storage.name_of(p))
                 done += 1
         except (RuntimeError, ValueError, OSError) as exc:
             failed.extend(f"{p}: {exc}" for p, _, _ in batch)
@@ -212,7 +219,7 @@ def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ..
         sys.exit(1)
 
 
-def _run_on_ray(cfg: RunConfig, paths: list[Path], output: Path, resume: bool, address: str,
+def _run_on_ray(cfg: RunConfig, paths: list[Location], output: Location, resume: bool, address: str,
                 actors: str | None) -> int:
     """`--ray`: prepare the run here once (bundle and engines), then translate on the cluster's actors."""
     from r2r.runtime import ray_run

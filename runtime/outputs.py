@@ -4,14 +4,15 @@ and when an existing one counts as done (`--resume`, and a Ray task retried afte
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from r2r import __version__
-from r2r.imageio import read_png_text, save_png
+from r2r import __version__, storage
+from r2r.imageio import save_png
+from r2r.storage import Location
 
 PARAMS_KEY = "r2r:parameters"
 
@@ -21,22 +22,23 @@ def params_hash(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def is_complete(path: Path, params: dict[str, Any]) -> bool:
-    """An output counts as done if it decodes whole and was made with the same parameters."""
+def is_complete(path: Location, params: dict[str, Any]) -> bool:
+    """An output (a path or a URL) counts as done if it decodes whole and was made with the same parameters."""
     from PIL import Image
 
-    if not path.is_file():
+    if not storage.is_file(path):
         return False
     try:
-        with Image.open(path) as im:
+        source = io.BytesIO(storage.read_bytes(path)) if isinstance(path, str) else path
+        with Image.open(source) as im:
             im.load()
-        old = json.loads(read_png_text(path).get(PARAMS_KEY, "{}"))
+            old = json.loads(getattr(im, "text", {}).get(PARAMS_KEY, "{}"))
     except (OSError, ValueError):
         return False
     return {k: v for k, v in old.items() if k != "source"} == params
 
 
-def write_output(path: Path, image: np.ndarray, params: dict[str, Any], source: str) -> Path:
+def write_output(path: Location, image: np.ndarray, params: dict[str, Any], source: str) -> Location:
     """The translated image as a PNG (atomic), its parameters and its input's name inside."""
     text = {PARAMS_KEY: json.dumps({**params, "source": source}, sort_keys=True), "Software": f"r2r {__version__}"}
     return save_png(path, image, text)

@@ -5,10 +5,13 @@
    batches as one process does (`group_by_size`), so the outputs are those of single-process `r2r-run`.
 2. Ray Data: one row per batch. A task reads and decodes a batch's images (`decode_batch`); an actor pool
    translates (`Translator`: each actor opens the prepared run once, at a bundle path every node sees) and writes
-   each PNG atomically into the output folder (a path every node sees). An actor that dies mid-batch is restarted
-   and its batch retried by Ray; outputs the dead attempt completed are found complete and not written again.
+   each PNG atomically into the output folder (a path every node sees, or an fsspec URL). An actor that dies
+   mid-batch is restarted and its batch retried by Ray; outputs the dead attempt completed are found complete and
+   not written again.
 3. The driver appends one record per input to OUT/results.jsonl as results arrive (input, output, status
    ok / failed / skipped, error, seconds, parameters hash, when it arrived), with a progress bar in images/s.
+   Where the output is a URL, the log is kept in a local file and the whole of it is uploaded every
+   `UPLOAD_EVERY_S` and at the end (an object store cannot append); its local path is printed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,13 +29,16 @@ from typing import Any
 
 import numpy as np
 
+from r2r import storage
 from r2r.imageio import ImageReadError, load_rgb, oriented_size, output_path_for
 from r2r.log import log
 from r2r.runtime.assembly import PreparedRun, RunConfig, open_runtime
 from r2r.runtime.outputs import is_complete, params_hash, write_output
 from r2r.sizing import Placement, group_by_size, place, prepare, restore
+from r2r.storage import Location
 
 RESULTS_FILE = "results.jsonl"
+UPLOAD_EVERY_S = 30.0  # a URL output's results.jsonl is uploaded whole this often
 INSTALL_HINT = "r2r-run --ray needs Ray Data: pip install 'r2r[ray]'"
 
 
@@ -85,7 +92,8 @@ def ray_session(address: str) -> Iterator[Any]:
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if address == "local":
-        ray.init(num_cpus=os.cpu_count(), **kwargs)
+        # address="local": a new cluster even where a `ray start` left its address behind (ray.init() would join it)
+        ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
     else:
         ray.init(address=address, **kwargs)
     try:
@@ -101,7 +109,7 @@ def record(input_path: str, output: str, status: str, error: str = "", seconds: 
             "params": params, "written": written}
 
 
-def plan(paths: list[Path], output: Path, prepared: PreparedRun, cfg: RunConfig, resume: bool
+def plan(paths: list[Location], output: Location, prepared: PreparedRun, cfg: RunConfig, resume: bool
          ) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
     """The batches (items: input, output, placement) and the records known before translating (skipped, failed)."""
     phash = params_hash(prepared.params)
@@ -174,12 +182,12 @@ class Translator:
         seconds = (time.perf_counter() - t0) / len(items)
         records = []
         for it, img in zip(items, outs, strict=True):
-            out = Path(it["output"])
+            out = storage.location(it["output"])
             written = not is_complete(out, self.params)  # complete: an attempt that died wrote it already
             try:
                 if written:
                     image = restore(img, placement_from(it["placement"]))
-                    write_output(out, image, self.params, Path(it["input"]).name)
+                    write_output(out, image, self.params, storage.name_of(storage.location(it["input"])))
                 records.append(record(it["input"], it["output"], "ok", "", seconds, self.phash, written))
             except OSError as exc:
                 records.append(record(it["input"], it["output"], "failed", str(exc), seconds, self.phash))
@@ -187,30 +195,49 @@ class Translator:
 
 
 class ResultsLog:
-    """OUT/results.jsonl: one JSON line per input, appended and flushed as results arrive."""
+    """OUT/results.jsonl: one JSON line per input, appended and flushed as results arrive. For a URL output the
+    lines go to `local` (a temporary file unless given) and the whole file is uploaded every `upload_every` seconds
+    and on close."""
 
-    def __init__(self, path: Path) -> None:
-        self._fh = open(path, "w", encoding="utf-8")  # noqa: SIM115  (held for the run)
+    def __init__(self, output: Location, local: Path | None = None, upload_every: float = UPLOAD_EVERY_S) -> None:
+        self.target = storage.child(output, RESULTS_FILE)
+        if isinstance(self.target, Path):
+            self.local = self.target
+        else:
+            self.local = local or Path(tempfile.mkdtemp(prefix="r2r-results-")) / RESULTS_FILE
+        self._fh = open(self.local, "w", encoding="utf-8")  # noqa: SIM115  (held for the run)
+        self._upload_every, self._uploaded = upload_every, time.monotonic()
 
     def add(self, rec: dict[str, Any]) -> None:
         self._fh.write(json.dumps(rec, sort_keys=True) + "\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())
+        if time.monotonic() - self._uploaded >= self._upload_every:
+            self.upload()
+
+    def upload(self) -> None:
+        """The local lines, whole, at the URL target (nothing to do for a local output)."""
+        if isinstance(self.target, str):
+            storage.write_bytes(self.target, self.local.read_bytes())
+        self._uploaded = time.monotonic()
 
     def close(self) -> None:
         self._fh.close()
+        self.upload()
 
 
-def translate_on_ray(prepared: PreparedRun, cfg: RunConfig, paths: list[Path], output: Path, ray_cfg: RayConfig,
-                     resume: bool = False, translator: type[Translator] = Translator,
+def translate_on_ray(prepared: PreparedRun, cfg: RunConfig, paths: list[Location], output: Location,
+                     ray_cfg: RayConfig, resume: bool = False, translator: type[Translator] = Translator,
                      on_record: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Translate `paths` into `output` on the connected cluster; returns every record (also in results.jsonl)."""
     import ray
     import ray.data
 
-    output.mkdir(parents=True, exist_ok=True)
+    storage.make_dirs(output)
     batches, known = plan(paths, output, prepared, cfg, resume)
-    results = ResultsLog(output / RESULTS_FILE)
+    results = ResultsLog(output)
+    if results.local != results.target:
+        log(f"r2r-run: records kept in {results.local}, uploaded to {results.target} every {UPLOAD_EVERY_S:g} s")
     records: list[dict[str, Any]] = []
 
     def add(rec: dict[str, Any]) -> None:
@@ -243,7 +270,7 @@ def translate_on_ray(prepared: PreparedRun, cfg: RunConfig, paths: list[Path], o
     return records
 
 
-def run_cli(prepared: PreparedRun, cfg: RunConfig, paths: list[Path], output: Path, ray_cfg: RayConfig,
+def run_cli(prepared: PreparedRun, cfg: RunConfig, paths: list[Location], output: Location, ray_cfg: RayConfig,
             resume: bool) -> int:
     """`r2r-run --ray`: the run with a progress bar and the summary line; returns the exit code."""
     from tqdm import tqdm
@@ -266,7 +293,7 @@ def run_cli(prepared: PreparedRun, cfg: RunConfig, paths: list[Path], output: Pa
     actors = f"{lo} actors" if lo == hi else f"{lo}..{hi} actors"
     log(f"r2r-run: {counts['ok']} written, {counts['skipped']} skipped (complete), {counts['failed']} failed in "
         f"{elapsed:.1f} s ({counts['ok'] / elapsed:.2f} img/s; {prepared.describe()}; Ray {ray_cfg.address}, "
-        f"{actors} x {ray_cfg.threads} threads) -> {output} (records: {output / RESULTS_FILE})")
+        f"{actors} x {ray_cfg.threads} threads) -> {output} (records: {storage.child(output, RESULTS_FILE)})")
     for rec in records:
         if rec["status"] == "failed":
             log(f"  failed: {rec['input']}: {rec['error']}")

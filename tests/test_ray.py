@@ -35,7 +35,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 
     marker = tmp_path_factory.mktemp("fault")
     before = _ray_processes()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent), MARKER_ENV: str(marker)}})
     yield marker
     ray.shutdown()
