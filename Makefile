@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# SD 1.x checkpoints: r2r reads CLIP's vocabulary file from this package (its own dependencies are not needed)
+	$(BIN)/python -m pip install --quiet --no-deps 'open-clip-torch>=2.20'
 	touch $@
 
 setup: $(STAMP)

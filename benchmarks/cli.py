@@ -20,6 +20,7 @@ import click
 import numpy as np
 
 from r2r.benchmarks.worker import BenchConfig
+from r2r.checkpoints import model_option
 from r2r.log import log
 from r2r.metrics import psnr
 from r2r.sizing import SizeRange
@@ -133,8 +134,8 @@ def attention_report(bundle: Path, work: Path, threads: int, width: int, height:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--quick", is_flag=True, help="The embedded default, 2 images, batch 1-2, 2 repeats (< 3 min).")
-@click.option("--model", type=click.Path(path_type=Path), default=None,
-              help="Diffusers SD 1.x directory [default: the embedded default].")
+@click.option("--model", type=click.Path(path_type=Path), default=None, callback=model_option,
+              help="SD 1.x: a diffusers directory or a .safetensors checkpoint [default: the embedded default].")
 @click.option("--embedding", type=click.Path(path_type=Path), default=None)
 @click.option("--sd15", is_flag=True, help="Benchmark an SD 1.5-architecture model (random weights).")
 @click.option("--size", default=None, metavar="WxH",

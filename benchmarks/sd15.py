@@ -9,17 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from r2r.models import EMBEDDING_FILE, SD15_UNET_CONFIG
+from r2r.models import EMBEDDING_FILE, SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
 from r2r.tiny import scheduler_kwargs
-
-SD15_VAE_CONFIG = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
-    "block_out_channels": [128, 256, 512, 512], "sample_size": 512, "scaling_factor": 0.18215,
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
-SD15_TEXT_CONFIG = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-                    "projection_dim": 768}
 
 
 def build_sd15_architecture(out: Path, seed: int = 0, width: int = 256, height: int = 256) -> Path:

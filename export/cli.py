@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from r2r.checkpoints import model_option
 from r2r.config import DEFAULT_TAC_DIVISOR
 from r2r.log import log
 from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, ModelLoadError, default_resolution
@@ -37,8 +38,9 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--model, --embedding, --width, --height, --batch-max, --tac-divisor, --min-side, --max-side, --static: what a
     bundle is made from."""
     for opt in reversed([
-        click.option("--model", type=click.Path(path_type=Path), default=None,
-                     help="Diffusers SD 1.x directory [default: the embedded tiny model]."),
+        click.option("--model", type=click.Path(path_type=Path), default=None, callback=model_option,
+                     help="SD 1.x: a diffusers directory or a single-file .safetensors checkpoint [default: the "
+                          "embedded tiny model]."),
         click.option("--embedding", type=click.Path(path_type=Path), default=None,
                      help="Negative embedding .safetensors [default: MODEL/negative_embedding.safetensors]."),
         click.option("--width", type=int, default=None, help="[default: the model's own resolution]"),

@@ -48,6 +48,18 @@ SD15_UNET_CONFIG: dict[str, Any] = {
 }
 
 
+SD15_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+    "block_out_channels": [128, 256, 512, 512], "sample_size": 512, "scaling_factor": 0.18215,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+# CLIP ViT-L/14's text tower; vocabulary and special ids are the tokenizer's (SD 1.x: r2r.checkpoints).
+SD15_TEXT_CONFIG: dict[str, Any] = {
+    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768,
+}
+
+
 class ModelLoadError(ValueError):
     """A model directory or embedding that cannot be used; the message names the file and the fix."""
 
@@ -117,7 +129,9 @@ def load_components(model_dir: str | Path, device: str | torch.device = "cpu",
 
 
 def load_embedding(path: str | Path, hidden_size: int | None = None) -> tuple[str, torch.Tensor]:
-    """Read a diffusers textual-inversion safetensors file: one key (the token) -> [n, d]."""
+    """Read a textual-inversion embedding (.safetensors only) in the layouts people have: diffusers' (one key, the
+    token -> [n, d]) or A1111's (`emb_params`, or a `string_to_param.*` map of one entry; the token is the file's
+    name, in angle brackets where the bare name is a word of the vocabulary: see `encode_conditioning`)."""
     p = Path(path)
     if p.suffix != ".safetensors":
         raise ModelLoadError(f"{p}: embeddings are read from .safetensors only (never unpickled)")
@@ -126,9 +140,8 @@ def load_embedding(path: str | Path, hidden_size: int | None = None) -> tuple[st
     try:
         with safe_open(str(p), framework="pt") as fh:
             keys = list(fh.keys())
-            if len(keys) != 1:
-                raise ModelLoadError(f"{p}: expected one key (the token string), found {len(keys)}: {keys[:4]}")
-            tensor = fh.get_tensor(keys[0])
+            token, key = _embedding_key(p, keys)
+            tensor = fh.get_tensor(key)
     except ModelLoadError:
         raise
     except Exception as exc:  # safetensors raises its own error types on malformed headers
@@ -143,7 +156,23 @@ def load_embedding(path: str | Path, hidden_size: int | None = None) -> tuple[st
         raise ModelLoadError(f"{p}: vectors of width {tensor.shape[1]}, the text encoder has {hidden_size}")
     if not torch.isfinite(tensor).all():
         raise ModelLoadError(f"{p}: contains non-finite values")
-    return keys[0], tensor.float()
+    return token, tensor.float()
+
+
+def _embedding_key(path: Path, keys: list[str]) -> tuple[str, str]:
+    """(token, tensor key) of an embedding file's layout."""
+    if {"clip_l", "clip_g"} & set(keys):
+        raise ModelLoadError(f"{path}: an SDXL embedding (clip_l / clip_g vectors); SD 1.x takes one CLIP-L set")
+    a1111 = [k for k in keys if k == "emb_params" or k.startswith("string_to_param.")]
+    if a1111:
+        if len(a1111) != 1:
+            raise ModelLoadError(f"{path}: an A1111 embedding with {len(a1111)} vector sets ({a1111[:4]}); "
+                                 "expected one")
+        return path.stem, a1111[0]
+    if len(keys) != 1:
+        raise ModelLoadError(f"{path}: expected one key (the token string, diffusers' layout) or A1111's "
+                             f"emb_params / string_to_param, found {len(keys)}: {keys[:4]}")
+    return keys[0], keys[0]
 
 
 def placeholder_tokens(token: str, count: int) -> list[str]:
@@ -165,6 +194,8 @@ def encode_conditioning(components: Components, embedding_path: str | Path) -> t
     tokenizer = copy.deepcopy(components.tokenizer)
     text_encoder = copy.deepcopy(te).float().cpu()
     names = placeholder_tokens(token, vectors.shape[0])
+    if any(n in tokenizer.get_vocab() for n in names) and not token.startswith("<"):
+        names = placeholder_tokens(f"<{token}>", vectors.shape[0])  # a file named after a word: keep the word's id
     clash = [n for n in names if n in tokenizer.get_vocab()]
     if clash:
         raise ModelLoadError(f"{embedding_path}: token {clash[0]!r} already exists in the tokenizer")

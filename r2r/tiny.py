@@ -23,7 +23,7 @@ import re
 import shutil
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +52,7 @@ __all__ = [
     "build_random_embedding",
     "build_tiny_model",
     "build_tokenizer",
+    "clip_tokenizer_files",
     "scheduler_kwargs",
 ]
 
@@ -305,10 +306,14 @@ def _learn_merges(words: Iterable[str], max_merges: int = MAX_MERGES) -> list[tu
 
 
 def _tokenizer_files(words: Iterable[str]) -> dict[str, str]:
-    """The tokenizer directory's files (name -> text), in CLIP's layout: bytes, bytes + "</w>",
-    merge results, then <|startoftext|> and <|endoftext|> as the two highest ids."""
+    """The tiny family's tokenizer: merges learned on FASHION_WORDS and `words`, in CLIP's layout."""
+    return clip_tokenizer_files(_learn_merges((*FASHION_WORDS, *words)))
+
+
+def clip_tokenizer_files(merges: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """A CLIPTokenizer directory's files (name -> text) for BPE `merges`, in CLIP's layout (the tiny family's and
+    SD 1.x's): bytes, bytes + "</w>", merge results, then <|startoftext|> and <|endoftext|> as the two highest ids."""
     base = list(_bytes_to_unicode().values())
-    merges = _learn_merges((*FASHION_WORDS, *words))
     vocab: dict[str, int] = {}
     for tok in [*base, *(c + _END for c in base), *(a + b for a, b in merges), BOS_TOKEN, EOS_TOKEN]:
         vocab.setdefault(tok, len(vocab))

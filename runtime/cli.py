@@ -14,6 +14,7 @@ import numpy as np
 
 from r2r import storage
 from r2r.backends import DEVICES, NAMES, PRECISIONS
+from r2r.checkpoints import model_option
 from r2r.config import INVERSIONS, Inversion, MethodConfig
 from r2r.imageio import ImageReadError, collect_inputs, load_rgb, output_path_for
 from r2r.log import log
@@ -94,8 +95,9 @@ def _check_flags(ctx: click.Context, backend: str, engine: Path | None, precisio
               help="auto: the fastest here (tensorrt, onnxruntime's CUDA provider or torch on a GPU; openvino, else "
                    "onnxruntime on a CPU); torch: the coupled scheduler on --model's PyTorch modules (CUDA graphs on "
                    "a GPU); reference: the PyTorch reference (the oracle) on --model.")
-@click.option("--model", type=click.Path(path_type=Path), default=None,
-              help="Diffusers SD 1.x directory [default: the embedded tiny model].")
+@click.option("--model", type=click.Path(path_type=Path), default=None, callback=model_option,
+              help="SD 1.x: a diffusers directory or a single-file .safetensors checkpoint [default: the embedded "
+                   "tiny model].")
 @click.option("--embedding", type=click.Path(path_type=Path), default=None,
               help="Negative embedding [default: MODEL/negative_embedding.safetensors].")
 @click.option("--width", type=int, default=None,

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 from r2r.backends import BackendRow, auto_choices, backend_row
+from r2r.cache import cache_dir
 from r2r.log import log
 from r2r.models import sha256_file, sha256_tree
 from r2r.runtime.bundle import Bundle
@@ -66,14 +66,6 @@ def resolve_precision(row: BackendRow, bundle: Bundle, precision: str | None = N
         built = {e.precision for e in bundle.manifest.engines.values() if e.backend == row.name}
         return next((p for p in row.precisions if p in built), row.precisions[0])
     return row.native_precision(device=device)
-
-
-def cache_dir() -> Path:
-    """R2R_CACHE, else $XDG_CACHE_HOME/r2r, else ~/.cache/r2r."""
-    if os.environ.get("R2R_CACHE"):
-        return Path(os.environ["R2R_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "r2r"
 
 
 def cached_bundle(model: Path, embedding: Path, width: int, height: int, batch_max: int, tac_divisor: int,

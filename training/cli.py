@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from r2r.checkpoints import model_option
 from r2r.log import log
 
 
@@ -104,7 +105,8 @@ def _report(result: object, what: str) -> None:
 
 
 @main.command("finetune", short_help="DKI target domain: finetune the UNet on real images (eq. 6).")
-@click.option("--model", type=_PATH, required=True, help="SD 1.x diffusers directory to finetune.")
+@click.option("--model", type=_PATH, required=True, callback=model_option,
+              help="SD 1.x to finetune: a diffusers directory or a single-file .safetensors checkpoint.")
 @click.option("--data", type=_PATH, required=True,
               help="Folder of real images with metadata.jsonl, or an r2r dataset (uses train/real).")
 @click.option("--out", type=_PATH, required=True, help="Run folder: OUT/model (the result), OUT/checkpoints.")
@@ -139,7 +141,8 @@ def finetune_cmd(model: Path, data: Path, out: Path, resolution: int | None, buc
 
 
 @main.command("negative-embedding", short_help="DKI source domain: the 75-vector negative embedding (eq. 7).")
-@click.option("--model", type=_PATH, required=True, help="The finetuned SD 1.x diffusers directory (frozen).")
+@click.option("--model", type=_PATH, required=True, callback=model_option,
+              help="The finetuned SD 1.x (frozen): a diffusers directory or a .safetensors checkpoint.")
 @click.option("--data", type=_PATH, required=True,
               help="Folder of renders with metadata.jsonl, or an r2r dataset (uses train/rendered).")
 @click.option("--out", type=_PATH, required=True,
@@ -218,10 +221,11 @@ def pretrain_tiny_cmd(data: Path, out: Path, seed: int, threads: int, vae_steps:
 
 
 @main.command("evaluate", short_help="Ablation on the paired test split: SSIM, PSNR, realism.")
-@click.option("--model", type=_PATH, default=None, help="Model under test [default: the embedded default].")
+@click.option("--model", type=_PATH, default=None, callback=model_option,
+              help="Model under test, a directory or a .safetensors checkpoint [default: the embedded default].")
 @click.option("--embedding", type=_PATH, default=None,
               help="Its negative embedding [default: MODEL/negative_embedding.safetensors].")
-@click.option("--base-model", type=_PATH, default=None,
+@click.option("--base-model", type=_PATH, default=None, callback=model_option,
               help="The pre-DKI model, for the w/o-finetune row (skipped when absent).")
 @click.option("--base-embedding", type=_PATH, default=None,
               help="The base model's own negative embedding [default: BASE/negative_embedding.safetensors].")
