@@ -44,7 +44,7 @@ main.add_command(onnx_cmd)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
 @click.pass_context
 def build_engines_cmd(ctx: click.Context, backend: str, precision: str | None, device: str | None, opt_level: int,
-                      refit: bool, static_size: bool, model, embedding, width, height, batch_max, tac_divisor,
+                      refit: bool, static_size: bool, model, lora, embedding, width, height, batch_max, tac_divisor,
                       min_side, max_side, static, out: Path) -> None:
     """Build engines for one backend and precision (exports the ONNX bundle first if needed)."""
     choices = [c for c in auto_choices(device or "auto") if c[0].builder]  # what r2r-run picks here, fastest first
@@ -67,7 +67,8 @@ def build_engines_cmd(ctx: click.Context, backend: str, precision: str | None, d
         raise click.BadParameter(str(exc)) from exc
     if row.builder is None:
         raise click.UsageError(f"--backend {row.name} builds no engines: it runs the model's own modules")
-    cfg = export_config(model, embedding, out, width, height, batch_max, tac_divisor, min_side, max_side, static)
+    cfg = export_config(model, embedding, out, width, height, batch_max, tac_divisor, min_side, max_side, static,
+                        lora)
     log(f"r2r-export build-engines: checking the ONNX bundle {out}")
     export(cfg)
     log(f"r2r-export build-engines: {row.name} {precision} on {device}")

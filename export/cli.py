@@ -12,6 +12,7 @@ import click
 from r2r.checkpoints import model_option
 from r2r.config import DEFAULT_TAC_DIVISOR
 from r2r.log import log
+from r2r.lora import LoraSpec, fuse_loras, lora_option
 from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, ModelLoadError, default_resolution
 
 if TYPE_CHECKING:
@@ -20,10 +21,13 @@ if TYPE_CHECKING:
 
 def export_config(model: Path | None, embedding: Path | None, out: Path, width: int | None, height: int | None,
                   batch_max: int, tac_divisor: int, min_side: int | None = None, max_side: int | None = None,
-                  static: bool = False) -> ExportConfig:
+                  static: bool = False, lora: list[LoraSpec] | None = None) -> ExportConfig:
     from r2r.export.bundle import DEFAULT_MAX_SIDE, ExportConfig
 
-    model_dir = model or EMBEDDED_DEFAULT
+    try:
+        model_dir = fuse_loras(model or EMBEDDED_DEFAULT, lora or [])
+    except ModelLoadError as exc:
+        raise click.ClickException(str(exc)) from exc
     dw, dh = default_resolution(model_dir)
     w, h = width or dw, height or dh
     if w % 8 or h % 8:
@@ -41,6 +45,9 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--model", type=click.Path(path_type=Path), default=None, callback=model_option,
                      help="SD 1.x: a diffusers directory or a single-file .safetensors checkpoint [default: the "
                           "embedded tiny model]."),
+        click.option("--lora", multiple=True, callback=lora_option, metavar="FILE[:SCALE]",
+                     help="A LoRA (.safetensors; diffusers/PEFT or kohya keys) fused into the model's UNet and text "
+                          "encoder before export, at SCALE [default 1] (repeatable)."),
         click.option("--embedding", type=click.Path(path_type=Path), default=None,
                      help="Negative embedding .safetensors [default: MODEL/negative_embedding.safetensors]."),
         click.option("--width", type=int, default=None, help="[default: the model's own resolution]"),
@@ -71,10 +78,11 @@ def export(cfg: ExportConfig) -> None:
 @click.command("onnx")
 @model_options
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
-def onnx_cmd(model, embedding, width, height, batch_max, tac_divisor, min_side, max_side, static,
+def onnx_cmd(model, lora, embedding, width, height, batch_max, tac_divisor, min_side, max_side, static,
              out: Path) -> None:
     """Write the ONNX bundle: UNet variants, VAE graphs, conditioning, manifest."""
-    cfg = export_config(model, embedding, out, width, height, batch_max, tac_divisor, min_side, max_side, static)
+    cfg = export_config(model, embedding, out, width, height, batch_max, tac_divisor, min_side, max_side, static,
+                        lora)
     sides = "static" if static else f"sides {cfg.min_side or 'auto'}..{cfg.max_side}"
     log(f"r2r-export onnx: {cfg.model} at {cfg.width}x{cfg.height} ({sides}), batch 1-{cfg.batch_max} -> {out}")
     export(cfg)

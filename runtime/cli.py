@@ -18,8 +18,9 @@ from r2r.checkpoints import model_option
 from r2r.config import INVERSIONS, Inversion, MethodConfig
 from r2r.imageio import ImageReadError, collect_inputs, load_rgb, output_path_for
 from r2r.log import log
+from r2r.lora import LoraSpec, fuse_loras, lora_option
 from r2r.manifest import BundleError
-from r2r.models import ModelLoadError
+from r2r.models import EMBEDDED_DEFAULT, ModelLoadError
 from r2r.runtime.assembly import REFERENCE, FusedChoice, RunConfig, Runtime, open_runtime, prepare_run
 from r2r.runtime.outputs import is_complete, write_output
 from r2r.sizing import FITS, Fit, Placement, group_by_size, prepare, restore
@@ -28,7 +29,8 @@ from r2r.storage import Location
 METHOD_FLAGS = ("steps", "strength", "guidance", "tac_ratio", "tac_divisor", "tac_target")
 # Flags that only one kind of run takes: given with the other, r2r-run refuses them by name instead of ignoring them.
 BUNDLE_ONLY = {"engine": "--engine", "fused": "--fused"}
-WITHOUT_ENGINE = {"width": "--width", "height": "--height", "model": "--model", "embedding": "--embedding"}
+WITHOUT_ENGINE = {"width": "--width", "height": "--height", "model": "--model", "lora": "--lora",
+                  "embedding": "--embedding"}
 
 
 def stream_batches(paths: list[Location], runtime: Runtime, batch_size: int,
@@ -98,6 +100,9 @@ def _check_flags(ctx: click.Context, backend: str, engine: Path | None, precisio
 @click.option("--model", type=click.Path(path_type=Path), default=None, callback=model_option,
               help="SD 1.x: a diffusers directory or a single-file .safetensors checkpoint [default: the embedded "
                    "tiny model].")
+@click.option("--lora", multiple=True, callback=lora_option, metavar="FILE[:SCALE]",
+              help="A LoRA (.safetensors; diffusers/PEFT or kohya keys) fused into --model before it is exported or "
+                   "run, at SCALE [default 1] (repeatable).")
 @click.option("--embedding", type=click.Path(path_type=Path), default=None,
               help="Negative embedding [default: MODEL/negative_embedding.safetensors].")
 @click.option("--width", type=int, default=None,
@@ -142,10 +147,10 @@ def _check_flags(ctx: click.Context, backend: str, engine: Path | None, precisio
                    "device-resident buffers and CUDA graphs). reference: a torch device [auto = cpu].")
 @click.pass_context
 def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ...], output_text: str,
-         engine: Path | None, backend: str, model: Path | None, embedding: Path | None, width: int | None,
-         height: int | None, fit: str, max_pixels: int | None, steps: int | None, strength: float | None,
-         guidance: float | None, tac_ratio: float | None, tac_divisor: int | None, tac_target: str | None,
-         inversion: str, fused: str,
+         engine: Path | None, backend: str, model: Path | None, lora: list[LoraSpec], embedding: Path | None,
+         width: int | None, height: int | None, fit: str, max_pixels: int | None, steps: int | None,
+         strength: float | None, guidance: float | None, tac_ratio: float | None, tac_divisor: int | None,
+         tac_target: str | None, inversion: str, fused: str,
          precision: str | None, batch_size: int, threads: int, resume: bool, ray_address: str | None,
          actors: str | None, device: str) -> None:
     """Translate rendered images into realistic photos (FashionR2R), one PNG per input."""
@@ -169,6 +174,11 @@ def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ..
         raise click.UsageError(str(exc)) from exc
     if not paths:
         raise click.UsageError(f"no image found in {', '.join(specs)}")
+    if lora:
+        try:
+            model = fuse_loras(model or EMBEDDED_DEFAULT, lora)
+        except ModelLoadError as exc:
+            raise click.ClickException(str(exc)) from exc
     flags = dict(zip(METHOD_FLAGS, (steps, strength, guidance, tac_ratio, tac_divisor, tac_target), strict=True))
     cfg = RunConfig(engine=engine, model=model, embedding=embedding, width=width, height=height, backend=backend,
                     device=device, precision=precision, batch=batch_size, threads=threads,

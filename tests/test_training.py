@@ -112,6 +112,33 @@ def test_checkpoints_hold_only_safetensors_and_json(finetuned: Path) -> None:
     assert not [p for p in finetuned.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
 
 
+def test_a_lora_finetune_trains_the_adapter_alone_and_writes_a_lora_that_lora_takes(
+        model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors import safe_open
+
+    from r2r.lora import LoraSpec, fuse_loras
+    from r2r.training.finetune import LORA_SUBDIR, LORA_WEIGHTS, FinetuneConfig, finetune
+
+    out = tmp_path / "run"
+    cfg = FinetuneConfig(model_dir, data_dir, out, LoopConfig(batch_size=8, max_steps=1, lr=1e-3, seed=SEED,
+                                                              progress=False), resolution=RES, lora_rank=4)
+    assert finetune(cfg).completed
+    with safe_open(str(out / "checkpoints" / "step-00000001" / "trainable.safetensors"), framework="pt") as fh:
+        trained = list(fh.keys())
+    assert trained and all(".lora_A." in k or ".lora_B." in k for k in trained)  # the frozen UNet is not saved
+    lora = out / LORA_SUBDIR / LORA_WEIGHTS
+    with safe_open(str(lora), framework="pt") as fh:
+        shapes = {k: fh.get_slice(k).get_shape() for k in fh.keys()}  # noqa: SIM118
+    assert all(k.startswith("unet.") for k in shapes)
+    assert {min(s) for k, s in shapes.items() if "lora_A" in k} == {4}
+    assert _fixed_batch_loss(out / "model", data_dir, SEED, 8) < _fixed_batch_loss(model_dir, data_dir, SEED, 8)
+    assert not (out / "model" / EMBEDDING_FILE).exists()  # trained for the old UNet: not carried over
+    monkeypatch.setenv("R2R_CACHE", str(tmp_path / "cache"))
+    fused = fuse_loras(model_dir, [LoraSpec(lora)], progress=lambda s: None)  # what --lora OUT/lora/... runs
+    a, b = load_components(out / "model").unet.state_dict(), load_components(fused).unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_negative_embedding_changes_only_its_vectors_and_loads_in_diffusers(
         finetuned: Path, data_dir: Path, tmp_path: Path) -> None:
     from diffusers import StableDiffusionPipeline

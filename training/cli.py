@@ -119,11 +119,14 @@ def _report(result: object, what: str) -> None:
               help="Share of captions replaced by the empty prompt (teaches the null text).")
 @click.option("--cache-latents", is_flag=True, help="Encode every image once instead of every step.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for UNet activation memory.")
+@click.option("--lora-rank", type=click.IntRange(min=1), default=None,
+              help="Train a LoRA of this rank on the UNet's attention projections instead of the whole UNet (PEFT; "
+                   "use a higher --lr, e.g. 1e-4): OUT/lora/ holds it (for --lora), OUT/model the base with it fused.")
 @_with(_TIMESTEP_BIAS)
 @loop_options(lr=1e-5, max_steps=1000, batch_size=1, weight_decay=1e-2)
 def finetune_cmd(model: Path, data: Path, out: Path, resolution: int | None, buckets: bool, caption_dropout: float,
-                 cache_latents: bool, gradient_checkpointing: bool, timestep_bias_portion: float,
-                 timestep_bias_range: tuple[int, int], **loop: object) -> None:
+                 cache_latents: bool, gradient_checkpointing: bool, lora_rank: int | None,
+                 timestep_bias_portion: float, timestep_bias_range: tuple[int, int], **loop: object) -> None:
     """DKI, target domain (paper eq. 6): finetune the UNet on real images with their captions.
 
     Epsilon-prediction MSE; text encoder and VAE frozen. Writes OUT/model, a complete diffusers
@@ -133,7 +136,8 @@ def finetune_cmd(model: Path, data: Path, out: Path, resolution: int | None, buc
     from r2r.training.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(model, data, out, loop_config_from_options(loop), resolution, buckets, caption_dropout,
-                         cache_latents, gradient_checkpointing, timestep_bias_portion, *timestep_bias_range)
+                         cache_latents, gradient_checkpointing, timestep_bias_portion, *timestep_bias_range,
+                         lora_rank=lora_rank)
     try:
         _report(finetune(cfg), "finetuned model")
     except _train_errors() as exc:

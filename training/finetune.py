@@ -27,13 +27,16 @@ from r2r.imageio import ImageReadError, load_rgb, oriented_size
 from r2r.models import EMBEDDING_FILE, Components, load_components
 from r2r.schedule import alphas_cumprod, forward_noise
 from r2r.tac import pixel_multiple
-from r2r.training.loop import LoopConfig, LoopResult, WholeModuleTask, run_training
+from r2r.training.loop import LoopConfig, LoopResult, TrainTask, WholeModuleTask, run_training
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 __all__ = [
+    "LORA_SUBDIR",
+    "LORA_TARGETS",
+    "LORA_WEIGHTS",
     "MODEL_SUBDIR",
     "CachedLatents",
     "CaptionEncoder",
@@ -41,6 +44,7 @@ __all__ = [
     "FinetuneConfig",
     "ImageFolder",
     "LatentSource",
+    "LoraUNetTask",
     "OnlineLatents",
     "TimestepSampler",
     "UNetTask",
@@ -56,6 +60,10 @@ __all__ = [
 ]
 
 MODEL_SUBDIR = "model"  # finetune writes OUT/model/ (a diffusers directory) next to OUT/checkpoints/
+LORA_SUBDIR = "lora"  # finetune --lora-rank also writes OUT/lora/ (the LoRA alone, diffusers' layout)
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' save_lora_weights writes
+# The UNet layers a LoRA adapts: every attention projection (diffusers' text-to-image LoRA recipe).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 METADATA_FILE = "metadata.jsonl"
 # Files of a source model directory that do not belong to a finetuned copy: the embedding was trained
 # for the old UNet, checkpoints and logs are training by-products.
@@ -490,6 +498,48 @@ class UNetTask(WholeModuleTask):
         return save_model_with_unet(self.c.model_dir, module, Path(out) / MODEL_SUBDIR)
 
 
+class LoraUNetTask(UNetTask):
+    """The same finetune as a LoRA of rank `rank` on the UNet's attention projections (PEFT): the base weights frozen,
+    only the adapter's A and B trained and checkpointed (what fits one GPU for SD 1.5). Writes OUT/lora (the LoRA,
+    which `--lora` takes) and OUT/model (the base with it fused, as the whole-UNet finetune writes)."""
+
+    trainable_state = TrainTask.trainable_state  # the adapter's tensors only, not the frozen UNet
+    load_trainable_state = TrainTask.load_trainable_state
+
+    def __init__(self, *args: Any, rank: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.rank = rank
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {**super().fingerprint(), "lora_rank": self.rank}
+
+    def build(self, device: torch.device) -> nn.Module:
+        from peft import LoraConfig
+
+        self.c.vae.to(device)
+        self.c.text_encoder.to(device)
+        unet = self.c.unet.to(device).float().requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=self.rank, lora_alpha=self.rank, target_modules=list(LORA_TARGETS)))
+        if self.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        return unet.train()
+
+    def save_final(self, module: nn.Module, out: Path) -> Path:
+        from diffusers import StableDiffusionPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        from r2r.lora import LoraSpec, fuse_into
+
+        module.eval()
+        with atomic_dir(Path(out) / LORA_SUBDIR) as tmp:
+            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=get_peft_model_state_dict(module),
+                                                      safe_serialization=True)
+        lora = Path(out) / LORA_SUBDIR / LORA_WEIGHTS
+        return fuse_into(self.c.model_dir, [LoraSpec(lora)], Path(out) / MODEL_SUBDIR, keep_embedding=False)
+
+
 # --------------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------------
@@ -512,6 +562,7 @@ class FinetuneConfig:
     timestep_bias_begin: int = 0
     timestep_bias_end: int = 1000
     domain: str = "real"  # which folder of an r2r dataset root --data points to
+    lora_rank: int | None = None  # train a LoRA of this rank instead of the whole UNet
 
 
 def default_train_resolution(model_dir: Path) -> int:
@@ -549,8 +600,9 @@ def finetune(cfg: FinetuneConfig) -> LoopResult:
     text = CaptionEncoder(comps.tokenizer, comps.text_encoder, cache=cfg.cache_latents)
     n = comps.scheduler.num_train_timesteps
     timesteps = TimestepSampler(n, cfg.timestep_bias_portion, cfg.timestep_bias_begin, min(cfg.timestep_bias_end, n))
-    task = UNetTask(comps, source, images.captions, text, timesteps, cfg.caption_dropout, cfg.gradient_checkpointing,
-                    fingerprint={"model": str(Path(cfg.model).resolve()), "data": str(folder.resolve()),
-                                 "resolution": res, **({"buckets": sorted(set(images.sizes))} if images.sizes
-                                                       else {})})
+    fingerprint = {"model": str(Path(cfg.model).resolve()), "data": str(folder.resolve()), "resolution": res,
+                   **({"buckets": sorted(set(images.sizes))} if images.sizes else {})}
+    args = (comps, source, images.captions, text, timesteps, cfg.caption_dropout, cfg.gradient_checkpointing)
+    task = (LoraUNetTask(*args, rank=cfg.lora_rank, fingerprint=fingerprint) if cfg.lora_rank
+            else UNetTask(*args, fingerprint=fingerprint))
     return run_training(task, cfg.loop, cfg.out)

@@ -1,0 +1,110 @@
+"""LoRA files fused into a model before any stage sees it (`--lora FILE[:SCALE]`, repeatable).
+
+The fused model is a diffusers directory in the cache, named by the base model's and the LoRAs' hashes and scales,
+so the export, the runtime and the benchmarks take it as any other model. Loading and fusing are diffusers' own
+(`load_lora_weights`, which reads the diffusers / PEFT and kohya key layouts, then `fuse_lora`); the files are read
+with safetensors here and handed over as tensors, so nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from r2r.atomic import atomic_dir
+from r2r.cache import cache_dir
+from r2r.locks import bundle_lock
+from r2r.log import log
+from r2r.models import DEFAULTS_FILE, EMBEDDING_FILE, ModelLoadError, check_model_dir, sha256_file, sha256_tree
+
+LORA_FILE = "r2r_loras.json"  # in a fused directory: its base and LoRAs
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One `--lora`: a .safetensors file and the scale its update is fused with."""
+
+    path: Path
+    scale: float = 1.0
+
+
+def parse_lora(text: str) -> LoraSpec:
+    """`FILE` or `FILE:SCALE`."""
+    head, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return LoraSpec(Path(head), float(tail))
+        except ValueError:
+            pass  # a ':' inside the path
+    return LoraSpec(Path(text))
+
+
+def lora_option(ctx: object, param: object, values: tuple[str, ...]) -> list[LoraSpec]:
+    """click callback of `--lora` (repeatable)."""
+    import click
+
+    specs = [parse_lora(v) for v in values]
+    for spec in specs:
+        if spec.path.suffix.lower() != ".safetensors":
+            raise click.BadParameter(f"{spec.path}: LoRAs are read from .safetensors only (never unpickled)")
+        if not spec.path.is_file():
+            raise click.BadParameter(f"{spec.path}: no such LoRA file")
+    return specs
+
+
+def fused_name(model_dir: Path, loras: list[LoraSpec]) -> str:
+    h = hashlib.sha256(sha256_tree(model_dir).encode())
+    for spec in loras:
+        h.update(f"{sha256_file(spec.path)}:{spec.scale!r}".encode())
+    return "lora-" + h.hexdigest()[:32]
+
+
+def fuse_loras(model_dir: Path, loras: list[LoraSpec], progress: Callable[[str], None] = log) -> Path:
+    """`model_dir` with `loras` fused into its UNet and text encoder: a directory in the cache, made once."""
+    if not loras:
+        return model_dir
+    check_model_dir(model_dir)
+    out = cache_dir() / "models" / fused_name(model_dir, loras)
+    if (out / LORA_FILE).is_file():
+        return out
+    with bundle_lock(out.with_name(out.name + ".lock"), progress):
+        if not (out / LORA_FILE).is_file():
+            progress(f"r2r: fusing {', '.join(s.path.name for s in loras)} into {model_dir} -> {out}")
+            fuse_into(model_dir, loras, out)
+    return out
+
+
+def fuse_into(model_dir: Path, loras: list[LoraSpec], out: Path, keep_embedding: bool = True) -> Path:
+    """Write `model_dir` with `loras` fused (diffusers' loaders) to `out`, atomically; `keep_embedding=False` for a
+    trained LoRA (the base's negative embedding was learned against the old UNet)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True, use_safetensors=True,
+                                                   safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    names = [f"lora{i}" for i in range(len(loras))]
+    for name, spec in zip(names, loras, strict=True):
+        try:
+            pipe.load_lora_weights(load_file(str(spec.path)), adapter_name=name)
+        except (ValueError, KeyError, RuntimeError) as exc:  # e.g. a text-encoder LoRA with a peft too old
+            raise ModelLoadError(f"{spec.path}: cannot load it as a LoRA of this model ({exc})") from exc
+    pipe.set_adapters(names, adapter_weights=[s.scale for s in loras])
+    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0, adapter_names=names)
+    pipe.unload_lora_weights()  # the adapters' own layers go; the fused weights stay
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for name in (DEFAULTS_FILE, EMBEDDING_FILE):  # the base model's defaults stay its defaults
+            if (model_dir / name).is_file() and (keep_embedding or name != EMBEDDING_FILE):
+                shutil.copyfile(model_dir / name, tmp / name)
+        (tmp / LORA_FILE).write_text(json.dumps({
+            "base": str(model_dir), "loras": [{"file": s.path.name, "sha256": sha256_file(s.path), "scale": s.scale}
+                                              for s in loras]}, indent=2) + "\n")
+    return out
+
+
+__all__ = ["LORA_FILE", "LoraSpec", "fuse_into", "fuse_loras", "fused_name", "lora_option", "parse_lora"]
