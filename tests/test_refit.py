@@ -1,0 +1,74 @@
+"""Refit (export/refit.py): the bundle's UNet graph rewritten with another model's weights equals that model's fresh
+export, output for output; another architecture is refused."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from r2r import graph_io as io
+from r2r.export.refit import RefitError, refit_graph, weight_map
+from r2r.manifest import read_manifest
+from r2r.models import EMBEDDED_DEFAULT, load_components
+from r2r.tiny import LATENT_CHANNELS as C
+
+
+def _unet_params(model: Path) -> dict[str, np.ndarray]:
+    return {"unet." + k: v.numpy() for k, v in load_components(model).unet.state_dict().items()}
+
+
+def _run(graph: Path) -> np.ndarray:
+    g = torch.Generator().manual_seed(2)
+    feed = {io.SAMPLE: torch.randn(2, C, 32, 32, generator=g).numpy(), io.TIMESTEP: np.array([400.0], np.float32),
+            io.ENCODER_HIDDEN_STATES: torch.randn(2, 77, 64, generator=g).numpy(), io.TAC_SRC: np.arange(2)}
+    return ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+def test_a_refitted_unet_graph_equals_the_fresh_export_of_the_new_model(embedded_bundle: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from r2r.export.bundle import ExportConfig, export_bundle
+    from r2r.lora import LoraSpec, fuse_loras
+
+    monkeypatch.setenv("R2R_CACHE", str(tmp_path / "cache"))
+    pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_DEFAULT, local_files_only=True, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    torch.manual_seed(3)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                              safe_serialization=True)
+    new = fuse_loras(EMBEDDED_DEFAULT, [LoraSpec(tmp_path / "lora" / "pytorch_lora_weights.safetensors")],
+                     progress=lambda s: None)
+    fresh = tmp_path / "fresh"
+    export_bundle(ExportConfig(new, new / "negative_embedding.safetensors", fresh, 256, 256, 4, 256,
+                               graphs=(io.UNET,)), progress=lambda s: None)
+
+    bundle = Path(shutil.copytree(embedded_bundle, tmp_path / "bundle"))
+    graph = bundle / read_manifest(bundle).graphs[io.UNET].file
+    mapping = weight_map(graph, _unet_params(EMBEDDED_DEFAULT))
+    assert sum(t for _, t in mapping.values()) > 0  # transposed MatMul weights are found too
+    before = _run(graph)
+    refit_graph(graph, mapping, _unet_params(new))
+    after = _run(graph)
+    assert np.array_equal(after, _run(fresh / read_manifest(fresh).graphs[io.UNET].file))
+    assert not np.array_equal(after, before)  # the weights did change: the check can fail
+    assert not list(graph.parent.parent.glob(".*.tmp-*"))
+
+
+def test_refit_refuses_a_model_of_another_architecture(embedded_bundle: Path, tmp_path: Path) -> None:
+    bundle = Path(shutil.copytree(embedded_bundle, tmp_path / "bundle"))
+    graph = bundle / read_manifest(bundle).graphs[io.UNET].file
+    mapping = weight_map(graph, _unet_params(EMBEDDED_DEFAULT))
+    other = {k: np.zeros((v.shape[0] + 1, *v.shape[1:]), v.dtype) for k, v in _unet_params(EMBEDDED_DEFAULT).items()}
+    with pytest.raises(RefitError, match="another architecture"):
+        refit_graph(graph, mapping, other)
+    assert np.array_equal(_run(graph), _run(embedded_bundle / read_manifest(embedded_bundle).graphs[io.UNET].file))
