@@ -26,8 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from r2r.atomic import atomic_dir, atomic_write
-from r2r.cache import cache_dir
-from r2r.locks import bundle_lock
+from r2r.cache import cache_dir, made_once
 from r2r.log import log
 from r2r.models import (
     DEFAULTS_FILE,
@@ -139,19 +138,13 @@ def clip_bpe_file() -> Path:
 
 def build_clip_tokenizer(out_dir: Path) -> Path:
     """SD 1.x's tokenizer (CLIP ViT-L/14's: 49,408 ids) written to `out_dir` from CLIP's BPE merges."""
-    from r2r.tiny import clip_tokenizer_files
+    from r2r.tiny import write_clip_tokenizer
 
     lines = gzip.decompress(clip_bpe_file().read_bytes()).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : CLIP_VOCAB - 512 - 2 + 1]]  # after the version line
     if len(merges) != CLIP_VOCAB - 514 or any(len(m) != 2 for m in merges):
         raise ModelLoadError(f"{clip_bpe_file()}: not CLIP's BPE merges file")
-    files = clip_tokenizer_files(merges)  # type: ignore[arg-type]
-    config = json.loads(files["tokenizer_config.json"])
-    files["tokenizer_config.json"] = json.dumps({**config, "do_lower_case": True}, indent=2) + "\n"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (out_dir / name).write_text(text, encoding="utf-8")
-    return out_dir
+    return write_clip_tokenizer(out_dir, merges, do_lower_case=True)  # type: ignore[arg-type]
 
 
 def write_configs(arch: Architecture, out: Path) -> Path:
@@ -220,13 +213,8 @@ def resolve_model(path: str | Path, progress: Callable[[str], None] = log) -> Pa
     arch = identify(p, read_header(p))
     sha256 = sha256_file(p)
     out = cache_dir() / "models" / sha256[:32]
-    if (out / SOURCE_FILE).is_file():
-        return out
-    with bundle_lock(out.with_name(out.name + ".lock"), progress):
-        if not (out / SOURCE_FILE).is_file():  # another process may have converted it while we waited
-            progress(f"r2r: converting {p.name} ({arch.family} checkpoint) into {out}")
-            convert_checkpoint(p, out, arch, sha256)
-    return out
+    return made_once(out, SOURCE_FILE, lambda: convert_checkpoint(p, out, arch, sha256),
+                     f"converting {p.name} ({arch.family} checkpoint)", progress)
 
 
 def model_option(ctx: object, param: object, value: Path | None) -> Path | None:

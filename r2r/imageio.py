@@ -38,17 +38,21 @@ class ImageReadError(ValueError):
     """An input image that cannot be used; the message names the file and why."""
 
 
-def _source(src: Location | os.PathLike[str]) -> Path | io.BytesIO:
-    """What Pillow opens: a local regular file's path, or a URL's bytes (read once, bounded)."""
-    if storage.is_url(src):
-        try:
-            return io.BytesIO(storage.read_bytes(str(src)))
-        except (OSError, ValueError) as exc:
-            raise ImageReadError(f"{src}: cannot read ({exc})") from exc
+def _local(src: os.PathLike[str] | str) -> Path:
     p = Path(src)
     if not p.is_file():
         raise ImageReadError(f"{p}: not a regular file")
     return p
+
+
+def _source(src: Location | os.PathLike[str]) -> Path | io.BytesIO:
+    """What Pillow opens: a local regular file's path, or a URL's bytes (read once, bounded)."""
+    if not storage.is_url(src):
+        return _local(src)
+    try:
+        return io.BytesIO(storage.read_bytes(str(src)))
+    except (OSError, ValueError) as exc:
+        raise ImageReadError(f"{src}: cannot read ({exc})") from exc
 
 
 def _rewound(source: Path | io.BytesIO) -> Path | io.BytesIO:
@@ -93,10 +97,7 @@ def load_rgb(path: Location | os.PathLike[str], size: tuple[int, int] | None = N
 def _header(src: Location | os.PathLike[str]) -> Iterator[Path | IO[bytes]]:
     """A local path, or a lazy reader of a URL (a header needs its first bytes only)."""
     if not storage.is_url(src):
-        p = Path(src)
-        if not p.is_file():
-            raise ImageReadError(f"{p}: not a regular file")
-        yield p
+        yield _local(src)
         return
     try:
         fh = storage.open_url(str(src))

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from r2r.atomic import atomic_dir
-from r2r.cache import cache_dir
-from r2r.locks import bundle_lock
+from r2r.cache import cache_dir, made_once
 from r2r.log import log
 from r2r.models import DEFAULTS_FILE, EMBEDDING_FILE, ModelLoadError, check_model_dir, sha256_file, sha256_tree
 
@@ -69,13 +68,8 @@ def fuse_loras(model_dir: Path, loras: list[LoraSpec], progress: Callable[[str],
         return model_dir
     check_model_dir(model_dir)
     out = cache_dir() / "models" / fused_name(model_dir, loras)
-    if (out / LORA_FILE).is_file():
-        return out
-    with bundle_lock(out.with_name(out.name + ".lock"), progress):
-        if not (out / LORA_FILE).is_file():
-            progress(f"r2r: fusing {', '.join(s.path.name for s in loras)} into {model_dir} -> {out}")
-            fuse_into(model_dir, loras, out)
-    return out
+    return made_once(out, LORA_FILE, lambda: fuse_into(model_dir, loras, out),
+                     f"fusing {', '.join(s.path.name for s in loras)} into {model_dir}", progress)
 
 
 def fuse_into(model_dir: Path, loras: list[LoraSpec], out: Path, keep_embedding: bool = True) -> Path:

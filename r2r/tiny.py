@@ -54,6 +54,7 @@ __all__ = [
     "build_tokenizer",
     "clip_tokenizer_files",
     "scheduler_kwargs",
+    "write_clip_tokenizer",
 ]
 
 # Default image size (width, height); the latent is 1/8 of it on each side.
@@ -310,15 +311,16 @@ def _tokenizer_files(words: Iterable[str]) -> dict[str, str]:
     return clip_tokenizer_files(_learn_merges((*FASHION_WORDS, *words)))
 
 
-def clip_tokenizer_files(merges: Sequence[tuple[str, str]]) -> dict[str, str]:
+def clip_tokenizer_files(merges: Sequence[tuple[str, str]], **config: Any) -> dict[str, str]:
     """A CLIPTokenizer directory's files (name -> text) for BPE `merges`, in CLIP's layout (the tiny family's and
-    SD 1.x's): bytes, bytes + "</w>", merge results, then <|startoftext|> and <|endoftext|> as the two highest ids."""
+    SD 1.x's): bytes, bytes + "</w>", merge results, then <|startoftext|> and <|endoftext|> as the two highest ids;
+    `config`: more tokenizer_config.json fields."""
     base = list(_bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for tok in [*base, *(c + _END for c in base), *(a + b for a, b in merges), BOS_TOKEN, EOS_TOKEN]:
         vocab.setdefault(tok, len(vocab))
     special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MODEL_MAX_LENGTH, **special}
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MODEL_MAX_LENGTH, **special, **config}
     return {
         "vocab.json": json.dumps(vocab, ensure_ascii=False, indent=0) + "\n",
         # Both the tokenizers library and the old slow CLIPTokenizer skip the first line.
@@ -332,6 +334,12 @@ def _write_files(out_dir: Path, files: dict[str, str]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         (out_dir / name).write_text(text, encoding="utf-8")
+
+
+def write_clip_tokenizer(out_dir: Path, merges: Sequence[tuple[str, str]], **config: Any) -> Path:
+    """`clip_tokenizer_files` written to `out_dir`."""
+    _write_files(out_dir, clip_tokenizer_files(merges, **config))
+    return out_dir
 
 
 def build_tokenizer(out_dir: Path, words: Iterable[str] = ()) -> CLIPTokenizer:

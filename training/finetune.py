@@ -518,13 +518,9 @@ class LoraUNetTask(UNetTask):
     def build(self, device: torch.device) -> nn.Module:
         from peft import LoraConfig
 
-        self.c.vae.to(device)
-        self.c.text_encoder.to(device)
-        unet = self.c.unet.to(device).float().requires_grad_(False)
+        unet = super().build(device).requires_grad_(False)  # the base frozen; the adapter added next trains
         unet.add_adapter(LoraConfig(r=self.rank, lora_alpha=self.rank, target_modules=list(LORA_TARGETS)))
-        if self.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        return unet.train()
+        return unet
 
     def save_final(self, module: nn.Module, out: Path) -> Path:
         from diffusers import StableDiffusionPipeline
