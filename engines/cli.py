@@ -12,10 +12,13 @@ from pathlib import Path
 import click
 
 from r2r.backends import DEVICES, NAMES, PRECISIONS, BuildRequest, auto_choices, backend_row
-from r2r.export.cli import export, export_config, model_options, onnx_cmd
+from r2r.checkpoints import model_option
+from r2r.export.cli import REFIT_HELP, export, export_config, model_options, onnx_cmd
 from r2r.log import log
+from r2r.lora import fuse_loras, lora_option
+from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, ModelLoadError
 
-TENSORRT_ONLY = {"opt_level": "--opt-level", "refit": "--refit", "static_size": "--static-size"}
+TENSORRT_ONLY = {"opt_level": "--opt-level", "static_size": "--static-size"}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -37,7 +40,7 @@ main.add_command(onnx_cmd)
               help="onnxruntime: the execution provider [default: the backend's first usable device].")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="TensorRT builder optimization level.")
-@click.option("--refit", is_flag=True, help="TensorRT: build refittable engines.")
+@click.option("--refit", is_flag=True, help=REFIT_HELP)
 @click.option("--static-size", is_flag=True,
               help="TensorRT: engines of the bundle's example size only (faster than a range; others refused).")
 @model_options
@@ -68,7 +71,7 @@ def build_engines_cmd(ctx: click.Context, backend: str, precision: str | None, d
     if row.builder is None:
         raise click.UsageError(f"--backend {row.name} builds no engines: it runs the model's own modules")
     cfg = export_config(model, embedding, out, width, height, batch_max, tac_divisor, min_side, max_side, static,
-                        lora)
+                        lora, refit)
     log(f"r2r-export build-engines: checking the ONNX bundle {out}")
     export(cfg)
     log(f"r2r-export build-engines: {row.name} {precision} on {device}")
@@ -79,3 +82,33 @@ def build_engines_cmd(ctx: click.Context, backend: str, precision: str | None, d
         importlib.import_module(row.builder).build(out, request)
     except (ImportError, RuntimeError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@main.command("refit")
+@click.option("--bundle", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
+              help="A bundle exported (or built) with --refit.")
+@click.option("--model", type=click.Path(path_type=Path), default=None, callback=model_option,
+              help="The new model, of the bundle's architecture: a diffusers directory or a single-file .safetensors "
+                   "checkpoint [default: the embedded tiny model].")
+@click.option("--lora", multiple=True, callback=lora_option, metavar="FILE[:SCALE]",
+              help="A LoRA fused into --model first, at SCALE [default 1] (repeatable).")
+@click.option("--embedding", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Negative embedding .safetensors [default: MODEL/negative_embedding.safetensors].")
+def refit_cmd(bundle: Path, model: Path | None, lora, embedding: Path | None) -> None:
+    """Give a refittable bundle another model's weights (another LoRA, another finetune of the same architecture)
+    without exporting or building again: its graphs, conditioning and TensorRT engines are refitted in place, the
+    other backends' engines built again from the refitted graphs."""
+    from r2r.engines.refit import refit_bundle
+
+    try:
+        model_dir = fuse_loras(model or EMBEDDED_DEFAULT, lora or [])
+    except ModelLoadError as exc:
+        raise click.ClickException(str(exc)) from exc
+    log(f"r2r-export refit: {bundle} -> {model_dir}")
+    try:
+        report = refit_bundle(bundle, model_dir, embedding or model_dir / EMBEDDING_FILE)
+    except (ImportError, RuntimeError, ValueError) as exc:  # RefitError, BundleError, TensorRT's errors
+        raise click.ClickException(str(exc)) from exc
+    changed = ", ".join(f"{g} {n}" for g, n in report.graphs.items()) or "none"
+    log(f"r2r-export refit: done in {report.seconds:.1f} s (weights changed: {changed}; TensorRT engines refitted: "
+        f"{len(report.tensorrt)}; engine builds redone: {len(report.rebuilt)})")

@@ -34,11 +34,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+import numpy as np
 
 from r2r import graph_io as io
 from r2r.atomic import atomic_write
@@ -401,6 +403,7 @@ def build_bundle_engines(bundle: str | Path, cfg: TrtBuildConfig, graphs: Sequen
                             timing_cache=bundle_path(root, cache_rel), gpu=gpu,
                             progress=progress)
         info["graph_key"] = graph.key
+        info["config"] = {**asdict(cfg), "batch_opt": batch_opt}  # what a refit re-keys the engine with
         record_file(root, manifest, rel)
         record_file(root, manifest, cache_rel)
         entry = EngineEntry(BACKEND, cfg.precision, name, [rel], key, info)
@@ -414,6 +417,95 @@ def build_bundle_engines(bundle: str | Path, cfg: TrtBuildConfig, graphs: Sequen
     return entries
 
 
+# ---- refit ----------------------------------------------------------------------------------------------------
+
+def refit_engine(engine_path: str | Path, onnx_path: str | Path, names: Collection[str] | None,
+                 trt: ModuleType | None = None) -> dict[str, Any]:
+    """Give the refittable engine at `engine_path` the weights `names` (ONNX initializer names, which is how
+    TensorRT's ONNX parser names weights; None: every refittable weight) from the graph at `onnx_path`, and write
+    the refitted plan in its place, atomically. The flow of the developer guide's "Refitting an Engine": Refitter,
+    set_named_weights, then the weights TensorRT reports missing (ones it combined with those set), refit."""
+    import onnx
+    from onnx import numpy_helper
+
+    t = trt or import_tensorrt()
+    engine_path, onnx_path = Path(engine_path), Path(onnx_path)
+    logger = t.Logger(t.Logger.WARNING)
+    engine = t.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
+    if engine is None:
+        raise EngineCompatError(f"{engine_path}: TensorRT {t.__version__} could not deserialize this engine (the "
+                                "TensorRT log above says why)")
+    if not engine.refittable:
+        raise TensorRTBuildError(f"{engine_path}: built without --refit; rebuild it with `r2r-export build-engines "
+                                 "--backend tensorrt --refit`")
+    refitter = t.Refitter(engine, logger)
+    refittable = set(refitter.get_all_weights())
+    want = set(refittable if names is None else names)
+    if want - refittable:
+        raise TensorRTBuildError(f"{engine_path}: weights {', '.join(sorted(want - refittable)[:3])} changed but "
+                                 "TensorRT cannot refit them in this engine (it folded them); rebuild the engine")
+    inits = {i.name: i for i in onnx.load(str(onnx_path)).graph.initializer}
+    held = []  # TensorRT reads the arrays' memory at refit_cuda_engine: they must live until then
+
+    def give(name: str) -> None:
+        if name not in inits:
+            raise TensorRTBuildError(f"{engine_path}: TensorRT asks for weights {name}, which {onnx_path} lacks")
+        held.append(np.ascontiguousarray(numpy_helper.to_array(inits[name])))
+        if not refitter.set_named_weights(name, t.Weights(held[-1])):
+            raise TensorRTBuildError(f"{engine_path}: TensorRT refused the new weights {name} (the log above says "
+                                     "why: another count or type)")
+
+    t0 = time.perf_counter()
+    for name in sorted(want):
+        give(name)
+    missing = [] if not want else list(refitter.get_missing_weights())
+    for name in missing:
+        give(name)
+    if want and not refitter.refit_cuda_engine():
+        raise TensorRTBuildError(f"{engine_path}: TensorRT could not refit the engine (the log above says why)")
+    if want:
+        atomic_write(engine_path, engine.serialize())
+    return {"weights_set": len(want) + len(missing), "missing_supplied": len(missing),
+            "refit_seconds": round(time.perf_counter() - t0, 3)}
+
+
+@writes_bundle
+def refit_bundle_engines(bundle: str | Path, changed: Mapping[str, tuple[str, Sequence[str]]],
+                         trt: ModuleType | None = None, gpu: dict[str, Any] | None = None,
+                         progress: Callable[[str], None] = log) -> list[EngineEntry]:
+    """Refit the bundle's TensorRT engines whose graph was refitted: `changed` maps a graph to (its key before the
+    refit, the initializers whose values changed). An engine built from that key takes only those; one built from
+    another (an interrupted earlier refit) takes every weight; one already built from the graph's key is kept.
+    Each engine is re-keyed as a fresh build from the refitted graph would be, and the manifest written after each."""
+    root = Path(bundle)
+    manifest = read_manifest(root)
+    t = trt or import_tensorrt()
+    gpu = gpu if gpu is not None else gpu_info()
+    done = []
+    for slot, entry in sorted(manifest.engines.items()):
+        graph = manifest.graphs.get(entry.graph)
+        if entry.backend != BACKEND or graph is None or entry.info.get("graph_key") == graph.key:
+            continue
+        if "config" not in entry.info or not entry.info.get("refit"):
+            raise TensorRTBuildError(f"TensorRT engine {entry.graph} ({entry.precision}) was built without --refit; "
+                                     f"rebuild it with `{rebuild_command(entry.precision, root)} --refit`")
+        before, names = changed.get(entry.graph, ("", ()))
+        fields = dict(entry.info["config"])
+        batch_opt = int(fields.pop("batch_opt"))
+        cfg = TrtBuildConfig(**fields)
+        info = refit_engine(bundle_path(root, entry.files[0]), bundle_path(root, graph.file),
+                            list(names) if entry.info["graph_key"] == before else None, trt=t)
+        envs = profile_envs(manifest, entry.graph, batch_opt, cfg.sizes)
+        entry.key = engine_key(graph.key, cfg, t.__version__, gpu, envs)
+        entry.info.update(graph_key=graph.key, last_refit=info)
+        for f in entry.files:
+            record_file(root, manifest, f)
+        write_manifest(root, manifest)
+        done.append(entry)
+        progress(f"  {slot:<36} refitted in {info['refit_seconds']:.2f} s ({info['weights_set']} weights set)")
+    return done
+
+
 # ---- the runtime's check --------------------------------------------------------------------------------------
 
 def rebuild_command(precision: str, bundle: str | Path | None = None) -> str:
@@ -421,8 +513,10 @@ def rebuild_command(precision: str, bundle: str | Path | None = None) -> str:
 
 
 def check_engine_compat(manifest: Manifest, trt_version: str, gpu_name: str, cc: str | tuple[int, int], *,
-                        precision: str | None = None, bundle: str | Path | None = None) -> list[EngineEntry]:
-    """Refuse engines built for another TensorRT version or GPU (a plan only runs where it was built).
+                        precision: str | None = None, bundle: str | Path | None = None,
+                        current: bool = True) -> list[EngineEntry]:
+    """Refuse engines built for another TensorRT version or GPU (a plan only runs where it was built) and, if
+    `current`, engines built from another version of their graph (exported or refitted since).
 
     Returns the bundle's TensorRT engines (of `precision`, if given); raises EngineCompatError naming the
     rebuild command when there are none or any differs.
@@ -435,6 +529,12 @@ def check_engine_compat(manifest: Manifest, trt_version: str, gpu_name: str, cc:
         raise EngineCompatError(f"the bundle has no TensorRT {which}engines; build them with "
                                 f"`{rebuild_command(precision or 'fp16', bundle)}`")
     for e in engines:
+        graph = manifest.graphs.get(e.graph)
+        if current and graph is not None and e.info.get("graph_key", graph.key) != graph.key:
+            raise EngineCompatError(
+                f"TensorRT engine {e.graph} ({e.precision}) was built from another {e.graph} graph than the bundle's "
+                f"(the graph was exported or refitted since); rebuild it with `{rebuild_command(e.precision, bundle)}`"
+                " or, if it was built with --refit, run `r2r-export refit` again")
         built = (e.info.get("tensorrt_version"), e.info.get("gpu_name"), str(e.info.get("compute_capability")))
         if built != (trt_version, gpu_name, want_cc):
             raise EngineCompatError(
@@ -458,5 +558,5 @@ __all__ = [
     "BACKEND", "PRECISIONS", "ROW", "TIMING_CACHE", "EngineCompatError", "OnnxTypes", "TensorRTBuildError",
     "TrtBuildConfig", "build", "build_bundle_engines", "build_engine", "check_engine_compat", "engine_entry_key",
     "engine_file", "engine_key", "inspect_onnx", "network_plan", "profile_envs", "profile_shapes",
-    "rebuild_command",
+    "rebuild_command", "refit_bundle_engines", "refit_engine",
 ]

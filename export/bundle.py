@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -33,12 +34,14 @@ from r2r.export.graphs import (
     unet_specs,
 )
 from r2r.export.to_onnx import OPSET, Sizes, export_graph
+from r2r.export.weight_map import ParamIndex, weight_map, write_map
 from r2r.locks import bundle_lock
 from r2r.log import log
 from r2r.manifest import (
     COND_FILE,
     ENGINES_DIR,
     ONNX_DIR,
+    REFIT_DIR,
     GraphEntry,
     Manifest,
     TensorSpec,
@@ -69,6 +72,7 @@ class ExportConfig:
     min_side: int | None = None  # None: two pixel multiples
     max_side: int | None = DEFAULT_MAX_SIDE
     static: bool = False  # graphs of the example size only (TensorRT builds static engines from them)
+    refit: bool = False  # record each weight graph's weight map, so that `r2r-export refit` can swap its weights
 
     def sizes(self, multiple: int) -> Sizes:
         """The size range of the bundle, checked: sides multiples of the model's pixel multiple."""
@@ -88,6 +92,41 @@ class ExportConfig:
 
 def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def artefact_keys(cfg: ExportConfig, plan: TACPlan, sizes: Sizes, part_hash: dict[str, str], emb_hash: str,
+                  tools: dict[str, str]) -> dict[str, str]:
+    """The key of every graph and of the conditioning ("cond"): the hash of what each is made from. A refit computes
+    them as the fresh export of its model would, so a refitted bundle is that export's, key for key."""
+    shape_key = (cfg.width, cfg.height, cfg.batch_max, sizes.width, sizes.height)
+    return {
+        **{g: _key(g, part_hash["unet"], shape_key, plan.as_dict(), tools) for g in unet_specs(plan)},
+        **{g: _key(g, part_hash["vae"], shape_key, tools) for g in VAE_SPECS},
+        **{g: _key(g, shape_key, tools) for g in STEP_SPECS},
+        "cond": _key(part_hash["text_encoder"], part_hash["tokenizer"], emb_hash, tools["r2r"]),
+    }
+
+
+def model_hashes(model_dir: Path, embedding: Path) -> tuple[dict[str, str], str]:
+    """(hash of each model part a bundle is made from, hash of the embedding)."""
+    return ({p: sha256_tree(model_dir / p) for p in ("unet", "vae", "text_encoder", "tokenizer")},
+            sha256_file(embedding))
+
+
+def bundle_config(manifest: Manifest, model: Path, embedding: Path, out: Path) -> ExportConfig:
+    """The export configuration a bundle was made with, for another model (a refit)."""
+    sizes = manifest.sizes
+    static = bool(sizes.get("static", sizes["min"] == sizes["max"]))
+    return ExportConfig(model, embedding, out, manifest.width, manifest.height, manifest.batch_max,
+                        int(manifest.schedule["defaults"]["tac_divisor"]), tuple(manifest.graphs),
+                        min_side=None if static else min(sizes["min"]), max_side=None if static else max(sizes["max"]),
+                        static=static, refit=True)
+
+
+def source_of(model_dir: Path, embedding: Path, part_hash: dict[str, str], emb_hash: str) -> dict[str, object]:
+    """The manifest's record of what a bundle was made from."""
+    return {"model": model_dir.name, "model_sha256": sha256_tree(model_dir), "parts_sha256": part_hash,
+            "embedding": Path(embedding).name, "embedding_sha256": emb_hash}
 
 
 def tool_versions() -> dict[str, str]:
@@ -154,27 +193,20 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
     sizes = cfg.sizes(multiple)
     tools = tool_versions()
     model_dir = comps.model_dir
-    part_hash = {p: sha256_tree(model_dir / p) for p in ("unet", "vae", "text_encoder", "tokenizer")}
-    emb_hash = sha256_file(cfg.embedding)
-    shape_key = (cfg.width, cfg.height, cfg.batch_max, sizes.width, sizes.height)
-    keys = {
-        **{g: _key(g, part_hash["unet"], shape_key, plan.as_dict(), tools) for g in unet_specs(plan)},
-        **{g: _key(g, part_hash["vae"], shape_key, tools) for g in VAE_SPECS},
-        **{g: _key(g, shape_key, tools) for g in STEP_SPECS},
-        "cond": _key(part_hash["text_encoder"], part_hash["tokenizer"], emb_hash, tools["r2r"]),
-    }
+    part_hash, emb_hash = model_hashes(model_dir, cfg.embedding)
+    keys = artefact_keys(cfg, plan, sizes, part_hash, emb_hash, tools)
     try:
         old = read_manifest(out)
     except ValueError:
         old = None
 
     manifest = Manifest(
-        source={"model": model_dir.name, "model_sha256": sha256_tree(model_dir), "parts_sha256": part_hash,
-                "embedding": Path(cfg.embedding).name, "embedding_sha256": emb_hash},
+        source=source_of(model_dir, cfg.embedding, part_hash, emb_hash),
         width=cfg.width, height=cfg.height, batch_min=1, batch_max=cfg.batch_max,
         sizes={"multiple": multiple, "opt": [cfg.width, cfg.height],
                "min": [sizes.width[0], sizes.height[0]] if sizes.dynamic else [cfg.width, cfg.height],
-               "max": [sizes.width[1], sizes.height[1]] if sizes.dynamic else [cfg.width, cfg.height]},
+               "max": [sizes.width[1], sizes.height[1]] if sizes.dynamic else [cfg.width, cfg.height],
+               "static": not sizes.dynamic},
         latent={"channels": int(comps.unet.config.in_channels), "height": cfg.height // 8, "width": cfg.width // 8},
         scaling_factor=comps.scaling_factor,
         tac_plan={**plan.as_dict(), "target": "null"},
@@ -231,7 +263,8 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
         old_files = [f for f in old.files if f.startswith(f"{ONNX_DIR}/{name}/")] if old is not None else []
         if old is not None and name in old.graphs and old_files and reusable(name, old_files):
             manifest.graphs[name] = old.graphs[name]
-            manifest.files.update({f: old.files[f] for f in old_files})
+            kept = old_files + [m for m in [old.graphs[name].refit_map] if m in old.files]
+            manifest.files.update({f: old.files[f] for f in kept})
             progress(f"  {name:<11} up to date ({rel})")
             continue
         t0 = time.perf_counter()
@@ -241,8 +274,41 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
         for f in _files_of(out, rel):
             record_file(out, manifest, f)
         manifest.graphs[name] = GraphEntry(rel, inputs, outputs, keys[name], external)
+        bundle_path(out, map_file(name)).unlink(missing_ok=True)  # the map of the graph this one replaced
         size = sum(bundle_path(out, f).stat().st_size for f in _files_of(out, rel))
         progress(f"  {name:<11} exported in {time.perf_counter() - t0:.1f} s ({size / 1e6:.1f} MB"
                  f"{', external data' if external else ''})")
+    if cfg.refit:
+        _record_weight_maps(out, manifest, comps, progress)
     write_manifest(out, manifest)
     return manifest
+
+
+def map_file(graph: str) -> str:
+    return f"{REFIT_DIR}/{graph}.json"
+
+
+def part_params(comps: Components, part: str) -> dict[str, np.ndarray]:
+    """A model part's parameters as the exported graphs name them ("unet.<name>"), as numpy views."""
+    module = comps.unet if part == "unet" else comps.vae
+    return {f"{part}.{k}": v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+def _record_weight_maps(out: Path, manifest: Manifest, comps: Components, progress: Callable[[str], None]) -> None:
+    """Make each weight graph refittable: the map of its initializers to the model's parameters, made while the
+    model it was exported from is at hand (a reused graph keeps its recorded map)."""
+    indexes: dict[str, ParamIndex] = {}
+    for name, entry in manifest.graphs.items():
+        part = io.WEIGHTS_OF.get(name)
+        if part is None or (entry.refit_map and entry.refit_map in manifest.files):
+            continue
+        t0 = time.perf_counter()
+        if part not in indexes:
+            indexes[part] = ParamIndex(part_params(comps, part))
+        mapping = weight_map(bundle_path(out, entry.file), indexes[part])
+        rel = map_file(name)
+        write_map(bundle_path(out, rel), name, part, mapping)
+        record_file(out, manifest, rel)
+        entry.refit_map = rel
+        progress(f"  {name:<11} weight map of {len(mapping)} initializers in {time.perf_counter() - t0:.1f} s "
+                 f"({rel})")

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 def export_config(model: Path | None, embedding: Path | None, out: Path, width: int | None, height: int | None,
                   batch_max: int, tac_divisor: int, min_side: int | None = None, max_side: int | None = None,
-                  static: bool = False, lora: list[LoraSpec] | None = None) -> ExportConfig:
+                  static: bool = False, lora: list[LoraSpec] | None = None, refit: bool = False) -> ExportConfig:
     from r2r.export.bundle import DEFAULT_MAX_SIDE, ExportConfig
 
     try:
@@ -35,7 +35,11 @@ def export_config(model: Path | None, embedding: Path | None, out: Path, width: 
     if batch_max < 1:
         raise click.BadParameter("--batch-max must be >= 1")
     return ExportConfig(model_dir, embedding or model_dir / EMBEDDING_FILE, out, w, h, batch_max, tac_divisor,
-                        min_side=min_side, max_side=max_side or DEFAULT_MAX_SIDE, static=static)
+                        min_side=min_side, max_side=max_side or DEFAULT_MAX_SIDE, static=static, refit=refit)
+
+
+REFIT_HELP = ("Make the bundle refittable: record which model parameter each graph weight is, so that `r2r-export "
+              "refit` can give it another model's weights (TensorRT: refittable engines).")
 
 
 def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -77,12 +81,13 @@ def export(cfg: ExportConfig) -> None:
 
 @click.command("onnx")
 @model_options
+@click.option("--refit", is_flag=True, help=REFIT_HELP)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
-def onnx_cmd(model, lora, embedding, width, height, batch_max, tac_divisor, min_side, max_side, static,
+def onnx_cmd(model, lora, embedding, width, height, batch_max, tac_divisor, min_side, max_side, static, refit: bool,
              out: Path) -> None:
     """Write the ONNX bundle: UNet variants, VAE graphs, conditioning, manifest."""
     cfg = export_config(model, embedding, out, width, height, batch_max, tac_divisor, min_side, max_side, static,
-                        lora)
+                        lora, refit)
     sides = "static" if static else f"sides {cfg.min_side or 'auto'}..{cfg.max_side}"
     log(f"r2r-export onnx: {cfg.model} at {cfg.width}x{cfg.height} ({sides}), batch 1-{cfg.batch_max} -> {out}")
     export(cfg)

@@ -1,90 +1,144 @@
-"""Refit: another model's weights into a bundle's ONNX graphs without exporting them again.
+"""A refittable bundle's graphs and conditioning made those of another model of the same architecture, without
+exporting again (docs/design.md, "Refit"): the ONNX half of `r2r-export refit` (the engines' half is
+`r2r.engines.refit`).
 
-The exporter writes each parameter of a graph's module as an initializer under one of these forms: its own name
-(`unet.<param>`), a renamed or reshaped copy, or a transposed copy (a Linear's weight as a MatMul operand); the rest
-are small constants of the graph itself. `weight_map` finds, by content, which parameter (and form) each initializer is,
-against the module the graph was exported from; `refit_graph` writes the initializers of that map from a module of
-the same architecture and replaces the graph's folder atomically. Measured on the embedded default's UNet graphs:
-194 initializers by name, 60 renamed, 70 transposed, none ambiguous.
+Each weight graph is rewritten through the weight map recorded when the bundle was exported with `--refit`
+(`export/weight_map.py`); the conditioning is computed again only if the text encoder, tokenizer or embedding
+changed. Every artefact is re-keyed as a fresh export of the new model would key it, so the refitted bundle is that
+export's, key for key, and a later `r2r-export onnx --model NEW` finds it up to date.
+
+While a refit runs, the manifest says so (`source["refit_pending"]`, with what is left to rebuild): the runtime
+refuses the bundle until a run of the refit has finished, so a half-refitted bundle is never used.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections import defaultdict
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+from safetensors.torch import save_file
 
-from r2r.atomic import atomic_dir
+from r2r import graph_io as io
+from r2r.atomic import atomic_path
+from r2r.export.bundle import (
+    artefact_keys,
+    bundle_config,
+    model_hashes,
+    part_params,
+    source_of,
+)
+from r2r.export.weight_map import RefitError, read_map, refit_graph
+from r2r.log import log
+from r2r.manifest import COND_FILE, REFIT_PENDING, Manifest, bundle_path, record_file, verify_files, write_manifest
+from r2r.models import Components, encode_conditioning, load_components
+from r2r.tac import pixel_multiple, plan_tac
 
-SMALL = 64  # initializers below this many elements that match no parameter are the graph's own constants
+
+@dataclass
+class RefitTarget:
+    """What the bundle becomes: the new model's components, keys and source record."""
+
+    comps: Components
+    embedding: Path
+    keys: dict[str, str]
+    source: dict[str, Any]
+    changed: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # graph -> (key before, initializers)
 
 
-class RefitError(ValueError):
-    """A graph and a module that do not correspond (another architecture, an ambiguous weight)."""
+def check_refittable(bundle: Path, manifest: Manifest) -> None:
+    """Every weight graph has its recorded weight map, else the bundle cannot be refitted."""
+    lacking = [g for g, e in manifest.graphs.items()
+               if g in io.WEIGHTS_OF and (not e.refit_map or e.refit_map not in manifest.files)]
+    if lacking:
+        raise RefitError(f"{bundle}: the graphs {', '.join(lacking)} have no weight map; make the bundle refittable "
+                         f"once, with its own model: `r2r-export onnx --refit --model MODEL --out {bundle}` (or "
+                         "`r2r-export build-engines --refit ...`)")
 
 
-def _content(a: np.ndarray) -> str:
-    """The values, not the shape: the exporter also writes reshaped copies (a norm's [C] weight as [C, 1, 1])."""
-    a = np.ascontiguousarray(a)
-    return hashlib.sha256(str(a.dtype).encode() + a.tobytes()).hexdigest()
+def refit_target(bundle: Path, manifest: Manifest, model: Path, embedding: Path) -> RefitTarget:
+    """Load the new model and check that it has the bundle's architecture (TAC plan, sizes, latent, scheduler)."""
+    comps = load_components(model)
+    cfg = bundle_config(manifest, comps.model_dir, embedding, bundle)
+    plan = plan_tac(comps.unet.config, cfg.width, cfg.height, cfg.tac_divisor)
+    multiple = pixel_multiple(comps.unet.config)
+    width = int(comps.text_encoder.config.hidden_size)
+    have = {"TAC plan": {**plan.as_dict(), "target": "null"}, "pixel multiple": multiple,
+            "latent channels": int(comps.unet.config.in_channels), "scaling factor": comps.scaling_factor,
+            "scheduler": comps.scheduler.as_dict(), "text width": width}
+    want = {"TAC plan": manifest.tac_plan, "pixel multiple": manifest.sizes["multiple"],
+            "latent channels": manifest.latent["channels"], "scaling factor": manifest.scaling_factor,
+            "scheduler": manifest.schedule["scheduler"], "text width": manifest.cond["tensors"][0]["shape"][-1]}
+    have = json.loads(json.dumps(have))  # as the manifest holds it (tuples are lists)
+    differ = [k for k in have if have[k] != want[k]]
+    if differ:
+        raise RefitError(f"{model}: another architecture than the bundle {bundle}'s ({', '.join(differ)} differ); "
+                         "export a new bundle with `r2r-export onnx`")
+    part_hash, emb_hash = model_hashes(comps.model_dir, embedding)
+    keys = artefact_keys(cfg, plan, cfg.sizes(multiple), part_hash, emb_hash, manifest.tools)
+    return RefitTarget(comps, embedding, keys, source_of(comps.model_dir, embedding, part_hash, emb_hash))
 
 
-def weight_map(graph: Path, params: dict[str, np.ndarray]) -> dict[str, tuple[str, bool]]:
-    """Initializer name -> (parameter name, transposed) for the graph at `graph`, exported from `params`."""
-    import onnx
-    from onnx import numpy_helper
+def begin(bundle: Path, manifest: Manifest, target: RefitTarget, rebuild: list[list[str]]) -> list[list[str]]:
+    """Mark the bundle as being refitted (with the engine builds a finished refit owes); returns every build owed,
+    this run's and an interrupted run's."""
+    owed = manifest.source.get(REFIT_PENDING, {}).get("rebuild", [])
+    owed = owed + [r for r in rebuild if r not in owed]
+    manifest.source[REFIT_PENDING] = {"model": target.source["model"], "model_sha256": target.source["model_sha256"],
+                                "rebuild": owed}
+    write_manifest(bundle, manifest)
+    return owed
 
-    index: dict[str, list[tuple[str, bool]]] = defaultdict(list)
-    for name, value in params.items():
-        index[_content(value)].append((name, False))
-        if value.ndim == 2:
-            index[_content(value.T)].append((name, True))
-    found: dict[str, tuple[str, bool]] = {}
-    for init in onnx.load(str(graph)).graph.initializer:
-        value = numpy_helper.to_array(init)
-        if init.name in params and _content(params[init.name]) == _content(value):
-            found[init.name] = (init.name, False)
+
+def refit_graphs(bundle: Path, manifest: Manifest, target: RefitTarget,
+                 progress: Callable[[str], None] = log) -> None:
+    """Rewrite every weight graph whose key is not the target's; record what changed in `target.changed`."""
+    params: dict[str, dict] = {}
+    for name, entry in manifest.graphs.items():
+        part = io.WEIGHTS_OF.get(name)
+        new_key = target.keys[name]
+        if entry.key == new_key:
             continue
-        hits = index.get(_content(value), [])
-        if len({(n, t) for n, t in hits}) > 1:
-            # equal parameters (e.g. zero-initialised ones) cannot be told apart by content
-            raise RefitError(f"{graph}: initializer {init.name} equals {len(hits)} parameters "
-                             f"({', '.join(n for n, _ in hits[:3])}); this bundle cannot be refitted")
-        if hits:
-            found[init.name] = hits[0]
-        elif value.size >= SMALL:
-            raise RefitError(f"{graph}: initializer {init.name} {value.shape} matches no parameter of the model")
-    return found
+        if part is None:  # a step graph's key does not depend on the model: it cannot differ
+            raise RefitError(f"{bundle}: the {name} graph was made with other settings; re-export the bundle")
+        files = [f for f in manifest.files if f.startswith(str(Path(entry.file).parent) + "/")] + [entry.refit_map]
+        verify_files(bundle, manifest, only=files)
+        t0 = time.perf_counter()
+        if part not in params:
+            params[part] = part_params(target.comps, part)
+        mapping = read_map(bundle_path(bundle, entry.refit_map), name, part)
+        changed = refit_graph(bundle_path(bundle, entry.file), mapping, params[part])
+        target.changed[name] = (entry.key, changed)
+        for f in files[:-1]:
+            record_file(bundle, manifest, f)
+        entry.key = new_key
+        write_manifest(bundle, manifest)
+        progress(f"  {name:<11} refitted in {time.perf_counter() - t0:.1f} s ({len(changed)} of {len(mapping)} "
+                 "weights changed)")
 
 
-def refit_graph(graph: Path, mapping: dict[str, tuple[str, bool]], params: dict[str, np.ndarray]) -> Path:
-    """Rewrite the graph at `graph` with `params` (same architecture) through `mapping`; its folder (graph and
-    external data) is replaced whole, atomically."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(graph))
-    for init in model.graph.initializer:
-        if init.name not in mapping:
-            continue
-        name, transposed = mapping[init.name]
-        if name not in params:
-            raise RefitError(f"{graph}: the new model has no parameter {name}")
-        value = params[name].T if transposed else params[name]
-        if value.size == int(np.prod(init.dims)) and value.ndim != len(init.dims):
-            value = value.reshape(tuple(init.dims))  # a reshaped copy
-        if tuple(value.shape) != tuple(init.dims):
-            raise RefitError(f"{graph}: {name} is {tuple(value.shape)} in the new model, {tuple(init.dims)} in the "
-                             "bundle: another architecture; export a new bundle")
-        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value.astype(
-            onnx.helper.tensor_dtype_to_np_dtype(init.data_type))), init.name))
-    data = sorted(p.name for p in graph.parent.iterdir() if p.suffix == ".data")
-    with atomic_dir(graph.parent) as tmp:
-        onnx.save_model(model, str(tmp / graph.name), save_as_external_data=bool(data),
-                        all_tensors_to_one_file=True, location=data[0] if data else None)
-    return graph
+def refit_cond(bundle: Path, manifest: Manifest, target: RefitTarget, progress: Callable[[str], None] = log) -> None:
+    """The conditioning again, if the text encoder, tokenizer or embedding changed."""
+    if manifest.cond.get("key") == target.keys["cond"]:
+        return
+    t0 = time.perf_counter()
+    c_null, c_neg = encode_conditioning(target.comps, target.embedding)
+    with atomic_path(bundle_path(bundle, COND_FILE)) as tmp:
+        save_file({io.COND_NULL: c_null.contiguous(), io.COND_NEG: c_neg.contiguous()}, str(tmp))
+    record_file(bundle, manifest, COND_FILE)
+    manifest.cond["key"] = target.keys["cond"]
+    write_manifest(bundle, manifest)
+    progress(f"  cond        computed again in {time.perf_counter() - t0:.1f} s (text encoder or embedding changed)")
 
 
-__all__ = ["RefitError", "refit_graph", "weight_map"]
+def finish(bundle: Path, manifest: Manifest, target: RefitTarget) -> None:
+    """The bundle is the new model's: its source recorded, the refit mark gone."""
+    manifest.source = dict(target.source)
+    write_manifest(bundle, manifest)
+
+
+__all__ = ["RefitTarget", "begin", "check_refittable", "finish", "refit_cond",
+           "refit_graphs", "refit_target"]

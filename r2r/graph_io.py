@@ -20,6 +20,9 @@ GUIDED_STEP = "guided_step"  # e = e_neg + w (e_null - e_neg); z_pair = [z_next,
 UNET_GRAPHS = (UNET, UNET_EMIT, UNET_INJECT)
 STEP_GRAPHS = (DDIM_STEP, GUIDED_STEP)
 ALL_GRAPHS = (*UNET_GRAPHS, VAE_ENCODER, VAE_DECODER, *STEP_GRAPHS)
+# The model part whose weights each weight-carrying graph holds (its initializers are "<part>.<parameter>" or copies
+# of them); the step graphs hold none.
+WEIGHTS_OF = {UNET: "unet", UNET_EMIT: "unet", UNET_INJECT: "unet", VAE_ENCODER: "vae", VAE_DECODER: "vae"}
 
 # UNet inputs and output.
 SAMPLE = "sample"

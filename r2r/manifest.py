@@ -21,6 +21,8 @@ FORMAT_VERSION = 3  # 2: `unet` routes TAC by tac_src and replaces unet_fused; 3
 ONNX_DIR = "onnx"
 COND_DIR = "cond"
 COND_FILE = "cond/conditioning.safetensors"
+REFIT_DIR = "refit"  # weight maps of a refittable bundle, one JSON per graph
+REFIT_PENDING = "refit_pending"  # in `source` while `r2r-export refit` runs: the bundle must not be used
 ENGINES_DIR = "engines"
 
 
@@ -46,11 +48,13 @@ class GraphEntry:
     outputs: list[TensorSpec]
     key: str  # hash of everything the graph was made from; unchanged key = nothing to rebuild
     external_data: bool = False
+    refit_map: str = ""  # the graph's weight map (export/weight_map.py), relative to the bundle; "" if not refittable
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GraphEntry:
         return cls(d["file"], [TensorSpec.from_dict(t) for t in d["inputs"]],
-                   [TensorSpec.from_dict(t) for t in d["outputs"]], d["key"], d.get("external_data", False))
+                   [TensorSpec.from_dict(t) for t in d["outputs"]], d["key"], d.get("external_data", False),
+                   d.get("refit_map", ""))
 
 
 @dataclass

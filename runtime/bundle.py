@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 
 from r2r import graph_io as io
 from r2r.config import MethodConfig
-from r2r.manifest import BundleError, Manifest, bundle_path, read_manifest, verify_files
+from r2r.manifest import REFIT_PENDING, BundleError, Manifest, bundle_path, read_manifest, verify_files
 from r2r.schedule import Schedule, SchedulerConfig, make_schedule
 from r2r.tac import tac_window
 
@@ -97,6 +97,10 @@ class Bundle:
 def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     root = Path(path)
     manifest = read_manifest(root)
+    pending = manifest.source.get(REFIT_PENDING)
+    if pending:
+        raise BundleError(f"{root}: `r2r-export refit` to the model {pending.get('model')} did not finish; run it "
+                          f"again (`r2r-export refit --bundle {root} --model MODEL`) before using the bundle")
     if verify:
         verify_files(root, manifest)
     cond_path = bundle_path(root, manifest.cond["file"])

@@ -42,7 +42,7 @@ def test_build_engines_tensorrt_without_tensorrt_names_the_extra(tiny_bundle: Pa
 
 
 def test_tensorrt_build_options_are_refused_for_other_backends(tmp_path: Path) -> None:
-    for args in (["--opt-level", "5"], ["--refit"]):
+    for args in (["--opt-level", "5"], ["--static-size"]):
         res = CliRunner().invoke(main, ["build-engines", "--backend", "openvino", *args, "--out", str(tmp_path / "b")])
         assert res.exit_code == 2 and args[0] in res.output and "TensorRT" in res.output
     res = CliRunner().invoke(main, ["build-engines", "--backend", "onnxruntime", "--precision", "fp16",

@@ -87,7 +87,7 @@ def test_manifest_names_every_graph_with_the_contract_io(bundle: Path) -> None:
     inject = m.graphs[io.UNET_INJECT]
     assert [t.name for t in inject.inputs] == [io.SAMPLE, io.TIMESTEP, io.ENCODER_HIDDEN_STATES, *io.tac_names(n)]
     assert inject.inputs[0].shape == ["2*B", C, "4*hm", "4*wm"]
-    assert m.sizes == {"multiple": 32, "min": [64, 64], "opt": [W, H], "max": [2048, 2048]}
+    assert m.sizes == {"multiple": 32, "min": [64, 64], "opt": [W, H], "max": [2048, 2048], "static": False}
     unet = m.graphs[io.UNET]
     assert [(t.name, t.shape, t.dtype) for t in unet.inputs][-1] == (io.TAC_SRC, ["B"], "int64")
     verify_files(bundle, m)

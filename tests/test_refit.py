@@ -1,5 +1,5 @@
-"""Refit (export/refit.py): the bundle's UNet graph rewritten with another model's weights equals that model's fresh
-export, output for output; another architecture is refused."""
+"""Weight maps (export/weight_map.py): the bundle's UNet graph rewritten with another model's weights equals that
+model's fresh export, output for output; another architecture is refused."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from r2r import graph_io as io
-from r2r.export.refit import RefitError, refit_graph, weight_map
+from r2r.export.weight_map import RefitError, refit_graph, weight_map
 from r2r.manifest import read_manifest
 from r2r.models import EMBEDDED_DEFAULT, load_components
 from r2r.tiny import LATENT_CHANNELS as C
@@ -57,7 +57,8 @@ def test_a_refitted_unet_graph_equals_the_fresh_export_of_the_new_model(embedded
     mapping = weight_map(graph, _unet_params(EMBEDDED_DEFAULT))
     assert sum(t for _, t in mapping.values()) > 0  # transposed MatMul weights are found too
     before = _run(graph)
-    refit_graph(graph, mapping, _unet_params(new))
+    changed = refit_graph(graph, mapping, _unet_params(new))
+    assert 0 < len(changed) < len(mapping)  # the LoRA's projections, not the rest
     after = _run(graph)
     assert np.array_equal(after, _run(fresh / read_manifest(fresh).graphs[io.UNET].file))
     assert not np.array_equal(after, before)  # the weights did change: the check can fail

@@ -88,7 +88,8 @@ def test_crop_and_stretch() -> None:
 
 def test_the_default_bundle_records_its_range_and_leaves_every_spatial_dimension_free(embedded_bundle: Path) -> None:
     m = read_manifest(embedded_bundle)
-    assert m.sizes == {"multiple": 32, "min": [64, 64], "opt": [256, 256], "max": [2048, 2048]}
+    assert m.sizes == {"multiple": 32, "min": [64, 64], "opt": [256, 256], "max": [2048, 2048],
+                       "static": False}
     unet = m.graphs[io.UNET]
     assert next(t for t in unet.inputs if t.name == io.SAMPLE).shape == ["B", 8, "4*hm", "4*wm"]
     emit = m.graphs[io.UNET_EMIT]

@@ -21,8 +21,15 @@ so that a call or an argument the real module lacks fails here as it would on a 
   * the builder (`build_bundle_engines(..., trt=fake_tensorrt(bundle), gpu=SIM_GPU)`) writes "plans" that are a
     header naming the bundle's ONNX file (bundle-relative), its sha256, the I/O table and the optimization profile;
     like TensorRT it refuses a profile that does not fit the network's fixed dimensions.
-  * `Runtime.deserialize_cuda_engine` maps a plan back to its ONNX graph (refusing another TensorRT version's plan or
-    a changed graph); the engine answers `num_io_tensors`, `get_tensor_name/mode/shape/dtype/profile_shape` from it;
+  * a plan also records the digest of its graph's structure and of each initializer: the weights the engine holds.
+    An engine built with `BuilderFlag.REFIT` is refittable: `Refitter.set_named_weights` (by ONNX initializer
+    name, as TensorRT's ONNX parser names weights; an unknown name, another count or type is refused with False)
+    then `refit_cuda_engine` change the weights the engine holds, and `ICudaEngine.serialize` writes them into the
+    plan. Engines run their graph file's weights, so an engine can run only if its graph file holds exactly the
+    weights the engine does: a graph refitted without its engine, or an engine without its graph, fails to make an
+    execution context, with the names that differ. No weights are ever missing (the simulation combines none).
+  * `Runtime.deserialize_cuda_engine` maps a plan back to its ONNX graph (refusing another TensorRT version's plan);
+    the engine answers `num_io_tensors`, `get_tensor_name/mode/shape/dtype/profile_shape` from it;
     execution contexts record `set_input_shape` / `set_tensor_address` / `set_device_memory`, resolve output shapes
     from the graph's symbolic batch dims, and `execute_async_v3(stream)` snapshots the addresses and enqueues work
     that runs the graph on ONNX Runtime CPU with IO binding onto the memory behind those addresses (results are
@@ -72,6 +79,7 @@ GARBAGE = 0xFF  # uninitialized device memory (NaN as float32 / float16)
 CUDA_VERSION = 13000
 
 _TRT_DTYPES = {1: "FLOAT", 10: "HALF", 16: "BF16", 7: "INT64", 6: "INT32", 3: "INT8", 2: "UINT8", 9: "BOOL"}
+_ONNX_OF = {np.dtype(np.float32).str: 1, np.dtype(np.float16).str: 10}  # numpy dtype -> ONNX TensorProto type
 _NP_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32, "INT8": np.int8,
               "UINT8": np.uint8, "BOOL": np.bool_}
 _C_INT = {"int", "unsigned int", "size_t", "unsigned long long", "long long", "long", "unsigned long", "short",
@@ -677,6 +685,30 @@ def _parse_from_file(self: FakeObject, model: str) -> bool:
     return True
 
 
+_REFITTABLE_TYPES = ("FLOAT", "HALF", "BF16")  # float weights; integer constants feed shapes and are not refittable
+
+
+def _graph_identity(path: Path) -> tuple[str, dict[str, dict[str, Any]]]:
+    """(digest of the graph without its initializers' values, initializer name -> {sha256, dtype, count})."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    weights = {}
+    for init in model.graph.initializer:
+        value = np.ascontiguousarray(numpy_helper.to_array(init))
+        weights[init.name] = {"sha256": _digest(value), "dtype": _TRT_DTYPES.get(init.data_type, "FLOAT"),
+                              "count": int(value.size)}
+        for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data",
+                  "external_data", "data_location"):
+            init.ClearField(f)
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest(), weights
+
+
+def _digest(value: np.ndarray) -> str:
+    return hashlib.sha256(str(value.dtype).encode() + np.ascontiguousarray(value).tobytes()).hexdigest()
+
+
 def _build_serialized_network(self: FakeObject, network: FakeObject, config: FakeObject, kernel_text: Any = None
                               ) -> Any:
     mod = _mod(self)
@@ -712,8 +744,9 @@ def _build_serialized_network(self: FakeObject, network: FakeObject, config: Fak
     path = Path(net["onnx"])
     root = mod._sim_bundle
     rel = str(path.relative_to(root.resolve())) if root is not None and path.is_relative_to(root.resolve()) else ""
-    plan = {"format": 1, "name": path.stem, "onnx": rel or str(path),
-            "onnx_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "tensorrt_version": mod.__version__,
+    structure, weights = _graph_identity(path)
+    plan = {"format": 1, "name": path.stem, "onnx": rel or str(path), "onnx_structure_sha256": structure,
+            "weights": weights, "refittable": "REFIT" in cfg["flags"], "tensorrt_version": mod.__version__,
             "strongly_typed": strongly, "builder_flags": sorted(cfg["flags"]),
             "inputs": [{"name": t.name, "dtype": t.dtype.name, "dims": t._fake_state["symbolic"]}
                        for t in net["inputs"]],
@@ -788,7 +821,9 @@ class _EngineData:
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     profile: dict[str, list[list[int]]]
+    plan: dict[str, Any] = field(default_factory=dict)  # as deserialized; refits change its "weights"
     session: Any = None
+    verified: bool = False  # the graph file holds the engine's weights (checked once per refit)
 
     def tensor(self, name: str) -> tuple[dict[str, Any], bool] | None:
         for t in self.inputs:
@@ -829,11 +864,30 @@ def _deserialize(self: FakeObject, serialized_engine: Any = None, stream_reader:
             log(f"[E] simulated plan names {plan['onnx']} relative to its bundle: use fake_tensorrt(bundle)")
             return None
         onnx_path = mod._sim_bundle / onnx_path
-    if not onnx_path.is_file() or hashlib.sha256(onnx_path.read_bytes()).hexdigest() != plan["onnx_sha256"]:
-        log(f"[E] simulated plan: {onnx_path} is missing or is not the graph the engine was built from")
-        return None
-    data = _EngineData(plan["name"], onnx_path, plan["inputs"], plan["outputs"], plan["profile"])
+    data = _EngineData(plan["name"], onnx_path, plan["inputs"], plan["outputs"], plan["profile"], plan)
     return mod._fake_new("ICudaEngine", data=data)
+
+
+def _runs_its_graph(mod: ModuleType, d: _EngineData) -> bool:
+    """The simulation runs an engine's graph file: only if that file holds the weights the engine does."""
+    if d.verified:
+        return True
+    if not d.onnx.is_file():
+        mod._fake_log.append(f"[E] simulated engine {d.name}: its graph {d.onnx} is missing")
+        return False
+    structure, weights = _graph_identity(d.onnx)
+    if structure != d.plan["onnx_structure_sha256"]:
+        mod._fake_log.append(f"[E] simulated engine {d.name}: {d.onnx} is not the graph the engine was built from")
+        return False
+    held = d.plan["weights"]
+    differ = sorted(n for n in held.keys() | weights.keys()
+                    if held.get(n, {}).get("sha256") != weights.get(n, {}).get("sha256"))
+    if differ:
+        mod._fake_log.append(f"[E] simulated engine {d.name} holds other weights than its graph {d.onnx}: "
+                             f"{len(differ)} differ ({', '.join(differ[:3])}); refit the one or the other")
+        return False
+    d.verified = True
+    return True
 
 
 def _resolve_dims(data: _EngineData, shapes: dict[str, tuple[int, ...]], dims: list[int | str]) -> list[int]:
@@ -890,6 +944,8 @@ def _engine_impls() -> dict[str, Callable[..., Any]]:
         if runtime_config is not None:
             raise NotImplementedError("create_execution_context(runtime_config=...) is not emulated")
         strategy = strategy or mod.ExecutionContextAllocationStrategy.STATIC
+        if not _runs_its_graph(mod, data(self)):
+            return None
         dev = _sim_of(self)
         memory = None
         if strategy != mod.ExecutionContextAllocationStrategy.USER_MANAGED:  # TensorRT allocates it (not via cudart)
@@ -913,6 +969,9 @@ def _engine_impls() -> dict[str, Callable[..., Any]]:
         "ICudaEngine.get_tensor_dtype": tensor_dtype,
         "ICudaEngine.get_tensor_profile_shape": profile_shape,
         "ICudaEngine.create_execution_context": create_context,
+        "ICudaEngine.refittable": lambda self: bool(data(self).plan["refittable"]),
+        "ICudaEngine.serialize": lambda self: _mod(self)._fake_new(
+            "IHostMemory", _bytes=PLAN_MAGIC + json.dumps(data(self).plan, sort_keys=True).encode()),
         "ICudaEngine.__getitem__": lambda self, arg0: [t["name"] for t in data(self).inputs + data(self).outputs
                                                        ][int(arg0)],
     }
@@ -1069,6 +1128,62 @@ def _engine_work(dev: SimDevice, d: _EngineData, snap: list[tuple[str, int, tupl
     return work
 
 
+def _weights_init(self: FakeObject, **args: Any) -> None:
+    if "a" not in args:
+        raise NotImplementedError("tensorrt.Weights from a type (and pointer) is not emulated; pass a numpy array")
+    self._fake_state["array"] = args["a"]  # like TensorRT: a reference to the caller's memory, not a copy
+
+
+def _refitter_impls() -> dict[str, Callable[..., Any]]:
+    def st(self: FakeObject) -> dict[str, Any]:
+        return self._fake_state
+
+    def init(self: FakeObject, engine: Any, logger: Any) -> None:
+        st(self).update(data=engine._fake_state["data"], pending={})
+
+    def refittable(self: FakeObject) -> dict[str, dict[str, Any]]:
+        return {n: w for n, w in st(self)["data"].plan["weights"].items() if w["dtype"] in _REFITTABLE_TYPES}
+
+    def set_named_weights(self: FakeObject, name: str, weights: Any, location: Any = None) -> bool:
+        log = _mod(self)._fake_log.append
+        if location is not None and location != _mod(self).TensorLocation.HOST:
+            raise NotImplementedError("Refitter.set_named_weights from device memory is not emulated")
+        proto = refittable(self).get(name)
+        array = np.asarray(weights._fake_state["array"])
+        if proto is None:
+            log(f"[E] Refitter: no refittable weights named {name}")
+            return False
+        if array.size != proto["count"] or _TRT_DTYPES.get(_ONNX_OF.get(array.dtype.str, -1)) != proto["dtype"]:
+            log(f"[E] Refitter: {name} has {proto['count']} {proto['dtype']} weights; got {array.size} {array.dtype}")
+            return False
+        st(self)["pending"][name] = weights
+        return True
+
+    def refit(self: FakeObject) -> bool:
+        d, log = st(self)["data"], _mod(self)._fake_log.append
+        if not d.plan["refittable"]:
+            log(f"[E] Refitter: engine {d.name} was not built refittable (BuilderFlag.REFIT)")
+            return False
+        for name, weights in st(self)["pending"].items():
+            d.plan["weights"][name] = {**d.plan["weights"][name],
+                                       "sha256": _digest(np.asarray(weights._fake_state["array"]))}
+        st(self)["pending"] = {}
+        d.verified, d.session = False, None  # the next context checks the graph file again and reloads it
+        return True
+
+    return {
+        "Refitter.__init__": init,
+        "Refitter.get_all_weights": lambda self: sorted(refittable(self)),
+        "Refitter.set_named_weights": set_named_weights,
+        "Refitter.get_missing_weights": lambda self: [],
+        "Refitter.refit_cuda_engine": refit,
+        "Weights.__init__": _weights_init,
+        "Weights.numpy": lambda self: self._fake_state["array"],
+        "Weights.size": lambda self: int(np.asarray(self._fake_state["array"]).size),
+        "Weights.nbytes": lambda self: int(np.asarray(self._fake_state["array"]).nbytes),
+    }
+
+
 def _not_emulated(qual: str) -> Callable[..., Any]:
     def raise_(self: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"tensorrt.{qual} is real TensorRT API but is not emulated by r2r's GPU simulation "
@@ -1092,9 +1207,9 @@ def fake_tensorrt(bundle: str | Path | None = None, cudart: ModuleType | None = 
         cudart = fake_cudart()
     impls: dict[str, Callable[..., Any]] = {**_BUILDER_IMPLS, "Runtime.deserialize_cuda_engine": _deserialize,
                                             **_engine_impls(), **_context_impls(threads or os.cpu_count() or 1),
-                                            **(overrides or {})}
+                                            **_refitter_impls(), **(overrides or {})}
     api = load_api(listing)
-    for cls in ("Runtime", "ICudaEngine", "IExecutionContext"):  # no silent defaults on the runtime side
+    for cls in ("Runtime", "ICudaEngine", "IExecutionContext", "Refitter"):  # no silent defaults on the runtime side
         for meth in api["classes"][cls]["methods"]:
             impls.setdefault(f"{cls}.{meth}", _not_emulated(f"{cls}.{meth}"))
     mod = make_module(api, impls)
