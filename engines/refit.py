@@ -105,8 +105,10 @@ def refit_bundle(bundle: str | Path, model: Path, embedding: Path, trt: ModuleTy
         verify_files(root, manifest, only=[f for f in manifest.files if not f.startswith(f"{ENGINES_DIR}/")])
         target = onnx_refit.refit_target(root, manifest, model, embedding)
         t, gpu = _check_tensorrt(root, manifest, trt, gpu)
-        # 2. the mark, with the builds this refit owes
-        owed = onnx_refit.begin(root, manifest, target, _builds_of(manifest))
+        # 2. the mark, with the builds this refit owes (none if no graph changes: a new text encoder or embedding
+        # changes the conditioning only)
+        graphs_change = any(e.key != target.keys[g] for g, e in manifest.graphs.items())
+        owed = onnx_refit.begin(root, manifest, target, _builds_of(manifest) if graphs_change else [])
         # 3. graphs and conditioning
         onnx_refit.refit_graphs(root, manifest, target, progress)
         onnx_refit.refit_cond(root, manifest, target, progress)

@@ -25,6 +25,7 @@ from r2r.export.graphs import (
     STEP_SPECS,
     VAE_SPECS,
     DdimStep,
+    GraphSpec,
     GuidedStep,
     UNetEmit,
     UNetInject,
@@ -52,7 +53,7 @@ from r2r.manifest import (
     write_manifest,
 )
 from r2r.models import Components, encode_conditioning, load_components, sha256_file, sha256_tree
-from r2r.tac import TACPlan, install_tac, pixel_multiple, plan_tac
+from r2r.tac import TACPlan, TACState, install_tac, pixel_multiple, plan_tac
 
 # Default side range of a dynamic bundle, pixels: from two pixel multiples (the UNet's deepest level two cells
 # wide) to this.
@@ -151,7 +152,8 @@ def _files_of(bundle: Path, rel: str) -> list[str]:
     return sorted(str(p.relative_to(bundle.resolve())) for p in folder.iterdir() if p.is_file())
 
 
-def _examples(name: str, comps: Components, plan: TACPlan, h: int, w: int) -> tuple[torch.Tensor, ...]:
+def example_inputs(name: str, comps: Components, plan: TACPlan, h: int, w: int) -> tuple[torch.Tensor, ...]:
+    """Inputs of graph `name` at h x w pixels: what the exporter traces with and a refit checks with."""
     g = torch.Generator().manual_seed(0)
     d = comps.text_encoder.config.hidden_size
     c = int(comps.unet.config.in_channels)  # the latent's channels (4 in SD 1.x; read, not assumed)
@@ -175,6 +177,24 @@ def _examples(name: str, comps: Components, plan: TACPlan, h: int, w: int) -> tu
         lat = torch.randn(2, c, h // 8, w // 8, generator=g)
         return lat, torch.randn(k, c, h // 8, w // 8, generator=g), torch.tensor([0.9, 0.1, 7.5])
     return (torch.randn(2, int(comps.vae.config.latent_channels), h // 8, w // 8, generator=g),)
+
+
+def graph_module(name: str, comps: Components, plan: TACPlan, state: TACState) -> torch.nn.Module:
+    """The torch module graph `name` is exported from (`state`: the TAC processors installed on comps.unet)."""
+    modules: dict[str, Callable[[], torch.nn.Module]] = {
+        io.UNET: lambda: UNetRouted(comps.unet, state),
+        io.UNET_EMIT: lambda: UNetEmit(comps.unet, state, plan),
+        io.UNET_INJECT: lambda: UNetInject(comps.unet, state),
+        io.VAE_ENCODER: lambda: VaeEncoder(comps.vae),
+        io.VAE_DECODER: lambda: VaeDecoder(comps.vae),
+        io.DDIM_STEP: DdimStep,
+        io.GUIDED_STEP: GuidedStep,
+    }
+    return modules[name]()
+
+
+def graph_specs(plan: TACPlan) -> dict[str, GraphSpec]:
+    return {**unet_specs(plan), **VAE_SPECS, **STEP_SPECS}
 
 
 def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = log) -> Manifest:
@@ -248,16 +268,7 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
         progress(f"  cond        built in {time.perf_counter() - t0:.1f} s ({path.stat().st_size / 1e3:.0f} kB)")
 
     state = install_tac(comps.unet, plan)
-    modules = {
-        io.UNET: lambda: UNetRouted(comps.unet, state),
-        io.UNET_EMIT: lambda: UNetEmit(comps.unet, state, plan),
-        io.UNET_INJECT: lambda: UNetInject(comps.unet, state),
-        io.VAE_ENCODER: lambda: VaeEncoder(comps.vae),
-        io.VAE_DECODER: lambda: VaeDecoder(comps.vae),
-        io.DDIM_STEP: DdimStep,
-        io.GUIDED_STEP: GuidedStep,
-    }
-    specs = {**unet_specs(plan), **VAE_SPECS, **STEP_SPECS}
+    specs = graph_specs(plan)
     for name in cfg.graphs:
         rel = _graph_file(name)
         old_files = [f for f in old.files if f.startswith(f"{ONNX_DIR}/{name}/")] if old is not None else []
@@ -268,8 +279,8 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
             progress(f"  {name:<11} up to date ({rel})")
             continue
         t0 = time.perf_counter()
-        module = modules[name]().eval()
-        inputs, outputs, external = export_graph(module, _examples(name, comps, plan, cfg.height, cfg.width),
+        module = graph_module(name, comps, plan, state).eval()
+        inputs, outputs, external = export_graph(module, example_inputs(name, comps, plan, cfg.height, cfg.width),
                                                  specs[name], bundle_path(out, rel), cfg.batch_max, sizes)
         for f in _files_of(out, rel):
             record_file(out, manifest, f)
@@ -278,9 +289,10 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
         size = sum(bundle_path(out, f).stat().st_size for f in _files_of(out, rel))
         progress(f"  {name:<11} exported in {time.perf_counter() - t0:.1f} s ({size / 1e6:.1f} MB"
                  f"{', external data' if external else ''})")
-    if cfg.refit:
-        _record_weight_maps(out, manifest, comps, progress)
     write_manifest(out, manifest)
+    if cfg.refit:  # after the graphs are recorded: a model that cannot be mapped leaves a usable bundle
+        _record_weight_maps(out, manifest, comps, progress)
+        write_manifest(out, manifest)
     return manifest
 
 

@@ -70,12 +70,14 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def export(cfg: ExportConfig) -> None:
-    """Write or refresh the bundle, a model error reported as a CLI error."""
+    """Write or refresh the bundle, a model error (or one that cannot be made refittable) reported as a CLI
+    error."""
     from r2r.export.bundle import export_bundle
+    from r2r.export.weight_map import RefitError
 
     try:
         export_bundle(cfg)
-    except ModelLoadError as exc:
+    except (ModelLoadError, RefitError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from safetensors.torch import save_file
 
 from r2r import graph_io as io
@@ -27,6 +29,9 @@ from r2r.atomic import atomic_path
 from r2r.export.bundle import (
     artefact_keys,
     bundle_config,
+    example_inputs,
+    graph_module,
+    graph_specs,
     model_hashes,
     part_params,
     source_of,
@@ -35,7 +40,9 @@ from r2r.export.weight_map import RefitError, read_map, refit_graph
 from r2r.log import log
 from r2r.manifest import COND_FILE, REFIT_PENDING, Manifest, bundle_path, record_file, verify_files, write_manifest
 from r2r.models import Components, encode_conditioning, load_components
-from r2r.tac import pixel_multiple, plan_tac
+from r2r.tac import TACPlan, TACState, install_tac, pixel_multiple, plan_tac
+
+PARITY_BOUND = 1e-4  # max |onnx - torch| / max |torch| on every output: the export's parity bar
 
 
 @dataclass
@@ -46,6 +53,8 @@ class RefitTarget:
     embedding: Path
     keys: dict[str, str]
     source: dict[str, Any]
+    plan: TACPlan
+    check_size: tuple[int, int]  # (width, height) at which a refitted graph is checked: the bundle's smallest
     changed: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # graph -> (key before, initializers)
 
 
@@ -79,7 +88,35 @@ def refit_target(bundle: Path, manifest: Manifest, model: Path, embedding: Path)
                          "export a new bundle with `r2r-export onnx`")
     part_hash, emb_hash = model_hashes(comps.model_dir, embedding)
     keys = artefact_keys(cfg, plan, cfg.sizes(multiple), part_hash, emb_hash, manifest.tools)
-    return RefitTarget(comps, embedding, keys, source_of(comps.model_dir, embedding, part_hash, emb_hash))
+    return RefitTarget(comps, embedding, keys, source_of(comps.model_dir, embedding, part_hash, emb_hash), plan,
+                       tuple(manifest.sizes["min"]))
+
+
+def parity_check(name: str, target: RefitTarget, state: TACState) -> Callable[[Path], None]:
+    """A check of a refitted graph against the new model's torch module, on the export's example inputs at the
+    bundle's smallest size: every output within the export's parity bar (relative error PARITY_BOUND)."""
+
+    def check(path: Path) -> None:
+        import onnxruntime as ort
+
+        w, h = target.check_size
+        inputs = example_inputs(name, target.comps, target.plan, h, w)
+        with torch.no_grad():
+            want = graph_module(name, target.comps, target.plan, state).eval()(*inputs)
+        want = want if isinstance(want, tuple) else (want,)
+        spec = graph_specs(target.plan)[name]
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feed = {n: x.numpy() for (n, _, _), x in zip(spec.inputs, inputs, strict=True)}
+        got = sess.run([n for n, _, _ in spec.outputs], {i.name: feed[i.name] for i in sess.get_inputs()})
+        for (n, _, _), g, wt in zip(spec.outputs, got, want, strict=True):
+            ref = wt.numpy()
+            err = float(np.abs(g - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+            if not err < PARITY_BOUND:
+                raise RefitError(f"{path.name}: the refitted {name} graph is not the new model's ({n}: relative "
+                                 f"error {err:.1e} against PyTorch); the bundle is left as it was: export a new one "
+                                 "with `r2r-export onnx`")
+
+    return check
 
 
 def begin(bundle: Path, manifest: Manifest, target: RefitTarget, rebuild: list[list[str]]) -> list[list[str]]:
@@ -97,6 +134,7 @@ def refit_graphs(bundle: Path, manifest: Manifest, target: RefitTarget,
                  progress: Callable[[str], None] = log) -> None:
     """Rewrite every weight graph whose key is not the target's; record what changed in `target.changed`."""
     params: dict[str, dict] = {}
+    state = install_tac(target.comps.unet, target.plan)
     for name, entry in manifest.graphs.items():
         part = io.WEIGHTS_OF.get(name)
         new_key = target.keys[name]
@@ -110,7 +148,8 @@ def refit_graphs(bundle: Path, manifest: Manifest, target: RefitTarget,
         if part not in params:
             params[part] = part_params(target.comps, part)
         mapping = read_map(bundle_path(bundle, entry.refit_map), name, part)
-        changed = refit_graph(bundle_path(bundle, entry.file), mapping, params[part])
+        changed = refit_graph(bundle_path(bundle, entry.file), mapping, params[part],
+                              check=parity_check(name, target, state))
         target.changed[name] = (entry.key, changed)
         for f in files[:-1]:
             record_file(bundle, manifest, f)

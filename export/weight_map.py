@@ -2,11 +2,15 @@
 
 The exporter writes each parameter of a graph's module as an initializer under one of these forms: its own name
 (`unet.<param>`), a renamed or reshaped copy, or a transposed copy (a Linear's weight as a MatMul operand); the rest
-are small constants of the graph itself. `weight_map` finds, by content, which parameter (and form) each initializer is,
-against the module the graph was exported from; `refit_graph` writes the initializers of that map from a module of
-the same architecture and replaces the graph's folder atomically. Measured on the embedded default's UNet graphs:
-194 initializers by name, 60 renamed, 70 transposed, none ambiguous. A map is saved beside the bundle's graphs
-(docs/design.md, "Refit"), because it can only be made while the bundle's own model is at hand.
+are constants of the graph itself (shapes, scales, the timestep embedding's frequencies). `weight_map` finds, by
+content, which parameter (and form) each initializer is, against the module the graph was exported from;
+`refit_graph` writes the initializers of that map from a module of the same architecture (an initializer equal to
+several equal parameters takes their value if they are equal in the new module too), has the result checked
+(against the new module in PyTorch, export/refit.py) and only then replaces the graph's folder, atomically. A constant
+that is really a parameter transformed some other way would be left stale: that check is what catches it. Measured on
+the embedded default's UNet graphs: 194 initializers by name, 60 renamed, 70 transposed, none ambiguous. A map is
+saved beside the bundle's graphs (docs/design.md, "Refit"), because it can only be made while the bundle's own model
+is at hand.
 """
 
 from __future__ import annotations
@@ -14,16 +18,18 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from r2r.atomic import atomic_dir, atomic_write
 
-SMALL = 64  # initializers below this many elements that match no parameter are the graph's own constants
 MAP_FORMAT = 1
 
-WeightMap = dict[str, tuple[str, bool]]  # initializer name -> (parameter name, transposed)
+# initializer name -> the (parameter name, transposed) it is; several where parameters of the original model are
+# equal (e.g. norms at their initial ones): the new model must then have them equal too
+WeightMap = dict[str, list[tuple[str, bool]]]
 
 
 class RefitError(ValueError):
@@ -50,7 +56,7 @@ class ParamIndex:
 
 
 def weight_map(graph: Path, params: dict[str, np.ndarray] | ParamIndex) -> WeightMap:
-    """Initializer name -> (parameter name, transposed) for the graph at `graph`, exported from `params`."""
+    """Initializer name -> [(parameter name, transposed), ...] for the graph at `graph`, exported from `params`."""
     import onnx
     from onnx import numpy_helper
 
@@ -60,24 +66,18 @@ def weight_map(graph: Path, params: dict[str, np.ndarray] | ParamIndex) -> Weigh
         value = numpy_helper.to_array(init)
         own = index.params.get(init.name)
         if own is not None and _content(own) == _content(value):
-            found[init.name] = (init.name, False)
+            found[init.name] = [(init.name, False)]
             continue
-        hits = index.by_content.get(_content(value), [])
-        if len(set(hits)) > 1:
-            # equal parameters (e.g. zero-initialised ones) cannot be told apart by content
-            raise RefitError(f"{graph}: initializer {init.name} equals {len(hits)} parameters "
-                             f"({', '.join(n for n, _ in hits[:3])}); this bundle cannot be refitted")
-        if hits:
-            found[init.name] = hits[0]
-        elif value.size >= SMALL:
-            raise RefitError(f"{graph}: initializer {init.name} {value.shape} matches no parameter of the model")
+        hits = sorted(set(index.by_content.get(_content(value), [])))
+        if hits:  # several: equal parameters, which content cannot tell apart
+            found[init.name] = hits
     return found
 
 
 def write_map(path: Path, graph: str, part: str, mapping: WeightMap) -> Path:
     """Save a graph's weight map (JSON, atomically)."""
     body = {"format": MAP_FORMAT, "graph": graph, "part": part,
-            "initializers": {k: [n, t] for k, (n, t) in sorted(mapping.items())}}
+            "initializers": {k: [[n, t] for n, t in v] for k, v in sorted(mapping.items())}}
     return atomic_write(path, json.dumps(body, indent=1, sort_keys=True) + "\n")
 
 
@@ -87,19 +87,21 @@ def read_map(path: Path, graph: str, part: str) -> WeightMap:
         body = json.loads(path.read_bytes())
         items = body["initializers"].items()
         ok = (body["format"] == MAP_FORMAT and body["graph"] == graph and body["part"] == part
-              and all(isinstance(k, str) and isinstance(n, str) and n.startswith(f"{part}.") and isinstance(t, bool)
-                      for k, (n, t) in items))
+              and all(isinstance(k, str) and v and all(isinstance(n, str) and n.startswith(f"{part}.")
+                                                       and isinstance(t, bool) for n, t in v) for k, v in items))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RefitError(f"{path}: not a weight map ({exc}); record it again with `r2r-export onnx --refit`") from exc
     if not ok:
         raise RefitError(f"{path}: not a weight map of the {graph} graph; record it again with "
                          "`r2r-export onnx --refit`")
-    return {k: (n, t) for k, (n, t) in items}
+    return {k: [(n, t) for n, t in v] for k, v in items}
 
 
-def refit_graph(graph: Path, mapping: WeightMap, params: dict[str, np.ndarray]) -> list[str]:
-    """Rewrite the graph at `graph` with `params` (same architecture) through `mapping`; its folder (graph and
-    external data) is replaced whole, atomically, if any weight changed. Returns the initializers that changed."""
+def refit_graph(graph: Path, mapping: WeightMap, params: dict[str, np.ndarray],
+                check: Callable[[Path], None] | None = None) -> list[str]:
+    """Rewrite the graph at `graph` with `params` (same architecture) through `mapping`; if any weight changed, the
+    rewritten graph is given to `check` (which raises to refuse it) and its folder (graph and external data) then
+    replaces the old one whole, atomically. Returns the initializers that changed."""
     import onnx
     from onnx import numpy_helper
 
@@ -108,10 +110,15 @@ def refit_graph(graph: Path, mapping: WeightMap, params: dict[str, np.ndarray]) 
     for init in model.graph.initializer:
         if init.name not in mapping:
             continue
-        name, transposed = mapping[init.name]
-        if name not in params:
-            raise RefitError(f"{graph}: the new model has no parameter {name}")
-        value = params[name].T if transposed else params[name]
+        missing = [n for n, _ in mapping[init.name] if n not in params]
+        if missing:
+            raise RefitError(f"{graph}: the new model has no parameter {missing[0]}")
+        values = [params[n].T if t else params[n] for n, t in mapping[init.name]]
+        value, name = values[0], mapping[init.name][0][0]
+        if any(v.shape != value.shape or not np.array_equal(v, value) for v in values[1:]):
+            raise RefitError(f"{graph}: initializer {init.name} was {len(values)} equal parameters of the bundle's "
+                             f"model ({', '.join(n for n, _ in mapping[init.name][:3])}), which differ in the new "
+                             "one: which it is cannot be told; export a new bundle with `r2r-export onnx`")
         if value.size == int(np.prod(init.dims)) and value.ndim != len(init.dims):
             value = value.reshape(tuple(init.dims))  # a reshaped copy
         if tuple(value.shape) != tuple(init.dims):
@@ -127,6 +134,9 @@ def refit_graph(graph: Path, mapping: WeightMap, params: dict[str, np.ndarray]) 
         with atomic_dir(graph.parent) as tmp:
             onnx.save_model(model, str(tmp / graph.name), save_as_external_data=bool(data),
                             all_tensors_to_one_file=True, location=data[0] if data else None)
+            del model  # the check may load the graph again: one copy of the weights at a time
+            if check is not None:
+                check(tmp / graph.name)
     return changed
 
 

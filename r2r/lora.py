@@ -85,7 +85,7 @@ def fuse_into(model_dir: Path, loras: list[LoraSpec], out: Path, keep_embedding:
     for name, spec in zip(names, loras, strict=True):
         try:
             pipe.load_lora_weights(load_file(str(spec.path)), adapter_name=name)
-        except (ValueError, KeyError, RuntimeError) as exc:  # e.g. a text-encoder LoRA with a peft too old
+        except (ValueError, KeyError, RuntimeError) as exc:  # keys of another model, another architecture
             raise ModelLoadError(f"{spec.path}: cannot load it as a LoRA of this model ({exc})") from exc
     pipe.set_adapters(names, adapter_weights=[s.scale for s in loras])
     pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0, adapter_names=names)

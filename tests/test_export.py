@@ -244,7 +244,7 @@ def test_onnxruntime_engines_fuse_attention_keep_parity_and_are_not_rebuilt(bund
 def test_export_examples_take_the_latent_channels_from_the_model_not_sd1_default() -> None:
     from types import SimpleNamespace
 
-    from r2r.export.bundle import _examples
+    from r2r.export.bundle import example_inputs
     from r2r.tac import TACPlan
 
     comps = SimpleNamespace(text_encoder=SimpleNamespace(config=SimpleNamespace(hidden_size=64)),
@@ -252,5 +252,5 @@ def test_export_examples_take_the_latent_channels_from_the_model_not_sd1_default
                             vae=SimpleNamespace(config=SimpleNamespace(latent_channels=8)))
     plan = TACPlan(layers=(), width=64, height=64, divisor=256)
     for name in (io.UNET, io.UNET_EMIT, io.UNET_INJECT, io.DDIM_STEP, io.GUIDED_STEP, io.VAE_DECODER):
-        latents = _examples(name, comps, plan, 64, 64)
+        latents = example_inputs(name, comps, plan, 64, 64)
         assert latents[0].shape[1:] == (8, 8, 8), name

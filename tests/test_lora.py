@@ -23,8 +23,7 @@ BOUND = 1e-4  # max|onnx - torch| / max|torch|, as the export parity tests
 @pytest.fixture(scope="module")
 def lora_pipe(tmp_path_factory: pytest.TempPathFactory):
     """The embedded default with a rank-4 LoRA on its UNet attention projections (random A and B, so the update is
-    not zero), saved in diffusers' LoRA layout; the pipeline keeps the adapter unfused. (A text-encoder LoRA goes
-    through transformers' PEFT integration, which wants a newer peft than the registry here has.)"""
+    not zero), saved in diffusers' LoRA layout; the pipeline keeps the adapter unfused."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -111,6 +110,48 @@ def test_a_kohya_layout_lora_fuses_to_the_same_unet_as_its_diffusers_layout(lora
     base = load_components(EMBEDDED_DEFAULT).unet.state_dict()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert any(not torch.equal(a[k], base[k]) for k in a)  # the LoRA changed the UNet
+
+
+def test_a_text_encoder_lora_is_fused_in_either_key_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LoRA on the text encoder's attention (diffusers' layout, and kohya's `lora_te_text_model_*`): the fused text
+    encoder equals the PyTorch one with the adapter applied; both layouts fuse to the same weights. (The adapter is
+    put on with peft's `inject_adapter_in_model`, which diffusers' loader uses too: transformers' own `add_adapter`
+    wants a newer peft than the registry here has.)"""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import load_file, save_file
+
+    from r2r.models import load_components
+
+    pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_DEFAULT, local_files_only=True, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    te = pipe.text_encoder
+    torch.manual_seed(5)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                       target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), te)
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "d", text_encoder_lora_layers=get_peft_model_state_dict(te),
+                                              safe_serialization=True)
+    diffusers_file = tmp_path / "d" / "pytorch_lora_weights.safetensors"
+    kohya: dict[str, torch.Tensor] = {}
+    for key, value in load_file(str(diffusers_file)).items():  # text_encoder.a.b.q_proj.lora_A.weight -> lora_te_...
+        module, part = key.removeprefix("text_encoder.").rsplit(".lora_", 1)
+        name = "lora_te_text_model_" + module.replace(".", "_")
+        kohya[f"{name}.{'lora_down' if part.startswith('A') else 'lora_up'}.weight"] = value
+        kohya[f"{name}.alpha"] = torch.tensor(4.0)
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    monkeypatch.setenv("R2R_CACHE", str(tmp_path / "cache"))
+    fused = [load_components(fuse_loras(EMBEDDED_DEFAULT, [LoraSpec(f)], progress=lambda s: None)).text_encoder
+             for f in (diffusers_file, tmp_path / "kohya.safetensors")]
+    ids = pipe.tokenizer("a photo of a red dress", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = te(ids)[0]
+        got = fused[0](ids)[0]
+        base = load_components(EMBEDDED_DEFAULT).text_encoder(ids)[0]
+    scale = float(ref.abs().max())
+    assert float((got - ref).abs().max()) / scale < BOUND
+    assert float((base - ref).abs().max()) / scale > 100 * BOUND  # the LoRA changed the encoder: the check can fail
+    a, b = fused[0].state_dict(), fused[1].state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 def test_a_pickled_lora_is_refused(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ def _lora(folder: Path, seed: int) -> Path:
 
 @dataclass
 class Setup:
+    lora_a: Path
     model_b: Path
     lora_b: Path
     bundle_a: Path  # LoRA A, refittable, ONNX Runtime engines and refittable (simulated) TensorRT engines
@@ -75,8 +77,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         lora_a, lora_b = _lora(root / "a", 3), _lora(root / "b", 4)
         model_a, model_b = (fuse_loras(EMBEDDED_DEFAULT, [LoraSpec(f)], progress=lambda s: None)
                             for f in (lora_a, lora_b))
-        yield Setup(model_b, lora_b, _export(model_a, root / "bundle-a", True), _export(model_b, root / "fresh-b",
-                                                                                          False), root / "cache")
+        yield Setup(lora_a, model_b, lora_b, _export(model_a, root / "bundle-a", True),
+                    _export(model_b, root / "fresh-b", False), root / "cache")
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -247,3 +249,68 @@ def test_r2r_export_refit_command(setup: Setup, tmp_path: Path, monkeypatch: pyt
     assert {g: e.key for g, e in got.graphs.items()} == {g: e.key for g, e in want.graphs.items()}
     image = stripes_image(7)
     assert np.array_equal(_ort_image(bundle, image), _ort_image(setup.fresh_b, image))
+
+
+def test_a_refitted_graph_is_checked_against_the_new_model_before_it_replaces_the_old(setup: Setup,
+                                                                                    tmp_path: Path) -> None:
+    from r2r.export import refit as onnx_refit
+    from r2r.export.bundle import part_params
+    from r2r.export.weight_map import RefitError, read_map, refit_graph
+    from r2r.tac import install_tac
+
+    bundle = _copy(setup.bundle_a, tmp_path / "bundle")
+    manifest = read_manifest(bundle)
+    target = onnx_refit.refit_target(bundle, manifest, setup.model_b, setup.model_b / "negative_embedding.safetensors")
+    check = onnx_refit.parity_check(io.UNET, target, install_tac(target.comps.unet, target.plan))
+    check(setup.fresh_b / read_manifest(setup.fresh_b).graphs[io.UNET].file)  # B's own graph passes
+    with pytest.raises(RefitError, match="is not the new model's"):
+        check(bundle / manifest.graphs[io.UNET].file)  # A's does not: the check can fail
+    # a map that puts a weight in the wrong place (as a folded parameter left stale would) is caught, and the graph
+    # is left as it was
+    entry = manifest.graphs[io.UNET]
+    mapping = read_map(bundle / entry.refit_map, io.UNET, "unet")
+    params = part_params(target.comps, "unet")
+    q = sorted((params[n].shape, k) for k, [(n, _)] in mapping.items() if n.endswith("attn1.to_q.weight"))
+    a, b = next((x[1], y[1]) for x, y in pairwise(q) if x[0] == y[0])  # two of one shape
+    mapping[a], mapping[b] = mapping[b], mapping[a]
+    blob = (bundle / entry.file).read_bytes()
+    with pytest.raises(RefitError, match="is not the new model's"):
+        refit_graph(bundle / entry.file, mapping, params, check=check)
+    assert (bundle / entry.file).read_bytes() == blob
+
+
+def test_a_text_encoder_change_computes_the_conditioning_again_and_leaves_the_graphs(setup: Setup, tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch
+                                                                                   ) -> None:
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.numpy import load_file
+
+    from r2r.engines.refit import refit_bundle
+    from r2r.lora import LoraSpec, fuse_loras
+    from r2r.models import EMBEDDED_DEFAULT, encode_conditioning, load_components
+
+    pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_DEFAULT, local_files_only=True, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    torch.manual_seed(6)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj"]),
+                            pipe.text_encoder)
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "te", safe_serialization=True,
+                                              text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder))
+    monkeypatch.setenv("R2R_CACHE", str(setup.cache))
+    model = fuse_loras(EMBEDDED_DEFAULT, [LoraSpec(setup.lora_a), LoraSpec(tmp_path / "te" /
+                                                                          "pytorch_lora_weights.safetensors")],
+                       progress=lambda s: None)  # bundle A's UNet, another text encoder
+    bundle = _copy(setup.bundle_a, tmp_path / "bundle")
+    before = read_manifest(bundle)
+    report = refit_bundle(bundle, model, model / "negative_embedding.safetensors", trt=gpu_sim.fake_tensorrt(bundle),
+                          gpu=gpu_sim.SIM_GPU, progress=lambda s: None)
+    after = read_manifest(bundle)
+    assert report.graphs == {} and report.tensorrt == [] and report.rebuilt == []  # the UNet and VAE are A's
+    assert {g: e.key for g, e in after.graphs.items()} == {g: e.key for g, e in before.graphs.items()}
+    assert after.cond["key"] != before.cond["key"]
+    c_null, c_neg = encode_conditioning(load_components(model), model / "negative_embedding.safetensors")
+    cond = load_file(str(bundle / after.cond["file"]))
+    assert np.array_equal(cond[io.COND_NULL], c_null.numpy()) and np.array_equal(cond[io.COND_NEG], c_neg.numpy())
+    old = load_file(str(setup.bundle_a / before.cond["file"]))
+    assert not np.array_equal(old[io.COND_NEG], cond[io.COND_NEG])  # the text encoder did change: the check can fail
