@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from r2r.atomic import atomic_dir, atomic_write
+
+if TYPE_CHECKING:
+    from onnx import TensorProto
 
 MAP_FORMAT = 1
 
@@ -97,44 +102,88 @@ def read_map(path: Path, graph: str, part: str) -> WeightMap:
     return {k: [(n, t) for n, t in v] for k, v in items}
 
 
+def _new_value(graph: Path, init: TensorProto, choices: list[tuple[str, bool]], params: dict[str, np.ndarray],
+               dtype: np.dtype) -> np.ndarray:
+    """An initializer's value in the new model, in the graph's shape and type."""
+    missing = [n for n, _ in choices if n not in params]
+    if missing:
+        raise RefitError(f"{graph}: the new model has no parameter {missing[0]}")
+    values = [params[n].T if t else params[n] for n, t in choices]
+    value, name, dims = values[0], choices[0][0], tuple(init.dims)
+    if any(v.shape != value.shape or not np.array_equal(v, value) for v in values[1:]):
+        raise RefitError(f"{graph}: initializer {init.name} was {len(values)} equal parameters of the bundle's "
+                         f"model ({', '.join(n for n, _ in choices[:3])}), which differ in the new one: which it is "
+                         "cannot be told; export a new bundle with `r2r-export onnx`")
+    if value.size == int(np.prod(dims)) and value.ndim != len(dims):
+        value = value.reshape(dims)  # a reshaped copy
+    if tuple(value.shape) != dims:
+        raise RefitError(f"{graph}: {name} is {tuple(value.shape)} in the new model, {dims} in the bundle: another "
+                         "architecture; export a new bundle")
+    return np.ascontiguousarray(value.astype(dtype))
+
+
+def _external(graph: Path, init: TensorProto) -> tuple[str, int, int] | None:
+    """(data file, offset, length) of an initializer kept in external data; None if it is inside the graph."""
+    import onnx
+
+    if init.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    entry = {e.key: e.value for e in init.external_data}
+    location = entry.get("location", "")
+    if Path(location).name != location or not (graph.parent / location).is_file():
+        raise RefitError(f"{graph}: external data {location!r} is not a file beside the graph; re-export the bundle")
+    return location, int(entry.get("offset", 0)), int(entry["length"])
+
+
 def refit_graph(graph: Path, mapping: WeightMap, params: dict[str, np.ndarray],
                 check: Callable[[Path], None] | None = None) -> list[str]:
     """Rewrite the graph at `graph` with `params` (same architecture) through `mapping`; if any weight changed, the
     rewritten graph is given to `check` (which raises to refuse it) and its folder (graph and external data) then
-    replaces the old one whole, atomically. Returns the initializers that changed."""
+    replaces the old one whole, atomically. Returns the initializers that changed.
+
+    Weights in external data are patched in place in a copy of the data file (the graph's structure, offsets
+    included, stays byte for byte): no copy of a large graph's weights is held in memory."""
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(graph))
-    changed = []
+    model = onnx.load(str(graph), load_external_data=False)
+    changed, patches, inline = [], [], False
     for init in model.graph.initializer:
         if init.name not in mapping:
             continue
-        missing = [n for n, _ in mapping[init.name] if n not in params]
-        if missing:
-            raise RefitError(f"{graph}: the new model has no parameter {missing[0]}")
-        values = [params[n].T if t else params[n] for n, t in mapping[init.name]]
-        value, name = values[0], mapping[init.name][0][0]
-        if any(v.shape != value.shape or not np.array_equal(v, value) for v in values[1:]):
-            raise RefitError(f"{graph}: initializer {init.name} was {len(values)} equal parameters of the bundle's "
-                             f"model ({', '.join(n for n, _ in mapping[init.name][:3])}), which differ in the new "
-                             "one: which it is cannot be told; export a new bundle with `r2r-export onnx`")
-        if value.size == int(np.prod(init.dims)) and value.ndim != len(init.dims):
-            value = value.reshape(tuple(init.dims))  # a reshaped copy
-        if tuple(value.shape) != tuple(init.dims):
-            raise RefitError(f"{graph}: {name} is {tuple(value.shape)} in the new model, {tuple(init.dims)} in the "
-                             "bundle: another architecture; export a new bundle")
-        value = np.ascontiguousarray(value.astype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)))
-        if np.array_equal(value, numpy_helper.to_array(init)):
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
+        value = _new_value(graph, init, mapping[init.name], params, dtype)
+        where = _external(graph, init)
+        if where is None:
+            old = numpy_helper.to_array(init)
+        else:
+            location, offset, length = where
+            if length != value.nbytes:
+                raise RefitError(f"{graph}: {init.name} holds {length} bytes, the new model's {value.nbytes}")
+            old = np.fromfile(graph.parent / location, dtype=dtype, count=value.size, offset=offset)
+            old = old.reshape(value.shape)
+        if np.array_equal(value, old):
             continue
-        init.CopyFrom(numpy_helper.from_array(value, init.name))
         changed.append(init.name)
+        if where is None:
+            init.CopyFrom(numpy_helper.from_array(value, init.name))
+            inline = True
+        else:
+            patches.append((where, value))
     if changed:
-        data = sorted(p.name for p in graph.parent.iterdir() if p.suffix == ".data")
         with atomic_dir(graph.parent) as tmp:
-            onnx.save_model(model, str(tmp / graph.name), save_as_external_data=bool(data),
-                            all_tensors_to_one_file=True, location=data[0] if data else None)
-            del model  # the check may load the graph again: one copy of the weights at a time
+            for f in graph.parent.iterdir():
+                if f.is_file() and f.name != graph.name:
+                    shutil.copyfile(f, tmp / f.name)
+            for (location, offset, _), value in patches:
+                with open(tmp / location, "r+b") as fh:
+                    fh.seek(offset)
+                    fh.write(value.tobytes())
+            if inline:
+                onnx.save_model(model, str(tmp / graph.name))  # external references kept as they are
+            else:
+                shutil.copyfile(graph, tmp / graph.name)
+            del model, patches
             if check is not None:
                 check(tmp / graph.name)
     return changed

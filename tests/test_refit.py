@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -60,9 +61,21 @@ def test_a_refitted_unet_graph_equals_the_fresh_export_of_the_new_model(embedded
     changed = refit_graph(graph, mapping, _unet_params(new))
     assert 0 < len(changed) < len(mapping)  # the LoRA's projections, not the rest
     after = _run(graph)
-    assert np.array_equal(after, _run(fresh / read_manifest(fresh).graphs[io.UNET].file))
+    want = _run(fresh / read_manifest(fresh).graphs[io.UNET].file)
+    assert np.array_equal(after, want)
     assert not np.array_equal(after, before)  # the weights did change: the check can fail
     assert not list(graph.parent.parent.glob(".*.tmp-*"))
+
+    # a graph with external data (as SD 1.5's are) is patched in a copy of its data file; its structure stays
+    ext = tmp_path / "external" / "unet.onnx"
+    ext.parent.mkdir()
+    model = onnx.load(str(embedded_bundle / read_manifest(embedded_bundle).graphs[io.UNET].file))
+    onnx.save_model(model, str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="unet.onnx.data", size_threshold=1024)
+    structure, data = ext.read_bytes(), (ext.parent / "unet.onnx.data").read_bytes()
+    assert sorted(refit_graph(ext, mapping, _unet_params(new))) == sorted(changed)
+    assert np.array_equal(_run(ext), want)
+    assert ext.read_bytes() == structure and (ext.parent / "unet.onnx.data").read_bytes() != data
 
 
 def test_refit_refuses_a_model_of_another_architecture(embedded_bundle: Path, tmp_path: Path) -> None:
