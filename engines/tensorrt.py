@@ -425,8 +425,7 @@ def refit_engine(engine_path: str | Path, onnx_path: str | Path, names: Collecti
     TensorRT's ONNX parser names weights; None: every refittable weight) from the graph at `onnx_path`, and write
     the refitted plan in its place, atomically. The flow of the developer guide's "Refitting an Engine": Refitter,
     set_named_weights, then the weights TensorRT reports missing (ones it combined with those set), refit."""
-    import onnx
-    from onnx import numpy_helper
+    from r2r.export.weight_map import read_initializers
 
     t = trt or import_tensorrt()
     engine_path, onnx_path = Path(engine_path), Path(onnx_path)
@@ -444,23 +443,22 @@ def refit_engine(engine_path: str | Path, onnx_path: str | Path, names: Collecti
     if want - refittable:
         raise TensorRTBuildError(f"{engine_path}: weights {', '.join(sorted(want - refittable)[:3])} changed but "
                                  "TensorRT cannot refit them in this engine (it folded them); rebuild the engine")
-    inits = {i.name: i for i in onnx.load(str(onnx_path)).graph.initializer}
     held = []  # TensorRT reads the arrays' memory at refit_cuda_engine: they must live until then
 
-    def give(name: str) -> None:
-        if name not in inits:
-            raise TensorRTBuildError(f"{engine_path}: TensorRT asks for weights {name}, which {onnx_path} lacks")
-        held.append(np.ascontiguousarray(numpy_helper.to_array(inits[name])))
-        if not refitter.set_named_weights(name, t.Weights(held[-1])):
-            raise TensorRTBuildError(f"{engine_path}: TensorRT refused the new weights {name} (the log above says "
-                                     "why: another count or type)")
+    def give(names: Collection[str]) -> None:
+        found = read_initializers(onnx_path, names)
+        for name in sorted(names):
+            if name not in found:
+                raise TensorRTBuildError(f"{engine_path}: TensorRT asks for weights {name}, which {onnx_path} lacks")
+            held.append(np.ascontiguousarray(found[name]))
+            if not refitter.set_named_weights(name, t.Weights(held[-1])):
+                raise TensorRTBuildError(f"{engine_path}: TensorRT refused the new weights {name} (the log above "
+                                         "says why: another count or type)")
 
     t0 = time.perf_counter()
-    for name in sorted(want):
-        give(name)
+    give(want)
     missing = [] if not want else list(refitter.get_missing_weights())
-    for name in missing:
-        give(name)
+    give(missing)
     if want and not refitter.refit_cuda_engine():
         raise TensorRTBuildError(f"{engine_path}: TensorRT could not refit the engine (the log above says why)")
     if want:

@@ -19,7 +19,7 @@ import hashlib
 import json
 import shutil
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -135,6 +135,31 @@ def _external(graph: Path, init: TensorProto) -> tuple[str, int, int] | None:
     return location, int(entry.get("offset", 0)), int(entry["length"])
 
 
+def _stored(graph: Path, init: TensorProto) -> np.ndarray:
+    """An initializer's value as the graph holds it, read from its external data file if it has one."""
+    import onnx
+    from onnx import numpy_helper
+
+    where = _external(graph, init)
+    if where is None:
+        return numpy_helper.to_array(init)
+    location, offset, length = where
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
+    count = int(np.prod(init.dims))
+    if length != count * dtype.itemsize:
+        raise RefitError(f"{graph}: {init.name} has {length} bytes of external data for {count} {dtype} values")
+    return np.fromfile(graph.parent / location, dtype=dtype, count=count, offset=offset).reshape(tuple(init.dims))
+
+
+def read_initializers(graph: Path, names: Collection[str]) -> dict[str, np.ndarray]:
+    """The values of some of a graph's initializers, reading no other weights (a TensorRT refit's new weights)."""
+    import onnx
+
+    wanted = set(names)
+    inits = [i for i in onnx.load(str(graph), load_external_data=False).graph.initializer if i.name in wanted]
+    return {i.name: _stored(graph, i) for i in inits}
+
+
 def refit_graph(graph: Path, mapping: WeightMap, params: dict[str, np.ndarray],
                 check: Callable[[Path], None] | None = None) -> list[str]:
     """Rewrite the graph at `graph` with `params` (same architecture) through `mapping`; if any weight changed, the
@@ -154,15 +179,7 @@ def refit_graph(graph: Path, mapping: WeightMap, params: dict[str, np.ndarray],
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
         value = _new_value(graph, init, mapping[init.name], params, dtype)
         where = _external(graph, init)
-        if where is None:
-            old = numpy_helper.to_array(init)
-        else:
-            location, offset, length = where
-            if length != value.nbytes:
-                raise RefitError(f"{graph}: {init.name} holds {length} bytes, the new model's {value.nbytes}")
-            old = np.fromfile(graph.parent / location, dtype=dtype, count=value.size, offset=offset)
-            old = old.reshape(value.shape)
-        if np.array_equal(value, old):
+        if np.array_equal(value, _stored(graph, init)):
             continue
         changed.append(init.name)
         if where is None:
@@ -189,5 +206,5 @@ def refit_graph(graph: Path, mapping: WeightMap, params: dict[str, np.ndarray],
     return changed
 
 
-__all__ = ["MAP_FORMAT", "ParamIndex", "RefitError", "WeightMap", "read_map", "refit_graph", "weight_map",
-           "write_map"]
+__all__ = ["MAP_FORMAT", "ParamIndex", "RefitError", "WeightMap", "read_initializers", "read_map", "refit_graph",
+           "weight_map", "write_map"]
