@@ -77,7 +77,7 @@ def _check_tensorrt(bundle: Path, manifest: Manifest, trt: ModuleType | None, gp
     return t, gpu
 
 
-def _drop(bundle: Path, manifest: Manifest, backends: set[str]) -> None:
+def drop_engines(bundle: Path, manifest: Manifest, backends: set[str]) -> None:
     """Remove every engine of `backends`: entries, files and each backend's engine folder (OpenVINO's model cache
     keeps blobs compiled from a graph path, whatever weights that path now holds)."""
     for slot, entry in list(manifest.engines.items()):
@@ -119,7 +119,7 @@ def refit_bundle(bundle: str | Path, model: Path, embedding: Path, trt: ModuleTy
             report.tensorrt = [f"{e.graph} ({e.precision})" for e in done]
         # 5. the other backends' engines, built again
         manifest = read_manifest(root)
-        _drop(root, manifest, {b for b, _, _ in owed})
+        drop_engines(root, manifest, {b for b, _, _ in owed})
         for backend, precision, device in owed:
             row = backend_row(backend)
             request = BuildRequest(precision, device, model=target.comps.model_dir, embedding=embedding)
@@ -132,4 +132,4 @@ def refit_bundle(bundle: str | Path, model: Path, embedding: Path, trt: ModuleTy
     return report
 
 
-__all__ = ["RefitReport", "refit_bundle"]
+__all__ = ["RefitReport", "drop_engines", "refit_bundle"]

@@ -124,8 +124,8 @@ def begin(bundle: Path, manifest: Manifest, target: RefitTarget, rebuild: list[l
     this run's and an interrupted run's."""
     owed = manifest.source.get(REFIT_PENDING, {}).get("rebuild", [])
     owed = owed + [r for r in rebuild if r not in owed]
-    manifest.source[REFIT_PENDING] = {"model": target.source["model"], "model_sha256": target.source["model_sha256"],
-                                "rebuild": owed}
+    manifest.source[REFIT_PENDING] = {"model": target.source["model"],
+                                      "model_sha256": target.source["model_sha256"], "rebuild": owed}
     write_manifest(bundle, manifest)
     return owed
 
@@ -133,7 +133,7 @@ def begin(bundle: Path, manifest: Manifest, target: RefitTarget, rebuild: list[l
 def refit_graphs(bundle: Path, manifest: Manifest, target: RefitTarget,
                  progress: Callable[[str], None] = log) -> None:
     """Rewrite every weight graph whose key is not the target's; record what changed in `target.changed`."""
-    params: dict[str, dict] = {}
+    params: dict[str, dict[str, np.ndarray]] = {}
     state = install_tac(target.comps.unet, target.plan)
     for name, entry in manifest.graphs.items():
         part = io.WEIGHTS_OF.get(name)
@@ -142,8 +142,8 @@ def refit_graphs(bundle: Path, manifest: Manifest, target: RefitTarget,
             continue
         if part is None:  # a step graph's key does not depend on the model: it cannot differ
             raise RefitError(f"{bundle}: the {name} graph was made with other settings; re-export the bundle")
-        files = [f for f in manifest.files if f.startswith(str(Path(entry.file).parent) + "/")] + [entry.refit_map]
-        verify_files(bundle, manifest, only=files)
+        graph_files = [f for f in manifest.files if f.startswith(str(Path(entry.file).parent) + "/")]
+        verify_files(bundle, manifest, only=[*graph_files, entry.refit_map])
         t0 = time.perf_counter()
         if part not in params:
             params[part] = part_params(target.comps, part)
@@ -151,7 +151,7 @@ def refit_graphs(bundle: Path, manifest: Manifest, target: RefitTarget,
         changed = refit_graph(bundle_path(bundle, entry.file), mapping, params[part],
                               check=parity_check(name, target, state))
         target.changed[name] = (entry.key, changed)
-        for f in files[:-1]:
+        for f in graph_files:
             record_file(bundle, manifest, f)
         entry.key = new_key
         write_manifest(bundle, manifest)
@@ -179,5 +179,5 @@ def finish(bundle: Path, manifest: Manifest, target: RefitTarget) -> None:
     write_manifest(bundle, manifest)
 
 
-__all__ = ["RefitTarget", "begin", "check_refittable", "finish", "refit_cond",
+__all__ = ["PARITY_BOUND", "RefitTarget", "begin", "check_refittable", "finish", "parity_check", "refit_cond",
            "refit_graphs", "refit_target"]

@@ -218,6 +218,11 @@ def test_the_refitter_takes_only_known_weights_of_the_same_size_and_supplies_mis
     name = refitter.get_all_weights()[0]
     assert not refitter.set_named_weights("no.such.weights", trt.Weights(np.zeros(4, np.float32)))
     assert not refitter.set_named_weights(name, trt.Weights(np.zeros(3, np.float32)))
+    from r2r.export.weight_map import read_initializers
+
+    value = read_initializers(bundle / m.graphs[io.VAE_DECODER].file, [name])[name]
+    assert not refitter.set_named_weights(name, trt.Weights(value.astype(np.float16).ravel()))  # another type
+    assert refitter.set_named_weights(name, trt.Weights(np.ascontiguousarray(value).ravel()))
     # TensorRT may ask for weights it combined with those set: they are supplied from the graph
     asked = {"Refitter.get_missing_weights": lambda self: [name]}
     info = refit_engine(plan, bundle / m.graphs[io.VAE_DECODER].file, [],
@@ -232,7 +237,7 @@ def test_the_refitter_takes_only_known_weights_of_the_same_size_and_supplies_mis
 def test_r2r_export_refit_command(setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   stripes_image) -> None:
     from r2r.engines.cli import main
-    from r2r.engines.refit import _drop
+    from r2r.engines.refit import drop_engines
 
     bundle = _copy(setup.bundle_a, tmp_path / "bundle")
     monkeypatch.setenv("R2R_CACHE", str(setup.cache))  # the fused model of `--lora` is the one made already
@@ -241,7 +246,7 @@ def test_r2r_export_refit_command(setup: Setup, tmp_path: Path, monkeypatch: pyt
     res = CliRunner().invoke(main, args)  # TensorRT engines, and no TensorRT here
     assert res.exit_code == 1 and "only TensorRT can refit" in res.output
     assert (bundle / "manifest.json").read_bytes() == blob
-    _drop(bundle, read_manifest(bundle), {"tensorrt"})
+    drop_engines(bundle, read_manifest(bundle), {"tensorrt"})
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "weights changed: unet" in res.output

@@ -19,7 +19,7 @@ so that a call or an argument the real module lacks fails here as it would on a 
     `SimDevice.faults` says what happened.
 - `fake_tensorrt(bundle)`: `tensorrt` 10.x (`tensorrt_api.json`), with a builder and a runtime.
   * the builder (`build_bundle_engines(..., trt=fake_tensorrt(bundle), gpu=SIM_GPU)`) writes "plans" that are a
-    header naming the bundle's ONNX file (bundle-relative), its sha256, the I/O table and the optimization profile;
+    header naming the bundle's ONNX file (bundle-relative), the I/O table and the optimization profile;
     like TensorRT it refuses a profile that does not fit the network's fixed dimensions.
   * a plan also records the digest of its graph's structure and of each initializer: the weights the engine holds.
     An engine built with `BuilderFlag.REFIT` is refittable: `Refitter.set_named_weights` (by ONNX initializer
@@ -79,7 +79,7 @@ GARBAGE = 0xFF  # uninitialized device memory (NaN as float32 / float16)
 CUDA_VERSION = 13000
 
 _TRT_DTYPES = {1: "FLOAT", 10: "HALF", 16: "BF16", 7: "INT64", 6: "INT32", 3: "INT8", 2: "UINT8", 9: "BOOL"}
-_ONNX_OF = {np.dtype(np.float32).str: 1, np.dtype(np.float16).str: 10}  # numpy dtype -> ONNX TensorProto type
+_TRT_OF_NP = {"float32": "FLOAT", "float16": "HALF"}  # the weights' types a numpy array can carry to a Refitter
 _NP_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32, "INT8": np.int8,
               "UINT8": np.uint8, "BOOL": np.bool_}
 _C_INT = {"int", "unsigned int", "size_t", "unsigned long long", "long long", "long", "unsigned long", "short",
@@ -1153,7 +1153,7 @@ def _refitter_impls() -> dict[str, Callable[..., Any]]:
         if proto is None:
             log(f"[E] Refitter: no refittable weights named {name}")
             return False
-        if array.size != proto["count"] or _TRT_DTYPES.get(_ONNX_OF.get(array.dtype.str, -1)) != proto["dtype"]:
+        if array.size != proto["count"] or _TRT_OF_NP.get(array.dtype.name) != proto["dtype"]:
             log(f"[E] Refitter: {name} has {proto['count']} {proto['dtype']} weights; got {array.size} {array.dtype}")
             return False
         st(self)["pending"][name] = weights
