@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from support.loras import unet_lora
 
 from r2r import graph_io as io
 from r2r.export.weight_map import RefitError, refit_graph, weight_map
@@ -32,23 +33,11 @@ def _run(graph: Path) -> np.ndarray:
 
 def test_a_refitted_unet_graph_equals_the_fresh_export_of_the_new_model(embedded_bundle: Path, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
     from r2r.export.bundle import ExportConfig, export_bundle
     from r2r.lora import LoraSpec, fuse_loras
 
     monkeypatch.setenv("R2R_CACHE", str(tmp_path / "cache"))
-    pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_DEFAULT, local_files_only=True, safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False)
-    torch.manual_seed(3)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-                                              safe_serialization=True)
-    new = fuse_loras(EMBEDDED_DEFAULT, [LoraSpec(tmp_path / "lora" / "pytorch_lora_weights.safetensors")],
-                     progress=lambda s: None)
+    new = fuse_loras(EMBEDDED_DEFAULT, [LoraSpec(unet_lora(tmp_path / "lora", 3))], progress=lambda s: None)
     fresh = tmp_path / "fresh"
     export_bundle(ExportConfig(new, new / "negative_embedding.safetensors", fresh, 256, 256, 4, 256,
                                graphs=(io.UNET,)), progress=lambda s: None)

@@ -17,29 +17,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 from support import gpu_sim
+from support.loras import unet_lora
 
 from r2r import graph_io as io
 from r2r.config import MethodConfig, Variant
 from r2r.manifest import BundleError, read_manifest
 
 GRAPHS = (io.UNET, io.VAE_ENCODER, io.VAE_DECODER, io.DDIM_STEP, io.GUIDED_STEP)  # the fused program's
-
-
-def _lora(folder: Path, seed: int) -> Path:
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    from r2r.models import EMBEDDED_DEFAULT
-
-    pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_DEFAULT, local_files_only=True, safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False)
-    torch.manual_seed(seed)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-                                              safe_serialization=True)
-    return folder / "pytorch_lora_weights.safetensors"
 
 
 @dataclass
@@ -74,7 +58,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     root = tmp_path_factory.mktemp("refit")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("R2R_CACHE", str(root / "cache"))
-        lora_a, lora_b = _lora(root / "a", 3), _lora(root / "b", 4)
+        lora_a, lora_b = unet_lora(root / "a", 3), unet_lora(root / "b", 4)
         model_a, model_b = (fuse_loras(EMBEDDED_DEFAULT, [LoraSpec(f)], progress=lambda s: None)
                             for f in (lora_a, lora_b))
         yield Setup(lora_a, model_b, lora_b, _export(model_a, root / "bundle-a", True),
