@@ -13,10 +13,10 @@ import click
 
 from r2r.backends import DEVICES, NAMES, PRECISIONS, BuildRequest, auto_choices, backend_row
 from r2r.checkpoints import model_option
-from r2r.export.cli import REFIT_HELP, export, export_config, model_options, onnx_cmd
+from r2r.export.cli import REFIT_HELP, TOKEN_HELP, embedding_for, export, export_config, model_options, onnx_cmd
 from r2r.log import log
 from r2r.lora import fuse_loras, lora_option
-from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, ModelLoadError
+from r2r.models import EMBEDDED_DEFAULT, ModelLoadError
 
 TENSORRT_ONLY = {"opt_level": "--opt-level", "static_size": "--static-size"}
 
@@ -47,8 +47,8 @@ main.add_command(onnx_cmd)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
 @click.pass_context
 def build_engines_cmd(ctx: click.Context, backend: str, precision: str | None, device: str | None, opt_level: int,
-                      refit: bool, static_size: bool, model, lora, embedding, width, height, batch_max, tac_divisor,
-                      min_side, max_side, static, out: Path) -> None:
+                      refit: bool, static_size: bool, model, lora, embedding, token, width, height, batch_max,
+                      tac_divisor, min_side, max_side, static, out: Path) -> None:
     """Build engines for one backend and precision (exports the ONNX bundle first if needed)."""
     choices = [c for c in auto_choices(device or "auto") if c[0].builder]  # what r2r-run picks here, fastest first
     if backend is None:
@@ -71,7 +71,7 @@ def build_engines_cmd(ctx: click.Context, backend: str, precision: str | None, d
     if row.builder is None:
         raise click.UsageError(f"--backend {row.name} builds no engines: it runs the model's own modules")
     cfg = export_config(model, embedding, out, width, height, batch_max, tac_divisor, min_side, max_side, static,
-                        lora, refit)
+                        lora, refit, token)
     log(f"r2r-export build-engines: checking the ONNX bundle {out}")
     export(cfg)
     log(f"r2r-export build-engines: {row.name} {precision} on {device}")
@@ -94,7 +94,8 @@ def build_engines_cmd(ctx: click.Context, backend: str, precision: str | None, d
               help="A LoRA fused into --model first, at SCALE [default 1] (repeatable).")
 @click.option("--embedding", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Negative embedding .safetensors [default: MODEL/negative_embedding.safetensors].")
-def refit_cmd(bundle: Path, model: Path | None, lora, embedding: Path | None) -> None:
+@click.option("--token", default=None, help=TOKEN_HELP)
+def refit_cmd(bundle: Path, model: Path | None, lora, embedding: Path | None, token: str | None) -> None:
     """Give a refittable bundle another model's weights (another LoRA, another finetune of the same architecture)
     without exporting or building again: its graphs, conditioning and TensorRT engines are refitted in place, the
     other backends' engines built again from the refitted graphs."""
@@ -106,7 +107,7 @@ def refit_cmd(bundle: Path, model: Path | None, lora, embedding: Path | None) ->
         raise click.ClickException(str(exc)) from exc
     log(f"r2r-export refit: {bundle} -> {model_dir}")
     try:
-        report = refit_bundle(bundle, model_dir, embedding or model_dir / EMBEDDING_FILE)
+        report = refit_bundle(bundle, model_dir, embedding_for(model_dir, embedding, token))
     except (ImportError, RuntimeError, ValueError) as exc:  # RefitError, BundleError, TensorRT's errors
         raise click.ClickException(str(exc)) from exc
     changed = ", ".join(f"{g} {n}" for g, n in report.graphs.items()) or "none"

@@ -159,6 +159,29 @@ def load_embedding(path: str | Path, hidden_size: int | None = None) -> tuple[st
     return token, tensor.float()
 
 
+def with_token(path: str | Path, token: str) -> Path:
+    """The embedding at `path` under the token `token` (`--token`): its vectors in a diffusers one-key file in the
+    cache, named by the file's hash and the token, made once; every stage then reads it as any embedding file. The
+    token names the vectors only (the conditioning is the same under any token that tokenizes to itself)."""
+    from safetensors.torch import save_file
+
+    from r2r.atomic import atomic_dir
+    from r2r.cache import cache_dir, made_once
+
+    if not token or len(token) > 100 or any(c.isspace() or not c.isprintable() for c in token):
+        raise ModelLoadError(f"--token {token!r}: one word of printable characters, at most 100")
+    _, vectors = load_embedding(path)
+    digest = hashlib.sha256(f"{sha256_file(path)}:{token}".encode()).hexdigest()[:32]
+    out = cache_dir() / "embeddings" / digest
+
+    def make() -> None:
+        with atomic_dir(out) as tmp:
+            save_file({token: vectors.contiguous()}, str(tmp / EMBEDDING_FILE))
+
+    return made_once(out, EMBEDDING_FILE, make, f"{Path(path).name} under the token {token}", lambda s: None) \
+        / EMBEDDING_FILE
+
+
 def _embedding_key(path: Path, keys: list[str]) -> tuple[str, str]:
     """(token, tensor key) of an embedding file's layout."""
     if {"clip_l", "clip_g"} & set(keys):

@@ -16,6 +16,7 @@ from r2r import storage
 from r2r.backends import DEVICES, NAMES, PRECISIONS
 from r2r.checkpoints import model_option
 from r2r.config import INVERSIONS, Inversion, MethodConfig
+from r2r.export.cli import TOKEN_HELP, embedding_for
 from r2r.imageio import ImageReadError, collect_inputs, load_rgb, output_path_for
 from r2r.log import log
 from r2r.lora import LoraSpec, fuse_loras, lora_option
@@ -30,7 +31,7 @@ METHOD_FLAGS = ("steps", "strength", "guidance", "tac_ratio", "tac_divisor", "ta
 # Flags that only one kind of run takes: given with the other, r2r-run refuses them by name instead of ignoring them.
 BUNDLE_ONLY = {"engine": "--engine", "fused": "--fused"}
 WITHOUT_ENGINE = {"width": "--width", "height": "--height", "model": "--model", "lora": "--lora",
-                  "embedding": "--embedding"}
+                  "embedding": "--embedding", "token": "--token"}
 
 
 def stream_batches(paths: list[Location], runtime: Runtime, batch_size: int,
@@ -105,6 +106,7 @@ def _check_flags(ctx: click.Context, backend: str, engine: Path | None, precisio
                    "run, at SCALE [default 1] (repeatable).")
 @click.option("--embedding", type=click.Path(path_type=Path), default=None,
               help="Negative embedding [default: MODEL/negative_embedding.safetensors].")
+@click.option("--token", default=None, help=TOKEN_HELP)
 @click.option("--width", type=int, default=None,
               help="Without --engine: the bundle's native size (the pixel budget) [default: the model's own]")
 @click.option("--height", type=int, default=None,
@@ -148,7 +150,7 @@ def _check_flags(ctx: click.Context, backend: str, engine: Path | None, precisio
 @click.pass_context
 def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ...], output_text: str,
          engine: Path | None, backend: str, model: Path | None, lora: list[LoraSpec], embedding: Path | None,
-         width: int | None, height: int | None, fit: str, max_pixels: int | None, steps: int | None,
+         token: str | None, width: int | None, height: int | None, fit: str, max_pixels: int | None, steps: int | None,
          strength: float | None, guidance: float | None, tac_ratio: float | None, tac_divisor: int | None,
          tac_target: str | None, inversion: str, fused: str,
          precision: str | None, batch_size: int, threads: int, resume: bool, ray_address: str | None,
@@ -179,6 +181,8 @@ def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ..
             model = fuse_loras(model or EMBEDDED_DEFAULT, lora)
         except ModelLoadError as exc:
             raise click.ClickException(str(exc)) from exc
+    if token is not None:
+        embedding = embedding_for(model or EMBEDDED_DEFAULT, embedding, token)
     flags = dict(zip(METHOD_FLAGS, (steps, strength, guidance, tac_ratio, tac_divisor, tac_target), strict=True))
     cfg = RunConfig(engine=engine, model=model, embedding=embedding, width=width, height=height, backend=backend,
                     device=device, precision=precision, batch=batch_size, threads=threads,

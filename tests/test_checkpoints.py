@@ -148,3 +148,26 @@ def test_an_a1111_embedding_gives_the_conditioning_of_the_diffusers_one(tmp_path
     save_file({"emb_params": vectors[:, :32].contiguous()}, str(tmp_path / "narrow.safetensors"))
     with pytest.raises(ModelLoadError, match="vectors of width 32"):
         encode_conditioning(comps, tmp_path / "narrow.safetensors")
+
+
+def test_token_gives_an_embedding_another_token_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--token`: a file whose own token cannot serve (here a diffusers file whose key the tokenizer already has)
+    is read under another; the vectors and the conditioning are the file's."""
+    from r2r.models import load_embedding, with_token
+
+    monkeypatch.setenv("R2R_CACHE", str(tmp_path / "cache"))
+    comps = load_components(EMBEDDED_DEFAULT)
+    vectors = torch.randn(8, comps.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    taken = next(t for t in comps.tokenizer.get_vocab() if t.startswith("<") and len(t) > 2)
+    save_file({taken: vectors}, str(tmp_path / "clash.safetensors"))
+    save_file({"<style>": vectors}, str(tmp_path / "style.safetensors"))
+    with pytest.raises(ModelLoadError, match="already exists in the tokenizer"):
+        encode_conditioning(comps, tmp_path / "clash.safetensors")
+    renamed = with_token(tmp_path / "clash.safetensors", "<style>")
+    token, got = load_embedding(renamed)
+    assert token == "<style>" and torch.equal(got, vectors)
+    ref = encode_conditioning(comps, tmp_path / "style.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(encode_conditioning(comps, renamed), ref, strict=True))
+    assert with_token(tmp_path / "clash.safetensors", "<style>") == renamed  # made once
+    with pytest.raises(ModelLoadError, match="one word"):
+        with_token(tmp_path / "clash.safetensors", "two words")

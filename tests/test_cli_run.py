@@ -104,6 +104,7 @@ def test_flags_that_do_not_apply_are_refused_by_name(tiny_bundle: Path, tiny_mod
     cases = [
         (["--engine", str(tiny_bundle), "--model", str(tiny_model_dir)], "--model"),
         (["--engine", str(tiny_bundle), "--width", "128"], "--width"),
+        (["--engine", str(tiny_bundle), "--token", "<style>"], "--token"),
         (["--backend", "reference", "--fused", "on"], "--fused"),
         (["--backend", "reference", "--engine", str(tiny_bundle)], "--engine"),
         (["--backend", "reference", "--precision", "bf16"], "fp32 only"),
