@@ -52,7 +52,7 @@ from r2r.manifest import (
     verify_files,
     write_manifest,
 )
-from r2r.models import Components, encode_conditioning, load_components, sha256_file, sha256_tree
+from r2r.models import Components, encode_conditioning, load_components, sha256_file, sha256_trees
 from r2r.tac import TACPlan, TACState, install_tac, pixel_multiple, plan_tac
 
 # Default side range of a dynamic bundle, pixels: from two pixel multiples (the UNet's deepest level two cells
@@ -95,23 +95,31 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def artefact_keys(cfg: ExportConfig, plan: TACPlan, sizes: Sizes, part_hash: dict[str, str], emb_hash: str,
+def artefact_keys(cfg: ExportConfig, plan: TACPlan, sizes: Sizes, hashes: ModelHashes,
                   tools: dict[str, str]) -> dict[str, str]:
     """The key of every graph and of the conditioning ("cond"): the hash of what each is made from. A refit computes
     them as the fresh export of its model would, so a refitted bundle is that export's, key for key."""
     shape_key = (cfg.width, cfg.height, cfg.batch_max, sizes.width, sizes.height)
+    part_hash = hashes.parts
     return {
         **{g: _key(g, part_hash["unet"], shape_key, plan.as_dict(), tools) for g in unet_specs(plan)},
         **{g: _key(g, part_hash["vae"], shape_key, tools) for g in VAE_SPECS},
         **{g: _key(g, shape_key, tools) for g in STEP_SPECS},
-        "cond": _key(part_hash["text_encoder"], part_hash["tokenizer"], emb_hash, tools["r2r"]),
+        "cond": _key(part_hash["text_encoder"], part_hash["tokenizer"], hashes.embedding, tools["r2r"]),
     }
 
 
-def model_hashes(model_dir: Path, embedding: Path) -> tuple[dict[str, str], str]:
-    """(hash of each model part a bundle is made from, hash of the embedding)."""
-    return ({p: sha256_tree(model_dir / p) for p in ("unet", "vae", "text_encoder", "tokenizer")},
-            sha256_file(embedding))
+@dataclass(frozen=True)
+class ModelHashes:
+    model: str  # the whole model folder
+    parts: dict[str, str]  # each part a bundle is made from
+    embedding: str
+
+
+def model_hashes(model_dir: Path, embedding: Path) -> ModelHashes:
+    """What a bundle is made from, hashed (each file of the model read once)."""
+    tree, parts = sha256_trees(model_dir, ("unet", "vae", "text_encoder", "tokenizer"))
+    return ModelHashes(tree, parts, sha256_file(embedding))
 
 
 def bundle_config(manifest: Manifest, model: Path, embedding: Path, out: Path) -> ExportConfig:
@@ -124,10 +132,10 @@ def bundle_config(manifest: Manifest, model: Path, embedding: Path, out: Path) -
                         static=static, refit=True)
 
 
-def source_of(model_dir: Path, embedding: Path, part_hash: dict[str, str], emb_hash: str) -> dict[str, object]:
+def source_of(model_dir: Path, embedding: Path, hashes: ModelHashes) -> dict[str, object]:
     """The manifest's record of what a bundle was made from."""
-    return {"model": model_dir.name, "model_sha256": sha256_tree(model_dir), "parts_sha256": part_hash,
-            "embedding": Path(embedding).name, "embedding_sha256": emb_hash}
+    return {"model": model_dir.name, "model_sha256": hashes.model, "parts_sha256": hashes.parts,
+            "embedding": Path(embedding).name, "embedding_sha256": hashes.embedding}
 
 
 def tool_versions() -> dict[str, str]:
@@ -213,15 +221,15 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
     sizes = cfg.sizes(multiple)
     tools = tool_versions()
     model_dir = comps.model_dir
-    part_hash, emb_hash = model_hashes(model_dir, cfg.embedding)
-    keys = artefact_keys(cfg, plan, sizes, part_hash, emb_hash, tools)
+    hashes = model_hashes(model_dir, cfg.embedding)
+    keys = artefact_keys(cfg, plan, sizes, hashes, tools)
     try:
         old = read_manifest(out)
     except ValueError:
         old = None
 
     manifest = Manifest(
-        source=source_of(model_dir, cfg.embedding, part_hash, emb_hash),
+        source=source_of(model_dir, cfg.embedding, hashes),
         width=cfg.width, height=cfg.height, batch_min=1, batch_max=cfg.batch_max,
         sizes={"multiple": multiple, "opt": [cfg.width, cfg.height],
                "min": [sizes.width[0], sizes.height[0]] if sizes.dynamic else [cfg.width, cfg.height],

@@ -86,9 +86,9 @@ def refit_target(bundle: Path, manifest: Manifest, model: Path, embedding: Path)
     if differ:
         raise RefitError(f"{model}: another architecture than the bundle {bundle}'s ({', '.join(differ)} differ); "
                          "export a new bundle with `r2r-export onnx`")
-    part_hash, emb_hash = model_hashes(comps.model_dir, embedding)
-    keys = artefact_keys(cfg, plan, cfg.sizes(multiple), part_hash, emb_hash, manifest.tools)
-    return RefitTarget(comps, embedding, keys, source_of(comps.model_dir, embedding, part_hash, emb_hash), plan,
+    hashes = model_hashes(comps.model_dir, embedding)
+    keys = artefact_keys(cfg, plan, cfg.sizes(multiple), hashes, manifest.tools)
+    return RefitTarget(comps, embedding, keys, source_of(comps.model_dir, embedding, hashes), plan,
                        tuple(manifest.sizes["min"]))
 
 

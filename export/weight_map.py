@@ -135,12 +135,11 @@ def _external(graph: Path, init: TensorProto) -> tuple[str, int, int] | None:
     return location, int(entry.get("offset", 0)), int(entry["length"])
 
 
-def _stored(graph: Path, init: TensorProto) -> np.ndarray:
-    """An initializer's value as the graph holds it, read from its external data file if it has one."""
+def _stored(graph: Path, init: TensorProto, where: tuple[str, int, int] | None) -> np.ndarray:
+    """An initializer's value as the graph holds it, read from its external data file (`where`) if it has one."""
     import onnx
     from onnx import numpy_helper
 
-    where = _external(graph, init)
     if where is None:
         return numpy_helper.to_array(init)
     location, offset, length = where
@@ -157,7 +156,7 @@ def read_initializers(graph: Path, names: Collection[str]) -> dict[str, np.ndarr
 
     wanted = set(names)
     inits = [i for i in onnx.load(str(graph), load_external_data=False).graph.initializer if i.name in wanted]
-    return {i.name: _stored(graph, i) for i in inits}
+    return {i.name: _stored(graph, i, _external(graph, i)) for i in inits}
 
 
 def refit_graph(graph: Path, mapping: WeightMap, params: dict[str, np.ndarray],
@@ -179,7 +178,7 @@ def refit_graph(graph: Path, mapping: WeightMap, params: dict[str, np.ndarray],
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
         value = _new_value(graph, init, mapping[init.name], params, dtype)
         where = _external(graph, init)
-        if np.array_equal(value, _stored(graph, init)):
+        if np.array_equal(value, _stored(graph, init, where)):
             continue
         changed.append(init.name)
         if where is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,8 +252,20 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def sha256_tree(root: str | Path) -> str:
     """Hash of a directory's files (relative names and contents), order-independent of the walk."""
+    return sha256_trees(root, ())[0]
+
+
+def sha256_trees(root: str | Path, parts: Sequence[str]) -> tuple[str, dict[str, str]]:
+    """(sha256_tree of `root`, sha256_tree of each sub-folder in `parts`), every file read once."""
     base = Path(root)
-    h = hashlib.sha256()
-    for p in sorted(q for q in base.rglob("*") if q.is_file()):
-        h.update(p.relative_to(base).as_posix().encode() + b"\0" + sha256_file(p).encode())
-    return h.hexdigest()
+    files = sorted(q for q in base.rglob("*") if q.is_file())  # sorted as paths: a sub-folder's files in its order
+    digests = {p: sha256_file(p) for p in files}
+
+    def tree(folder: Path) -> str:
+        h = hashlib.sha256()
+        for p in files:
+            if folder in p.parents:
+                h.update(p.relative_to(folder).as_posix().encode() + b"\0" + digests[p].encode())
+        return h.hexdigest()
+
+    return tree(base), {part: tree(base / part) for part in parts}
