@@ -23,6 +23,7 @@ from r2r.benchmarks.worker import BenchConfig
 from r2r.checkpoints import model_option
 from r2r.log import log
 from r2r.metrics import psnr
+from r2r.runtime.trial import signal_name
 from r2r.sizing import SizeRange
 
 
@@ -49,11 +50,18 @@ def run_config(cfg: BenchConfig, work: Path, timeout: float = 3600) -> dict:
     proc = subprocess.run([sys.executable, "-m", "r2r.benchmarks.worker", str(cfg_path), str(res_path)],
                           capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
-        raise click.ClickException(f"benchmark {cfg.name} failed:\n{tail}")
+        raise click.ClickException(f"benchmark {cfg.name} {exit_reason(proc.returncode)}:\n"
+                                   + ("\n".join(proc.stderr.strip().splitlines()[-6:]) or "(it printed nothing)"))
     result = json.loads(res_path.read_text())
     log(f"  {cfg.name:<40} {time.perf_counter() - t0:6.1f} s")
     return result
+
+
+def exit_reason(returncode: int) -> str:
+    """How a worker process ended, in words: a signal by name (a crash of an engine's native code is SIGSEGV)."""
+    if returncode < 0:
+        return f"crashed ({signal_name(returncode)})"
+    return f"failed (exit code {returncode})"
 
 
 def _portable_args(args: list[str]) -> list[str]:

@@ -84,7 +84,8 @@ def parity(setup: Setup, work: Path) -> list[dict[str, Any]]:
     from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, default_resolution, load_components
     from r2r.reference import ReferencePipeline
     from r2r.runtime.backend_torch import TorchBackend
-    from r2r.runtime.scheduler import CoupledScheduler
+    from r2r.runtime.scheduler import CoupledScheduler, program_graphs
+    from r2r.runtime.verify import verify_graphs
 
     w, h = default_resolution(EMBEDDED_DEFAULT)
     bundle = _bundle(EMBEDDED_DEFAULT, work / "bundles" / "embedded", w, h)
@@ -95,12 +96,14 @@ def parity(setup: Setup, work: Path) -> list[dict[str, Any]]:
     for precision in setup.precisions:
         try:
             backend = TorchBackend(bundle, EMBEDDED_DEFAULT, setup.device, precision)
+            verified = verify_graphs(backend, bundle, program_graphs(Variant(fused=True)))  # the canaries first
             sched = CoupledScheduler(bundle, backend, 1, setup.method, Variant(fused=True))
             first = sched([image])[0]  # eager first run (and the capture, on CUDA)
             got = sched([image])[0]  # on CUDA: the replay
             rows.append({"precision": precision, "device": setup.device, "psnr_db": psnr(got, expected),
                          "max_abs_error": int(np.abs(got.astype(int) - expected.astype(int)).max()),
-                         "replay_equals_first_run": bool(np.array_equal(first, got))})
+                         "replay_equals_first_run": bool(np.array_equal(first, got)),
+                         "canaries": verified.describe()})
             log(f"  parity {setup.device} {precision}: {rows[-1]['psnr_db']:.1f} dB, max abs error "
                 f"{rows[-1]['max_abs_error']}")
             backend.close()

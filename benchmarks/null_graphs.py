@@ -15,6 +15,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from r2r import graph_io as io
+from r2r.export.canary import record_graph_canaries
 from r2r.export.to_onnx import OPSET
 from r2r.manifest import MANIFEST, Manifest, TensorSpec, bundle_path, read_manifest, record_file, write_manifest
 
@@ -79,7 +80,7 @@ def make_null_bundle(bundle: Path, out: Path, graphs: tuple[str, ...] = io.ALL_G
         shutil.rmtree(out)
     out.mkdir(parents=True)
     manifest = Manifest.from_dict(json.loads((bundle / MANIFEST).read_text()))
-    manifest.files, manifest.engines = {}, {}
+    manifest.files, manifest.engines, manifest.canaries = {}, {}, {}
     m, opt = manifest.sizes["multiple"], manifest.sizes["opt"]
     env = {io.HM: opt[1] // m, io.WM: opt[0] // m}
     manifest.sizes = {**manifest.sizes, "min": list(opt), "max": list(opt)}
@@ -98,5 +99,6 @@ def make_null_bundle(bundle: Path, out: Path, graphs: tuple[str, ...] = io.ALL_G
         onnx.save(_null_graph(name, entry.inputs, entry.outputs), str(path))
         manifest.graphs[name].external_data = False
         record_file(out, manifest, entry.file)
+    record_graph_canaries(out, manifest, progress=lambda _: None)  # the null graphs' own (constant) outputs
     write_manifest(out, manifest)
     return out

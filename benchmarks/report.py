@@ -23,6 +23,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "stages_s": stages, "images_per_s": 1.0 / statistics.median(per_image),
         "unet_evaluations_per_image": result["unet_evaluations_per_image"],
         "peak_rss_mb": result["peak_rss_mb"],
+        "load_s": result.get("load_s"), "canary_s": result.get("canary_s"),
         "psnr_min_db": min(fid["psnr_db"]) if fid.get("psnr_db") else None,
         "max_abs_error": fid.get("max_abs_error"),
     }
@@ -32,6 +33,13 @@ def _fmt_db(x: float | None) -> str:
     if x is None:
         return "-"
     return "identical" if x == float("inf") else f"{x:.1f}"
+
+
+def _fmt_open(r: dict[str, Any]) -> str:
+    """The time to open a configuration (load, compile or load engines), and its graphs' canaries within it."""
+    if r.get("load_s") is None:
+        return "-"
+    return f"{r['load_s']:.1f}" + (f" ({r['canary_s']:.2f})" if r.get("canary_s") is not None else "")
 
 
 def markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -49,8 +57,9 @@ def markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"Command: `{report['command']}`",
         "",
         "| configuration | batch | s / image (min / median / max) | vs public-code | images/s | encode | inversion "
-        "| generation | decode | UNet evals / image | peak RSS MB | PSNR vs torch-reference (min, dB) | max abs err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| generation | decode | UNet evals / image | peak RSS MB | open s (canaries s) | PSNR vs torch-reference "
+        "(min, dB) | max abs err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lat, st = r["latency_s"], r["stages_s"]
@@ -59,7 +68,7 @@ def markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"| {r['name']} | {r['batch']} | {lat['min']:.3f} / {lat['median']:.3f} / {lat['max']:.3f} | "
             f"{ratio} | {r['images_per_s']:.2f} | {st['encode']:.3f} | {st['inversion']:.3f} | "
             f"{st['generation']:.3f} | {st['decode']:.3f} | {r['unet_evaluations_per_image']:.0f} | "
-            f"{r['peak_rss_mb']:.0f} | {_fmt_db(r['psnr_min_db'])} | {r['max_abs_error']} |")
+            f"{r['peak_rss_mb']:.0f} | {_fmt_open(r)} | {_fmt_db(r['psnr_min_db'])} | {r['max_abs_error']} |")
     ho = report["host_overhead"]
     lines += ["", "Host overhead of the coupled scheduler (null graphs with the bundle's I/O, ONNX Runtime CPU, "
               "1 thread): " + "; ".join(f"{k}: {v['ms_per_step_median']:.4f} ms per step (median; min "

@@ -54,7 +54,7 @@ class _Timer:
         return out
 
 
-def _torch_runner(cfg: BenchConfig) -> tuple[Any, Any]:
+def _torch_runner(cfg: BenchConfig) -> tuple[Any, Any, dict[str, Any]]:
     import torch
 
     from r2r.config import MethodConfig
@@ -79,7 +79,7 @@ def _torch_runner(cfg: BenchConfig) -> tuple[Any, Any]:
                 outs.append(timer.run("decode", pipe.decode, zr))
             return outs
 
-        return batch_fn, lambda: pipe.evaluations / max(pipe.images, 1)
+        return batch_fn, lambda: pipe.evaluations / max(pipe.images, 1), {}
 
     from r2r.reference import ReferencePipeline
 
@@ -93,10 +93,10 @@ def _torch_runner(cfg: BenchConfig) -> tuple[Any, Any]:
         zr = timer.run("generation", ref.generate, lat, sched, m)
         return timer.run("decode", ref.decode, zr)
 
-    return batch_fn, lambda: ref.count.per_image
+    return batch_fn, lambda: ref.count.per_image, {}
 
 
-def _r2r_runner(cfg: BenchConfig) -> tuple[Any, Any]:
+def _r2r_runner(cfg: BenchConfig) -> tuple[Any, Any, dict[str, Any]]:
     from r2r.config import Inversion
     from r2r.imageio import from_model_output, to_model_input
     from r2r.runtime.assembly import RunConfig, open_runtime
@@ -128,8 +128,9 @@ def _r2r_runner(cfg: BenchConfig) -> tuple[Any, Any]:
         out = backend.download(sched.image_out)
         return [from_model_output(out[i]) for i in range(len(images))]
 
+    canary = {"canary_s": runtime.verified.seconds} if runtime.verified is not None else {}
     return batch_fn, lambda: (counted["evaluations"] / counted["images"] if counted["images"]
-                              else float(sched.unet_evaluations_per_image))
+                              else float(sched.unet_evaluations_per_image)), canary
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
@@ -137,7 +138,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     if len(images) % cfg.batch:
         raise ValueError(f"{len(images)} images do not split into batches of {cfg.batch}")
     t_load = time.perf_counter()
-    batch_fn, evals = (_r2r_runner if cfg.kind == "r2r" else _torch_runner)(cfg)
+    batch_fn, evals, opened = (_r2r_runner if cfg.kind == "r2r" else _torch_runner)(cfg)
     load_s = time.perf_counter() - t_load
     batches = [images[i : i + cfg.batch] for i in range(0, len(images), cfg.batch)]
     if cfg.warmup:
@@ -153,7 +154,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         passes.append({"wall_s": wall, "images": len(images),
                        "per_image_s": {k: v / len(images) for k, v in timer.stages.items()}})
     np.savez_compressed(cfg.outputs, images=np.stack(outputs))
-    return {"config": asdict(cfg), "load_s": load_s, "passes": passes, "unet_evaluations_per_image": evals(),
+    return {"config": asdict(cfg), "load_s": load_s, **opened, "passes": passes, "unet_evaluations_per_image": evals(),
             "peak_rss_mb": peak_rss_mb()}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from r2r.backends import DEVICES, NAMES, PRECISIONS, BuildRequest, auto_choices, backend_row
+from r2r.backends import DEVICES, NAMES, PRECISIONS, BuildRequest, auto_choices, backend_row, known_issue
 from r2r.checkpoints import model_option
 from r2r.export.cli import REFIT_HELP, TOKEN_HELP, embedding_for, export, export_config, model_options, onnx_cmd
 from r2r.log import log
@@ -70,6 +70,9 @@ def build_engines_cmd(ctx: click.Context, backend: str, precision: str | None, d
         raise click.BadParameter(str(exc)) from exc
     if row.builder is None:
         raise click.UsageError(f"--backend {row.name} builds no engines: it runs the model's own modules")
+    issue = known_issue(row.name, precision, not static) if device == "cpu" else None
+    if issue is not None:
+        raise click.UsageError(f"{issue.describe()}")
     cfg = export_config(model, embedding, out, width, height, batch_max, tac_divisor, min_side, max_side, static,
                         lora, refit, token)
     log(f"r2r-export build-engines: checking the ONNX bundle {out}")
@@ -82,6 +85,29 @@ def build_engines_cmd(ctx: click.Context, backend: str, precision: str | None, d
         importlib.import_module(row.builder).build(out, request)
     except (ImportError, RuntimeError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@main.command("canary")
+@click.option("--bundle", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
+              help="A bundle whose graphs have no canary yet (made before r2r checked its engines).")
+def canary_cmd(bundle: Path) -> None:
+    """Record each graph's canary (its outputs on fixed inputs, on ONNX Runtime fp32), which every backend's engines
+    are checked against when they open; needs only the bundle."""
+    from r2r.export.canary import record_graph_canaries
+    from r2r.locks import bundle_lock
+    from r2r.manifest import BundleError, read_manifest, write_manifest
+
+    try:
+        with bundle_lock(bundle):
+            manifest = read_manifest(bundle)
+            if not manifest.graphs:
+                raise BundleError(f"{bundle}: no ONNX graph to record a canary of; export the bundle again with "
+                                  "`r2r-export onnx`")
+            made = record_graph_canaries(bundle, manifest)
+            write_manifest(bundle, manifest)
+    except (BundleError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    log(f"r2r-export canary: {len(made)} recorded, {len(manifest.canaries) - len(made)} up to date in {bundle}")
 
 
 @main.command("refit")

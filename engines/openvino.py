@@ -3,9 +3,19 @@
 Each graph is compiled once, its batch dimension dynamic as exported, so one compiled model (one copy of the
 weights) serves every batch the program binds: the routed UNet at B, 2B and 3B. Compiling is what costs (seconds per
 graph for SD 1.5); OpenVINO's model cache turns a later compile of the same graph and configuration into a load that
-does not read the ONNX weights at all. Building = compiling every graph the host program calls with the cache folder
-in the bundle, then recording the cache files in the manifest; the runtime compiles through `compile_graph` here,
-the one definition of the configuration, so its compiles are loads.
+does not read the ONNX weights at all.
+
+One cache folder per key (docs/design.md, "Verified engines"): OpenVINO names a CPU blob by the model alone, not by
+the inference precision or thread count it was compiled with (fp32 and bf16 blobs of one graph differ in size and
+content but share one file name), so a shared folder lets a bf16 process load an fp32 process's blob. Here each
+graph's blob lives in `engines/openvino/cache/<graph>-<precision>-t<threads>-<key>/`, the key hashing the graph's
+content key, the precision, the thread count, OpenVINO's version and the CPU's model and ISA; a compile goes to a
+temporary folder that is moved into place under the bundle lock, so no process ever loads a blob another is
+writing, or one made for another configuration, CPU or graph. The blobs are a cache, not the bundle's identity: they
+are not hashed in the manifest; the canary checks what they compute every time one is loaded.
+
+Building = compiling every graph the host program calls into its folder; the runtime compiles through
+`compile_graph` here, the one definition of the configuration, so its compiles are loads.
 """
 
 from __future__ import annotations
@@ -13,15 +23,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from r2r import graph_io as io
+from r2r.atomic import temp_sibling
 from r2r.backends import BuildRequest, backend_row
-from r2r.locks import writes_bundle
+from r2r.locks import bundle_lock, writes_bundle
 from r2r.log import log
+from r2r.machine import cpu_identity
 from r2r.manifest import (
     ENGINES_DIR,
     BundleError,
@@ -29,7 +42,6 @@ from r2r.manifest import (
     Manifest,
     bundle_path,
     read_manifest,
-    record_file,
     verify_files,
     write_manifest,
 )
@@ -46,15 +58,6 @@ def import_openvino() -> Any:
     except ImportError as exc:
         raise ImportError(f"OpenVINO is not installed: {ROW.install}") from exc
     return openvino
-
-
-def open_core(ov: Any, bundle: str | Path) -> Any:
-    """An OpenVINO Core whose model cache is the bundle's."""
-    core = ov.Core()
-    cache = bundle_path(bundle, CACHE_DIR)
-    cache.mkdir(parents=True, exist_ok=True)
-    core.set_property({"CACHE_DIR": str(cache)})
-    return core
 
 
 def default_threads() -> int:
@@ -80,10 +83,58 @@ def graph_file(bundle: str | Path, manifest: Manifest, graph: str, precision: st
     return bundle_path(bundle, manifest.graphs[graph].file)
 
 
-def compile_graph(core: Any, path: Path, precision: str, threads: int) -> Any:
-    """The graph at `path` compiled for the CPU at `precision`, its batch dynamic (a load from the model cache if
-    it is there)."""
-    return core.compile_model(str(path), "CPU", compile_config(precision, threads))
+def cache_folder(bundle: str | Path, manifest: Manifest, graph: str, precision: str, threads: int,
+                 version: str) -> Path:
+    """The folder of `graph`'s compiled blob for this configuration and CPU (see the module docstring)."""
+    if precision == "int8" and graph == io.UNET:
+        entry = manifest.engines.get(INT8_UNET)
+        content = entry.key if entry is not None else ""
+    else:
+        content = manifest.graphs[graph].key
+    key = hashlib.sha256(json.dumps([content, precision, threads, version, cpu_identity()],
+                                    sort_keys=True).encode()).hexdigest()
+    return bundle_path(bundle, f"{CACHE_DIR}/{graph}-{precision}-t{threads}-{key[:16]}")
+
+
+def compile_graph(ov: Any, bundle: str | Path, manifest: Manifest, graph: str, precision: str, threads: int,
+                  progress: Callable[[str], None] = log, cache: bool = True) -> Any:
+    """`graph` compiled for the CPU at `precision`, its batch dynamic: a load from its cache folder if there is one;
+    else a compile into a temporary folder, moved into place under the bundle lock (a folder another process moved
+    there first is kept, ours dropped). `cache=False`: compiled in memory, no cache read or written."""
+    path = graph_file(bundle, manifest, graph, precision)
+    folder = cache_folder(bundle, manifest, graph, precision, threads, ov.__version__)
+    config = compile_config(precision, threads)
+    if not cache:
+        return ov.Core().compile_model(str(path), "CPU", config)
+    if folder.is_dir():
+        return ov.Core().compile_model(str(path), "CPU", {**config, "CACHE_DIR": str(folder)})
+    tmp = temp_sibling(folder)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:  # a read-only bundle: compiled in memory, not kept
+        progress(f"r2r: the compiled {graph} cannot be kept in {folder.parent} ({exc}); compiling it in memory")
+        return compile_graph(ov, bundle, manifest, graph, precision, threads, progress, cache=False)
+    try:
+        compiled = ov.Core().compile_model(str(path), "CPU", {**config, "CACHE_DIR": str(tmp)})
+        try:
+            with bundle_lock(bundle, progress):
+                if not folder.exists():
+                    os.replace(tmp, folder)
+        except OSError as exc:
+            progress(f"r2r: the compiled {graph} could not be kept in {folder.parent} ({exc}); it will be compiled "
+                     "again by the next process")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return compiled
+
+
+def drop_cache(bundle: str | Path, manifest: Manifest, graph: str, precision: str, threads: int, version: str,
+               progress: Callable[[str], None] = log) -> Path:
+    """Remove `graph`'s compiled blob folder for this configuration (a blob whose output missed its canary)."""
+    folder = cache_folder(bundle, manifest, graph, precision, threads, version)
+    with bundle_lock(bundle, progress):
+        shutil.rmtree(folder, ignore_errors=True)
+    return folder
 
 
 @writes_bundle
@@ -97,22 +148,23 @@ def build_ov_engines(bundle: str | Path, precision: str = "fp32", threads: int =
     graphs = [g for g in manifest.graphs if g not in io.STEP_GRAPHS]  # host backends update latents in numpy
     verify_files(bundle, manifest, only=[f for f in manifest.files if not f.startswith(f"{ENGINES_DIR}/")])
     slot = ROW.slot("cpu", precision, "all")
+    threads = threads or default_threads()
     key = hashlib.sha256(json.dumps([sorted((g, e.key) for g, e in manifest.graphs.items()), precision,
                                      ov.__version__]).encode()).hexdigest()
     t0 = time.perf_counter()
-    core = open_core(ov, bundle)
+    root = Path(bundle).resolve()
+    folders = []
     for graph in graphs:
-        compile_graph(core, graph_file(bundle, manifest, graph, precision), precision, threads or default_threads())
-    cache = bundle_path(bundle, CACHE_DIR)
-    files = sorted(str(p.relative_to(Path(bundle).resolve())) for p in cache.resolve().rglob("*") if p.is_file())
-    for f in files:
-        record_file(bundle, manifest, f)
+        compile_graph(ov, bundle, manifest, graph, precision, threads, progress)
+        folders.append(cache_folder(bundle, manifest, graph, precision, threads, ov.__version__))
+    # The blobs are a cache, checked by the canaries when loaded, not hashed (see the module docstring).
+    files = sorted(str(p.relative_to(root)) for f in folders if f.is_dir() for p in f.iterdir() if p.is_file())
     entry = EngineEntry("openvino", precision, "all", files, key,
-                        {"openvino": ov.__version__, "batch": "dynamic",
-                         "build_seconds": round(time.perf_counter() - t0, 1)})
+                        {"openvino": ov.__version__, "batch": "dynamic", "threads": threads,
+                         "cache": [f.name for f in folders], "build_seconds": round(time.perf_counter() - t0, 1)})
     manifest.engines[slot] = entry
     write_manifest(bundle, manifest)
-    size = sum(bundle_path(bundle, f).stat().st_size for f in files)
+    size = sum((root / f).stat().st_size for f in files)
     progress(f"  {slot:<36} compiled in {entry.info['build_seconds']:.1f} s ({size / 1e6:.1f} MB cache)")
     return entry
 
@@ -130,5 +182,5 @@ def build(bundle: Path, request: BuildRequest, progress: Callable[[str], None] =
     return [*built, build_ov_engines(bundle, request.precision, progress=progress)]
 
 
-__all__ = ["CACHE_DIR", "INT8_UNET", "PRECISION_HINTS", "ROW", "build", "build_ov_engines", "compile_config",
-           "compile_graph", "default_threads", "graph_file", "import_openvino", "open_core"]
+__all__ = ["CACHE_DIR", "INT8_UNET", "PRECISION_HINTS", "ROW", "build", "build_ov_engines", "cache_folder",
+           "compile_config", "compile_graph", "default_threads", "drop_cache", "graph_file", "import_openvino"]

@@ -28,6 +28,7 @@ from typing import Any
 from r2r.backends import BuildRequest, backend_row
 from r2r.engines import tensorrt as trt_engines
 from r2r.export import refit as onnx_refit
+from r2r.export.canary import record_graph_canaries
 from r2r.gpu import gpu_info, import_tensorrt
 from r2r.locks import bundle_lock
 from r2r.log import log
@@ -112,6 +113,9 @@ def refit_bundle(bundle: str | Path, model: Path, embedding: Path, trt: ModuleTy
         # 3. graphs and conditioning
         onnx_refit.refit_graphs(root, manifest, target, progress)
         onnx_refit.refit_cond(root, manifest, target, progress)
+        manifest = read_manifest(root)
+        if record_graph_canaries(root, manifest, progress=progress):  # the refitted graphs' own outputs
+            write_manifest(root, manifest)
         report.graphs = {g: len(names) for g, (_, names) in target.changed.items()}
         # 4. TensorRT, in place
         if t is not None:

@@ -45,6 +45,7 @@ import numpy as np
 from r2r import graph_io as io
 from r2r.atomic import atomic_write
 from r2r.backends import BuildRequest, backend_row
+from r2r.export.canary import record_graph_canaries
 from r2r.gpu import gpu_info, import_tensorrt
 from r2r.locks import writes_bundle
 from r2r.log import log
@@ -417,6 +418,17 @@ def build_bundle_engines(bundle: str | Path, cfg: TrtBuildConfig, graphs: Sequen
     return entries
 
 
+@writes_bundle
+def record_example_canaries(bundle: str | Path, progress: Callable[[str], None] = log) -> list[str]:
+    """The graphs' canaries at the bundle's example size: static-size engines take no other size, so the runtime
+    checks them there (export recorded the smallest size's)."""
+    manifest = read_manifest(bundle)
+    made = record_graph_canaries(Path(bundle), manifest, (manifest.width, manifest.height), progress=progress)
+    if made:
+        write_manifest(bundle, manifest)
+    return made
+
+
 # ---- refit ----------------------------------------------------------------------------------------------------
 
 def refit_engine(engine_path: str | Path, onnx_path: str | Path, names: Collection[str] | None,
@@ -545,16 +557,19 @@ def check_engine_compat(manifest: Manifest, trt_version: str, gpu_name: str, cc:
 
 def build(bundle: str | Path, request: BuildRequest, progress: Callable[[str], None] = log) -> list[EngineEntry]:
     """The backend table's builder entry (`r2r-export build-engines --backend tensorrt`)."""
-    return build_bundle_engines(bundle, TrtBuildConfig(precision=request.precision,
-                                                       builder_optimization_level=request.opt_level,
-                                                       refit=request.refit,
-                                                       sizes="opt" if request.static_size else "range"),
-                                progress=progress)
+    entries = build_bundle_engines(bundle, TrtBuildConfig(precision=request.precision,
+                                                          builder_optimization_level=request.opt_level,
+                                                          refit=request.refit,
+                                                          sizes="opt" if request.static_size else "range"),
+                                   progress=progress)
+    if request.static_size:
+        record_example_canaries(bundle, progress)
+    return entries
 
 
 __all__ = [
     "BACKEND", "PRECISIONS", "ROW", "TIMING_CACHE", "EngineCompatError", "OnnxTypes", "TensorRTBuildError",
     "TrtBuildConfig", "build", "build_bundle_engines", "build_engine", "check_engine_compat", "engine_entry_key",
     "engine_file", "engine_key", "inspect_onnx", "network_plan", "profile_envs", "profile_shapes",
-    "rebuild_command", "refit_bundle_engines", "refit_engine",
+    "rebuild_command", "record_example_canaries", "refit_bundle_engines", "refit_engine",
 ]

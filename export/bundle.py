@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from r2r import __version__
 from r2r import graph_io as io
 from r2r.atomic import atomic_path
 from r2r.config import MethodConfig
+from r2r.export.canary import Runner, record_canaries, record_graph_canaries
 from r2r.export.graphs import (
     STEP_SPECS,
     VAE_SPECS,
@@ -201,6 +202,25 @@ def graph_module(name: str, comps: Components, plan: TACPlan, state: TACState) -
     return modules[name]()
 
 
+# The graphs the torch backend runs as the model's modules (a bundle without ONNX graphs records their canaries).
+TORCH_GRAPHS = (*io.UNET_GRAPHS, io.VAE_ENCODER, io.VAE_DECODER)
+
+
+def torch_runner(comps: Components, plan: TACPlan, state: TACState) -> Runner:
+    """Each graph's torch module at fp32 (what the graph is exported from), inputs in the contract's order."""
+    specs = graph_specs(plan)
+
+    def run(graph: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = specs[graph]
+        module = graph_module(graph, comps, plan, state).eval()
+        with torch.no_grad():
+            out = module(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n, _, _ in spec.inputs))
+        outs = out if isinstance(out, tuple) else (out,)
+        return {n: o.numpy().astype(np.float32) for (n, _, _), o in zip(spec.outputs, outs, strict=True)}
+
+    return run
+
+
 def graph_specs(plan: TACPlan) -> dict[str, GraphSpec]:
     return {**unet_specs(plan), **VAE_SPECS, **STEP_SPECS}
 
@@ -297,6 +317,16 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
         size = sum(bundle_path(out, f).stat().st_size for f in _files_of(out, rel))
         progress(f"  {name:<11} exported in {time.perf_counter() - t0:.1f} s ({size / 1e6:.1f} MB"
                  f"{', external data' if external else ''})")
+    # Canaries: kept where their graph is unchanged, recorded where missing (docs/design.md, "Verified engines")
+    if old is not None:
+        manifest.canaries = dict(old.canaries)
+        manifest.files.update({e["file"]: old.files[e["file"]] for e in old.canaries.values()
+                               if e["file"] in old.files})
+    if manifest.graphs:
+        record_graph_canaries(out, manifest, progress=progress)
+    else:  # a bundle for the torch backend: the modules it runs, at fp32
+        record_canaries(out, manifest, {g: keys[g] for g in TORCH_GRAPHS}, torch_runner(comps, plan, state),
+                        f"torch {torch.__version__} fp32", progress=progress)
     write_manifest(out, manifest)
     if cfg.refit:  # after the graphs are recorded: a model that cannot be mapped leaves a usable bundle
         _record_weight_maps(out, manifest, comps, progress)

@@ -61,6 +61,8 @@ class BackendRow:
     native: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     device_default: Mapping[str, str] = field(default_factory=dict)  # a device's default precision, where fixed
     graphs: bool = True  # runs the bundle's ONNX graphs (False: only its manifest and conditioning)
+    library: str = ""  # the module whose version its engines depend on (first-use verdicts are keyed by it)
+    step_devices: tuple[str, ...] = ()  # devices where the scheduler updates are the bundle's step graphs
 
     def slot(self, device: str, precision: str, graph: str) -> str:
         return self.engine_slot.format(device=device, precision=precision, graph=graph)
@@ -91,16 +93,18 @@ class BackendRow:
 BACKENDS: tuple[BackendRow, ...] = (
     BackendRow("tensorrt", ("cuda",), ("fp16", "bf16", "fp8", "int8", "fp32"), "tensorrt/{precision}/{graph}",
                "r2r.engines.tensorrt", "r2r.runtime.backend_trt",
-               "pip install 'r2r[gpu]' on a machine with an NVIDIA GPU", _tensorrt_devices, needs_engines=True),
+               "pip install 'r2r[gpu]' on a machine with an NVIDIA GPU", _tensorrt_devices, needs_engines=True,
+               library="tensorrt", step_devices=("cuda",)),
     BackendRow("onnxruntime", ("cuda", "cpu"), ("fp32",), "onnxruntime/{device}-{precision}/{graph}",
                "r2r.engines.onnxruntime", "r2r.runtime.backend_ort",
-               "onnxruntime comes with r2r; for CUDA: pip install 'r2r[gpu]' (onnxruntime-gpu)", _onnxruntime_devices),
+               "onnxruntime comes with r2r; for CUDA: pip install 'r2r[gpu]' (onnxruntime-gpu)", _onnxruntime_devices,
+               library="onnxruntime", step_devices=("cuda",)),
     BackendRow("openvino", ("cpu",), ("bf16", "fp32", "int8"), "openvino/{device}-{precision}/{graph}",
                "r2r.engines.openvino", "r2r.runtime.backend_ov", "openvino comes with r2r (pip install openvino)",
-               _openvino_devices, native={"bf16": ("avx512_bf16", "amx_bf16")}),
+               _openvino_devices, native={"bf16": ("avx512_bf16", "amx_bf16")}, library="openvino"),
     BackendRow("torch", ("cuda", "cpu"), ("fp16", "bf16", "fp32"), "torch/{device}-{precision}/{graph}", None,
                "r2r.runtime.backend_torch", "torch comes with r2r (a CUDA or ROCm build of torch for a GPU)",
-               _torch_devices, device_default={"cuda": "fp16", "cpu": "fp32"}, graphs=False),
+               _torch_devices, device_default={"cuda": "fp16", "cpu": "fp32"}, graphs=False, library="torch"),
 )
 NAMES = tuple(row.name for row in BACKENDS)
 # What `--backend auto` tries, fastest first (measured: benchmarks/README.md): TensorRT on an NVIDIA GPU, ONNX
@@ -108,6 +112,44 @@ NAMES = tuple(row.name for row in BACKENDS)
 # BF16 units), ONNX Runtime on the CPU.
 AUTO_ORDER: tuple[tuple[str, str], ...] = (("tensorrt", "cuda"), ("onnxruntime", "cuda"), ("torch", "cuda"),
                                            ("openvino", "cpu"), ("onnxruntime", "cpu"))
+
+
+@dataclass(frozen=True)
+class KnownIssue:
+    """A backend at a precision known to give wrong images or to crash on some machines (docs/design.md, "Verified
+    engines"): `auto` never picks it there, and asking for it by name is refused with the fix."""
+
+    backend: str
+    precision: str
+    cpu_flags: tuple[str, ...]  # it applies on a CPU with any of these flags
+    dynamic_sizes: bool  # True: only to bundles whose graphs take a range of sizes (static bundles are spared)
+    what: str
+    reference: str  # the upstream report
+    fix: str  # what to run instead
+
+    def applies(self, backend: str, precision: str, dynamic: bool, flags: frozenset[str]) -> bool:
+        return (backend, precision) == (self.backend, self.precision) and any(f in flags for f in self.cpu_flags) \
+            and (dynamic or not self.dynamic_sizes)
+
+    def describe(self) -> str:
+        return f"{self.backend} {self.precision} {self.what} ({self.reference}); {self.fix}"
+
+
+KNOWN_ISSUES: tuple[KnownIssue, ...] = (
+    # Deterministic SIGSEGV in the CPU plugin's JIT code on the first infer() of an INT8 model with any dynamic input
+    # dimension, on Sapphire, Emerald and Granite Rapids Xeons; AMD and pre-AMX Xeons unaffected (reported against
+    # OpenVINO 2026.1-2026.3, open). r2r's bundles are dynamic by default and its INT8 UNet is NNCF's.
+    KnownIssue("openvino", "int8", ("amx_int8", "amx_tile"), True,
+               "crashes (SIGSEGV) with dynamic input shapes on CPUs with AMX", "openvinotoolkit/openvino#37577",
+               "use --precision bf16, or INT8 on a static bundle (`r2r-export onnx --static`)"),
+)
+
+
+def known_issue(backend: str, precision: str, dynamic: bool, flags: frozenset[str] | None = None
+                ) -> KnownIssue | None:
+    """The entry of KNOWN_ISSUES that `backend` at `precision` meets on this CPU (or `flags`), if any."""
+    have = cpu_flags() if flags is None else flags
+    return next((k for k in KNOWN_ISSUES if k.applies(backend, precision, dynamic, have)), None)
 
 
 def backend_row(name: str) -> BackendRow:
@@ -140,5 +182,5 @@ class BuildRequest:
     embedding: Path | None = None
 
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "DEVICES", "NAMES", "PRECISIONS", "BackendRow", "BuildRequest", "auto_choices",
-           "backend_row"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "DEVICES", "KNOWN_ISSUES", "NAMES", "PRECISIONS", "BackendRow", "BuildRequest",
+           "KnownIssue", "auto_choices", "backend_row", "known_issue"]

@@ -12,6 +12,12 @@ from typing import Any
 PACKAGES = ("r2r", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "openvino", "numpy", "tensorrt")
 
 
+def cpu_identity() -> dict[str, Any]:
+    """The CPU's model name and vector ISA flags (AVX2, AVX-512, AMX, VNNI, FMA): what decides which kernels an engine
+    compiles, so what keys compiled artefacts and recorded verdicts."""
+    return _cpuinfo()
+
+
 def _cpuinfo() -> dict[str, Any]:
     info: dict[str, Any] = {}
     path = Path("/proc/cpuinfo")

@@ -21,6 +21,7 @@ FORMAT_VERSION = 3  # 2: `unet` routes TAC by tac_src and replaces unet_fused; 3
 ONNX_DIR = "onnx"
 COND_DIR = "cond"
 COND_FILE = "cond/conditioning.safetensors"
+CANARY_DIR = "canary"  # each graph's recorded outputs on a fixed input (r2r/canary.py)
 REFIT_DIR = "refit"  # weight maps of a refittable bundle, one JSON per graph
 REFIT_PENDING = "refit_pending"  # in `source` while `r2r-export refit` runs: the bundle must not be used
 ENGINES_DIR = "engines"
@@ -90,6 +91,8 @@ class Manifest:
     cond: dict[str, Any] = field(default_factory=dict)  # file, key, tensor specs
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     engines: dict[str, EngineEntry] = field(default_factory=dict)  # "backend/precision/graph" -> entry
+    # "<graph>@<W>x<H>" -> {graph, size, file, key}: each graph's recorded outputs on a fixed input (r2r/canary.py)
+    canaries: dict[str, dict[str, Any]] = field(default_factory=dict)
     tools: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION

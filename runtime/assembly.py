@@ -1,17 +1,19 @@
 """One runtime assembly: `open_runtime(RunConfig)` is how `r2r-run` and `r2r-bench` get a translator.
 
 It resolves, once and in this order: the bundle (the one given, or the model's, exported into the cache), the
-method (the bundle's defaults under the flags given), the backend row, its device and precision (from the backend
-table) and the program's variant (`prepare_run`: what a Ray driver resolves once for all its actors), then the
-backend itself. `--backend reference` is the PyTorch reference instead, on the
-model itself.
+method (the bundle's defaults under the flags given), the program's variant, the backend row, its device and
+precision (from the backend table; a first use on this machine tried in a child process, runtime/trial.py)
+(`prepare_run`: what a Ray driver resolves once for all its actors), then the backend itself, whose graphs each pass
+their canary before anything is bound (runtime/verify.py). With `--backend auto` a backend at a precision known to
+be broken here, or that crashed or missed its canaries, is passed over for the next row of the table, saying so.
+`--backend reference` is the PyTorch reference instead, on the model itself.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -19,14 +21,23 @@ from typing import Any, Literal
 import numpy as np
 
 from r2r import __version__
-from r2r.backends import BackendRow, BuildRequest, backend_row
+from r2r.backends import BackendRow, BuildRequest, backend_row, known_issue
 from r2r.config import Inversion, MethodConfig, Variant
 from r2r.log import log
 from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, default_resolution, sha256_file
 from r2r.runtime.bundle import Bundle, open_bundle
 from r2r.runtime.device import Backend
-from r2r.runtime.scheduler import CoupledScheduler
-from r2r.runtime.select import cached_bundle, resolve_backend, resolve_device, resolve_precision, runtime_module
+from r2r.runtime.scheduler import CoupledScheduler, program_graphs
+from r2r.runtime.select import (
+    DeviceUnavailable,
+    backend_candidates,
+    cached_bundle,
+    resolve_device,
+    resolve_precision,
+    runtime_module,
+)
+from r2r.runtime.trial import TrialSpec, check_first_use
+from r2r.runtime.verify import EngineRejected, Verified, verify_graphs
 from r2r.sizing import MAX_SIDE, Fit, Placement, SizeRange, place
 
 REFERENCE = "reference"  # --backend reference: the PyTorch reference (the oracle) on the model, no bundle
@@ -84,6 +95,7 @@ class Runtime:
     bundle: Bundle | None = None
     backend: Backend | None = None
     scheduler: CoupledScheduler | None = None  # the example size's (the others are made on first use)
+    verified: Verified | None = None  # what the canaries found when the backend opened its graphs
 
     def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
         return self.translate(images)
@@ -115,8 +127,9 @@ def _close(backend: Backend | None) -> None:
 @dataclass
 class PreparedRun:
     """A run resolved down to what each process that runs it opens: the bundle (exported and built once), the
-    backend row, device and precision, the method and the program's variant, what every output records, and the
-    sizes it takes. `r2r-run --ray` prepares on the driver; each actor then opens the same run."""
+    backend row, device and precision (tried on this machine), the method and the program's variant with the graphs
+    it calls, what every output records, and the sizes it takes. `r2r-run --ray` prepares on the driver; each actor
+    then opens the same run."""
 
     root: Path
     bundle: Bundle
@@ -127,6 +140,7 @@ class PreparedRun:
     variant: Variant
     params: dict[str, Any]
     sizes: SizeRange
+    graphs: tuple[str, ...] = ()  # the bundle graphs the program calls (each checked by its canary when opened)
 
     def describe(self) -> str:
         return describe_run(self.params, self.device)
@@ -136,15 +150,18 @@ class PreparedRun:
         return replace(cfg, engine=self.root, backend=self.row.name, device=self.device, precision=self.precision)
 
 
-def prepare_run(cfg: RunConfig, progress: Callable[[str], None] = log) -> PreparedRun:
-    """Steps 1-4 of `open_runtime`: everything but opening the backend (bundle backends only)."""
+def prepare_run(cfg: RunConfig, progress: Callable[[str], None] = log,
+                refused: Collection[tuple[str, str]] = ()) -> PreparedRun:
+    """Steps 1-4 of `open_runtime`: everything but opening the backend (bundle backends only). `refused`: (backend,
+    precision) pairs `--backend auto` must pass over (their canaries failed in this process)."""
     if cfg.batch < 1:
         raise ValueError("--batch-size must be >= 1")
     # 1. what can be checked before a bundle is exported
-    row = None if cfg.backend == "auto" else backend_row(cfg.backend)
-    device = None if row is None else resolve_device(row, cfg.device)
-    if row is not None and cfg.precision is not None:
-        row.check_precision(cfg.precision)
+    named = None if cfg.backend == "auto" else backend_row(cfg.backend)
+    if named is not None:
+        resolve_device(named, cfg.device)
+        if cfg.precision is not None:
+            named.check_precision(cfg.precision)
     # 2. the bundle and the method
     if cfg.engine is not None:
         root = cfg.engine
@@ -152,31 +169,61 @@ def prepare_run(cfg: RunConfig, progress: Callable[[str], None] = log) -> Prepar
         w, h = cfg.size()
         divisor = int(cfg.method.get("tac_divisor") or MethodConfig().tac_divisor)
         root = cached_bundle(cfg.model_dir(), cfg.embedding_file(), w, h, max(cfg.batch_max, cfg.batch), divisor,
-                             progress, graphs=row is None or row.graphs)
+                             progress, graphs=named is None or named.graphs)
     bundle = open_bundle(root)
     method = MethodConfig(**{**bundle.method_defaults().as_dict(), **cfg.method})
-    # 3. backend, device, precision: once; a bundle of the cache gets the engines they need, once
-    # (auto picks the torch backend only where the model is known to be the bundle's: it runs the model's modules)
-    row = row or resolve_backend(cfg.backend, bundle, cfg.device, eligible=lambda r: r.graphs or cfg.engine is None
-                                 or cfg.model is not None)
-    device = device or resolve_device(row, cfg.device)
-    precision = resolve_precision(row, bundle, cfg.precision, device)
-    slot = row.slot(device, precision, "")
-    if cfg.engine is None and row.builder and not any(k.startswith(slot) for k in bundle.manifest.engines):
-        progress(f"r2r-run: building the {row.name} {precision} engines of {root} once")
-        request = BuildRequest(precision, device, model=cfg.model_dir(), embedding=cfg.embedding_file())
-        importlib.import_module(row.builder).build(root, request, progress)
-        bundle = open_bundle(root)
-    # 4. the program's variant: auto fuses the TAC step whenever the inversion allows it (one routed UNet call of
+    # the program's variant: auto fuses the TAC step whenever the inversion allows it (one routed UNet call of
     # 3B instead of emit B + inject 2B, and the only UNet graph the program loads)
     fused = cfg.fused == "on" or (cfg.fused == "auto" and cfg.inversion == "exact")
+    variant = Variant(cfg.inversion, fused)
+    # 3. backend, device, precision: the named one, or auto's rows fastest first, passing over those known broken
+    # on this CPU or that failed their first use here (auto picks the torch backend only where the model is known to
+    # be the bundle's: it runs the model's modules)
+    candidates = backend_candidates(cfg.backend, bundle, cfg.device, eligible=lambda r: r.graphs or cfg.engine is None
+                                    or cfg.model is not None)
+    passed: list[str] = []
+    for row, device in candidates:
+        if named is None and cfg.precision is not None and cfg.precision not in row.precisions:
+            continue
+        precision = resolve_precision(row, bundle, cfg.precision, device)
+        if (row.name, precision) in refused:
+            continue
+        issue = known_issue(row.name, precision, not bundle.manifest.sizes.get("static", False)) \
+            if device == "cpu" else None
+        if issue is not None:
+            if named is not None:
+                raise EngineRejected(row.name, precision, "program", f"is a known engine bug here: {issue.what} "
+                                     f"({issue.reference})", fallback=issue.fix)
+            passed.append(f"{row.name} {precision} ({issue.what}, {issue.reference})")
+            continue
+        slot = row.slot(device, precision, "")
+        if cfg.engine is None and row.builder and not any(k.startswith(slot) for k in bundle.manifest.engines):
+            progress(f"r2r-run: building the {row.name} {precision} engines of {root} once")
+            request = BuildRequest(precision, device, model=cfg.model_dir(), embedding=cfg.embedding_file())
+            importlib.import_module(row.builder).build(root, request, progress)
+            bundle = open_bundle(root)
+        graphs = program_graphs(variant, device in row.step_devices)
+        model = None if row.graphs else str(cfg.model_dir())
+        try:
+            check_first_use(bundle, TrialSpec(str(root), row.name, device, precision, cfg.threads, graphs, model),
+                            progress)
+        except EngineRejected as exc:
+            if named is not None:
+                raise
+            passed.append(exc.short)
+            continue
+        break
+    else:
+        raise DeviceUnavailable(f"no backend can run {root} on device {cfg.device} here"
+                                + (f" (passed over: {'; '.join(passed)})" if passed else ""))
+    if passed:
+        progress(f"r2r: passed over {'; '.join(passed)}: using {row.name} {precision}")
     (w0, h0), (w1, h1) = bundle.size_range()
     sizes = SizeRange(bundle.multiple, (w0, h0), (w1, h1), (bundle.width, bundle.height))
     params = {**method.as_dict(), "fit": cfg.fit, "max_pixels": cfg.max_pixels, "backend": row.name,
               "precision": precision, "inversion": cfg.inversion, "fused": fused, "bundle_sha256": bundle.sha256,
               "r2r": __version__}
-    return PreparedRun(Path(root), bundle, row, device, precision, method, Variant(cfg.inversion, fused), params,
-                       sizes)
+    return PreparedRun(Path(root), bundle, row, device, precision, method, variant, params, sizes, graphs)
 
 
 def open_runtime(cfg: RunConfig, progress: Callable[[str], None] = log) -> Runtime:
@@ -184,22 +231,34 @@ def open_runtime(cfg: RunConfig, progress: Callable[[str], None] = log) -> Runti
         if cfg.batch < 1:
             raise ValueError("--batch-size must be >= 1")
         return _open_reference(cfg)
-    run = prepare_run(cfg, progress)
-    bundle, method, variant = run.bundle, run.method, run.variant
-    # 5. the backend, and the example size's scheduler (buffers allocated once, the program bound)
-    backend = runtime_module(run.row).open_backend(bundle, run.device, run.precision, cfg.threads,
-                                                   model=cfg.model_dir())
-    try:
-        scheduler = CoupledScheduler(bundle, backend, cfg.batch, method, variant)
-    except BaseException:
-        _close(backend)
-        raise
+    refused: list[tuple[str, str]] = []
+    while True:
+        run = prepare_run(cfg, progress, refused)
+        bundle, method, variant = run.bundle, run.method, run.variant
+        # 5. the backend; every graph of the program checked by its canary (docs/design.md, "Verified engines");
+        # the example size's scheduler (buffers allocated once, the program bound)
+        backend = runtime_module(run.row).open_backend(bundle, run.device, run.precision, cfg.threads,
+                                                       model=cfg.model_dir())
+        try:
+            verified = verify_graphs(backend, bundle, run.graphs, progress)
+            scheduler = CoupledScheduler(bundle, backend, cfg.batch, method, variant)
+        except EngineRejected as exc:
+            _close(backend)
+            if cfg.backend != "auto":
+                raise
+            progress(f"r2r: {exc.short}: trying the next backend")
+            refused.append((run.row.name, run.precision))
+            continue
+        except BaseException:
+            _close(backend)
+            raise
+        break
     # 6. a scheduler (buffers and bound program) per image size, made on the size's first batch
     schedulers = SchedulerCache(lambda size: CoupledScheduler(bundle, backend, cfg.batch, method, variant, size),
                                 cfg.max_sizes if backend.frees_dropped_buffers else None)
     schedulers.put((bundle.width, bundle.height), scheduler)
     return Runtime(schedulers.translate, run.params, lambda: scheduler.unet_evaluations_per_image, run.sizes,
-                   cfg.fit, cfg.max_pixels, run.device, bundle, backend, scheduler)
+                   cfg.fit, cfg.max_pixels, run.device, bundle, backend, scheduler, verified)
 
 
 class SchedulerCache:

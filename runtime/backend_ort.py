@@ -33,10 +33,11 @@ class OrtBackend(HostBackend):
         self.precision = precision
         self.threads = threads or (os.cpu_count() or 1)
         self._sessions: dict[str, object] = {}
+        self._plain: set[str] = set()  # graphs whose optimized engine missed its canary: the bundle's graph instead
 
     def session(self, graph: str) -> object:
         if graph not in self._sessions:
-            path, preoptimized = graph_source(self.bundle, graph, self.device, self.precision)
+            path, preoptimized = graph_source(self.bundle, graph, self.device, self.precision, graph in self._plain)
             self._sessions[graph] = open_session(self.ort, path, self.threads, [CPU_PROVIDER], preoptimized)
         return self._sessions[graph]
 
@@ -54,13 +55,21 @@ class OrtBackend(HostBackend):
         for name in names_out:
             a = bindings[name]
             binding.bind_output(name, "cpu", 0, element_type(a.dtype), list(a.shape), a.ptr)
-        self._keep.append((binding, dict(bindings)))  # the buffers must live as long as the binding
+        self._keep.append((graph, binding, dict(bindings)))  # the buffers must live as long as the binding
         run = sess.run_with_iobinding
 
         def op() -> None:
             run(binding)
 
         return op
+
+    def discard(self, graph: str) -> str:
+        self._sessions.pop(graph, None)
+        self._keep = [k for k in self._keep if k[0] != graph]
+        engine = graph_source(self.bundle, graph, self.device, self.precision)[1]
+        self._plain.add(graph)
+        return ("opening the bundle's graph instead of its optimized engine (rebuild it with `r2r-export "
+                f"build-engines --backend onnxruntime --out {self.bundle.root}`)" if engine else "")
 
     def describe(self) -> dict[str, str]:
         return {"backend": self.name, "device": self.device, "precision": self.precision,

@@ -103,6 +103,7 @@ class OrtDeviceBackend(StepGraphBackend):
         self._closed = False
         self._calls: dict[tuple, Op] = {}
         self._keep: list[object] = []  # IOBindings and RunOptions live as long as the backend
+        self._plain: set[str] = set()  # graphs whose optimized engine missed its canary: the bundle's graph instead
         self._unsynced = False  # host writes (zeroing, uploads) not yet waited for
         self.cudart: ModuleType | None = None
         self._stream: Any = None
@@ -208,7 +209,7 @@ class OrtDeviceBackend(StepGraphBackend):
         """(model, pre-optimized, input specs with their named dimensions)."""
         if graph.startswith(f"{COPY_GRAPH}/"):
             return identity_model(np.dtype(graph.split("/", 1)[1])), False, [("x", ["n"])]
-        path, preoptimized = graph_source(self.bundle, graph, self.device, self.precision)
+        path, preoptimized = graph_source(self.bundle, graph, self.device, self.precision, graph in self._plain)
         return path, preoptimized, [(t.name, list(t.shape)) for t in self.bundle.manifest.graphs[graph].inputs]
 
     def _open(self, key: tuple, model: Path | bytes, preoptimized: bool, dims: dict[str, int] | None,
@@ -252,6 +253,20 @@ class OrtDeviceBackend(StepGraphBackend):
                 "uncaptured")
             self._modes[graph] = "uncaptured"
         return self._open((graph,), model, preoptimized, None, capture=False), (graph,), False
+
+    def precision_of(self, graph: str) -> str:
+        """fp32 on CUDA runs matrix products in TF32 (the CUDA provider's default)."""
+        return "tf32" if self.precision == "fp32" and self.device == "cuda" else self.precision
+
+    def discard(self, graph: str) -> str:
+        """Drop the graph's sessions and prepared calls; it opens again from the bundle's own graph."""
+        self._sessions = {k: v for k, v in self._sessions.items() if k[0][0] != graph}
+        self._calls = {k: v for k, v in self._calls.items() if k[0][0] != graph}
+        self._modes.pop(graph, None)
+        engine = graph_source(self.bundle, graph, self.device, self.precision, graph in self._plain)[1]
+        self._plain.add(graph)
+        return ("opening the bundle's graph instead of its optimized engine (rebuild it with `r2r-export "
+                f"build-engines --backend onnxruntime --out {self.bundle.root}`)" if engine else "")
 
     # -- calls ------------------------------------------------------------------------------------------------------
     def call(self, graph: str, bindings: Mapping[str, DeviceArray]) -> Op:

@@ -72,6 +72,10 @@ class TorchBackend(Backend):
         self._graphs: dict[object, tuple[Sequence[Op], Any]] = {}
         self._stream = torch.cuda.Stream(self.device) if self.cuda_graph else None
 
+    def precision_of(self, graph: str) -> str:
+        """fp32 convolutions on CUDA run in TF32 (cuDNN's default in torch)."""
+        return "tf32" if self.precision == "fp32" and self.device.type == "cuda" else self.precision
+
     # -- memory ----------------------------------------------------------------------------------------------------
     def empty(self, shape: Sequence[int], dtype: np.dtype | type = np.float32) -> DeviceArray:
         dt = np.dtype(dtype)

@@ -98,7 +98,7 @@ class _Enqueue:
         be, ctx = self.backend, self.ctx
         if ctx.context is None:
             raise RuntimeError(f"TensorRT {ctx.graph}: the backend was closed")
-        if ctx.memory_bound != be._scratch:
+        if not ctx.memory_bound or ctx.memory_bound != be._scratch:  # a call run on its own (a canary) binds too
             be._bind_scratch()
         if not ctx.context.execute_async_v3(be._stream_handle):
             raise RuntimeError(f"TensorRT {ctx.graph}: IExecutionContext.execute_async_v3 failed (see the TensorRT "
@@ -277,6 +277,23 @@ class TrtBackend(StepGraphBackend):
                                     tuple(engine.get_tensor_shape(name)), profile)
         self._engines[graph] = _Engine(graph, path, engine, tensors)
         return self._engines[graph]
+
+    def precision_of(self, graph: str) -> str:
+        """fp32 engines run their matrix products in TF32 (TensorRT's default on GPUs that have it)."""
+        return "tf32" if self.precision == "fp32" else self.precision
+
+    def discard(self, graph: str) -> str:
+        """The engine is deserialized again from its file at the next call (contexts made from it stay with their
+        calls)."""
+        return "deserializing its engine again" if self._engines.pop(graph, None) is not None else ""
+
+    def canary_size(self, bundle: Bundle, graph: str) -> tuple[int, int]:
+        """A static-size engine (`build-engines --static-size`) takes only the bundle's example size, where its build
+        recorded a canary."""
+        entry = bundle.manifest.engines.get(engine_entry_key(self.precision, graph))
+        if entry is not None and entry.info.get("config", {}).get("sizes") == "opt":
+            return bundle.width, bundle.height
+        return super().canary_size(bundle, graph)
 
     def _check_binding(self, eng: _Engine, t: _Tensor, a: DeviceArray) -> None:
         where = f"TensorRT {eng.graph}: {'input' if t.is_input else 'output'} {t.name}"

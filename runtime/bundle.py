@@ -9,6 +9,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from r2r import graph_io as io
+from r2r.canary import CanaryCase, canary_key, canary_slot, load_cases
 from r2r.config import MethodConfig
 from r2r.manifest import REFIT_PENDING, BundleError, Manifest, bundle_path, read_manifest, verify_files
 from r2r.schedule import Schedule, SchedulerConfig, make_schedule
@@ -70,6 +71,17 @@ class Bundle:
         if name not in self.manifest.graphs:
             raise BundleError(f"{self.root}: the bundle has no {name} graph; re-export with `r2r-export onnx`")
         return bundle_path(self.root, self.manifest.graphs[name].file)
+
+    def canary_cases(self, graph: str, size: tuple[int, int]) -> list[CanaryCase]:
+        """`graph`'s canary at `size` (its file's hash was checked when the bundle was opened)."""
+        entry = self.manifest.canaries.get(canary_slot(graph, size))
+        stale = entry is not None and graph in self.manifest.graphs and \
+            entry.get("key") != canary_key(self.manifest.graphs[graph].key, size)
+        if entry is None or stale:
+            raise BundleError(f"{self.root}: no canary for the {graph} graph at {size[0]}x{size[1]} (its engines "
+                              "cannot be checked before they make an image); record them with `r2r-export canary "
+                              f"--bundle {self.root}`")
+        return load_cases(bundle_path(self.root, entry["file"]))
 
     def method_defaults(self) -> MethodConfig:
         return MethodConfig(**self.manifest.schedule["defaults"])

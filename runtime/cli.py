@@ -24,6 +24,9 @@ from r2r.manifest import BundleError
 from r2r.models import EMBEDDED_DEFAULT, ModelLoadError
 from r2r.runtime.assembly import REFERENCE, FusedChoice, RunConfig, Runtime, open_runtime, prepare_run
 from r2r.runtime.outputs import is_complete, write_output
+from r2r.runtime.scheduler import DegenerateOutput
+from r2r.runtime.trial import TrialFailed
+from r2r.runtime.verify import EngineRejected
 from r2r.sizing import FITS, Fit, Placement, group_by_size, prepare, restore
 from r2r.storage import Location
 
@@ -57,6 +60,28 @@ def stream_batches(paths: list[Location], runtime: Runtime, batch_size: int,
         failed.clear()
         run(batch)
     yield from failed
+
+
+def translate_batch(runtime: Callable[[list[np.ndarray]], list[np.ndarray]],
+                    batch: list[tuple[Location, np.ndarray, Placement]], output: Location,
+                    params: dict) -> tuple[int, list[str]]:
+    """Translate one batch and write each image the runtime delivers (an image it refuses as non-finite or
+    degenerate is a failure with the reason, never a PNG): (images written, failures as "input: why")."""
+    status: dict[int, str] = {}  # index -> "" (written) or why it failed
+    try:
+        try:
+            outs: list[np.ndarray | None] = list(runtime([img for _, img, _ in batch]))
+        except DegenerateOutput as exc:  # the batch's other images are delivered
+            outs = exc.outputs
+            status |= {i: f"not delivered: {why}" for i, why in exc.problems.items()}
+        for i, ((p, _, placement), img) in enumerate(zip(batch, outs, strict=True)):
+            if img is not None:
+                write_output(output_path_for(p, output), restore(img, placement), params, storage.name_of(p))
+                status[i] = ""
+    except (RuntimeError, ValueError, OSError) as exc:
+        status |= {i: str(exc) for i in range(len(batch)) if i not in status}
+    return (sum(1 for why in status.values() if not why),
+            [f"{batch[i][0]}: {why}" for i, why in sorted(status.items()) if why])
 
 
 def _given(ctx: click.Context, names: dict[str, str]) -> list[str]:
@@ -195,7 +220,7 @@ def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ..
     try:
         MethodConfig(**cfg.method)  # a bad flag fails before anything is exported or loaded
         runtime = open_runtime(cfg)
-    except (ModelLoadError, BundleError, ValueError, ImportError) as exc:
+    except (ModelLoadError, BundleError, ValueError, ImportError, EngineRejected, TrialFailed) as exc:
         raise click.ClickException(str(exc)) from exc
 
     params = runtime.params
@@ -209,13 +234,9 @@ def main(ctx: click.Context, inputs: tuple[str, ...], more_inputs: tuple[str, ..
 
     def run_batch(batch: list[tuple[Location, np.ndarray, Placement]]) -> None:
         nonlocal done
-        try:
-            outs = runtime([img for _, img, _ in batch])
-            for (p, _, placement), img in zip(batch, outs, strict=True):
-                write_output(output_path_for(p, output), restore(img, placement), params, storage.name_of(p))
-                done += 1
-        except (RuntimeError, ValueError, OSError) as exc:
-            failed.extend(f"{p}: {exc}" for p, _, _ in batch)
+        written, why = translate_batch(runtime, batch, output, params)
+        done += written
+        failed.extend(why)
         bar.update(len(batch))
         elapsed = time.perf_counter() - start
         bar.set_postfix_str(f"{done / elapsed:.2f} img/s" if elapsed > 0 else "")
@@ -242,17 +263,18 @@ def _run_on_ray(cfg: RunConfig, paths: list[Location], output: Location, resume:
 
     if cfg.backend == REFERENCE:
         raise click.UsageError("--ray runs a bundle backend; the PyTorch reference runs in one process")
+    threads = cfg.threads or 1  # each actor's; the first-use check on the driver tries the actors' configuration
+    cfg = replace(cfg, threads=threads)
     try:
         ray_run.import_ray()
         MethodConfig(**cfg.method)
         prepared = prepare_run(cfg)
-    except (ModelLoadError, BundleError, ValueError, ImportError) as exc:
+    except (ModelLoadError, BundleError, ValueError, ImportError, EngineRejected, TrialFailed) as exc:
         raise click.ClickException(str(exc)) from exc
     gpus = 1.0 if prepared.device == "cuda" else 0.0
-    threads = cfg.threads or 1
     try:
         lo, hi = ray_run.parse_actors(actors) if actors else (None, None)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     ray_cfg = ray_run.RayConfig(address, lo, hi, threads, gpus)
-    return ray_run.run_cli(prepared, replace(cfg, threads=threads), paths, output, ray_cfg, resume)
+    return ray_run.run_cli(prepared, cfg, paths, output, ray_cfg, resume)

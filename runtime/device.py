@@ -11,11 +11,14 @@ import bisect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from r2r import graph_io as io
+
+if TYPE_CHECKING:
+    from r2r.runtime.bundle import Bundle
 
 Op = Callable[[], None]
 
@@ -101,6 +104,7 @@ class Backend(ABC):
     """What the coupled scheduler needs from an execution engine."""
 
     name: str = "abstract"
+    precision: str = "fp32"
     # Whether a scheduler's buffers are freed when it is dropped (host memory), so that the runtime may drop the
     # schedulers of sizes it has not seen lately; a device backend's memory stays its own until it closes.
     frees_dropped_buffers: bool = True
@@ -133,6 +137,20 @@ class Backend(ABC):
     @abstractmethod
     def copy(self, dst: DeviceArray, src: DeviceArray) -> Op:
         """Device-to-device copy of a latent (the [z, z] batch at the start of generation)."""
+
+    def precision_of(self, graph: str) -> str:
+        """The precision `graph` runs at (its canary's bound; r2r/canary.py)."""
+        return self.precision
+
+    def canary_size(self, bundle: Bundle, graph: str) -> tuple[int, int]:
+        """The size (W, H) of the canary `graph` is checked with: the bundle's smallest."""
+        lo = bundle.manifest.sizes["min"]
+        return int(lo[0]), int(lo[1])
+
+    def discard(self, graph: str) -> str:
+        """Drop `graph`'s opened form and any artefact cached for it, so that the next call opens it afresh (after a
+        missed canary, runtime/verify.py); returns what was dropped, for the message."""
+        return ""
 
     def execute(self, program: Sequence[Op], key: object) -> None:
         """Run a program. CPU backends call the ops in order; a CUDA backend captures it once per key."""
@@ -212,7 +230,9 @@ class HostBackend(Backend):
     def __init__(self) -> None:
         self._scratch: dict[tuple[int, ...], np.ndarray] = {}
         self._arith = NumpyArithmetic(self._scratch_for)
-        self._keep: list[object] = []  # bindings and the buffers they point at live as long as the backend
+        # (graph, binding, buffers): bindings and the buffers they point at live as long as the backend (or until the
+        # graph is discarded)
+        self._keep: list[tuple[Any, ...]] = []
 
     def _scratch_for(self, shape: tuple[int, ...]) -> np.ndarray:
         if shape not in self._scratch:

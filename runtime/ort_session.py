@@ -77,10 +77,10 @@ def run_options(ort: Any, entries: Mapping[str, str]) -> Any:
     return ro
 
 
-def graph_source(bundle: Bundle, graph: str, device: str, precision: str) -> tuple[Path, bool]:
+def graph_source(bundle: Bundle, graph: str, device: str, precision: str, plain: bool = False) -> tuple[Path, bool]:
     """(file, pre-optimized): the bundle's ORT engine for this device and precision (optimized at build time) if it
-    was built on this CPU, else the bundle's graph (optimized when the session opens)."""
-    engine = bundle.manifest.engines.get(ROW.slot(device, precision, graph))
+    was built on this CPU, else (or with `plain`) the bundle's graph (optimized when the session opens)."""
+    engine = None if plain else bundle.manifest.engines.get(ROW.slot(device, precision, graph))
     if engine is not None:
         if engine.key == engine_key(bundle.manifest.graphs[graph].key, precision, PROVIDERS[device]):
             return bundle_path(bundle.root, engine.files[0]), True

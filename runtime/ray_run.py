@@ -34,6 +34,7 @@ from r2r.imageio import ImageReadError, load_rgb, oriented_size, output_path_for
 from r2r.log import log
 from r2r.runtime.assembly import PreparedRun, RunConfig, open_runtime
 from r2r.runtime.outputs import is_complete, params_hash, write_output
+from r2r.runtime.scheduler import DegenerateOutput
 from r2r.sizing import Placement, group_by_size, place, prepare, restore
 from r2r.storage import Location
 
@@ -175,13 +176,19 @@ class Translator:
         if not items:
             return []
         t0 = time.perf_counter()
+        records = []
         try:
-            outs = self.runtime(list(images))
+            outs: list[np.ndarray | None] = list(self.runtime(list(images)))
+        except DegenerateOutput as exc:  # the batch's other images are delivered
+            outs = exc.outputs
+            records += [record(it["input"], it["output"], "failed", f"not delivered: {exc.problems[i]}",
+                               params=self.phash) for i, it in enumerate(items) if i in exc.problems]
         except (RuntimeError, ValueError, OSError) as exc:
             return [record(it["input"], it["output"], "failed", str(exc), params=self.phash) for it in items]
         seconds = (time.perf_counter() - t0) / len(items)
-        records = []
         for it, img in zip(items, outs, strict=True):
+            if img is None:
+                continue
             out = storage.location(it["output"])
             written = not is_complete(out, self.params)  # complete: an attempt that died wrote it already
             try:

@@ -29,6 +29,38 @@ from r2r.schedule import Schedule, transfer_coefficients
 STAGES = ("encode", "inversion", "generation", "decode")
 
 
+def program_graphs(variant: Variant, step_graphs: bool = False) -> tuple[str, ...]:
+    """The bundle graphs a variant's program calls (what a backend opens, and the canaries check first); with
+    `step_graphs`, the scheduler updates too (backends whose memory the host cannot touch)."""
+    unets = (io.UNET,) if variant.fused else (io.UNET, io.UNET_EMIT, io.UNET_INJECT)
+    return (io.VAE_ENCODER, *unets, io.VAE_DECODER, *(io.STEP_GRAPHS if step_graphs else ()))
+
+
+class DegenerateOutput(RuntimeError):
+    """Images of a batch that must not be delivered: their final latents or decoded pixels are not finite, or the
+    latents are constant (no model output is). `outputs` holds the batch's other images (None for the bad ones)."""
+
+    def __init__(self, problems: dict[int, str], outputs: list[np.ndarray | None]) -> None:
+        self.problems, self.outputs = problems, outputs
+        which = ", ".join(f"image {i + 1} of {len(outputs)}: {why}" for i, why in problems.items())
+        super().__init__(f"not delivered ({which}); the engine computed something wrong: try --backend onnxruntime "
+                         "--precision fp32")
+
+
+def output_problems(latents: np.ndarray, images: np.ndarray) -> dict[int, str]:
+    """Row -> why its output is not an image: NaN or Inf in the final latent or the decoded image, or a constant
+    latent."""
+    problems = {}
+    for i, (z, x) in enumerate(zip(latents, images, strict=True)):
+        if not np.isfinite(z).all():
+            problems[i] = "the final latent holds NaN or Inf"
+        elif not np.isfinite(x).all():
+            problems[i] = "the decoded image holds NaN or Inf"
+        elif float(z.max()) == float(z.min()):
+            problems[i] = "the final latent is constant"
+    return problems
+
+
 @dataclass
 class Plan:
     """A bound program and what it evaluates, for one (batch, method, variant)."""
@@ -144,8 +176,14 @@ class CoupledScheduler:
         return sum(self.plan.unet_evaluations.values())
 
     # -- running ---------------------------------------------------------------------------------
+    @property
+    def final_latents(self) -> DeviceArray:
+        """The last generation step's latents [B, C, h, w] (what the decoder reads)."""
+        return self.pair(self.schedule.n)[:self.batch]
+
     def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """uint8 [H, W, 3] images (at most B; fewer are padded) -> uint8 outputs."""
+        """uint8 [H, W, 3] images (at most B; fewer are padded) -> uint8 outputs. An image whose latents or pixels
+        came out non-finite or degenerate is not returned: `DegenerateOutput` carries the batch's others."""
         k = len(images)
         if not 1 <= k <= self.batch:
             raise ValueError(f"{k} images for a batch of {self.batch}")
@@ -153,7 +191,11 @@ class CoupledScheduler:
         self.backend.upload(self.image_in, x)
         self.backend.execute(self.plan.ops, key=id(self))
         out = self.backend.download(self.image_out)
-        return [from_model_output(out[i]) for i in range(k)]
+        problems = output_problems(self.backend.download(self.final_latents)[:k], out[:k])
+        outputs = [None if i in problems else from_model_output(out[i]) for i in range(k)]
+        if problems:
+            raise DegenerateOutput(problems, outputs)
+        return [o for o in outputs if o is not None]
 
 
 # -- the program ---------------------------------------------------------------------------------------------------

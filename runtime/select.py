@@ -45,16 +45,15 @@ def resolve_device(row: BackendRow, device: str = "auto") -> str:
     return device
 
 
-def resolve_backend(name: str, bundle: Bundle, device: str = "auto",
-                    eligible: Callable[[BackendRow], bool] = lambda row: True) -> BackendRow:
-    """A named row, or for "auto" the fastest (backend, device) of the table's auto order that can run this bundle
-    here (TensorRT only where the bundle has engines; `eligible` may rule rows out)."""
+def backend_candidates(name: str, bundle: Bundle, device: str = "auto",
+                       eligible: Callable[[BackendRow], bool] = lambda row: True) -> list[tuple[BackendRow, str]]:
+    """A named row on its device, or for "auto" every (backend, device) of the table's auto order that can run this
+    bundle here, fastest first (TensorRT only where the bundle has engines; `eligible` may rule rows out)."""
     if name != "auto":
-        return backend_row(name)
-    for row, _ in auto_choices(device):
-        if eligible(row) and (not row.needs_engines or has_engines(bundle, row)):
-            return row
-    raise DeviceUnavailable(f"no backend can run {bundle.root} on device {device} here")
+        row = backend_row(name)
+        return [(row, resolve_device(row, device))]
+    return [(row, d) for row, d in auto_choices(device)
+            if eligible(row) and (not row.needs_engines or has_engines(bundle, row))]
 
 
 def resolve_precision(row: BackendRow, bundle: Bundle, precision: str | None = None, device: str = "cpu") -> str:
@@ -84,5 +83,5 @@ def cached_bundle(model: Path, embedding: Path, width: int, height: int, batch_m
     return out
 
 
-__all__ = ["DeviceUnavailable", "cache_dir", "cached_bundle", "has_engines", "resolve_backend", "resolve_device",
+__all__ = ["DeviceUnavailable", "backend_candidates", "cache_dir", "cached_bundle", "has_engines", "resolve_device",
            "resolve_precision", "runtime_module"]

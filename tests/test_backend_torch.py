@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.engines import torch_kernels_note
 
 from r2r.config import MethodConfig, Variant
 from r2r.metrics import psnr
@@ -54,7 +55,7 @@ def test_torch_backend_bf16_meets_the_reduced_precision_bar(embedded_bundle: Pat
     b = open_bundle(embedded_bundle)
     got = CoupledScheduler(b, TorchBackend(b, EMBEDDED_DEFAULT, "cpu", "bf16"), 2, MethodConfig(),
                            Variant(fused=True))(renders)
-    assert all(psnr(g, e) >= 35.0 for g, e in zip(got, reference["exact"], strict=True))
+    assert all(psnr(g, e) >= 35.0 for g, e in zip(got, reference["exact"], strict=True)), torch_kernels_note()
 
 
 def test_the_program_makes_no_buffer_and_is_capturable(embedded_bundle: Path) -> None:

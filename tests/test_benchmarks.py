@@ -60,3 +60,11 @@ def test_attention_profile_calls_the_unet_at_the_requested_size_and_openvino_fus
     result = run(cfg)
     assert result["attention_layers"] > 0 and result["fused_attention_nodes"] == result["attention_layers"]
     assert result["call_ms_min"] > 0 and 0 < result["attention_share"] < 1
+
+
+def test_a_crashed_worker_is_reported_with_its_signal() -> None:
+    from r2r.benchmarks.cli import exit_reason
+
+    assert exit_reason(-11) == "crashed (signal 11, SIGSEGV)"
+    assert exit_reason(-9) == "crashed (signal 9, SIGKILL)"
+    assert exit_reason(1) == "failed (exit code 1)"

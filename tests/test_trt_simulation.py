@@ -188,14 +188,16 @@ def test_nothing_is_allocated_after_setup(run: SimRun) -> None:
 
 
 def test_no_host_synchronization_inside_the_program(run: SimRun) -> None:
-    # a batch: upload, the program (here one launch), download = the copy to host then the one synchronize
-    assert run.cuda_calls(1) == ["cudaMemcpyAsync", "cudaGraphLaunch", "cudaMemcpyAsync", "cudaStreamSynchronize"]
+    # a batch: upload, the program (here one launch), then after it the downloads of the images and of the final
+    # latents (checked for NaN / Inf), each a copy to host then a synchronize
+    assert run.cuda_calls(1) == ["cudaMemcpyAsync", "cudaGraphLaunch", "cudaMemcpyAsync", "cudaStreamSynchronize",
+                                 "cudaMemcpyAsync", "cudaStreamSynchronize"]
     first = run.cuda_calls(0)
-    assert first.count("cudaStreamSynchronize") == 1 and first[-1] == "cudaStreamSynchronize"
+    assert first.count("cudaStreamSynchronize") == 2 and first[-3:] == run.cuda_calls(1)[-3:]
     copies = [c for c in run.cudart._fake_calls[run.marks[0][0]:run.marks[1][0]] if c.name == "cudaMemcpyAsync"]
     kinds = [c.args["kind"].name for c in copies]
-    assert kinds[0] == "cudaMemcpyHostToDevice" and kinds[-1] == "cudaMemcpyDeviceToHost"
-    assert set(kinds[1:-1]) == {"cudaMemcpyDeviceToDevice"}  # the [zr, zr] batch, warm-up and capture
+    assert kinds[0] == "cudaMemcpyHostToDevice" and kinds[-2:] == ["cudaMemcpyDeviceToHost"] * 2
+    assert set(kinds[1:-2]) == {"cudaMemcpyDeviceToDevice"}  # the [zr, zr] batch, warm-up and capture
 
 
 def test_emit_qk_outputs_are_the_inject_qk_inputs(run: SimRun) -> None:
@@ -489,3 +491,45 @@ def test_handle_classes_are_those_of_cuda_python() -> None:
     real_prop = runtime.cudaDeviceProp()
     for attr in ("name", "major", "minor", "totalGlobalMem"):
         assert hasattr(real_prop, attr)
+
+
+def test_tensorrt_engines_pass_their_canaries_and_one_that_holds_other_weights_is_refused(
+        sim_bundle: Path, bundle: Bundle, tmp_path: Path) -> None:
+    """The canaries run through the engines themselves (tf32 bound at fp32: TensorRT's default on the GPU); an engine
+    whose graph was rewritten under it is opened twice, then refused by name."""
+    from support.engines import negate_conv_kernels
+
+    from r2r.runtime.scheduler import program_graphs
+    from r2r.runtime.verify import EngineRejected, verify_graphs
+
+    trt, cudart = gpu_sim.sim_modules(sim_bundle)
+    with TrtBackend(bundle, "fp32", trt=trt, cudart=cudart) as backend:
+        verified = verify_graphs(backend, bundle, program_graphs(Variant(fused=True), step_graphs=True))
+        assert {r.graph for r in verified.results} == {*io.STEP_GRAPHS, io.VAE_ENCODER, io.UNET, io.VAE_DECODER}
+        assert all(r.ok and r.precision == "tf32" for r in verified.results)
+    root = _copy_bundle(sim_bundle, tmp_path / "bundle")
+    negate_conv_kernels(root, io.VAE_DECODER)
+    changed = open_bundle(root)
+    trt, cudart = gpu_sim.sim_modules(root)
+    said: list[str] = []
+    with TrtBackend(changed, "fp32", trt=trt, cudart=cudart) as backend, \
+            pytest.raises(EngineRejected, match="tensorrt fp32: the vae_decoder graph missed its canary twice"):
+        verify_graphs(backend, changed, [io.VAE_DECODER], progress=said.append)
+    assert "deserializing its engine again" in said[0], said
+
+
+def test_static_size_engines_are_checked_by_a_canary_of_the_example_size(tiny_bundle: Path, tmp_path: Path) -> None:
+    from r2r.runtime.verify import verify_graphs
+
+    root = _copy_bundle(tiny_bundle, tmp_path / "bundle")
+    for graph in read_manifest(root).graphs:
+        _set_batch_dims(root, graph, None)
+    trtb.build_bundle_engines(root, trtb.TrtBuildConfig("fp32", sizes="opt"), graphs=[io.VAE_DECODER],
+                              trt=gpu_sim.fake_tensorrt(root), gpu=gpu_sim.fake_gpu_info, progress=lambda _: None)
+    assert trtb.record_example_canaries(root, progress=lambda _: None) == [f"{g}@{W}x{H}" for g in
+                                                                          read_manifest(root).graphs]
+    b = open_bundle(root)
+    trt, cudart = gpu_sim.sim_modules(root)
+    with TrtBackend(b, "fp32", trt=trt, cudart=cudart) as backend:
+        assert backend.canary_size(b, io.VAE_DECODER) == (W, H)  # its profile takes no other size
+        assert verify_graphs(backend, b, [io.VAE_DECODER]).results[0].ok
