@@ -1,4 +1,4 @@
-"""Where a UNet call's time and memory go in attention, per engine: `r2r-bench --attention`.
+"""Where a UNet call's time and memory go in attention, per engine: `r2r-bench attention`.
 
 One routed-UNet call on the fused TAC step's batch [cg, neg, null] (3 latents), profiled by the engine itself:
 ONNX Runtime's node profile (the bundle's graph, whose attention is the exported MatMul / Softmax / MatMul pattern,

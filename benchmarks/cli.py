@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,13 @@ import click
 import numpy as np
 
 from r2r.benchmarks.worker import BenchConfig
-from r2r.checkpoints import model_option
+from r2r.config import Method
 from r2r.log import log
 from r2r.metrics import psnr
+from r2r.options import model_source_options, resolve_source, threads_option
 from r2r.runtime.trial import signal_name
 from r2r.sizing import SizeRange
+from r2r.source import ModelSource
 
 
 def make_images(out: Path, count: int, width: int, height: int, seed: int = 1234) -> Path:
@@ -73,13 +75,15 @@ def _portable_args(args: list[str]) -> list[str]:
 def host_overhead(bundle: Path, work: Path, repeats: int = 30) -> dict:
     """The scheduler's own time per denoising step, on null graphs with the bundle's I/O."""
     from r2r.benchmarks.null_graphs import make_null_bundle
-    from r2r.runtime.assembly import RunConfig, open_runtime
+    from r2r.runtime.assembly import RunConfig
+    from r2r.runtime.translator import Translator
 
     null = make_null_bundle(bundle, work / "null-bundle")
     out = {}
     for fused in (False, True):
-        runtime = open_runtime(RunConfig(engine=null, backend="onnxruntime", device="cpu",
-                                         fused="on" if fused else "off", threads=1), progress=lambda _: None)
+        runtime = Translator.from_config(RunConfig(engine=null, backend="onnxruntime", device="cpu",
+                                                   fused="on" if fused else "off", threads=1),
+                                         log=lambda _: None).runtime
         sched = runtime.scheduler
         assert sched is not None
         s = sched.plan.stages
@@ -140,89 +144,67 @@ def attention_report(bundle: Path, work: Path, threads: int, width: int, height:
     return results
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--quick", is_flag=True, help="The embedded default, 2 images, batch 1-2, 2 repeats (< 3 min).")
-@click.option("--model", type=click.Path(path_type=Path), default=None, callback=model_option,
-              help="SD 1.x: a diffusers directory or a .safetensors checkpoint [default: the embedded default].")
-@click.option("--embedding", type=click.Path(path_type=Path), default=None)
-@click.option("--sd15", is_flag=True, help="Benchmark an SD 1.5-architecture model (random weights).")
-@click.option("--size", default=None, metavar="WxH",
-              help="Image size [default: the model's own; 256x256 for --sd15 and the embedded default].")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True)
-@click.option("--images", "n_images", type=int, default=None, help="[default: 2 quick, 4 full]")
-@click.option("--batch-sizes", default=None, help="Comma list [default: 1,2 quick; 1,2,4 full].")
-@click.option("--repeats", type=int, default=None, help="Timed passes after the warm-up [default: 2 quick, 3].")
-@click.option("--warmup/--no-warmup", default=True, show_default=True,
-              help="An untimed pass first (skip it only where one pass costs minutes).")
-@click.option("--threads", type=int, default=0, help="Threads per configuration [default: all cores].")
-@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
-              help="Use this exported bundle of the model instead of exporting one into --out.")
-@click.option("--only", default=None, help="Comma list of configuration names to run (torch-reference always runs: "
-              "it is the fidelity reference; name public-code to keep the baseline).")
-@click.option("--static", "static_too", is_flag=True,
-              help="Also run a static bundle (graphs of --size only) beside the default dynamic-size one, on "
-                   "onnxruntime fp32 and openvino: what serving a range of sizes costs.")
-@click.option("--padding", is_flag=True,
-              help="Instead: edge-replicated vs white padding of inputs that are not the bundle's multiple "
-                   "(benchmarks/padding.py), on the default backend.")
-@click.option("--attention", is_flag=True, help="Instead: where a UNet call's time and memory go in attention, "
-              "per engine (ONNX Runtime's exported pattern vs MultiHeadAttention, OpenVINO fp32 / bf16).")
-@click.option("--ray", "ray_check", is_flag=True, help="Instead: one r2r-run process (--threads T, default 2) "
-              "against r2r-run --ray local (T actors x 1 thread) on the same renders (--images, default 20).")
-@click.option("--gpu-check", is_flag=True, help="Instead: the GPU path's parity and timings on a CUDA machine "
-              "(benchmarks/gpu-check.md); with no GPU, its CPU rehearsal. --quick: fewer steps.")
-def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, size: str | None, out: Path,
-         n_images: int | None, batch_sizes: str | None, repeats: int | None, warmup: bool, threads: int,
-         bundle_dir: Path | None, only: str | None, static_too: bool, padding: bool, attention: bool,
-         ray_check: bool, gpu_check: bool) -> None:
-    """Benchmark r2r's backends beside the public code and the PyTorch reference."""
-    if gpu_check:
-        from r2r.benchmarks.gpu_check import run
+LEGACY = {"--attention": "attention", "--padding": "padding", "--ray": "ray", "--gpu-check": "gpu-check"}
 
-        out.mkdir(parents=True, exist_ok=True)
-        run(out, quick=quick, repeats=repeats or 2)
-        return
-    if ray_check:
-        from r2r.benchmarks.report import write_reports
-        from r2r.benchmarks.scale_out import ray_report
-        from r2r.machine import describe_machine
 
-        out.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        report = {"machine": describe_machine(), "ray": ray_report(out, n_images or 20, threads or 2),
-                  "command": "r2r-bench " + " ".join(_portable_args(sys.argv[1:])),
-                  "wall_s": time.perf_counter() - t0}
-        paths = write_reports(report, out)
-        log(f"r2r-bench: done in {report['wall_s']:.0f} s -> {', '.join(str(p) for p in paths)}")
-        return
-    if padding:
-        from r2r.atomic import atomic_write
-        from r2r.benchmarks.padding import padding_report
-        from r2r.machine import describe_machine
+class _Commands(click.Group):
+    """`r2r-bench` as it was (`r2r-bench --quick`, `r2r-bench --attention ...`) still runs, as the subcommand it now
+    is, with a note (for one release)."""
 
-        out.mkdir(parents=True, exist_ok=True)
-        result = {"machine": describe_machine(), **padding_report(count=n_images or 6, threads=threads),
-                  "command": "r2r-bench " + " ".join(_portable_args(sys.argv[1:]))}
-        atomic_write(out / "padding.json", json.dumps(result, indent=2).encode())
-        for mode, r in result["padding"].items():
-            log(f"  {mode:<6} PSNR {r['psnr_db_mean']:.2f} dB, border band {r['border_band_psnr_db_mean']:.2f} dB")
-        log(f"r2r-bench: {result['cut']} padded to {result['run']}: {result['better']} is closer -> "
-            f"{out / 'padding.json'}")
-        return
-    from r2r.backends import auto_choices
-    from r2r.benchmarks.report import write_reports
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0].startswith("-") and args[0] not in ("-h", "--help"):
+            mode = next((LEGACY[a] for a in args if a in LEGACY), "run")
+            args = [mode, *(a for a in args if a not in LEGACY)]
+            log(f"r2r-bench: flags without a subcommand are `r2r-bench {mode} ...` now; this form goes in the next "
+                "release")
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Benchmark r2r's backends beside the public code and the PyTorch reference (`run`), and where the time goes
+    (`attention`, `padding`, `ray`, `gpu-check`)."""
+
+
+def _model_options(f: Any) -> Any:
+    """What a benchmark measures: the model (or --sd15), its size, its bundle, the threads, the report folder."""
+    for opt in reversed([
+        click.option("--quick", is_flag=True, help="The embedded default, 2 images, batch 1-2, 2 repeats (< 3 min)."),
+        model_source_options,
+        click.option("--sd15", is_flag=True, help="Benchmark an SD 1.5-architecture model (random weights)."),
+        click.option("--size", default=None, metavar="WxH",
+                     help="Image size [default: the model's own; 256x256 for --sd15 and the embedded default]."),
+        click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True),
+        threads_option(help="Threads per configuration [default: all cores]."),
+        click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
+                     help="Use this exported bundle of the model instead of exporting one into --out."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@dataclass
+class _Subject:
+    """The model under test, its size and its bundle (exported into --out, with ONNX Runtime's engines)."""
+
+    model: Path
+    embedding: Path
+    width: int
+    height: int
+    bundle: Path
+    out: Path
+    work: Path
+    start: float
+
+
+def _subject(source: ModelSource, sd15: bool, size: str | None, out: Path, bundle_dir: Path | None,
+             batch_max: int) -> _Subject:
     from r2r.engines.onnxruntime import build_ort_engines
-    from r2r.engines.openvino import INT8_UNET, build_ov_engines
-    from r2r.export.bundle import ExportConfig, export_bundle
-    from r2r.machine import describe_machine
-    from r2r.manifest import read_manifest
-    from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, default_resolution
+    from r2r.export.bundle_writer import ExportConfig, export_bundle
+    from r2r.manifest import read_manifest, verify_files
+    from r2r.models import default_resolution
 
-    sizes = [int(x) for x in (batch_sizes or ("1,2" if quick else "1,2,4")).split(",")]
-    repeats = repeats or (2 if quick else 3)
-    n_images = n_images or (2 if quick else 4)
-    if any(n_images % b for b in sizes):
-        raise click.BadParameter(f"--images {n_images} must be a multiple of every batch size {sizes}")
+    start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     work.mkdir(exist_ok=True)
@@ -230,37 +212,149 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, si
         from r2r.benchmarks.sd15 import build_sd15_architecture
 
         log("r2r-bench: building the SD 1.5-architecture model (random weights)")
-        model = build_sd15_architecture(out / "models" / "sd15-random")
-    model = model or EMBEDDED_DEFAULT
-    embedding = embedding or model / EMBEDDING_FILE
-    w, h = _size(size) or default_resolution(model)
-    start = time.perf_counter()
-    log(f"r2r-bench: {model} at {w}x{h}; images {n_images}, batch sizes {sizes}, repeats {repeats}")
+        source = ModelSource(build_sd15_architecture(out / "models" / "sd15-random"), source.lora, source.embedding,
+                             source.token)
+    resolved = resolve_source(source)
+    w, h = _size(size) or default_resolution(resolved.model)
     if bundle_dir is not None:
-        from r2r.manifest import verify_files
-
         bundle, manifest = bundle_dir, read_manifest(bundle_dir)
         verify_files(bundle, manifest)
-        if manifest.batch_max < max(sizes):
-            raise click.BadParameter(f"--bundle supports batches up to {manifest.batch_max}, not {max(sizes)}")
+        if manifest.batch_max < batch_max:
+            raise click.BadParameter(f"--bundle supports batches up to {manifest.batch_max}, not {batch_max}")
         sz = manifest.sizes
         if not SizeRange(sz["multiple"], tuple(sz["min"]), tuple(sz["max"]), (w, h)).takes(w, h):
             raise click.BadParameter(f"--bundle takes sides multiples of {sz['multiple']} from {sz['min']} to "
                                      f"{sz['max']}, not {w}x{h}; pass a --size inside that range")
     else:
-        bundle = out / "bundles" / f"{model.name}-{w}x{h}"
-        manifest = export_bundle(ExportConfig(model, embedding, bundle, w, h, batch_max=max(sizes)), progress=log)
+        bundle = out / "bundles" / f"{resolved.model.name}-{w}x{h}"
+        export_bundle(ExportConfig(resolved.model, resolved.embedding, bundle, w, h, batch_max=batch_max),
+                      progress=log)
     # Every configuration runs from built engines, as a user's would: ORT's optimized graphs (attention as
     # MultiHeadAttention), OpenVINO's compiled models in the bundle's cache.
     build_ort_engines(bundle, "fp32", "cpu", progress=log)
-    if attention:
-        report = {"machine": describe_machine(), "model": str(model), "resolution": [w, h],
-                  "attention": attention_report(bundle, work, threads, w, h),
-                  "command": "r2r-bench " + " ".join(_portable_args(sys.argv[1:])),
-                  "wall_s": time.perf_counter() - start}
-        paths = write_reports(report, out)
-        log(f"r2r-bench: done in {report['wall_s']:.0f} s -> {', '.join(str(p) for p in paths)}")
-        return
+    return _Subject(resolved.model, resolved.embedding, w, h, bundle, out, work, start)
+
+
+def _finish(report: dict[str, Any], out: Path, start: float) -> None:
+    """The one report writer of every subcommand: report.json, report.md (and charts), and the line that says so."""
+    from r2r.benchmarks.report import write_reports
+
+    report = {**report, "command": "r2r-bench " + " ".join(_portable_args(sys.argv[1:])),
+              "wall_s": time.perf_counter() - start}
+    paths = write_reports(report, out)
+    log(f"r2r-bench: done in {report['wall_s']:.0f} s -> {', '.join(str(p) for p in paths)}")
+
+
+@main.command("gpu-check")
+@click.option("--quick", is_flag=True, help="Fewer steps.")
+@click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True)
+def gpu_check_cmd(quick: bool, repeats: int, out: Path) -> None:
+    """The GPU path's parity and timings on a CUDA machine (benchmarks/gpu-check.md); with no GPU, its CPU
+    rehearsal."""
+    from r2r.benchmarks.gpu_check import run
+
+    out.mkdir(parents=True, exist_ok=True)
+    run(out, quick=quick, repeats=repeats)
+
+
+@main.command("ray")
+@click.option("--images", "n_images", type=click.IntRange(min=1), default=20, show_default=True)
+@threads_option(default=2, help="Threads of the one process; as many Ray actors of one thread.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True)
+def ray_cmd(n_images: int, threads: int, out: Path) -> None:
+    """One r2r-run process (--threads T) against r2r-run --ray local (T actors x 1 thread) on the same renders."""
+    from r2r.benchmarks.scale_out import ray_report
+    from r2r.machine import describe_machine
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    _finish({"machine": describe_machine(), "ray": ray_report(out, n_images, threads or 2)}, out, start)
+
+
+@main.command("padding")
+@click.option("--images", "n_images", type=click.IntRange(min=1), default=6, show_default=True)
+@threads_option()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True)
+def padding_cmd(n_images: int, threads: int, out: Path) -> None:
+    """Edge-replicated vs white padding of inputs that are not the bundle's multiple (benchmarks/padding.py), on the
+    default backend."""
+    from r2r.benchmarks.padding import padding_report
+    from r2r.machine import describe_machine
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = padding_report(count=n_images, threads=threads)
+    for mode, r in result["padding"].items():
+        log(f"  {mode:<6} PSNR {r['psnr_db_mean']:.2f} dB, border band {r['border_band_psnr_db_mean']:.2f} dB")
+    log(f"r2r-bench: {result['cut']} padded to {result['run']}: {result['better']} is closer")
+    _finish({"machine": describe_machine(), **result}, out, start)
+
+
+@main.command("attention")
+@_model_options
+def attention_cmd(quick: bool, source: ModelSource, sd15: bool, size: str | None, out: Path, threads: int,
+                  bundle_dir: Path | None) -> None:
+    """Where a UNet call's time and memory go in attention, per engine (ONNX Runtime's exported pattern vs
+    MultiHeadAttention, OpenVINO fp32 / bf16)."""
+    from r2r.machine import describe_machine
+
+    s = _subject(source, sd15, size, out, bundle_dir, batch_max=2)
+    _finish({"machine": describe_machine(), "model": str(s.model), "resolution": [s.width, s.height],
+             "attention": attention_report(s.bundle, s.work, threads, s.width, s.height)}, out, s.start)
+
+
+@main.command("run")
+@_model_options
+@click.option("--images", "n_images", type=click.IntRange(min=1), default=None, help="[default: 2 quick, 4 full]")
+@click.option("--batch-sizes", default=None, help="Comma list [default: 1,2 quick; 1,2,4 full].")
+@click.option("--repeats", type=click.IntRange(min=1), default=None,
+              help="Timed passes after the warm-up [default: 2 quick, 3].")
+@click.option("--warmup/--no-warmup", default=True, show_default=True,
+              help="An untimed pass first (skip it only where one pass costs minutes).")
+@click.option("--only", default=None, help="Comma list of configuration names to run (torch-reference always runs: "
+              "it is the fidelity reference; name public-code to keep the baseline).")
+@click.option("--static", "static_too", is_flag=True,
+              help="Also run a static bundle (graphs of --size only) beside the default dynamic-size one, on "
+                   "onnxruntime fp32 and openvino: what serving a range of sizes costs.")
+def run_cmd(quick: bool, source: ModelSource, sd15: bool, size: str | None, out: Path, threads: int,
+            bundle_dir: Path | None, n_images: int | None, batch_sizes: str | None, repeats: int | None,
+            warmup: bool, only: str | None, static_too: bool) -> None:
+    """Every backend beside the `public-code` baseline and the PyTorch reference, same images and parameters."""
+    sizes = [int(x) for x in (batch_sizes or ("1,2" if quick else "1,2,4")).split(",")]
+    repeats = repeats or (2 if quick else 3)
+    n_images = n_images or (2 if quick else 4)
+    if any(n_images % b for b in sizes):
+        raise click.BadParameter(f"--images {n_images} must be a multiple of every batch size {sizes}")
+    s = _subject(source, sd15, size, out, bundle_dir, batch_max=max(sizes))
+    log(f"r2r-bench: {s.model} at {s.width}x{s.height}; images {n_images}, batch sizes {sizes}, repeats {repeats}")
+    configs, default = _configs(s, sizes, n_images, repeats, warmup, threads, only, static_too)
+    log(f"r2r-bench: {len(configs)} configurations, each in its own process")
+    results = [run_config(c, s.work) for c in configs]
+    ref_out = np.load(s.work / "torch-reference.out.npz")["images"]
+    for r in results:
+        got = np.load(r["config"]["outputs"])["images"]
+        r["fidelity_vs_torch_reference"] = {
+            "psnr_db": [psnr(a, b) for a, b in zip(got, ref_out, strict=True)],
+            "max_abs_error": int(np.abs(got.astype(int) - ref_out.astype(int)).max())}
+    from r2r.machine import describe_machine
+
+    _finish({"machine": describe_machine(), "model": str(s.model), "resolution": [s.width, s.height],
+             "images": n_images, "repeats": repeats, "warmup": warmup, "batch_sizes": sizes,
+             "method": "defaults (steps 50, strength 0.3, guidance 7.5, TAC ratio 0.9, divisor 256)",
+             "results": results, "host_overhead": host_overhead(s.bundle, s.work), "default": default}, out, s.start)
+
+
+def _build_engines(s: _Subject, sizes: list[int], threads: int, only: str | None, static_too: bool
+                   ) -> tuple[bool, Path | None]:
+    """The engines every configuration of a run opens, as a user's would: OpenVINO's compiled models (and its INT8
+    UNet where NNCF is installed), a static bundle's with --static. Returns (INT8 built, the static bundle)."""
+    from r2r.engines.onnxruntime import build_ort_engines
+    from r2r.engines.openvino import INT8_UNET, build_ov_engines
+    from r2r.export.bundle_writer import ExportConfig, export_bundle
+    from r2r.manifest import read_manifest
+
+    bundle = s.bundle
     for prec in ("fp32", "bf16"):
         build_ov_engines(bundle, prec, threads, progress=log)
     int8 = importlib.util.find_spec("nncf") is not None and (not only or "openvino-int8-b1" in only.split(","))
@@ -268,28 +362,37 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, si
         from r2r.engines.int8 import build_int8_unet
 
         if read_manifest(bundle).engines.get(INT8_UNET) is None:
-            build_int8_unet(bundle, model, embedding, progress=log)
+            build_int8_unet(bundle, s.model, s.embedding, progress=log)
         build_ov_engines(bundle, "int8", threads, progress=log)
     static = None
     if static_too:
-        static = out / "bundles" / f"{model.name}-{w}x{h}-static"
-        export_bundle(ExportConfig(model, embedding, static, w, h, batch_max=max(sizes), static=True), progress=log)
+        static = s.out / "bundles" / f"{s.model.name}-{s.width}x{s.height}-static"
+        export_bundle(ExportConfig(s.model, s.embedding, static, s.width, s.height, batch_max=max(sizes),
+                                   static=True), progress=log)
         build_ort_engines(static, "fp32", "cpu", progress=log)
         for prec in ("fp32", "bf16"):
             build_ov_engines(static, prec, threads, progress=log)
-    images = make_images(work, n_images, w, h)
+    return int8, static
+
+
+def _configs(s: _Subject, sizes: list[int], n_images: int, repeats: int, warmup: bool, threads: int,
+             only: str | None, static_too: bool) -> tuple[list[BenchConfig], str]:
+    """The configurations of a run (their engines built first), and the one `r2r-run` runs by default here."""
+    from r2r.backends import auto_choices
+
+    bundle = s.bundle
+    int8, static = _build_engines(s, sizes, threads, only, static_too)
+    images = make_images(s.work, n_images, s.width, s.height)
     default_row, _ = auto_choices()[0]
     default = (default_row.name, default_row.native_precision())
-
-    method = {}
-    common = {"model": str(model), "embedding": str(embedding), "width": w, "height": h, "images": str(images),
-              "method": method, "repeats": repeats, "threads": threads, "warmup": warmup}
+    common = {"model": str(s.model), "embedding": str(s.embedding), "width": s.width, "height": s.height,
+              "images": str(images), "method": Method(), "repeats": repeats, "threads": threads, "warmup": warmup}
 
     def cfg(name: str, kind: str, **kw: Any) -> BenchConfig:
         is_default = kind == "r2r" and (kw.get("backend", "onnxruntime"), kw.get("precision", "fp32")) == default \
             and kw.get("inversion", "exact") == "exact" and kw.get("batch", 1) == 1 and kw.get("fused", True) \
             and kw.get("bundle") == str(bundle)
-        return BenchConfig(name=name, kind=kind, outputs=str(work / f"{name}.out.npz"), default=is_default,
+        return BenchConfig(name=name, kind=kind, outputs=str(s.work / f"{name}.out.npz"), default=is_default,
                            **common, **kw)
 
     configs = [cfg("public-code", "public-code"), cfg("torch-reference", "torch-reference")]
@@ -315,22 +418,7 @@ def main(quick: bool, model: Path | None, embedding: Path | None, sd15: bool, si
         if unknown:
             raise click.BadParameter(f"--only: unknown {sorted(unknown)}; known: {[c.name for c in configs]}")
         configs = [c for c in configs if c.name in keep]
-    log(f"r2r-bench: {len(configs)} configurations, each in its own process")
-    results = [run_config(c, work) for c in configs]
-    ref_out = np.load(work / "torch-reference.out.npz")["images"]
-    for r in results:
-        got = np.load(r["config"]["outputs"])["images"]
-        r["fidelity_vs_torch_reference"] = {
-            "psnr_db": [psnr(a, b) for a, b in zip(got, ref_out, strict=True)],
-            "max_abs_error": int(np.abs(got.astype(int) - ref_out.astype(int)).max())}
-    overhead = host_overhead(bundle, work)
-    report = {"machine": describe_machine(), "model": str(model), "resolution": [w, h], "images": n_images,
-              "repeats": repeats, "warmup": warmup, "batch_sizes": sizes, "method": "defaults (steps 50, strength "
-              "0.3, guidance 7.5, TAC ratio 0.9, divisor 256)", "results": results, "host_overhead": overhead,
-              "default": f"{default[0]} {default[1]}",
-              "command": "r2r-bench " + " ".join(_portable_args(sys.argv[1:])), "wall_s": time.perf_counter() - start}
-    paths = write_reports(report, out)
-    log(f"r2r-bench: done in {report['wall_s']:.0f} s -> {', '.join(str(p) for p in paths)}")
+    return configs, f"{default[0]} {default[1]}"
 
 
 if __name__ == "__main__":

@@ -1,18 +1,9 @@
-"""`r2r-bench --gpu-check --out DIR`: the GPU path's figures in one prepared command (benchmarks/gpu-check.md).
+"""`r2r-bench gpu-check --out DIR`: the GPU path's figures in one prepared command (report.json, report.md).
 
-On a CUDA machine, in this order:
-
-1. parity: the torch backend on CUDA (fp32, fp16, bf16), the fused program, against the PyTorch reference run on
-   the CPU in fp32, on the embedded default (PSNR and max abs error, uint8 images);
-2. time per image on an SD 1.5-architecture model with seeded random weights, built on the machine (nothing is
-   downloaded), at 768x1024: the public code's way (its diffusers-style loop in fp16, 90 UNet evaluations), the
-   torch backend eager and with the whole program captured as one CUDA graph (exact inversion: 58 evaluations;
-   single-pass: 46), fp16; peak GPU memory of each; the host overhead per denoising step (eager minus graph);
-3. TensorRT and onnxruntime-gpu: reported as not run where they do not import (the figures are the torch path's).
-
-With no GPU it runs the same sequence on the CPU with the embedded default (its rehearsal: steps reduced with
-`quick`), says so in the report, and checks the program the CUDA graph would capture (no host synchronisation, no
-allocation, the same kernels on every run). report.json and report.md are written under DIR.
+On CUDA: the torch backend's parity against the CPU reference, and its time per image (eager, one CUDA graph) beside
+the public code's way on the SD 1.5 architecture at 768x1024; TensorRT and onnxruntime-gpu are not run. Without a
+GPU: the same on the CPU with the embedded default, a rehearsal, plus the capture audit. `quick` reduces the steps.
+Why: docs/design.md, "The GPU path"; the steps: benchmarks/gpu-check.md.
 """
 
 from __future__ import annotations
@@ -29,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from r2r.config import MethodConfig, Variant
+from r2r.config import Method, Variant
 from r2r.log import log
 from r2r.metrics import psnr
 
@@ -39,7 +30,7 @@ class Setup:
     device: str  # "cuda" or "cpu" (the rehearsal)
     width: int
     height: int
-    method: MethodConfig
+    method: Method
     precisions: tuple[str, ...]
 
 
@@ -52,9 +43,9 @@ def _renders(count: int, width: int, height: int) -> list[np.ndarray]:
 
 def _bundle(model: Path, out: Path, width: int, height: int) -> Any:
     """The conditioning-only bundle of `model` (the torch backend runs the model's modules, not ONNX graphs)."""
-    from r2r.export.bundle import ExportConfig, export_bundle
+    from r2r.export.bundle_writer import ExportConfig, export_bundle
     from r2r.models import EMBEDDING_FILE
-    from r2r.runtime.bundle import open_bundle
+    from r2r.runtime.bundle_reader import open_bundle
 
     export_bundle(ExportConfig(model, model / EMBEDDING_FILE, out, width, height, batch_max=1, graphs=()),
                   progress=lambda _: None)
@@ -144,7 +135,7 @@ def timings(setup: Setup, model: Path, work: Path, repeats: int) -> list[dict[st
     bundle = _bundle(model, work / "bundles" / model.name, setup.width, setup.height)
     rows: list[dict[str, Any]] = []
     comps = load_components(model, device=setup.device, dtype=dtype)
-    public = PublicCodePipeline(comps, model / EMBEDDING_FILE, setup.width, setup.height, setup.method.tac_divisor)
+    public = PublicCodePipeline(comps, model / EMBEDDING_FILE, setup.width, setup.height, setup.method.divisor)
     seconds, peak = _time(lambda p=public: p([image], setup.method), setup.device, repeats)
     rows.append({"name": f"public-code {precision}", "evaluations": public.evaluations / max(public.images, 1),
                  "s_per_image": seconds, "peak_gpu_mb": peak, "steps": 2 * len(public._schedule(setup.method)[0])})
@@ -228,14 +219,14 @@ def run(out: Path, quick: bool = False, repeats: int = 2) -> dict[str, Any]:
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    method = MethodConfig(steps=10, strength=0.5) if quick else MethodConfig()
+    method = Method(steps=10, strength=0.5) if quick else Method()
     if cuda:
         setup = Setup("cuda", 768, 1024, method, ("fp32", "bf16", "fp16"))
-        log(f"r2r-bench --gpu-check: {torch.cuda.get_device_name()}; parity on the embedded default")
+        log(f"r2r-bench gpu-check: {torch.cuda.get_device_name()}; parity on the embedded default")
     else:
         w, h = default_resolution(EMBEDDED_DEFAULT)
         setup = Setup("cpu", w, h, method, ("fp32", "bf16"))
-        log("r2r-bench --gpu-check: no CUDA device: the CPU rehearsal (embedded default); parity")
+        log("r2r-bench gpu-check: no CUDA device: the CPU rehearsal (embedded default); parity")
     report: dict[str, Any] = {"machine": describe_machine(), "torch": torch.__version__, "python":
                               platform.python_version(), "device": setup.device,
                               "rehearsal": not cuda, "method": setup.method.as_dict()}
@@ -270,7 +261,7 @@ def run(out: Path, quick: bool = False, repeats: int = 2) -> dict[str, Any]:
             report["other_backends"]["onnxruntime-gpu"] = "onnxruntime has no CUDA provider here: not run"
     save()
     (out / "report.md").write_text(markdown(report))
-    log(f"r2r-bench --gpu-check: done in {report['wall_s']:.0f} s -> {out / 'report.md'}")
+    log(f"r2r-bench gpu-check: done in {report['wall_s']:.0f} s -> {out / 'report.md'}")
     return report
 
 
@@ -278,7 +269,7 @@ def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     gpu = report.get("gpu")
     lines = [
-        "# r2r-bench --gpu-check" + (" (CPU rehearsal: no GPU, no GPU figure)" if report["rehearsal"] else ""),
+        "# r2r-bench gpu-check" + (" (CPU rehearsal: no GPU, no GPU figure)" if report["rehearsal"] else ""),
         "",
         (f"GPU: {gpu['name']} ({gpu['memory_gib']} GiB, compute capability {gpu['capability']}, CUDA "
          f"{gpu['cuda']}); " if gpu else "") + f"CPU: {m['cpu'].get('model', '?')}, {m['logical_cpus']} logical "

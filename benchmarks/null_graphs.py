@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from r2r import graph_io as io
+from r2r import graph_io
 from r2r.export.canary import record_graph_canaries
 from r2r.export.to_onnx import OPSET
 from r2r.manifest import MANIFEST, Manifest, TensorSpec, bundle_path, read_manifest, record_file, write_manifest
@@ -64,15 +64,16 @@ def _null_graph(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec]) 
 
 
 def _multiple(dim: int | str) -> int:
-    return io.batch_multiple(dim) or 1
+    return graph_io.batch_multiple(dim) or 1
 
 
 def _at_example_size(shape: list[int | str], env: dict[str, int]) -> list[int | str]:
     """A shape with its spatial dimensions at the bundle's example size, its batch symbols kept."""
-    return [d if isinstance(d, int) or d.replace(" ", "").endswith(io.BATCH) else io.eval_dim(d, env) for d in shape]
+    return [d if isinstance(d, int) or d.replace(" ", "").endswith(graph_io.BATCH) else graph_io.eval_dim(d, env)
+            for d in shape]
 
 
-def make_null_bundle(bundle: Path, out: Path, graphs: tuple[str, ...] = io.ALL_GRAPHS) -> Path:
+def make_null_bundle(bundle: Path, out: Path, graphs: tuple[str, ...] = graph_io.ALL_GRAPHS) -> Path:
     """Copy `bundle`'s manifest and conditioning into `out` with null graphs of the same I/O at the bundle's example
     size (a static-size null bundle: the scheduler's own time does not depend on the range)."""
     read_manifest(bundle)  # the source must be a valid bundle
@@ -82,7 +83,7 @@ def make_null_bundle(bundle: Path, out: Path, graphs: tuple[str, ...] = io.ALL_G
     manifest = Manifest.from_dict(json.loads((bundle / MANIFEST).read_text()))
     manifest.files, manifest.engines, manifest.canaries = {}, {}, {}
     m, opt = manifest.sizes["multiple"], manifest.sizes["opt"]
-    env = {io.HM: opt[1] // m, io.WM: opt[0] // m}
+    env = {graph_io.HM: opt[1] // m, graph_io.WM: opt[0] // m}
     manifest.sizes = {**manifest.sizes, "min": list(opt), "max": list(opt)}
     for entry in manifest.graphs.values():
         for spec in (*entry.inputs, *entry.outputs):

@@ -1,4 +1,4 @@
-"""`r2r-bench --padding`: which padding an input that is not a multiple of the bundle's sides should get.
+"""`r2r-bench padding`: which padding an input that is not a multiple of the bundle's sides should get.
 
 An input cut from a larger render is translated twice: padded to the bundle's multiple (edge-replicated, then
 white) and un-padded, against the larger render translated at its own size and cut the same way, which is what
@@ -26,11 +26,11 @@ def _band(a: np.ndarray, width: int) -> np.ndarray:
 def padding_report(count: int = 6, size: tuple[int, int] = (256, 192), cut: tuple[int, int] = (194, 130),
                    backend: str = "auto", threads: int = 0) -> dict[str, Any]:
     """Edge vs white padding on `count` procedural renders of `size`, each cut to `cut` at a seeded offset."""
-    from r2r.runtime.assembly import RunConfig, open_runtime
+    from r2r.runtime.translator import Translator
     from r2r.sizing import prepare, restore
     from r2r.training.data import render_pair, sample_design
 
-    runtime = open_runtime(RunConfig(backend=backend, threads=threads))
+    runtime = Translator(backend=backend, threads=threads).runtime
     place = runtime.place(*cut)
     if place.scaled != place.source or place.run == place.source:
         raise ValueError(f"{cut}: not a padded size for this bundle ({place})")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from r2r.config import MethodConfig
+from r2r.config import Method
 from r2r.imageio import to_model_input
 from r2r.models import Components, encode_conditioning
 from r2r.schedule import alphas_cumprod, inference_timesteps
@@ -75,14 +75,14 @@ class PublicCodePipeline:
         x = torch.from_numpy(to_model_input(img))[None].to(unet.device, unet.dtype)
         return self.c.vae.encode(x).latent_dist.mean * self.c.scaling_factor
 
-    def _schedule(self, m: MethodConfig) -> tuple[list[int], int, torch.Tensor]:
+    def _schedule(self, m: Method) -> tuple[list[int], int, torch.Tensor]:
         cfg = self.c.scheduler
         n = min(int(m.steps * m.strength), m.steps)
         ts = [int(t) for t in inference_timesteps(cfg, m.steps)[m.steps - n :]]
         return ts, cfg.num_train_timesteps // m.steps, torch.from_numpy(alphas_cumprod(cfg))
 
     @torch.no_grad()
-    def invert(self, z: torch.Tensor, m: MethodConfig) -> dict[int, torch.Tensor]:
+    def invert(self, z: torch.Tensor, m: Method) -> dict[int, torch.Tensor]:
         ts, stride, ac = self._schedule(m)
         uncond = torch.cat([self.c_null, self.c_null])
         inverted: dict[int, torch.Tensor] = {}
@@ -96,7 +96,7 @@ class PublicCodePipeline:
         return inverted
 
     @torch.no_grad()
-    def generate(self, inverted: dict[int, torch.Tensor], m: MethodConfig) -> torch.Tensor:
+    def generate(self, inverted: dict[int, torch.Tensor], m: Method) -> torch.Tensor:
         ts, stride, ac = self._schedule(m)
         zr = inverted[ts[0]]
         conds = torch.cat([self.c_neg, self.c_neg, self.c_null, self.c_null])
@@ -120,7 +120,7 @@ class PublicCodePipeline:
         dec = self.c.vae.decode(zr / self.c.scaling_factor).sample
         return (dec.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
 
-    def __call__(self, images: list[np.ndarray], m: MethodConfig) -> list[np.ndarray]:
+    def __call__(self, images: list[np.ndarray], m: Method) -> list[np.ndarray]:
         """One image at a time, as the script does."""
         self.images += len(images)
         return [self.decode(self.generate(self.invert(self.encode(img), m), m)) for img in images]

@@ -137,7 +137,7 @@ def _portable(obj: Any, out: Path) -> Any:
 def attention_markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
-        f"# r2r-bench --attention: {Path(report['model']).name} at {report['resolution'][0]}x"
+        f"# r2r-bench attention: {Path(report['model']).name} at {report['resolution'][0]}x"
         f"{report['resolution'][1]}",
         "",
         f"Machine: {m['cpu'].get('model', '?')}, {m['logical_cpus']} logical CPUs, {m['memory_gib']} GiB.  ",
@@ -162,7 +162,7 @@ def attention_markdown(report: dict[str, Any]) -> str:
 def ray_markdown(report: dict[str, Any]) -> str:
     m, one, ray = report["machine"], report["ray"]["one_process"], report["ray"]["ray_local"]
     return "\n".join([
-        f"# r2r-bench --ray: {report['ray']['images']} renders, {report['ray']['backend']} "
+        f"# r2r-bench ray: {report['ray']['images']} renders, {report['ray']['backend']} "
         f"{report['ray']['precision']}",
         "",
         f"Machine: {m['cpu'].get('model', '?')}, {m['logical_cpus']} logical CPUs, {m['memory_gib']} GiB.  ",
@@ -181,17 +181,27 @@ def ray_markdown(report: dict[str, Any]) -> str:
     ])
 
 
+def padding_markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [f"# r2r-bench padding: {report['cut']} padded to {report['run']}", "",
+             f"Machine: {m['cpu'].get('model', '?')}, {m['logical_cpus']} logical CPUs.  ",
+             f"Runtime: {report['runtime']}.  ", f"Command: `{report['command']}`", "",
+             "| padding | PSNR against the whole image's translation (dB, mean) | in the border band (dB, mean) |",
+             "|---|---|---|"]
+    for mode, r in report["padding"].items():
+        lines.append(f"| {mode} | {r['psnr_db_mean']:.2f} | {r['border_band_psnr_db_mean']:.2f} |")
+    return "\n".join([*lines, "", f"Closer: {report['better']}."]) + "\n"
+
+
 def write_reports(report: dict[str, Any], out: Path) -> list[Path]:
-    if "ray" in report:
-        report = _portable(report, out)
-        (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        (out / "report.md").write_text(ray_markdown(report))
-        return [out / "report.json", out / "report.md"]
-    if "attention" in report:
-        report = _portable(report, out)
-        (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        (out / "report.md").write_text(attention_markdown(report))
-        return [out / "report.json", out / "report.md"]
+    """report.json and report.md (and charts, for a run) of any r2r-bench subcommand's report."""
+    special = {"ray": ray_markdown, "attention": attention_markdown, "padding": padding_markdown}
+    for key, markdown_of in special.items():
+        if key in report:
+            report = _portable(report, out)
+            (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+            (out / "report.md").write_text(markdown_of(report))
+            return [out / "report.json", out / "report.md"]
     rows = [summarize(r) for r in report["results"]]
     report = _portable({**report, "summary": rows}, out)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))

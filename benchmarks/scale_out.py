@@ -1,4 +1,4 @@
-"""`r2r-bench --ray`: images/s of one `r2r-run` process against `r2r-run --ray local` on the same renders, as a
+"""`r2r-bench ray`: images/s of one `r2r-run` process against `r2r-run --ray local` on the same renders, as a
 user runs them (each a fresh process on a bundle built beforehand), and where Ray's time goes (docs/scale-out.md).
 
 One process: `--threads T`. Ray: T actors x 1 thread. From each run: the wall time of the command, the time to the
@@ -58,7 +58,7 @@ def ray_report(out: Path, count: int = 20, threads: int = 2) -> dict[str, Any]:
     prepared = prepare_run(RunConfig())  # the embedded default's bundle and the default engines, built once here
     base = [*RUN, "--engine", str(prepared.root), "--backend", prepared.row.name, "--precision", prepared.precision,
             "--input", str(renders)]
-    log(f"r2r-bench --ray: {count} renders, {prepared.row.name} {prepared.precision}")
+    log(f"r2r-bench ray: {count} renders, {prepared.row.name} {prepared.precision}")
     one_wall, one_log = _timed([*base, "--output", str(out / "one"), "--threads", str(threads)])
     log(f"  one process, {threads} threads          {one_wall:6.1f} s")
     start = time.time()

@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from r2r.config import Method
 from r2r.machine import peak_rss_mb
 from r2r.runtime.scheduler import STAGES
 
@@ -30,7 +31,7 @@ class BenchConfig:
     height: int
     images: str  # .npz with an "images" uint8 [N, H, W, 3] array
     outputs: str  # .npz written with the outputs of the last timed pass
-    method: dict[str, Any] = field(default_factory=dict)
+    method: Method = field(default_factory=Method)
     bundle: str | None = None
     backend: str = "onnxruntime"
     precision: str = "fp32"
@@ -41,6 +42,10 @@ class BenchConfig:
     threads: int = 0
     warmup: bool = True
     default: bool = False  # the configuration r2r-run runs by default on this machine
+
+    def __post_init__(self) -> None:
+        if isinstance(self.method, dict):  # read back from its JSON file
+            self.method = Method(**self.method)
 
 
 class _Timer:
@@ -57,17 +62,16 @@ class _Timer:
 def _torch_runner(cfg: BenchConfig) -> tuple[Any, Any, dict[str, Any]]:
     import torch
 
-    from r2r.config import MethodConfig
     from r2r.models import load_components
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     comps = load_components(cfg.model)
-    m = MethodConfig(**cfg.method)
+    m = cfg.method
     if cfg.kind == "public-code":
         from r2r.benchmarks.public_code import PublicCodePipeline
 
-        pipe = PublicCodePipeline(comps, cfg.embedding, cfg.width, cfg.height, m.tac_divisor)
+        pipe = PublicCodePipeline(comps, cfg.embedding, cfg.width, cfg.height, m.divisor)
 
         def batch_fn(images: list[np.ndarray], timer: _Timer) -> list[np.ndarray]:
             outs = []
@@ -99,13 +103,14 @@ def _torch_runner(cfg: BenchConfig) -> tuple[Any, Any, dict[str, Any]]:
 def _r2r_runner(cfg: BenchConfig) -> tuple[Any, Any, dict[str, Any]]:
     from r2r.config import Inversion
     from r2r.imageio import from_model_output, to_model_input
-    from r2r.runtime.assembly import RunConfig, open_runtime
+    from r2r.runtime.assembly import RunConfig
+    from r2r.runtime.translator import Translator
 
     if cfg.bundle is None:
         raise ValueError(f"{cfg.name}: an r2r configuration runs a bundle; none given")
-    runtime = open_runtime(RunConfig(engine=Path(cfg.bundle), backend=cfg.backend, precision=cfg.precision,
-                                     batch=cfg.batch, method=cfg.method, inversion=cast(Inversion, cfg.inversion),
-                                     fused="on" if cfg.fused else "off", threads=cfg.threads))
+    runtime = Translator.from_config(RunConfig(
+        engine=Path(cfg.bundle), backend=cfg.backend, precision=cfg.precision, batch=cfg.batch, method=cfg.method,
+        inversion=cast(Inversion, cfg.inversion), fused="on" if cfg.fused else "off", threads=cfg.threads)).runtime
     sched, backend = runtime.scheduler, runtime.backend
     assert sched is not None and backend is not None
     ops, stages = sched.plan.ops, sched.plan.stages

@@ -12,11 +12,10 @@ from pathlib import Path
 import click
 
 from r2r.backends import DEVICES, NAMES, PRECISIONS, BuildRequest, auto_choices, backend_row, known_issue
-from r2r.checkpoints import model_option
-from r2r.export.cli import REFIT_HELP, TOKEN_HELP, embedding_for, export, export_config, model_options, onnx_cmd
+from r2r.export.cli import REFIT_HELP, BundleShape, bundle_options, export, export_config, onnx_cmd
 from r2r.log import log
-from r2r.lora import fuse_loras, lora_option
-from r2r.models import EMBEDDED_DEFAULT, ModelLoadError
+from r2r.options import model_source_options, resolve_source
+from r2r.source import ModelSource
 
 TENSORRT_ONLY = {"opt_level": "--opt-level", "static_size": "--static-size"}
 
@@ -43,12 +42,12 @@ main.add_command(onnx_cmd)
 @click.option("--refit", is_flag=True, help=REFIT_HELP)
 @click.option("--static-size", is_flag=True,
               help="TensorRT: engines of the bundle's example size only (faster than a range; others refused).")
-@model_options
+@model_source_options
+@bundle_options
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
 @click.pass_context
 def build_engines_cmd(ctx: click.Context, backend: str, precision: str | None, device: str | None, opt_level: int,
-                      refit: bool, static_size: bool, model, lora, embedding, token, width, height, batch_max,
-                      tac_divisor, min_side, max_side, static, out: Path) -> None:
+                      refit: bool, static_size: bool, source: ModelSource, shape: BundleShape, out: Path) -> None:
     """Build engines for one backend and precision (exports the ONNX bundle first if needed)."""
     choices = [c for c in auto_choices(device or "auto") if c[0].builder]  # what r2r-run picks here, fastest first
     if backend is None:
@@ -70,11 +69,10 @@ def build_engines_cmd(ctx: click.Context, backend: str, precision: str | None, d
         raise click.BadParameter(str(exc)) from exc
     if row.builder is None:
         raise click.UsageError(f"--backend {row.name} builds no engines: it runs the model's own modules")
-    issue = known_issue(row.name, precision, not static) if device == "cpu" else None
+    issue = known_issue(row.name, precision, not shape.static) if device == "cpu" else None
     if issue is not None:
         raise click.UsageError(f"{issue.describe()}")
-    cfg = export_config(model, embedding, out, width, height, batch_max, tac_divisor, min_side, max_side, static,
-                        lora, refit, token)
+    cfg = export_config(source, shape, out, refit)
     log(f"r2r-export build-engines: checking the ONNX bundle {out}")
     export(cfg)
     log(f"r2r-export build-engines: {row.name} {precision} on {device}")
@@ -113,27 +111,17 @@ def canary_cmd(bundle: Path) -> None:
 @main.command("refit")
 @click.option("--bundle", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
               help="A bundle exported (or built) with --refit.")
-@click.option("--model", type=click.Path(path_type=Path), default=None, callback=model_option,
-              help="The new model, of the bundle's architecture: a diffusers directory or a single-file .safetensors "
-                   "checkpoint [default: the embedded tiny model].")
-@click.option("--lora", multiple=True, callback=lora_option, metavar="FILE[:SCALE]",
-              help="A LoRA fused into --model first, at SCALE [default 1] (repeatable).")
-@click.option("--embedding", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
-              help="Negative embedding .safetensors [default: MODEL/negative_embedding.safetensors].")
-@click.option("--token", default=None, help=TOKEN_HELP)
-def refit_cmd(bundle: Path, model: Path | None, lora, embedding: Path | None, token: str | None) -> None:
+@model_source_options
+def refit_cmd(bundle: Path, source: ModelSource) -> None:
     """Give a refittable bundle another model's weights (another LoRA, another finetune of the same architecture)
     without exporting or building again: its graphs, conditioning and TensorRT engines are refitted in place, the
     other backends' engines built again from the refitted graphs."""
-    from r2r.engines.refit import refit_bundle
+    from r2r.engines.bundle_refit import refit_bundle
 
+    resolved = resolve_source(source)  # the new model, of the bundle's architecture
+    log(f"r2r-export refit: {bundle} -> {resolved.model}")
     try:
-        model_dir = fuse_loras(model or EMBEDDED_DEFAULT, lora or [])
-    except ModelLoadError as exc:
-        raise click.ClickException(str(exc)) from exc
-    log(f"r2r-export refit: {bundle} -> {model_dir}")
-    try:
-        report = refit_bundle(bundle, model_dir, embedding_for(model_dir, embedding, token))
+        report = refit_bundle(bundle, resolved.model, resolved.embedding)
     except (ImportError, RuntimeError, ValueError) as exc:  # RefitError, BundleError, TensorRT's errors
         raise click.ClickException(str(exc)) from exc
     changed = ", ".join(f"{g} {n}" for g, n in report.graphs.items()) or "none"

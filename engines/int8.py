@@ -1,17 +1,9 @@
 """INT8 for OpenVINO: the routed UNet quantized with NNCF, calibrated on the method's own trajectories.
 
-The calibration inputs are what the UNet sees when r2r translates renders: the PyTorch reference runs the method on
-a few renders and its observer records every UNet evaluation. Each becomes an input of the routed `unet` graph as
-the coupled program binds it: an inversion step (B latents, identity routing), a TAC step (the cg pass and the
-[neg, null] pass assembled into the fused batch [cg, neg, null], the null row's `tac_src` pointing at the cg row),
-a guided pair after the window (2B, identity).
-
-The scheme is the hybrid one that holds up on SD UNets: the weights of the MatMuls that have weights (the
-transformer blocks' projections and feed-forward layers) are compressed to INT8 alone, data-free; the convolutions
-and the attention's activation-by-activation MatMuls are quantized with their activations (INT8 x INT8); smooth
-quant off. The VAE graphs stay float. The result is an OpenVINO IR in the bundle (`engines/openvino/int8/`) that
-the OpenVINO backend compiles in place of the ONNX `unet` for `--precision int8`, the rest running at the CPU's
-native float precision.
+Calibration samples are the routed `unet`'s inputs as the coupled program binds them, recorded while the PyTorch
+reference translates a few renders; hybrid scheme (INT8 weights alone for weighted MatMuls, INT8 x INT8 for the
+convolutions and attention), the VAE float. Writes `engines/openvino/int8/`, compiled for `--precision int8`.
+Why: docs/design.md, "Backends".
 """
 
 from __future__ import annotations
@@ -25,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from r2r import graph_io as io
-from r2r.config import MethodConfig
+from r2r import graph_io
+from r2r.config import Method
 from r2r.locks import writes_bundle
 from r2r.log import log
 from r2r.manifest import ENGINES_DIR, EngineEntry, Manifest, bundle_path, read_manifest, record_file, write_manifest
@@ -38,14 +30,15 @@ DEFAULT_RENDERS = 4
 
 def calibration_renders(manifest: Manifest, count: int = DEFAULT_RENDERS, seed: int = 4321) -> list[np.ndarray]:
     """Procedural renders at the bundle's size (the dataset generator's rendered domain), seeded."""
-    from r2r.training.data import render_pair, sample_design
+    from r2r.training.data.designs import sample_design
+    from r2r.training.data.render import render_pair
 
     size = (manifest.width, manifest.height)
     return [render_pair(sample_design(np.random.default_rng([seed, i]), size), size)[0] for i in range(count)]
 
 
 def record_unet_inputs(model_dir: Path, embedding: Path, renders: Sequence[np.ndarray], width: int, height: int,
-                       method: MethodConfig) -> list[dict[str, np.ndarray]]:
+                       method: Method) -> list[dict[str, np.ndarray]]:
     """The routed unet's inputs over the method's trajectories on `renders`, one render at a time."""
     import torch
 
@@ -59,8 +52,8 @@ def record_unet_inputs(model_dir: Path, embedding: Path, renders: Sequence[np.nd
         ref([render], method)
 
     def sample(z: torch.Tensor, t: int, cond: torch.Tensor, src: list[int]) -> dict[str, np.ndarray]:
-        return {io.SAMPLE: z.float().numpy(), io.TIMESTEP: np.array([t], np.float32),
-                io.ENCODER_HIDDEN_STATES: cond.float().numpy(), io.TAC_SRC: np.array(src, np.int64)}
+        return {graph_io.SAMPLE: z.float().numpy(), graph_io.TIMESTEP: np.array([t], np.float32),
+                graph_io.ENCODER_HIDDEN_STATES: cond.float().numpy(), graph_io.TAC_SRC: np.array(src, np.int64)}
 
     out = []
     i = 0
@@ -133,21 +126,21 @@ def build_int8_unet(bundle: str | Path, model_dir: Path, embedding: Path | None 
                          "model (--model)")
     embedding = embedding or model_dir / EMBEDDING_FILE
     renders = list(renders) if renders is not None else calibration_renders(manifest)
-    method = MethodConfig(tac_divisor=manifest.tac_plan["divisor"])
-    key = hashlib.sha256(json.dumps([manifest.graphs[io.UNET].key, nncf.__version__, len(renders),
+    method = Method(tac_divisor=manifest.tac_plan["divisor"])
+    key = hashlib.sha256(json.dumps([manifest.graphs[graph_io.UNET].key, nncf.__version__, len(renders),
                                      [hashlib.sha256(r.tobytes()).hexdigest() for r in renders]]).encode()).hexdigest()
-    slot = ROW.slot("cpu", "int8", io.UNET)
+    slot = ROW.slot("cpu", "int8", graph_io.UNET)
     t0 = time.perf_counter()
     progress(f"  {slot:<36} recording the UNet's inputs on {len(renders)} renders (PyTorch reference)")
     samples = record_unet_inputs(model_dir, embedding, renders, manifest.width, manifest.height, method)
     progress(f"  {slot:<36} quantizing with NNCF on {len(samples)} calibration inputs")
-    rel = f"{INT8_DIR}/{io.UNET}.xml"
-    info = quantize_unet(bundle_path(root, manifest.graphs[io.UNET].file), samples, bundle_path(root, rel))
+    rel = f"{INT8_DIR}/{graph_io.UNET}.xml"
+    info = quantize_unet(bundle_path(root, manifest.graphs[graph_io.UNET].file), samples, bundle_path(root, rel))
     files = [rel, rel.removesuffix(".xml") + ".bin"]
     manifest = read_manifest(root)
     for f in files:
         record_file(root, manifest, f)
-    entry = EngineEntry("openvino", "int8", io.UNET, files, key,
+    entry = EngineEntry("openvino", "int8", graph_io.UNET, files, key,
                         {**info, "renders": len(renders), "build_seconds": round(time.perf_counter() - t0, 1)})
     manifest.engines[slot] = entry
     write_manifest(root, manifest)

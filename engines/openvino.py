@@ -1,21 +1,9 @@
 """OpenVINO "engines": the bundle's graphs compiled for this CPU, kept in OpenVINO's model cache inside the bundle.
 
-Each graph is compiled once, its batch dimension dynamic as exported, so one compiled model (one copy of the
-weights) serves every batch the program binds: the routed UNet at B, 2B and 3B. Compiling is what costs (seconds per
-graph for SD 1.5); OpenVINO's model cache turns a later compile of the same graph and configuration into a load that
-does not read the ONNX weights at all.
-
-One cache folder per key (docs/design.md, "Verified engines"): OpenVINO names a CPU blob by the model alone, not by
-the inference precision or thread count it was compiled with (fp32 and bf16 blobs of one graph differ in size and
-content but share one file name), so a shared folder lets a bf16 process load an fp32 process's blob. Here each
-graph's blob lives in `engines/openvino/cache/<graph>-<precision>-t<threads>-<key>/`, the key hashing the graph's
-content key, the precision, the thread count, OpenVINO's version and the CPU's model and ISA; a compile goes to a
-temporary folder that is moved into place under the bundle lock, so no process ever loads a blob another is
-writing, or one made for another configuration, CPU or graph. The blobs are a cache, not the bundle's identity: they
-are not hashed in the manifest; the canary checks what they compute every time one is loaded.
-
-Building = compiling every graph the host program calls into its folder; the runtime compiles through
-`compile_graph` here, the one definition of the configuration, so its compiles are loads.
+One compiled model per graph (batch dynamic: one copy of the weights for every batch); its blob in a folder of its
+own per graph, precision, thread count, OpenVINO version and CPU, moved into place under the bundle lock; blobs are
+a cache, not hashed in the manifest. The runtime compiles through `compile_graph`, so its compiles are loads.
+Why: docs/design.md, "Verified engines".
 """
 
 from __future__ import annotations
@@ -29,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from r2r import graph_io as io
+from r2r import graph_io
 from r2r.atomic import temp_sibling
 from r2r.backends import BuildRequest, backend_row
 from r2r.locks import bundle_lock, writes_bundle
@@ -49,7 +37,7 @@ from r2r.manifest import (
 ROW = backend_row("openvino")
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 CACHE_DIR = f"{ENGINES_DIR}/openvino/cache"
-INT8_UNET = ROW.slot("cpu", "int8", io.UNET)  # the manifest entry of the quantized UNet (engines/int8.py)
+INT8_UNET = ROW.slot("cpu", "int8", graph_io.UNET)  # the manifest entry of the quantized UNet (engines/int8.py)
 
 
 def import_openvino() -> Any:
@@ -74,7 +62,7 @@ def compile_config(precision: str, threads: int) -> dict[str, Any]:
 
 def graph_file(bundle: str | Path, manifest: Manifest, graph: str, precision: str) -> Path:
     """What to compile for `graph`: the INT8 UNet's IR at int8, else the bundle's ONNX graph."""
-    if precision == "int8" and graph == io.UNET:
+    if precision == "int8" and graph == graph_io.UNET:
         entry = manifest.engines.get(INT8_UNET)
         if entry is None:
             raise BundleError(f"{bundle}: no INT8 UNet; build it (calibrated on the model) with `r2r-export "
@@ -85,8 +73,8 @@ def graph_file(bundle: str | Path, manifest: Manifest, graph: str, precision: st
 
 def cache_folder(bundle: str | Path, manifest: Manifest, graph: str, precision: str, threads: int,
                  version: str) -> Path:
-    """The folder of `graph`'s compiled blob for this configuration and CPU (see the module docstring)."""
-    if precision == "int8" and graph == io.UNET:
+    """The folder of `graph`'s compiled blob for this configuration and CPU (docs/design.md, "Verified engines")."""
+    if precision == "int8" and graph == graph_io.UNET:
         entry = manifest.engines.get(INT8_UNET)
         content = entry.key if entry is not None else ""
     else:
@@ -145,7 +133,7 @@ def build_ov_engines(bundle: str | Path, precision: str = "fp32", threads: int =
     ov = import_openvino()
     ROW.check_precision(precision)
     manifest = read_manifest(bundle)
-    graphs = [g for g in manifest.graphs if g not in io.STEP_GRAPHS]  # host backends update latents in numpy
+    graphs = [g for g in manifest.graphs if g not in graph_io.STEP_GRAPHS]  # host backends update latents in numpy
     verify_files(bundle, manifest, only=[f for f in manifest.files if not f.startswith(f"{ENGINES_DIR}/")])
     slot = ROW.slot("cpu", precision, "all")
     threads = threads or default_threads()
@@ -157,7 +145,7 @@ def build_ov_engines(bundle: str | Path, precision: str = "fp32", threads: int =
     for graph in graphs:
         compile_graph(ov, bundle, manifest, graph, precision, threads, progress)
         folders.append(cache_folder(bundle, manifest, graph, precision, threads, ov.__version__))
-    # The blobs are a cache, checked by the canaries when loaded, not hashed (see the module docstring).
+    # The blobs are a cache, checked by the canaries when loaded, not hashed (docs/design.md, "Verified engines").
     files = sorted(str(p.relative_to(root)) for f in folders if f.is_dir() for p in f.iterdir() if p.is_file())
     entry = EngineEntry("openvino", precision, "all", files, key,
                         {"openvino": ov.__version__, "batch": "dynamic", "threads": threads,

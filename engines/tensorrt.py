@@ -1,32 +1,9 @@
-"""TensorRT engines from a bundle's ONNX graphs (docs/design.md, "The bundle", "Backends", "The GPU path").
+"""TensorRT engines from a bundle's ONNX graphs: one plan per graph and precision, built, checked and refitted.
 
-Written against the TensorRT 10 Python API as shipped (`tests/support/api/tensorrt_api.json` lists it, extracted
-from the `tensorrt-cu12-bindings` wheel) and the documentation of each call; TensorRT 11 is handled where it
-differs (it has no weakly typed networks). `tensorrt` and cuda-python are optional (`r2r.gpu` imports them when
-asked), and every function that builds takes the module as an argument (`trt=`), so that tests and the CPU
-simulation can pass a strict stand-in (`tests/support/strict.py`).
-
-The flow per graph, in the order of the TensorRT documentation's "Python API Documentation: The Build Phase":
-Logger -> Builder -> `create_network(flags)` -> `OnnxParser(network, logger).parse_from_file(path)` (the path
-form, so that ONNX external data next to the graph is found) -> builder config (precision, optimization level,
-workspace pool, refit, one optimization profile over the bundle's batch and size range, the bundle's timing cache) ->
-`build_serialized_network` -> the plan file, written atomically, and the grown timing cache written back.
-
-Precision (`TrtBuildConfig.precision`):
-
-- fp32: a strongly typed network (`NetworkDefinitionCreationFlag.STRONGLY_TYPED`): every tensor keeps the ONNX
-  graph's type (fp32); no precision flag.
-- fp16 / bf16 from an fp32 graph (what `r2r-export onnx` writes): on TensorRT 10, a weakly typed network
-  (flags 0) with `BuilderFlag.FP16` / `BuilderFlag.BF16`, so the builder may pick fp16/bf16 kernels per layer.
-  TensorRT 11 removed weak typing and those flags ("Migrating from TensorRT 10.x to 11.x"): there the graph itself
-  must carry the precision (ModelOpt AutoCast), and a build from an fp32 graph is refused with that advice.
-  A graph already in fp16/bf16 is built strongly typed, on either version.
-- int8 / fp8: only from a quantized graph with QuantizeLinear/DequantizeLinear nodes of that type (ModelOpt
-  export): explicit quantization. The documentation ("Explicit Quantization") says to use it with strong typing
-  and that precision-control flags (INT8, FP8) "are not required and should not be specified"; so the network
-  is strongly typed and no flag is set; layers outside the Q/DQ pairs run in the graph's own float type (so a
-  fast int8/fp8 graph is exported fp16 around its Q/DQ nodes). An unquantized graph is refused: TensorRT 10.1
-  deprecated implicit INT8 calibration ("superseded by explicit quantization") and r2r ships no calibrator.
+Builders take the `tensorrt` module as `trt=` (tests pass a strict stand-in); plans and the timing cache are written
+atomically and recorded in the manifest. fp32 and graphs already in their precision build strongly typed, fp16/bf16
+from an fp32 graph only on TensorRT 10; int8/fp8 only from Q/DQ graphs of that type; engines built for another
+TensorRT, GPU or graph version are refused. Why: docs/design.md, "The GPU path".
 """
 
 from __future__ import annotations
@@ -42,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from r2r import graph_io as io
+from r2r import graph_io
 from r2r.atomic import atomic_write
 from r2r.backends import BuildRequest, backend_row
+from r2r.errors import R2RError
 from r2r.export.canary import record_graph_canaries
 from r2r.gpu import gpu_info, import_tensorrt
 from r2r.locks import writes_bundle
@@ -70,7 +48,7 @@ TIMING_CACHE = f"{ENGINES_DIR}/{BACKEND}/timing.cache"
 _FLOAT_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-class TensorRTBuildError(RuntimeError):
+class TensorRTBuildError(R2RError, RuntimeError):
     """An engine could not be built; the message says why and what to do."""
 
 
@@ -113,18 +91,18 @@ def profile_envs(manifest: Manifest, graph: str, batch_opt: int, sizes: str = "r
     multiple the program binds the graph's B at (`graph_io.CALL_MULTIPLES`: the routed UNet also runs the guided pair
     and the fused step), tuned for its most frequent call; the bundle's size range ("opt": its example size only),
     tuned for the example size."""
-    mults = io.CALL_MULTIPLES.get(graph, (1,))
+    mults = graph_io.CALL_MULTIPLES.get(graph, (1,))
     m, rng = manifest.sizes["multiple"], manifest.sizes
     batches = (manifest.batch_min * min(mults), batch_opt * mults[0], manifest.batch_max * max(mults))
     sides = (rng["min"], rng["opt"], rng["max"]) if sizes == "range" else (rng["opt"],) * 3
-    mn, opt, mx = ({io.BATCH: b, io.HM: side[1] // m, io.WM: side[0] // m}
+    mn, opt, mx = ({graph_io.BATCH: b, graph_io.HM: side[1] // m, graph_io.WM: side[0] // m}
                    for b, side in zip(batches, sides, strict=True))
     return mn, opt, mx
 
 
 def profile_shapes(spec: TensorSpec, envs: Sequence[dict[str, int]]) -> tuple[list[int], ...]:
     """min / opt / max shapes of one input: its symbolic dimensions at each environment, fixed ones as they are."""
-    return tuple(list(io.concrete_shape(spec.shape, env)) for env in envs)
+    return tuple(list(graph_io.concrete_shape(spec.shape, env)) for env in envs)
 
 
 @dataclass(frozen=True)
@@ -169,7 +147,7 @@ def inspect_onnx(path: str | Path) -> OnnxTypes:
 
 def network_plan(trt: ModuleType, precision: str, types: OnnxTypes, onnx_path: str | Path
                  ) -> tuple[bool, list[str]]:
-    """(strongly typed?, BuilderFlag names to set) for a precision; see the module docstring."""
+    """(strongly typed?, BuilderFlag names to set) for a precision (docs/design.md, "The GPU path")."""
     if precision in ("int8", "fp8"):
         if precision not in types.quantized:
             found = ", ".join(sorted(types.quantized)) or "no Q/DQ nodes"
@@ -315,9 +293,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, inputs: Sequenc
         "builder_optimization_level": cfg.builder_optimization_level,
         "workspace_bytes": cfg.workspace_bytes,
         "refit": cfg.refit,
-        "batch": {"min": mn_env[io.BATCH], "opt": opt_env[io.BATCH], "max": mx_env[io.BATCH]},
-        "sizes": {k: [env[io.WM], env[io.HM]] for k, env in zip(("min", "opt", "max"), envs, strict=True)
-                  if io.HM in env},  # in pixel multiples, [W, H]
+        "batch": {"min": mn_env[graph_io.BATCH], "opt": opt_env[graph_io.BATCH], "max": mx_env[graph_io.BATCH]},
+        "sizes": {k: [env[graph_io.WM], env[graph_io.HM]] for k, env in zip(("min", "opt", "max"), envs, strict=True)
+                  if graph_io.HM in env},  # in pixel multiples, [W, H]
         "profile": shapes,
         "build_seconds": round(seconds, 3),
         "size_bytes": size,
@@ -374,7 +352,8 @@ def build_bundle_engines(bundle: str | Path, cfg: TrtBuildConfig, graphs: Sequen
     manifest = read_manifest(root)
     t = trt or import_tensorrt()
     gpu = gpu if gpu is not None else gpu_info()
-    order = [g for g in io.ALL_GRAPHS if g in manifest.graphs] + [g for g in manifest.graphs if g not in io.ALL_GRAPHS]
+    order = [g for g in graph_io.ALL_GRAPHS if g in manifest.graphs]
+    order += [g for g in manifest.graphs if g not in graph_io.ALL_GRAPHS]
     names = list(graphs) if graphs is not None else order
     unknown = [g for g in names if g not in manifest.graphs]
     if unknown:

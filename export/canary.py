@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from r2r import graph_io as io
+from r2r import graph_io
 from r2r.atomic import atomic_path
 from r2r.canary import (
     CanaryCase,
@@ -36,8 +36,8 @@ Runner = Callable[[str, Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 def graph_shape(bundle: Path, manifest: Manifest) -> GraphShape:
     """What the canary inputs are made from, read from the bundle (its conditioning file must be recorded)."""
     cond = load_file(str(bundle_path(bundle, manifest.cond["file"])))
-    return GraphShape(int(manifest.latent["channels"]), cond[io.COND_NULL].astype(np.float32),
-                      cond[io.COND_NEG].astype(np.float32),
+    return GraphShape(int(manifest.latent["channels"]), cond[graph_io.COND_NULL].astype(np.float32),
+                      cond[graph_io.COND_NEG].astype(np.float32),
                       [{"level": int(t["level"]), "channels": int(t["channels"])}
                        for t in manifest.tac_plan["layers"]])
 

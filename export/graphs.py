@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r2r import graph_io as io
+from r2r import graph_io
 from r2r.tac import TACMode, TACPlan, TACState
 
 
@@ -131,12 +131,12 @@ def spatial_dims(role: str, multiple: int) -> dict[int, tuple[int, str]]:
     """axis -> (factor, symbol) of a role's spatial dimensions, for a bundle of pixel multiple `multiple`."""
     latent = multiple // 8
     if role == "latent":
-        return {2: (latent, io.HM), 3: (latent, io.WM)}
+        return {2: (latent, graph_io.HM), 3: (latent, graph_io.WM)}
     if role == "image":
-        return {2: (multiple, io.HM), 3: (multiple, io.WM)}
+        return {2: (multiple, graph_io.HM), 3: (multiple, graph_io.WM)}
     if role.startswith("qk"):
         k = latent >> int(role[2:])
-        return {1: (k, io.HM), 2: (k, io.WM)}
+        return {1: (k, graph_io.HM), 2: (k, graph_io.WM)}
     return {}
 
 
@@ -146,27 +146,33 @@ def dim_expr(factor: int, symbol: str) -> str:
 
 def unet_specs(plan: TACPlan) -> dict[str, GraphSpec]:
     qk = tuple((name, "B", f"qk{layer.level}") for i, layer in enumerate(plan.layers)
-               for name in (io.tac_q(i), io.tac_k(i)))
-    base = ((io.SAMPLE, "B", "latent"), (io.TIMESTEP, "", ""), (io.ENCODER_HIDDEN_STATES, "B", ""))
+               for name in (graph_io.tac_q(i), graph_io.tac_k(i)))
+    base = ((graph_io.SAMPLE, "B", "latent"), (graph_io.TIMESTEP, "", ""), (graph_io.ENCODER_HIDDEN_STATES, "B", ""))
 
     def times(k: str) -> tuple[tuple[str, str, str], ...]:
         return tuple((n, k if b else "", role) for n, b, role in base)
 
     return {
-        io.UNET: GraphSpec(io.UNET, (*base, (io.TAC_SRC, "B", "")), ((io.EPS, "B", "latent"),)),
-        io.UNET_EMIT: GraphSpec(io.UNET_EMIT, base, ((io.EPS, "B", "latent"), *qk)),
-        io.UNET_INJECT: GraphSpec(io.UNET_INJECT, (*times("2*B"), *qk), ((io.EPS, "2*B", "latent"),)),
+        graph_io.UNET: GraphSpec(graph_io.UNET, (*base, (graph_io.TAC_SRC, "B", "")), ((graph_io.EPS, "B", "latent"),)),
+        graph_io.UNET_EMIT: GraphSpec(graph_io.UNET_EMIT, base, ((graph_io.EPS, "B", "latent"), *qk)),
+        graph_io.UNET_INJECT: GraphSpec(graph_io.UNET_INJECT, (*times("2*B"), *qk), ((graph_io.EPS, "2*B", "latent"),)),
     }
 
 
 STEP_SPECS = {
-    io.DDIM_STEP: GraphSpec(io.DDIM_STEP, ((io.Z, "B", "latent"), (io.EPS, "B", "latent"), (io.COEF, "", "")),
-                            ((io.Z_NEXT, "B", "latent"),)),
-    io.GUIDED_STEP: GraphSpec(io.GUIDED_STEP, ((io.Z, "B", "latent"), (io.EPS, "2*B", "latent"), (io.COEF, "", "")),
-                              ((io.Z_PAIR, "2*B", "latent"),)),
+    graph_io.DDIM_STEP: GraphSpec(
+        graph_io.DDIM_STEP,
+        ((graph_io.Z, "B", "latent"), (graph_io.EPS, "B", "latent"), (graph_io.COEF, "", "")),
+        ((graph_io.Z_NEXT, "B", "latent"),)),
+    graph_io.GUIDED_STEP: GraphSpec(
+        graph_io.GUIDED_STEP,
+        ((graph_io.Z, "B", "latent"), (graph_io.EPS, "2*B", "latent"), (graph_io.COEF, "", "")),
+        ((graph_io.Z_PAIR, "2*B", "latent"),)),
 }
 
 VAE_SPECS = {
-    io.VAE_ENCODER: GraphSpec(io.VAE_ENCODER, ((io.IMAGE, "B", "image"),), ((io.LATENT, "B", "latent"),)),
-    io.VAE_DECODER: GraphSpec(io.VAE_DECODER, ((io.LATENT, "B", "latent"),), ((io.IMAGE, "B", "image"),)),
+    graph_io.VAE_ENCODER: GraphSpec(graph_io.VAE_ENCODER, ((graph_io.IMAGE, "B", "image"),), ((graph_io.LATENT, "B",
+                                                                                               "latent"),)),
+    graph_io.VAE_DECODER: GraphSpec(graph_io.VAE_DECODER, ((graph_io.LATENT, "B", "latent"),), ((graph_io.IMAGE, "B",
+                                                                                                 "image"),)),
 }

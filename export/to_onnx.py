@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import torch
 
-from r2r import graph_io as io
+from r2r import graph_io
 from r2r.atomic import atomic_dir
 from r2r.export.graphs import GraphSpec, dim_expr, spatial_dims
 from r2r.manifest import TensorSpec
@@ -39,7 +39,7 @@ class Sizes:
 def _dims(batch_symbol: str, role: str, batch: Any, side: dict[str, Any], sizes: Sizes) -> dict[int, Any] | None:
     """torch.export's dynamic dimensions of one input."""
     dims: dict[int, Any] = {}
-    k = io.batch_multiple(batch_symbol) if batch_symbol else None
+    k = graph_io.batch_multiple(batch_symbol) if batch_symbol else None
     if k is not None:
         dims[0] = batch if k == 1 else k * batch
     if sizes.dynamic:
@@ -60,9 +60,9 @@ def export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], spec: 
     side = {}
     if sizes.dynamic:
         assert sizes.width is not None and sizes.height is not None
-        side = {io.HM: torch.export.Dim(io.HM, min=sizes.height[0] // sizes.multiple,
+        side = {graph_io.HM: torch.export.Dim(graph_io.HM, min=sizes.height[0] // sizes.multiple,
                                         max=sizes.height[1] // sizes.multiple),
-                io.WM: torch.export.Dim(io.WM, min=sizes.width[0] // sizes.multiple,
+                graph_io.WM: torch.export.Dim(graph_io.WM, min=sizes.width[0] // sizes.multiple,
                                         max=sizes.width[1] // sizes.multiple)}
     in_names = [n for n, _, _ in spec.inputs]
     out_names = [n for n, _, _ in spec.outputs]

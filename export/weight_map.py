@@ -1,16 +1,8 @@
 """Which model parameter each initializer of an ONNX graph is, and a graph's weights rewritten from another model.
 
-The exporter writes each parameter of a graph's module as an initializer under one of these forms: its own name
-(`unet.<param>`), a renamed or reshaped copy, or a transposed copy (a Linear's weight as a MatMul operand); the rest
-are constants of the graph itself (shapes, scales, the timestep embedding's frequencies). `weight_map` finds, by
-content, which parameter (and form) each initializer is, against the module the graph was exported from;
-`refit_graph` writes the initializers of that map from a module of the same architecture (an initializer equal to
-several equal parameters takes their value if they are equal in the new module too), has the result checked
-(against the new module in PyTorch, export/refit.py) and only then replaces the graph's folder, atomically. A constant
-that is really a parameter transformed some other way would be left stale: that check is what catches it. Measured on
-the embedded default's UNet graphs: 194 initializers by name, 60 renamed, 70 transposed, none ambiguous. A map is
-saved beside the bundle's graphs (docs/design.md, "Refit"), because it can only be made while the bundle's own model
-is at hand.
+`weight_map` finds by content which parameter (and form: own name, renamed or reshaped, transposed) each initializer
+is; `refit_graph` writes those initializers from a module of the same architecture and, once the result is checked
+(export/graph_refit.py), replaces the graph's folder atomically. Why: docs/design.md, "The bundle" (Refit).
 """
 
 from __future__ import annotations
@@ -26,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from r2r.atomic import atomic_dir, atomic_write
+from r2r.errors import R2RError
 
 if TYPE_CHECKING:
     from onnx import TensorProto
@@ -37,7 +30,7 @@ MAP_FORMAT = 1
 WeightMap = dict[str, list[tuple[str, bool]]]
 
 
-class RefitError(ValueError):
+class RefitError(R2RError, ValueError):
     """A graph and a module that do not correspond (another architecture, an ambiguous weight)."""
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from r2r.errors import FlagError
 from r2r.machine import cpu_flags
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")  # every precision some backend takes (CLI choices)
@@ -63,18 +64,19 @@ class BackendRow:
     graphs: bool = True  # runs the bundle's ONNX graphs (False: only its manifest and conditioning)
     library: str = ""  # the module whose version its engines depend on (first-use verdicts are keyed by it)
     step_devices: tuple[str, ...] = ()  # devices where the scheduler updates are the bundle's step graphs
+    caches_on_open: bool = False  # opening a graph compiles it into a cache a later open loads instead
 
     def slot(self, device: str, precision: str, graph: str) -> str:
         return self.engine_slot.format(device=device, precision=precision, graph=graph)
 
     def check_precision(self, precision: str) -> str:
         if precision not in self.precisions:
-            raise ValueError(f"--precision {precision}: the {self.name} backend takes {', '.join(self.precisions)}")
+            raise FlagError(f"--precision {precision}: the {self.name} backend takes {', '.join(self.precisions)}")
         return precision
 
     def check_device(self, device: str) -> str:
         if device not in self.devices:
-            raise ValueError(f"--device {device}: the {self.name} backend runs on {' or '.join(self.devices)}")
+            raise FlagError(f"--device {device}: the {self.name} backend runs on {' or '.join(self.devices)}")
         return device
 
     def native_precision(self, flags: frozenset[str] | None = None, device: str = "cpu") -> str:
@@ -91,20 +93,24 @@ class BackendRow:
 
 
 BACKENDS: tuple[BackendRow, ...] = (
-    BackendRow("tensorrt", ("cuda",), ("fp16", "bf16", "fp8", "int8", "fp32"), "tensorrt/{precision}/{graph}",
-               "r2r.engines.tensorrt", "r2r.runtime.backend_trt",
-               "pip install 'r2r[gpu]' on a machine with an NVIDIA GPU", _tensorrt_devices, needs_engines=True,
-               library="tensorrt", step_devices=("cuda",)),
-    BackendRow("onnxruntime", ("cuda", "cpu"), ("fp32",), "onnxruntime/{device}-{precision}/{graph}",
-               "r2r.engines.onnxruntime", "r2r.runtime.backend_ort",
-               "onnxruntime comes with r2r; for CUDA: pip install 'r2r[gpu]' (onnxruntime-gpu)", _onnxruntime_devices,
-               library="onnxruntime", step_devices=("cuda",)),
-    BackendRow("openvino", ("cpu",), ("bf16", "fp32", "int8"), "openvino/{device}-{precision}/{graph}",
-               "r2r.engines.openvino", "r2r.runtime.backend_ov", "openvino comes with r2r (pip install openvino)",
-               _openvino_devices, native={"bf16": ("avx512_bf16", "amx_bf16")}, library="openvino"),
-    BackendRow("torch", ("cuda", "cpu"), ("fp16", "bf16", "fp32"), "torch/{device}-{precision}/{graph}", None,
-               "r2r.runtime.backend_torch", "torch comes with r2r (a CUDA or ROCm build of torch for a GPU)",
-               _torch_devices, device_default={"cuda": "fp16", "cpu": "fp32"}, graphs=False, library="torch"),
+    BackendRow(name="tensorrt", devices=("cuda",), precisions=("fp16", "bf16", "fp8", "int8", "fp32"),
+               engine_slot="tensorrt/{precision}/{graph}", builder="r2r.engines.tensorrt",
+               runtime="r2r.runtime.backend_trt", install="pip install 'r2r[gpu]' on a machine with an NVIDIA GPU",
+               available=_tensorrt_devices, needs_engines=True, library="tensorrt", step_devices=("cuda",)),
+    BackendRow(name="onnxruntime", devices=("cuda", "cpu"), precisions=("fp32",),
+               engine_slot="onnxruntime/{device}-{precision}/{graph}", builder="r2r.engines.onnxruntime",
+               runtime="r2r.runtime.backend_ort",
+               install="onnxruntime comes with r2r; for CUDA: pip install 'r2r[gpu]' (onnxruntime-gpu)",
+               available=_onnxruntime_devices, library="onnxruntime", step_devices=("cuda",)),
+    BackendRow(name="openvino", devices=("cpu",), precisions=("bf16", "fp32", "int8"),
+               engine_slot="openvino/{device}-{precision}/{graph}", builder="r2r.engines.openvino",
+               runtime="r2r.runtime.backend_ov", install="openvino comes with r2r (pip install openvino)",
+               available=_openvino_devices, native={"bf16": ("avx512_bf16", "amx_bf16")}, library="openvino",
+               caches_on_open=True),
+    BackendRow(name="torch", devices=("cuda", "cpu"), precisions=("fp16", "bf16", "fp32"),
+               engine_slot="torch/{device}-{precision}/{graph}", builder=None, runtime="r2r.runtime.backend_torch",
+               install="torch comes with r2r (a CUDA or ROCm build of torch for a GPU)", available=_torch_devices,
+               device_default={"cuda": "fp16", "cpu": "fp32"}, graphs=False, library="torch"),
 )
 NAMES = tuple(row.name for row in BACKENDS)
 # What `--backend auto` tries, fastest first (measured: benchmarks/README.md): TensorRT on an NVIDIA GPU, ONNX
@@ -156,7 +162,7 @@ def backend_row(name: str) -> BackendRow:
     for row in BACKENDS:
         if row.name == name:
             return row
-    raise ValueError(f"backend {name!r}: choose one of {', '.join(NAMES)}")
+    raise FlagError(f"--backend {name}: choose one of {', '.join(NAMES)}")
 
 
 def auto_choices(device: str = "auto") -> list[tuple[BackendRow, str]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from r2r import graph_io as io
+from r2r import graph_io
 from r2r.manifest import CANARY_DIR
 
 FORMAT = 1  # of the cases below: a change makes every recorded canary out of date (its key changes)
@@ -80,7 +80,7 @@ def routing(multiple: int) -> np.ndarray:
 def conditioning(graph: str, multiple: int, shape: GraphShape) -> np.ndarray:
     """The rows of text conditioning the program gives `graph` at `multiple` (null for the plain and cg batches)."""
     rows = {1: [shape.c_null], 2: [shape.c_neg, shape.c_null], 3: [shape.c_null, shape.c_neg, shape.c_null]}
-    return np.concatenate(rows[2 if graph == io.UNET_INJECT else multiple]).astype(np.float32)
+    return np.concatenate(rows[2 if graph == graph_io.UNET_INJECT else multiple]).astype(np.float32)
 
 
 def make_inputs(graph: str, multiple: int, size: tuple[int, int], shape: GraphShape, seed: int = 0
@@ -94,30 +94,31 @@ def make_inputs(graph: str, multiple: int, size: tuple[int, int], shape: GraphSh
     def normal(*dims: int) -> np.ndarray:
         return rng.standard_normal(dims).astype(np.float32)
 
-    if graph in io.UNET_GRAPHS:
-        rows = 2 if graph == io.UNET_INJECT else multiple
-        out = {io.SAMPLE: normal(rows, c, h, w), io.TIMESTEP: np.array([TIMESTEP], np.float32),
-               io.ENCODER_HIDDEN_STATES: conditioning(graph, multiple, shape)}
-        if graph == io.UNET:
-            out[io.TAC_SRC] = routing(multiple)
-        if graph == io.UNET_INJECT:
+    if graph in graph_io.UNET_GRAPHS:
+        rows = 2 if graph == graph_io.UNET_INJECT else multiple
+        out = {graph_io.SAMPLE: normal(rows, c, h, w), graph_io.TIMESTEP: np.array([TIMESTEP], np.float32),
+               graph_io.ENCODER_HIDDEN_STATES: conditioning(graph, multiple, shape)}
+        if graph == graph_io.UNET:
+            out[graph_io.TAC_SRC] = routing(multiple)
+        if graph == graph_io.UNET_INJECT:
             for i, layer in enumerate(shape.tac_layers):
                 grid = (h >> layer["level"], w >> layer["level"], layer["channels"])
-                out[io.tac_q(i)], out[io.tac_k(i)] = normal(1, *grid), normal(1, *grid)
+                out[graph_io.tac_q(i)], out[graph_io.tac_k(i)] = normal(1, *grid), normal(1, *grid)
         return out
-    if graph == io.VAE_ENCODER:
-        return {io.IMAGE: rng.uniform(-1.0, 1.0, (1, 3, size[1], size[0])).astype(np.float32)}
-    if graph == io.VAE_DECODER:
-        return {io.LATENT: normal(1, c, h, w)}
-    if graph in io.STEP_GRAPHS:
-        rows = 2 if graph == io.GUIDED_STEP else 1
-        return {io.Z: normal(1, c, h, w), io.EPS: normal(rows, c, h, w), io.COEF: np.array(COEF, np.float32)}
+    if graph == graph_io.VAE_ENCODER:
+        return {graph_io.IMAGE: rng.uniform(-1.0, 1.0, (1, 3, size[1], size[0])).astype(np.float32)}
+    if graph == graph_io.VAE_DECODER:
+        return {graph_io.LATENT: normal(1, c, h, w)}
+    if graph in graph_io.STEP_GRAPHS:
+        rows = 2 if graph == graph_io.GUIDED_STEP else 1
+        return {graph_io.Z: normal(1, c, h, w), graph_io.EPS: normal(rows, c, h, w),
+                graph_io.COEF: np.array(COEF, np.float32)}
     raise ValueError(f"no canary for graph {graph!r}")
 
 
 def multiples(graph: str) -> tuple[int, ...]:
     """The batch multiples a canary calls `graph` at: every one the program binds (graph_io.CALL_MULTIPLES)."""
-    return io.CALL_MULTIPLES[graph]
+    return graph_io.CALL_MULTIPLES[graph]
 
 
 def tensor_name(multiple: int, kind: str, name: str) -> str:

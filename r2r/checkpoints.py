@@ -1,17 +1,9 @@
 """Single-file checkpoints (the original LDM layout A1111, ComfyUI and kohya write) as diffusers directories.
 
-Every `--model` goes through `resolve_model`: a diffusers directory is used as it is; a `.safetensors` checkpoint
-is converted once into the cache, named by its sha256, and that directory is used from then on.
-
-1. What the file is, from its safetensors header alone (names and shapes; nothing is loaded): SD 1.x, or the tiny
-   family of the embedded default. SD 2.x, SDXL, SD3 / Flux, inpainting and other UNets are refused by what they
-   are. Pickled files (.ckpt, .pt, .pth, .bin) are never opened; the error gives the conversion command.
-2. The architecture's configs come from what r2r ships (`r2r.models`: the SD 1.x UNet, VAE and CLIP-L text
-   encoder; the tiny family's from the embedded default), and SD 1.x's CLIP tokenizer is built here from the BPE
-   merges file that the `open-clip-torch` package ships (`clip_bpe_file`). Nothing is downloaded.
-3. diffusers' own single-file loader converts the weights (`StableDiffusionPipeline.from_single_file` with that
-   local config folder, `local_files_only`), and the pipeline is saved as safetensors, atomically, one writer at a
-   time.
+Every `--model` goes through `resolve_model`: a diffusers directory is used as it is; an SD 1.x or tiny-family
+`.safetensors` checkpoint is converted once, offline, into the cache under its sha256. Other architectures are
+refused by what they are; pickled files (.ckpt, .pt, .pth, .bin) are never opened.
+Why: docs/design.md, "Model and Domain Knowledge Injection".
 """
 
 from __future__ import annotations

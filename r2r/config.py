@@ -1,4 +1,5 @@
-"""The method's parameters: one typed config used by the reference, the export and the runtime."""
+"""The method's parameters (`Method`): one typed, validated value, made once from the values given and used by the
+reference, the export, the runtime and every command."""
 
 from __future__ import annotations
 
@@ -19,14 +20,17 @@ INVERSIONS: tuple[Inversion, ...] = ("exact", "single-pass")
 
 
 @dataclass(frozen=True)
-class MethodConfig:
-    """Realistic Image Generation parameters (docs/design.md, "The method")."""
+class Method:
+    """Realistic Image Generation parameters (docs/design.md, "The method"). Change one with `dataclasses.replace`.
+
+    `tac_divisor` None: the bundle's (which chose its TAC layers at export; 256 there by default). A bundle resolves
+    it (`Bundle.method`), so the method every output records is complete."""
 
     steps: int = DEFAULT_STEPS
     strength: float = DEFAULT_STRENGTH
     guidance: float = DEFAULT_GUIDANCE
     tac_ratio: float = DEFAULT_TAC_RATIO
-    tac_divisor: int = DEFAULT_TAC_DIVISOR
+    tac_divisor: int | None = None
     tac_target: TacTarget = "null"
 
     def __post_init__(self) -> None:
@@ -41,12 +45,17 @@ class MethodConfig:
             )
         if not 0.0 <= self.tac_ratio <= 1.0:
             raise ValueError(f"tac_ratio must be in [0, 1], got {self.tac_ratio}")
-        if self.tac_divisor < 1:
+        if self.tac_divisor is not None and self.tac_divisor < 1:
             raise ValueError(f"tac_divisor must be >= 1, got {self.tac_divisor}")
         if self.tac_target not in ("null", "both"):
             raise ValueError(f"tac_target must be 'null' or 'both', got {self.tac_target!r}")
 
-    def as_dict(self) -> dict[str, float | int | str]:
+    @property
+    def divisor(self) -> int:
+        """The TAC divisor to choose layers with: the one given, else the export's default."""
+        return DEFAULT_TAC_DIVISOR if self.tac_divisor is None else self.tac_divisor
+
+    def as_dict(self) -> dict[str, float | int | str | None]:
         return asdict(self)
 
 

@@ -10,19 +10,21 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
+from r2r.errors import R2RError
+
 INSTALL_HINT = "TensorRT is not installed: pip install 'r2r[gpu]' on a machine with an NVIDIA GPU"
 CUDA_INSTALL_HINT = "cuda-python is not installed: pip install 'r2r[gpu]' on a machine with an NVIDIA GPU"
 
 
-class TensorRTNotInstalled(ImportError):
+class TensorRTNotInstalled(R2RError, ImportError):
     """The `gpu` extra is missing (or TensorRT's libraries cannot be loaded)."""
 
 
-class GpuUnavailable(RuntimeError):
+class GpuUnavailable(R2RError, RuntimeError):
     """No usable CUDA device; the message names the CUDA error."""
 
 
-class CudaError(RuntimeError):
+class CudaError(R2RError, RuntimeError):
     """A CUDA runtime call failed; the message names the function and the error."""
 
 

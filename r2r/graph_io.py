@@ -121,19 +121,6 @@ def shape_env(batch: int, width: int, height: int, multiple: int) -> dict[str, i
     return {BATCH: batch, HM: height // multiple, WM: width // multiple}
 
 
-def solve_env(specs: Sequence[Sequence[int | str]], shapes: Sequence[Sequence[int]]) -> dict[str, int]:
-    """The symbols' values that give `shapes` for the manifest `specs` (each dimension "k*sym" or "sym" fixes sym)."""
-    env: dict[str, int] = {}
-    for spec, shape in zip(specs, shapes, strict=True):
-        for d, v in zip(spec, shape, strict=True):
-            if isinstance(d, str):
-                head, sep, tail = d.replace(" ", "").partition("*")
-                k, sym = (int(head), tail) if sep and head.isdigit() and tail.isidentifier() else (1, d)
-                if sym.isidentifier() and v % k == 0:
-                    env.setdefault(sym, v // k)
-    return env
-
-
 # The values the coupled program binds to each graph's B, as multiples of the image batch: the routed UNet serves
 # the inversion (B latents), the guided [neg, null] pair after the TAC window (2B) and the fused TAC step
 # [cg, neg, null] (3B); every other graph is called at its own symbols with B = the image batch. TensorRT profiles

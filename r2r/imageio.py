@@ -24,6 +24,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from r2r import storage
 from r2r.atomic import atomic_path
+from r2r.errors import R2RError
 from r2r.storage import Location
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -34,7 +35,7 @@ MIN_INPUT_SIDE = 64
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of the orientation
 
 
-class ImageReadError(ValueError):
+class ImageReadError(R2RError, ValueError):
     """An input image that cannot be used; the message names the file and why."""
 
 
@@ -162,12 +163,6 @@ def save_png(path: Location | os.PathLike[str], rgb: np.ndarray, text: Mapping[s
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         image.save(fh, format="PNG", pnginfo=info)
     return Path(path)
-
-
-def read_png_text(path: Location | os.PathLike[str]) -> dict[str, str]:
-    source = io.BytesIO(storage.read_bytes(str(path))) if storage.is_url(path) else path
-    with Image.open(source) as im:
-        return dict(getattr(im, "text", {}) or {})
 
 
 def output_path_for(input_path: Location | os.PathLike[str], out_dir: Location | os.PathLike[str]) -> Location:

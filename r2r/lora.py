@@ -42,17 +42,13 @@ def parse_lora(text: str) -> LoraSpec:
     return LoraSpec(Path(text))
 
 
-def lora_option(ctx: object, param: object, values: tuple[str, ...]) -> list[LoraSpec]:
-    """click callback of `--lora` (repeatable)."""
-    import click
-
-    specs = [parse_lora(v) for v in values]
-    for spec in specs:
-        if spec.path.suffix.lower() != ".safetensors":
-            raise click.BadParameter(f"{spec.path}: LoRAs are read from .safetensors only (never unpickled)")
-        if not spec.path.is_file():
-            raise click.BadParameter(f"{spec.path}: no such LoRA file")
-    return specs
+def check_lora(spec: LoraSpec) -> LoraSpec:
+    """A LoRA file that can be read: a .safetensors file that exists (ModelLoadError naming it, else)."""
+    if spec.path.suffix.lower() != ".safetensors":
+        raise ModelLoadError(f"{spec.path}: LoRAs are read from .safetensors only (never unpickled)")
+    if not spec.path.is_file():
+        raise ModelLoadError(f"{spec.path}: no such LoRA file")
+    return spec
 
 
 def fused_name(model_dir: Path, loras: list[LoraSpec]) -> str:
@@ -101,4 +97,4 @@ def fuse_into(model_dir: Path, loras: list[LoraSpec], out: Path, keep_embedding:
     return out
 
 
-__all__ = ["LORA_FILE", "LoraSpec", "fuse_into", "fuse_loras", "fused_name", "lora_option", "parse_lora"]
+__all__ = ["LORA_FILE", "LoraSpec", "check_lora", "fuse_into", "fuse_loras", "fused_name", "parse_lora"]

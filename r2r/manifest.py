@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from r2r.atomic import atomic_write
+from r2r.errors import R2RError
 from r2r.models import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "r2r-bundle"
 FORMAT_VERSION = 3  # 2: `unet` routes TAC by tac_src and replaces unet_fused; 3: dynamic sizes
 ONNX_DIR = "onnx"
-COND_DIR = "cond"
 COND_FILE = "cond/conditioning.safetensors"
 CANARY_DIR = "canary"  # each graph's recorded outputs on a fixed input (r2r/canary.py)
 REFIT_DIR = "refit"  # weight maps of a refittable bundle, one JSON per graph
@@ -27,7 +27,7 @@ REFIT_PENDING = "refit_pending"  # in `source` while `r2r-export refit` runs: th
 ENGINES_DIR = "engines"
 
 
-class BundleError(ValueError):
+class BundleError(R2RError, ValueError):
     """A bundle that cannot be used as it is; the message names the file and the command that fixes it."""
 
 

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 import r2r
 from r2r.config import SD15_DEFAULT_RESOLUTION
+from r2r.errors import R2RError
 from r2r.schedule import SchedulerConfig
 
 EMBEDDED_DEFAULT = Path(r2r.__file__).resolve().parent / "embedded" / "tiny"
@@ -61,7 +62,7 @@ SD15_TEXT_CONFIG: dict[str, Any] = {
 }
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(R2RError, ValueError):
     """A model directory or embedding that cannot be used; the message names the file and the fix."""
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from r2r.config import Inversion, MethodConfig
+from r2r.config import Inversion, Method
 from r2r.imageio import to_model_input
 from r2r.models import Components, encode_conditioning
 from r2r.schedule import Schedule, ddim_transfer, guide, make_schedule
@@ -64,11 +64,11 @@ class ReferencePipeline:
     def dtype(self) -> torch.dtype:
         return self.c.unet.dtype
 
-    def tac(self, method: MethodConfig) -> tuple[TACPlan, TACState]:
+    def tac(self, method: Method) -> tuple[TACPlan, TACState]:
         """The TAC plan for this resolution and divisor, installed on the UNet (re-planned on change)."""
-        if self._plan is None or self._plan.divisor != method.tac_divisor or self._state is None \
+        if self._plan is None or self._plan.divisor != method.divisor or self._state is None \
                 or self._state.target != method.tac_target:
-            self._plan = plan_tac(self.c.unet.config, self.width, self.height, method.tac_divisor)
+            self._plan = plan_tac(self.c.unet.config, self.width, self.height, method.divisor)
             self._state = install_tac(self.c.unet, self._plan, method.tac_target)
         return self._plan, self._state
 
@@ -82,7 +82,7 @@ class ReferencePipeline:
             if [lyr.name for lyr in new.layers] != [lyr.name for lyr in self._plan.layers]:
                 self._plan = None
 
-    def schedule(self, method: MethodConfig) -> Schedule:
+    def schedule(self, method: Method) -> Schedule:
         return make_schedule(self.c.scheduler, method)
 
     def _unet(self, stage: str, z: torch.Tensor, t: int, cond: torch.Tensor) -> torch.Tensor:
@@ -115,7 +115,7 @@ class ReferencePipeline:
         return latents
 
     @torch.no_grad()
-    def invert_single_pass(self, z0: torch.Tensor, sched: Schedule, method: MethodConfig
+    def invert_single_pass(self, z0: torch.Tensor, sched: Schedule, method: Method
                            ) -> tuple[list[torch.Tensor], list[list[tuple[torch.Tensor, torch.Tensor]]]]:
         """Single-pass inversion: each step reuses the UNet evaluated at the previous latent and that latent's own
         timestep (z0 at ts[-1] - D, at least 0); the window's evaluations capture their TAC Q/K for generation.
@@ -145,7 +145,7 @@ class ReferencePipeline:
         return latents, kept
 
     @torch.no_grad()
-    def generate(self, latents: list[torch.Tensor], sched: Schedule, method: MethodConfig,
+    def generate(self, latents: list[torch.Tensor], sched: Schedule, method: Method,
                  kept: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None) -> torch.Tensor:
         """Negative-embedding guidance from z_{ts[0]}, TAC on the null pass in the window: the Q/K of a cg pass on
         z_t(i), or those `kept` by a single-pass inversion."""
@@ -178,7 +178,7 @@ class ReferencePipeline:
         u8 = (x.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
         return [im.permute(1, 2, 0).cpu().numpy() for im in u8]
 
-    def __call__(self, images: list[np.ndarray], method: MethodConfig, inversion: Inversion = "exact"
+    def __call__(self, images: list[np.ndarray], method: Method, inversion: Inversion = "exact"
                  ) -> list[np.ndarray]:
         sched = self.schedule(method)
         self.count.images += len(images)

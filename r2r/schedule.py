@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from r2r.config import MethodConfig
+from r2r.config import Method
 
 T = TypeVar("T", torch.Tensor, np.ndarray)
 
@@ -119,7 +119,7 @@ class Schedule:
         return len(self.timesteps)
 
 
-def make_schedule(cfg: SchedulerConfig, method: MethodConfig) -> Schedule:
+def make_schedule(cfg: SchedulerConfig, method: Method) -> Schedule:
     """docs/design.md, "Schedule": n = min(int(steps * strength), steps), ts = timesteps[steps - n:]."""
     steps = method.steps
     all_ts = inference_timesteps(cfg, steps)

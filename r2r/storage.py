@@ -18,6 +18,8 @@ import secrets
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from r2r.errors import R2RError
+
 # One location of an input or an output: a local path, or a URL kept as text (Path would fold its '//').
 Location = Path | str
 
@@ -28,7 +30,7 @@ OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
-class StorageError(OSError):
+class StorageError(R2RError, OSError):
     """A URL that cannot be used (unknown protocol, filesystem package missing); the message says the fix."""
 
 

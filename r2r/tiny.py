@@ -1,17 +1,9 @@
 """The tiny Stable-Diffusion-1.x-family model, built locally from a seeded random init.
 
-Tests need a real diffusers checkpoint (so every loading, export and runtime path is exercised) but
-may not download anything, and the shipped default is this same architecture after training. So the
-whole family is fixed here as frozen configs, and `build_tiny_model` writes a directory that
-`diffusers.StableDiffusionPipeline.from_pretrained(dir)` loads as it is, offline, safetensors only.
-
-The architecture is SD 1.x's (UNet2DConditionModel with cross-attention, an 8x AutoencoderKL, a CLIP
-text encoder with a CLIP BPE tokenizer, SD 1.5's DDIM noise schedule), only narrower and shallower:
-256x256 images, 32x32 latents, three UNet levels (32, 16, 8).
-
-The tokenizer is also built here: the 256 byte-level symbols of CLIP's BPE (so any text tokenizes)
-plus merges learned by a small greedy BPE over a fashion word list, which keeps garment, colour and
-pattern words to one token each.
+The family's frozen configs (SD 1.x's architecture, narrower and shallower: 256x256 images, 32x32 latents) and its
+CLIP BPE tokenizer; `build_tiny_model` writes a directory that `diffusers.StableDiffusionPipeline.from_pretrained`
+loads as it is, offline, safetensors only.
+Why: docs/design.md, "Training the embedded default".
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -22,12 +22,13 @@ import numpy as np
 
 from r2r import __version__
 from r2r.backends import BackendRow, BuildRequest, backend_row, known_issue
-from r2r.config import Inversion, MethodConfig, Variant
+from r2r.config import Inversion, Method, Variant
+from r2r.errors import FlagError
 from r2r.log import log
 from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, default_resolution, sha256_file
-from r2r.runtime.bundle import Bundle, open_bundle
+from r2r.runtime.bundle_reader import Bundle, open_bundle
 from r2r.runtime.device import Backend
-from r2r.runtime.scheduler import CoupledScheduler, program_graphs
+from r2r.runtime.scheduler import CoupledScheduler, StepCallback, program_graphs
 from r2r.runtime.select import (
     DeviceUnavailable,
     backend_candidates,
@@ -57,7 +58,7 @@ class RunConfig:
     device: str = "auto"  # bundle backends: auto / cpu / cuda; the reference: a torch device
     precision: str | None = None  # None: the backend's default
     batch: int = 1
-    method: Mapping[str, Any] = field(default_factory=dict)  # MethodConfig fields set; the rest: the bundle's
+    method: Method = field(default_factory=Method)  # tac_divisor None: the bundle's
     inversion: Inversion = "exact"
     fused: FusedChoice = "auto"
     threads: int = 0  # per backend session; 0: all cores
@@ -76,7 +77,7 @@ class RunConfig:
         dw, dh = default_resolution(self.model_dir())
         w, h = self.width or dw, self.height or dh
         if w % 8 or h % 8:
-            raise ValueError(f"--width/--height must be multiples of 8, got {w}x{h}")
+            raise FlagError(f"--width/--height must be multiples of 8, got {w}x{h}")
         return w, h
 
 
@@ -85,7 +86,7 @@ class Runtime:
     """A translator: uint8 [H, W, 3] images of one size it takes (at most `batch`) -> uint8 outputs, with what made
     them. `place` says at what size an input of any size runs (r2r/sizing.py)."""
 
-    translate: Callable[[list[np.ndarray]], list[np.ndarray]]
+    translate: Callable[[list[np.ndarray], StepCallback | None], list[np.ndarray]]
     params: dict[str, Any]  # recorded in every output (and compared by --resume)
     evaluations: Callable[[], float]  # UNet evaluations per image so far
     sizes: SizeRange
@@ -97,8 +98,10 @@ class Runtime:
     scheduler: CoupledScheduler | None = None  # the example size's (the others are made on first use)
     verified: Verified | None = None  # what the canaries found when the backend opened its graphs
 
-    def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        return self.translate(images)
+    def __call__(self, images: list[np.ndarray], on_step: StepCallback | None = None) -> list[np.ndarray]:
+        """Images of one run size (at most the batch) -> outputs; `on_step(done, total)` per denoising step where the
+        backend can say."""
+        return self.translate(images, on_step)
 
     def place(self, width: int, height: int) -> Placement:
         return place(width, height, self.sizes, self.fit, self.max_pixels)
@@ -136,7 +139,7 @@ class PreparedRun:
     row: BackendRow
     device: str
     precision: str
-    method: MethodConfig
+    method: Method
     variant: Variant
     params: dict[str, Any]
     sizes: SizeRange
@@ -155,7 +158,7 @@ def prepare_run(cfg: RunConfig, progress: Callable[[str], None] = log,
     """Steps 1-4 of `open_runtime`: everything but opening the backend (bundle backends only). `refused`: (backend,
     precision) pairs `--backend auto` must pass over (their canaries failed in this process)."""
     if cfg.batch < 1:
-        raise ValueError("--batch-size must be >= 1")
+        raise FlagError("--batch-size must be >= 1")
     # 1. what can be checked before a bundle is exported
     named = None if cfg.backend == "auto" else backend_row(cfg.backend)
     if named is not None:
@@ -167,11 +170,11 @@ def prepare_run(cfg: RunConfig, progress: Callable[[str], None] = log,
         root = cfg.engine
     else:
         w, h = cfg.size()
-        divisor = int(cfg.method.get("tac_divisor") or MethodConfig().tac_divisor)
+        divisor = cfg.method.divisor
         root = cached_bundle(cfg.model_dir(), cfg.embedding_file(), w, h, max(cfg.batch_max, cfg.batch), divisor,
                              progress, graphs=named is None or named.graphs)
     bundle = open_bundle(root)
-    method = MethodConfig(**{**bundle.method_defaults().as_dict(), **cfg.method})
+    method = bundle.method(cfg.method)
     # the program's variant: auto fuses the TAC step whenever the inversion allows it (one routed UNet call of
     # 3B instead of emit B + inject 2B, and the only UNet graph the program loads)
     fused = cfg.fused == "on" or (cfg.fused == "auto" and cfg.inversion == "exact")
@@ -229,7 +232,7 @@ def prepare_run(cfg: RunConfig, progress: Callable[[str], None] = log,
 def open_runtime(cfg: RunConfig, progress: Callable[[str], None] = log) -> Runtime:
     if cfg.backend == REFERENCE:
         if cfg.batch < 1:
-            raise ValueError("--batch-size must be >= 1")
+            raise FlagError("--batch-size must be >= 1")
         return _open_reference(cfg)
     refused: list[tuple[str, str]] = []
     while True:
@@ -281,12 +284,12 @@ class SchedulerCache:
             self._by_size.popitem(last=False)
         return self._by_size[size]
 
-    def translate(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    def translate(self, images: list[np.ndarray], on_step: StepCallback | None = None) -> list[np.ndarray]:
         """Images of one size through that size's scheduler."""
         h, w = images[0].shape[:2]
         if any(im.shape[:2] != (h, w) for im in images):
             raise ValueError("a batch holds images of one size; group them by size first")
-        return self.get((w, h))(images)
+        return self.get((w, h))(images, on_step)
 
     def __len__(self) -> int:
         return len(self._by_size)
@@ -299,7 +302,7 @@ def _open_reference(cfg: RunConfig) -> Runtime:
     from r2r.reference import ReferencePipeline
     from r2r.tac import pixel_multiple
 
-    method = MethodConfig(**cfg.method)
+    method = replace(cfg.method, tac_divisor=cfg.method.divisor)
     w, h = cfg.size()
     emb = cfg.embedding_file()
     device = "cpu" if cfg.device == "auto" else cfg.device
@@ -311,7 +314,7 @@ def _open_reference(cfg: RunConfig) -> Runtime:
               "inversion": cfg.inversion, "model": cfg.model_dir().name, "embedding_sha256": sha256_file(emb),
               "r2r": __version__}
 
-    def translate(images: list[np.ndarray]) -> list[np.ndarray]:
+    def translate(images: list[np.ndarray], on_step: StepCallback | None = None) -> list[np.ndarray]:
         pipe.set_size(images[0].shape[1], images[0].shape[0])
         return pipe(images, method, cfg.inversion)
 

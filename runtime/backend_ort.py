@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from r2r.engines.onnxruntime import open_session
-from r2r.runtime.bundle import Bundle
+from r2r.runtime.bundle_reader import Bundle
 from r2r.runtime.device import Backend, DeviceArray, HostBackend, Op
 from r2r.runtime.ort_session import CPU_PROVIDER, element_type, graph_source, require_cuda
 

@@ -1,26 +1,9 @@
 """ONNX Runtime backend with device-resident buffers: the CUDA provider with one CUDA graph per prepared call.
 
-`OrtBackend` binds host memory, right for the CPU provider only. Here every buffer is an OrtValue that ONNX Runtime
-allocates on the session's device (`OrtValue.ortvalue_from_shape_and_type`), kept alive by the backend; a
-`DeviceArray` is its `data_ptr()` (or an address inside it, for views) and prepared calls bind those addresses
-with `IOBinding.bind_input` / `bind_output`, so the emit graph's Q/K outputs are the inject graph's inputs and
-nothing is copied between calls. On CUDA:
-
-- every session shares one caller-owned non-blocking stream (`user_compute_stream`): runs of different sessions
-  are ordered by the stream, so no run synchronizes with the host (`disable_synchronize_execution_providers`);
-- `enable_cuda_graph` with one `gpu_graph_id` per prepared call: ONNX Runtime captures each call on its first
-  runs and replays it after (the addresses it captured never change: bindings are made once). ONNX Runtime refuses
-  capture, when the session is made, for a graph with nodes off the CUDA provider, as a dynamic batch's shape
-  arithmetic placed on the CPU; such a graph gets one session per batch with the batch fixed (`session_for`);
-- the scheduler updates are the bundle's step graphs (`StepGraphBackend`) and the [z, z] copy a one-node Identity
-  graph, so the loop never leaves the device;
-- upload (`OrtValue.update_inplace`) and download (`OrtValue.numpy`) are copies outside the loop. ONNX Runtime
-  does them with `cudaMemcpy` on the legacy stream, which the non-blocking stream is not ordered against, so both
-  wait for the device first, and the next program waits for an upload to land (`cudaDeviceSynchronize`) before
-  its first op. Nothing waits inside a program.
-
-The same class runs on "cpu" (OrtValues in host memory, CPU provider, no stream or CUDA option): that is how CI,
-without a GPU, checks the device path's bindings and numbers against `OrtBackend`.
+Buffers are OrtValues on the session's device, bound once by address, so nothing is copied between calls; sessions
+share one non-blocking stream, updates are the bundle's step graphs, and only upload / download (outside a program)
+wait. On "cpu" the same class runs on host OrtValues: CI checks its bindings and numbers against `OrtBackend`.
+Why: docs/design.md, "Backends".
 """
 
 from __future__ import annotations
@@ -37,7 +20,7 @@ import numpy as np
 from r2r.engines.onnxruntime import open_session
 from r2r.gpu import cuda_check, import_cudart
 from r2r.log import log
-from r2r.runtime.bundle import Bundle
+from r2r.runtime.bundle_reader import Bundle
 from r2r.runtime.device import Buffers, DeviceArray, Op, StepGraphBackend
 from r2r.runtime.ort_session import (
     CPU_PROVIDER,

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from r2r import graph_io as io
+from r2r import graph_io
 from r2r.engines.openvino import ROW, compile_graph, default_threads, drop_cache, import_openvino
-from r2r.runtime.bundle import Bundle
+from r2r.runtime.bundle_reader import Bundle
 from r2r.runtime.device import Backend, DeviceArray, HostBackend, Op
 
 
@@ -40,7 +40,7 @@ class OpenVinoBackend(HostBackend):
 
     def precision_of(self, graph: str) -> str:
         """int8 runs the quantized UNet; the other graphs at the CPU's native float precision."""
-        return self.precision if self.precision != "int8" or graph == io.UNET else ROW.native_precision()
+        return self.precision if self.precision != "int8" or graph == graph_io.UNET else ROW.native_precision()
 
     def discard(self, graph: str) -> str:
         self._compiled.pop(graph, None)

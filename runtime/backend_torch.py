@@ -1,22 +1,9 @@
 """PyTorch backend of the coupled scheduler: the model's own modules, on any torch device, the whole program replayed.
 
-What users without TensorRT run on an NVIDIA GPU (and on AMD GPUs through ROCm builds of torch), behind the same
-interface as the other backends (docs/design.md, "Backends"):
-
-- buffers are torch tensors allocated once (`empty` is the only allocation the backend makes; views by offset are
-  resolved to tensor views when a call is prepared, never in the loop);
-- a prepared UNet call runs the model's UNet with r2r's TAC processor in the graph's mode (the routed `unet`:
-  `tac_src` routing; `unet_emit`: capture; `unet_inject`: injection) and writes eps (and Q/K) into the bound output
-  buffers; the VAE calls likewise;
-- the DDIM and guided updates are in-place tensor arithmetic in the host backends' order of operations;
-- fp32, fp16 and bf16: weights cast once at load; attention is PyTorch's scaled_dot_product_attention (flash or
-  memory-efficient kernels where the device has them); bound buffers stay float32, the cast happens in the call;
-- on CUDA, `execute` runs a program once eagerly on a side stream (warm-up: cuBLAS handles, workspaces, the
-  allocator's pools), then captures the whole program into one `torch.cuda.CUDAGraph`; later batches are one
-  `replay()`: no host synchronization, no allocation, no Python between the kernels. On CPU it runs the ops in order.
-
-The model comes from its directory (`RunConfig.model`), checked against the hash the bundle recorded; the bundle
-gives the conditioning, the schedule and the TAC plan, as it does every backend.
+Same interface as the other backends: `empty` is the only allocation; UNet calls run r2r's TAC processor in the
+graph's mode; fp32, fp16 or bf16 weights, float32 buffers. On CUDA a program runs once eagerly, then as one
+`torch.cuda.CUDAGraph` replay; on CPU in order. The model must match the hash the bundle recorded.
+Why: docs/design.md, "Backends".
 """
 
 from __future__ import annotations
@@ -27,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from r2r import graph_io as io
+from r2r import graph_io
 from r2r.manifest import BundleError
 from r2r.models import load_components, sha256_tree
-from r2r.runtime.bundle import Bundle
+from r2r.runtime.bundle_reader import Bundle
 from r2r.runtime.device import Backend, Buffers, Coefficients, DeviceArray, Op
 from r2r.tac import TACMode, install_tac, plan_tac
 
@@ -67,6 +54,7 @@ class TorchBackend(Backend):
         self.state = install_tac(self.unet, plan)
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self.frees_dropped_buffers = not self.cuda_graph  # captured programs hold their buffers
+        self.reports_steps = not self.cuda_graph
         self.buffers = Buffers()  # base address -> tensor
         self.allocations = 0  # tensors made by empty(); a program must not add any
         self._graphs: dict[object, tuple[Sequence[Op], Any]] = {}
@@ -110,29 +98,31 @@ class TorchBackend(Backend):
     def call(self, graph: str, bindings: Mapping[str, DeviceArray]) -> Op:
         torch, dt = self.torch, self.dtype
         t = {name: self.tensor(a) for name, a in bindings.items()}
-        if graph == io.VAE_ENCODER:
-            image, latent, sf, vae = t[io.IMAGE], t[io.LATENT], self.scaling_factor, self.vae
+        if graph == graph_io.VAE_ENCODER:
+            image, latent, sf, vae = t[graph_io.IMAGE], t[graph_io.LATENT], self.scaling_factor, self.vae
 
             def encode() -> None:
                 latent.copy_(vae.encode(image.to(dt)).latent_dist.mean * sf)
 
             return _no_grad(torch, encode)
-        if graph == io.VAE_DECODER:
-            latent, image, sf, vae = t[io.LATENT], t[io.IMAGE], self.scaling_factor, self.vae
+        if graph == graph_io.VAE_DECODER:
+            latent, image, sf, vae = t[graph_io.LATENT], t[graph_io.IMAGE], self.scaling_factor, self.vae
 
             def decode() -> None:
                 image.copy_((vae.decode(latent.to(dt) / sf).sample / 2 + 0.5).clamp(0, 1))
 
             return _no_grad(torch, decode)
-        if graph not in io.UNET_GRAPHS:
-            raise KeyError(f"the torch backend runs {', '.join((*io.UNET_GRAPHS, io.VAE_ENCODER, io.VAE_DECODER))}; "
+        if graph not in graph_io.UNET_GRAPHS:
+            runs = ", ".join((*graph_io.UNET_GRAPHS, graph_io.VAE_ENCODER, graph_io.VAE_DECODER))
+            raise KeyError(f"the torch backend runs {runs}; "
                            f"not {graph}")
         return _no_grad(torch, self._unet(graph, t))
 
     def _unet(self, graph: str, t: dict[str, Any]) -> Callable[[], None]:
         unet, state, dt = self.unet, self.state, self.dtype
-        sample, timestep, ehs, eps = t[io.SAMPLE], t[io.TIMESTEP], t[io.ENCODER_HIDDEN_STATES], t[io.EPS]
-        names = io.tac_names(len(self.bundle.tac_layers))
+        sample, timestep = t[graph_io.SAMPLE], t[graph_io.TIMESTEP]
+        ehs, eps = t[graph_io.ENCODER_HIDDEN_STATES], t[graph_io.EPS]
+        names = graph_io.tac_names(len(self.bundle.tac_layers))
         qk = [t[n] for n in names if n in t]
         pairs = [(qk[2 * i], qk[2 * i + 1]) for i in range(len(qk) // 2)]
         flat = [(q.view(q.shape[0], -1, q.shape[-1]), k.view(k.shape[0], -1, k.shape[-1])) for q, k in pairs]
@@ -140,8 +130,8 @@ class TorchBackend(Backend):
         def run() -> Any:
             return unet(sample.to(dt), timestep, encoder_hidden_states=ehs.to(dt)).sample
 
-        if graph == io.UNET:
-            src = t[io.TAC_SRC]
+        if graph == graph_io.UNET:
+            src = t[graph_io.TAC_SRC]
 
             def routed() -> None:
                 state.mode, state.src = TACMode.ROUTED, src
@@ -151,7 +141,7 @@ class TorchBackend(Backend):
                     state.mode, state.src = TACMode.OFF, None
 
             return routed
-        if graph == io.UNET_EMIT:
+        if graph == graph_io.UNET_EMIT:
 
             def emit() -> None:
                 state.mode = TACMode.CAPTURE

@@ -1,34 +1,9 @@
 """TensorRT backend: the bundle's engines on one CUDA stream, each batch's program replayed as one CUDA graph.
 
-Written against the TensorRT 10 Python API (`tests/support/api/tensorrt_api.json`, the docstrings of the bindings
-in NVIDIA/TensorRT `python/docstrings/infer/pyCoreDoc.h`) and cuda-python's `cuda.bindings.runtime`
-(`tests/support/api/cudart_api.json`, the module's docstrings). Both are optional (the `gpu` extra) and imported when
-a backend is made (`r2r.gpu`); tests pass the strict stand-ins of `tests/support/gpu_sim.py` instead.
-
-Design (docs/design.md, "Backends", "The GPU path"):
-
-- One non-blocking CUDA stream (`cudaStreamCreateWithFlags(cudaStreamNonBlocking)`: no implicit synchronization
-  with the legacy default stream, which TensorRT's `execute_async_v3` documentation also advises against).
-- `empty()` is the only allocation (`cudaMalloc`, once per buffer); `upload` / `download` are the only host<->device
-  copies (`cudaMemcpyAsync` on the stream), outside the program; `download` synchronizes the stream, and only it
-  and `synchronize()` do.
-- One execution context per prepared call (`call()`), not one per engine: its input shapes and tensor addresses are
-  set once, when the call is prepared, and never change. A CUDA graph records the addresses an enqueue used, and the
-  TensorRT developer guide ("CUDA Graphs") says to call enqueueV3 once, uncaptured, after an input shape change
-  before capturing. One context per engine would have to re-set addresses and shapes between the enqueues of one
-  capture (the same `unet` engine runs at batch B for the inversion and 2B for the generation), i.e. capture an
-  enqueue right after a shape change. Contexts are created with `ExecutionContextAllocationStrategy.USER_MANAGED`
-  and share one activation buffer (`set_device_memory`), sized as the largest `update_device_memory_size_for_shapes()`
-  of all contexts: every context runs on the one stream, one after the other, so sharing is safe (as in demoDiffusion,
-  whose engines share one device-memory block), and ~75 contexts cost no more device memory than the largest one.
-- `ddim` / `guided` run the bundle's `ddim_step` / `guided_step` engines with `coef` bound to the scheduler's row of
-  the device coefficient table: the arithmetic stays on the device, no host scalar enters the loop.
-- `execute(program, key)`: the first time for a key, the program runs once on the stream uncaptured (that is the
-  enqueue-after-shape-change the TensorRT guide asks for, and it computes this batch), then the whole program is
-  captured (`cudaStreamBeginCapture(..., cudaStreamCaptureModeGlobal)` ... `cudaStreamEndCapture`) and instantiated
-  (`cudaGraphInstantiate`). Later calls with that key are one `cudaGraphLaunch`. No host synchronization inside.
-  (demoDiffusion's Engine.infer does the same: an enqueue, the capture, then launches on later calls.)
-- Every cuda-python call's `cudaError_t` is checked; a failure raises `CudaError` naming the function.
+`empty` is the only allocation, `upload` / `download` the only copies and, with `synchronize`, the only waits; each
+prepared call owns an execution context whose shapes and addresses are set once; a program runs once uncaptured,
+then is captured and later launched as one graph. A failing cuda-python call raises `CudaError` naming it.
+Why: docs/design.md, "The GPU path".
 """
 
 from __future__ import annotations
@@ -44,7 +19,7 @@ import numpy as np
 from r2r.engines.tensorrt import EngineCompatError, check_engine_compat, engine_entry_key, rebuild_command
 from r2r.gpu import CudaError, cuda_check, gpu_info, import_cudart, import_tensorrt
 from r2r.manifest import bundle_path
-from r2r.runtime.bundle import Bundle
+from r2r.runtime.bundle_reader import Bundle
 from r2r.runtime.device import Backend, Buffers, DeviceArray, Op, StepGraphBackend
 
 # TensorRT DataType member -> numpy dtype (bf16, fp8, int4, fp4 have no numpy type: such I/O is refused)
@@ -320,7 +295,7 @@ class TrtBackend(StepGraphBackend):
         """An op that enqueues `graph` on the stream with every I/O tensor bound to the given buffers.
 
         The shapes, addresses and dtypes are checked against the engine here, once; the context made for the call
-        keeps them (see the module docstring)."""
+        keeps them (docs/design.md, "The GPU path")."""
         self._require_open()
         eng = self._engine(graph)
         names = list(eng.tensors)

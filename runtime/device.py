@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from r2r import graph_io as io
+from r2r import graph_io
 
 if TYPE_CHECKING:
-    from r2r.runtime.bundle import Bundle
+    from r2r.runtime.bundle_reader import Bundle
 
 Op = Callable[[], None]
 
@@ -108,6 +108,9 @@ class Backend(ABC):
     # Whether a scheduler's buffers are freed when it is dropped (host memory), so that the runtime may drop the
     # schedulers of sizes it has not seen lately; a device backend's memory stays its own until it closes.
     frees_dropped_buffers: bool = True
+    # Whether a program may be run in pieces (per denoising step, for progress) at no cost: backends that run the ops
+    # one by one; not one that replays the whole program as a CUDA graph.
+    reports_steps: bool = False
 
     @abstractmethod
     def empty(self, shape: Sequence[int], dtype: np.dtype | type = np.float32) -> DeviceArray: ...
@@ -174,12 +177,14 @@ class StepGraphBackend(Backend):
     def ddim(self, dst: DeviceArray, z: DeviceArray, eps: DeviceArray, coef: Coefficients,
              coef_dev: DeviceArray) -> Op:
         """dst = cz z + ce eps."""
-        return self.call(io.DDIM_STEP, {io.Z: z, io.EPS: eps, io.COEF: coef_dev, io.Z_NEXT: dst})
+        return self.call(graph_io.DDIM_STEP, {graph_io.Z: z, graph_io.EPS: eps, graph_io.COEF: coef_dev,
+                                              graph_io.Z_NEXT: dst})
 
     def guided(self, dst_pair: DeviceArray, z: DeviceArray, eps_pair: DeviceArray, coef: Coefficients,
                coef_dev: DeviceArray) -> Op:
         """dst_pair = [z', z'], z' = cz z + ce (e_neg + w (e_null - e_neg))."""
-        return self.call(io.GUIDED_STEP, {io.Z: z, io.EPS: eps_pair, io.COEF: coef_dev, io.Z_PAIR: dst_pair})
+        return self.call(graph_io.GUIDED_STEP, {graph_io.Z: z, graph_io.EPS: eps_pair, graph_io.COEF: coef_dev,
+                                                graph_io.Z_PAIR: dst_pair})
 
 
 class NumpyArithmetic:
@@ -226,6 +231,8 @@ class NumpyArithmetic:
 class HostBackend(Backend):
     """A backend whose device memory is host memory (CPU runtimes): buffers are numpy arrays, the
     scheduler updates are in-place ufuncs, copies are np.copyto. Subclasses provide `call`."""
+
+    reports_steps = True
 
     def __init__(self) -> None:
         self._scratch: dict[tuple[int, ...], np.ndarray] = {}

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from r2r.engines.onnxruntime import PROVIDERS, ROW, engine_key
+from r2r.errors import R2RError
 from r2r.log import log
 from r2r.manifest import bundle_path
-from r2r.runtime.bundle import Bundle
+from r2r.runtime.bundle_reader import Bundle
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -42,7 +43,7 @@ def cuda_available(ort: Any) -> bool:
     return CUDA_PROVIDER in ort.get_available_providers()
 
 
-class ProviderUnavailable(ImportError):
+class ProviderUnavailable(R2RError, ImportError):
     """An execution provider was asked for that this onnxruntime install does not have."""
 
 

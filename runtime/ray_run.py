@@ -1,17 +1,9 @@
-"""`r2r-run --ray ADDRESS`: the translation of `r2r-run` on a Ray cluster, through Ray Data (docs/scale-out.md).
+"""`r2r-run --ray ADDRESS`: the translation of `r2r-run` on a Ray cluster, through Ray Data.
 
-1. The driver prepares the run once (`prepare_run`: the bundle exported and its engines built), lists the inputs,
-   records those `--resume` finds complete as skipped, reads each other input's size from its header and plans the
-   batches as one process does (`group_by_size`), so the outputs are those of single-process `r2r-run`.
-2. Ray Data: one row per batch. A task reads and decodes a batch's images (`decode_batch`); an actor pool
-   translates (`Translator`: each actor opens the prepared run once, at a bundle path every node sees) and writes
-   each PNG atomically into the output folder (a path every node sees, or an fsspec URL). An actor that dies
-   mid-batch is restarted and its batch retried by Ray; outputs the dead attempt completed are found complete and
-   not written again.
-3. The driver appends one record per input to OUT/results.jsonl as results arrive (input, output, status
-   ok / failed / skipped, error, seconds, parameters hash, when it arrived), with a progress bar in images/s.
-   Where the output is a URL, the log is kept in a local file and the whole of it is uploaded every
-   `UPLOAD_EVERY_S` and at the end (an object store cannot append); its local path is printed.
+The driver prepares the run once and plans the batches as one process does, so the outputs are single-process
+`r2r-run`'s; actors write each PNG atomically, a dead actor's batch is retried, and the driver appends one record
+per input to OUT/results.jsonl (for a URL output, a local log uploaded whole every `UPLOAD_EVERY_S`).
+Why: docs/scale-out.md, "`r2r-run --ray`" (from docs/design.md, "The bundle").
 """
 
 from __future__ import annotations
@@ -32,7 +24,7 @@ import numpy as np
 from r2r import storage
 from r2r.imageio import ImageReadError, load_rgb, oriented_size, output_path_for
 from r2r.log import log
-from r2r.runtime.assembly import PreparedRun, RunConfig, open_runtime
+from r2r.runtime.assembly import PreparedRun, RunConfig
 from r2r.runtime.outputs import is_complete, params_hash, write_output
 from r2r.runtime.scheduler import DegenerateOutput
 from r2r.sizing import Placement, group_by_size, place, prepare, restore
@@ -156,13 +148,16 @@ def decode_batch(row: dict[str, Any]) -> dict[str, Any]:
     return {"items": json.dumps(items), "images": stack, "failed": json.dumps(failed)}
 
 
-class Translator:
-    """A Ray Data actor: opens the prepared run once, then translates batches and writes their PNGs."""
+class TranslateActor:
+    """A Ray Data actor: opens the prepared run once (a `Translator`), then translates batches and writes their
+    PNGs."""
 
     def __init__(self, cfg: RunConfig, params: dict[str, Any]) -> None:
-        self.runtime = open_runtime(cfg, progress=lambda s: None)
-        if self.runtime.params != params:  # a worker must run exactly what the driver planned
-            raise RuntimeError(f"this worker's run differs from the driver's: {self.runtime.params} vs {params}")
+        from r2r.runtime.translator import Translator
+
+        self.translator = Translator.from_config(cfg, log=lambda s: None)
+        if self.translator.params != params:  # a worker must run exactly what the driver planned
+            raise RuntimeError(f"this worker's run differs from the driver's: {self.translator.params} vs {params}")
         self.params, self.phash = params, params_hash(params)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -178,7 +173,7 @@ class Translator:
         t0 = time.perf_counter()
         records = []
         try:
-            outs: list[np.ndarray | None] = list(self.runtime(list(images)))
+            outs: list[np.ndarray | None] = list(self.translator.translate_batch(list(images)))
         except DegenerateOutput as exc:  # the batch's other images are delivered
             outs = exc.outputs
             records += [record(it["input"], it["output"], "failed", f"not delivered: {exc.problems[i]}",
@@ -234,7 +229,7 @@ class ResultsLog:
 
 
 def translate_on_ray(prepared: PreparedRun, cfg: RunConfig, paths: list[Location], output: Location,
-                     ray_cfg: RayConfig, resume: bool = False, translator: type[Translator] = Translator,
+                     ray_cfg: RayConfig, resume: bool = False, translator: type[TranslateActor] = TranslateActor,
                      on_record: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Translate `paths` into `output` on the connected cluster; returns every record (also in results.jsonl)."""
     import ray
@@ -307,5 +302,5 @@ def run_cli(prepared: PreparedRun, cfg: RunConfig, paths: list[Location], output
     return 1 if counts["failed"] else 0
 
 
-__all__ = ["RESULTS_FILE", "RayConfig", "ResultsLog", "Translator", "decode_batch", "import_ray", "parse_actors",
+__all__ = ["RESULTS_FILE", "RayConfig", "ResultsLog", "TranslateActor", "decode_batch", "import_ray", "parse_actors",
            "placement_from", "plan", "ray_session", "record", "run_cli", "translate_on_ray"]

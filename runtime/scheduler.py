@@ -19,24 +19,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from r2r import graph_io as io
-from r2r.config import MethodConfig, Variant
+from r2r import graph_io
+from r2r.config import Method, Variant
+from r2r.errors import R2RError
 from r2r.imageio import from_model_output, to_model_input
-from r2r.runtime.bundle import Bundle
+from r2r.runtime.bundle_reader import Bundle
 from r2r.runtime.device import Backend, Coefficients, DeviceArray, Op
 from r2r.schedule import Schedule, transfer_coefficients
 
 STAGES = ("encode", "inversion", "generation", "decode")
+StepCallback = Callable[[int, int], None]  # (steps done, steps in the batch's program)
 
 
 def program_graphs(variant: Variant, step_graphs: bool = False) -> tuple[str, ...]:
     """The bundle graphs a variant's program calls (what a backend opens, and the canaries check first); with
     `step_graphs`, the scheduler updates too (backends whose memory the host cannot touch)."""
-    unets = (io.UNET,) if variant.fused else (io.UNET, io.UNET_EMIT, io.UNET_INJECT)
-    return (io.VAE_ENCODER, *unets, io.VAE_DECODER, *(io.STEP_GRAPHS if step_graphs else ()))
+    unets = (graph_io.UNET,) if variant.fused else (graph_io.UNET, graph_io.UNET_EMIT, graph_io.UNET_INJECT)
+    return (graph_io.VAE_ENCODER, *unets, graph_io.VAE_DECODER, *(graph_io.STEP_GRAPHS if step_graphs else ()))
 
 
-class DegenerateOutput(RuntimeError):
+class DegenerateOutput(R2RError, RuntimeError):
     """Images of a batch that must not be delivered: their final latents or decoded pixels are not finite, or the
     latents are constant (no model output is). `outputs` holds the batch's other images (None for the bad ones)."""
 
@@ -70,6 +72,7 @@ class Plan:
     graph_calls: Counter = field(default_factory=Counter)
     stages: dict[str, slice] = field(default_factory=dict)  # encode / inversion / generation / decode
     unet_ops: dict[int, int] = field(default_factory=dict)  # op index -> latents per image it evaluates
+    step_ends: list[int] = field(default_factory=list)  # op index after each denoising step (inversion, generation)
 
     def add(self, op: Op) -> None:
         self.ops.append(op)
@@ -79,7 +82,7 @@ class CoupledScheduler:
     """FashionR2R's generation on a bundle through one backend, batch of B images of one size (the bundle's example
     size by default; any size the bundle takes)."""
 
-    def __init__(self, bundle: Bundle, backend: Backend, batch: int, method: MethodConfig,
+    def __init__(self, bundle: Bundle, backend: Backend, batch: int, method: Method,
                  variant: Variant | None = None, size: tuple[int, int] | None = None) -> None:
         variant = variant or Variant()
         bundle.check(method, batch)
@@ -160,11 +163,12 @@ class CoupledScheduler:
              qk: list[DeviceArray] | None = None, src: DeviceArray | None = None) -> Op:
         """A prepared UNet call at timestep row `t`, counted in the plan. The routed `unet` takes `src` (default:
         the identity, a plain evaluation)."""
-        binds = {io.SAMPLE: sample, io.TIMESTEP: self.timesteps[t], io.ENCODER_HIDDEN_STATES: cond, io.EPS: eps}
+        binds = {graph_io.SAMPLE: sample, graph_io.TIMESTEP: self.timesteps[t], graph_io.ENCODER_HIDDEN_STATES: cond,
+                 graph_io.EPS: eps}
         if qk is not None:
-            binds |= dict(zip(io.tac_names(len(self.bundle.tac_layers)), qk, strict=True))
-        if graph == io.UNET:
-            binds[io.TAC_SRC] = src if src is not None else self.identity[sample.shape[0] // self.batch]
+            binds |= dict(zip(graph_io.tac_names(len(self.bundle.tac_layers)), qk, strict=True))
+        if graph == graph_io.UNET:
+            binds[graph_io.TAC_SRC] = src if src is not None else self.identity[sample.shape[0] // self.batch]
         per_image = sample.shape[0] // self.batch
         plan.unet_evaluations[graph] += per_image
         plan.graph_calls[graph] += 1
@@ -181,15 +185,25 @@ class CoupledScheduler:
         """The last generation step's latents [B, C, h, w] (what the decoder reads)."""
         return self.pair(self.schedule.n)[:self.batch]
 
-    def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    def __call__(self, images: list[np.ndarray], on_step: StepCallback | None = None) -> list[np.ndarray]:
         """uint8 [H, W, 3] images (at most B; fewer are padded) -> uint8 outputs. An image whose latents or pixels
-        came out non-finite or degenerate is not returned: `DegenerateOutput` carries the batch's others."""
+        came out non-finite or degenerate is not returned: `DegenerateOutput` carries the batch's others.
+        `on_step(done, total)` after each denoising step, where the backend runs the program op by op (a CUDA graph
+        is one replay: no step to report)."""
         k = len(images)
         if not 1 <= k <= self.batch:
             raise ValueError(f"{k} images for a batch of {self.batch}")
         x = np.stack([to_model_input(im) for im in images] + [to_model_input(images[-1])] * (self.batch - k))
         self.backend.upload(self.image_in, x)
-        self.backend.execute(self.plan.ops, key=id(self))
+        if on_step is not None and self.backend.reports_steps:
+            start, ends = 0, [*self.plan.step_ends, len(self.plan.ops)]
+            for done, end in enumerate(ends):
+                self.backend.execute(self.plan.ops[start:end], key=(id(self), done))
+                if done < len(self.plan.step_ends):
+                    on_step(done + 1, len(self.plan.step_ends))
+                start = end
+        else:
+            self.backend.execute(self.plan.ops, key=id(self))
         out = self.backend.download(self.image_out)
         problems = output_problems(self.backend.download(self.final_latents)[:k], out[:k])
         outputs = [None if i in problems else from_model_output(out[i]) for i in range(k)]
@@ -202,29 +216,31 @@ class CoupledScheduler:
 
 def encode(s: CoupledScheduler, plan: Plan) -> None:
     """z0 = VAE encoder(image)."""
-    plan.add(s.backend.call(io.VAE_ENCODER, {io.IMAGE: s.image_in, io.LATENT: s.z0}))
+    plan.add(s.backend.call(graph_io.VAE_ENCODER, {graph_io.IMAGE: s.image_in, graph_io.LATENT: s.z0}))
 
 
 def invert_exact(s: CoupledScheduler, plan: Plan) -> None:
     """DDIM inversion over ts ascending (paper eq. 5): e = UNet(z, t_j), then z_t(j) into zs[j]."""
     src = s.z0
     for j in reversed(range(s.schedule.n)):
-        plan.add(s.unet(plan, io.UNET, src, j, s.c_null, s.eps1))
+        plan.add(s.unet(plan, graph_io.UNET, src, j, s.c_null, s.eps1))
         plan.add(s.backend.ddim(s.zs[j], src, s.eps1, s.coef_host[j], s.coefs[j]))
+        plan.step_ends.append(len(plan.ops))
         src = s.zs[j]
 
 
 def invert_single_pass(s: CoupledScheduler, plan: Plan) -> None:
     """Each step reuses the UNet evaluated at the previous latent and that latent's own timestep (z0 at t0); the
     evaluations at window steps are emit calls, which keep that step's Q/K for generation."""
-    plan.add(s.unet(plan, io.UNET, s.z0, s.schedule.n, s.c_null, s.eps1))
+    plan.add(s.unet(plan, graph_io.UNET, s.z0, s.schedule.n, s.c_null, s.eps1))
     src = s.z0
     for j in reversed(range(s.schedule.n)):
         plan.add(s.backend.ddim(s.zs[j], src, s.eps1, s.coef_host[j], s.coefs[j]))
         if j < s.window:
-            plan.add(s.unet(plan, io.UNET_EMIT, s.zs[j], j, s.c_null, s.eps1, s.qk[j]))
+            plan.add(s.unet(plan, graph_io.UNET_EMIT, s.zs[j], j, s.c_null, s.eps1, s.qk[j]))
         elif j > 0:  # the last latent's evaluation would feed no step
-            plan.add(s.unet(plan, io.UNET, s.zs[j], j, s.c_null, s.eps1))
+            plan.add(s.unet(plan, graph_io.UNET, s.zs[j], j, s.c_null, s.eps1))
+        plan.step_ends.append(len(plan.ops))
         src = s.zs[j]
 
 
@@ -233,21 +249,21 @@ TacPass = Callable[[CoupledScheduler, Plan, int, DeviceArray], DeviceArray]
 
 def tac_emit_inject(s: CoupledScheduler, plan: Plan, i: int, cur: DeviceArray) -> DeviceArray:
     """The cg pass on z_t(i) emits Q/K; the [neg, null] pass takes them in the null half."""
-    plan.add(s.unet(plan, io.UNET_EMIT, s.zs[i], i, s.c_null, s.eps1, s.qk[0]))
-    plan.add(s.unet(plan, io.UNET_INJECT, cur, i, s.c_pair, s.eps_pair, s.qk[0]))
+    plan.add(s.unet(plan, graph_io.UNET_EMIT, s.zs[i], i, s.c_null, s.eps1, s.qk[0]))
+    plan.add(s.unet(plan, graph_io.UNET_INJECT, cur, i, s.c_pair, s.eps_pair, s.qk[0]))
     return s.eps_pair
 
 
 def tac_fused(s: CoupledScheduler, plan: Plan, i: int, cur: DeviceArray) -> DeviceArray:
     """One routed UNet call on [z_t(i), zr, zr], the null third taking the cg third's Q/K inside the graph; eps of
     [neg, null] is its tail."""
-    plan.add(s.unet(plan, io.UNET, s.fused_in[i], i, s.c_fused, s.eps_fused, src=s.routed))
+    plan.add(s.unet(plan, graph_io.UNET, s.fused_in[i], i, s.c_fused, s.eps_fused, src=s.routed))
     return s.eps_fused[s.batch:]
 
 
 def tac_kept(s: CoupledScheduler, plan: Plan, i: int, cur: DeviceArray) -> DeviceArray:
     """Single-pass inversion already emitted step i's Q/K: the [neg, null] pass takes them."""
-    plan.add(s.unet(plan, io.UNET_INJECT, cur, i, s.c_pair, s.eps_pair, s.qk[i]))
+    plan.add(s.unet(plan, graph_io.UNET_INJECT, cur, i, s.c_pair, s.eps_pair, s.qk[i]))
     return s.eps_pair
 
 
@@ -270,15 +286,16 @@ def generate(s: CoupledScheduler, plan: Plan) -> None:
         if i < s.window:
             eps = controlled(s, plan, i, cur)
         else:
-            plan.add(s.unet(plan, io.UNET, cur, i, s.c_pair, s.eps_pair))
+            plan.add(s.unet(plan, graph_io.UNET, cur, i, s.c_pair, s.eps_pair))
             eps = s.eps_pair
         plan.add(s.backend.guided(s.pair(i + 1), cur[:b], eps, s.coef_host[n + i], s.coefs[n + i]))
+        plan.step_ends.append(len(plan.ops))
 
 
 def decode(s: CoupledScheduler, plan: Plan) -> None:
     """image = VAE decoder(zr) of the last step's batch."""
     final = s.pair(s.schedule.n)[:s.batch]
-    plan.add(s.backend.call(io.VAE_DECODER, {io.LATENT: final, io.IMAGE: s.image_out}))
+    plan.add(s.backend.call(graph_io.VAE_DECODER, {graph_io.LATENT: final, graph_io.IMAGE: s.image_out}))
 
 
 INVERT = {"exact": invert_exact, "single-pass": invert_single_pass}

@@ -11,12 +11,13 @@ from types import ModuleType
 
 from r2r.backends import BackendRow, auto_choices, backend_row
 from r2r.cache import cache_dir
+from r2r.errors import R2RError
 from r2r.log import log
 from r2r.models import sha256_file, sha256_tree
-from r2r.runtime.bundle import Bundle
+from r2r.runtime.bundle_reader import Bundle
 
 
-class DeviceUnavailable(ImportError):
+class DeviceUnavailable(R2RError, ImportError):
     """A device was asked for that the backend cannot use on this machine; the message names the install."""
 
 
@@ -72,7 +73,7 @@ def cached_bundle(model: Path, embedding: Path, width: int, height: int, batch_m
     """A model's bundle, exported once into the cache and named by what it is made from (a later call with the same
     model, embedding and settings checks hashes only). `graphs=False`: the manifest and conditioning alone, for a
     backend that runs the model's own modules."""
-    from r2r.export.bundle import ExportConfig, export_bundle
+    from r2r.export.bundle_writer import ExportConfig, export_bundle
 
     digest = hashlib.sha256(f"{sha256_tree(model)} {sha256_file(embedding)}".encode()).hexdigest()[:12]
     name = f"{model.name}-{digest}-{width}x{height}-b{batch_max}-d{tac_divisor}{'' if graphs else '-nographs'}"

@@ -1,18 +1,10 @@
-"""A backend's first use on a machine, tried in a child process (docs/design.md, "Verified engines").
+"""A backend's first use on a machine, tried in a child process (`python -m r2r.runtime.trial`).
 
-A canary cannot catch a crash of its own process: an engine that segfaults when it loads or runs takes the process
-with it, and the user is left with a dead process and no message. So the first time a backend at a precision opens
-a bundle's graphs on a machine with a library version, a child process (`python -m r2r.runtime.trial`) opens them
-and runs their canaries, twice: the second open loads what the first compiled and cached, as every later process
-will. Each graph's verdict (ok, rejected, crashed with its signal) is recorded in the bundle's `verdicts.json`, keyed
-by the graph and its engine files, the backend, device, precision and thread count, the library's version and the
-machine (CPU model and ISA; the GPU). A crash becomes "openvino bf16 crashed on this machine (signal 11, SIGSEGV) in
-the unet graph", `--backend auto` takes the next row, and no later run loads that graph again; a graph with a good
-verdict is checked by its canary in the process that uses it.
-
-`verdicts.json` is not part of the bundle's identity (the manifest's hash): it says what happened on machines, not
-what the bundle is. It is written under its own lock, so a trial never waits for the bundle's writer lock its child
-may take to keep a compiled blob.
+The child opens a bundle's graphs and runs their canaries (twice where an open compiles a cache); each graph's
+verdict (ok, rejected, crashed with its signal) goes to the bundle's `verdicts.json` under its own lock, keyed by
+graph, engine files, backend, device, precision, threads, library version and machine; no later run loads a graph
+that crashed.
+Why: docs/design.md, "Verified engines".
 """
 
 from __future__ import annotations
@@ -33,10 +25,11 @@ from filelock import FileLock
 
 from r2r.atomic import atomic_write
 from r2r.backends import backend_row
+from r2r.errors import R2RError
 from r2r.log import log
 from r2r.machine import cpu_identity
 from r2r.manifest import BundleError
-from r2r.runtime.bundle import Bundle, open_bundle
+from r2r.runtime.bundle_reader import Bundle, open_bundle
 from r2r.runtime.verify import EngineRejected, verify_graphs
 
 VERDICTS_FILE = "verdicts.json"
@@ -58,7 +51,7 @@ class TrialSpec:
     model: str | None = None  # the torch backend runs the model's modules
 
 
-class TrialFailed(RuntimeError):
+class TrialFailed(R2RError, RuntimeError):
     """The child process of a first-use check failed for another reason than the engine (its message says why)."""
 
 
@@ -110,7 +103,7 @@ def read_verdicts(root: Path) -> dict[str, dict[str, Any]]:
 class Outcome:
     """What a child process said of each graph."""
 
-    passed: tuple[str, ...]  # opened and checked twice
+    passed: tuple[str, ...]  # opened and checked (twice where the first open compiles a cache)
     failed: str | None = None  # the graph it was in when it crashed or refused
     verdict: str = "ok"  # ok | rejected | crashed
     reason: str = ""
@@ -121,6 +114,12 @@ def signal_name(rc: int) -> str:
         return f"signal {-rc}, {signal.Signals(-rc).name}"
     except ValueError:
         return f"signal {-rc}"
+
+
+def opens(backend: str) -> int:
+    """How many times the child opens each graph: twice where the first open compiles a cache the second loads, as
+    every later process will."""
+    return 2 if backend_row(backend).caches_on_open else 1
 
 
 def run_child(spec: TrialSpec, command: Sequence[str] | None = None,
@@ -141,7 +140,7 @@ def run_child(spec: TrialSpec, command: Sequence[str] | None = None,
             rejected = json.loads(rest)
         elif word == "log":
             progress(rest)
-    passed = tuple(g for g in spec.graphs if checks.get(g, 0) >= 2)
+    passed = tuple(g for g in spec.graphs if checks.get(g, 0) >= opens(spec.backend))
     if proc.returncode == 0:
         return Outcome(passed)
     if proc.returncode == REJECTED_EXIT and rejected:
@@ -215,12 +214,13 @@ def _try(bundle: Bundle, spec: TrialSpec, graphs: tuple[str, ...], keys: dict[st
 
 
 def _child(spec: TrialSpec) -> int:
-    """The child: open the backend and check every graph, twice; one line per event on stdout."""
+    """The child: open the backend and check every graph (twice where the first open compiles a cache the second
+    loads); one line per event on stdout."""
     from r2r.runtime.select import runtime_module
 
     bundle = open_bundle(spec.bundle)
     row = backend_row(spec.backend)
-    for _ in range(2):
+    for _ in range(opens(spec.backend)):
         backend = runtime_module(row).open_backend(bundle, spec.device, spec.precision, spec.threads,
                                                    model=Path(spec.model) if spec.model else None)
         try:

@@ -18,8 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from r2r.canary import CanaryResult, bound, relative_error
+from r2r.errors import R2RError
 from r2r.log import log
-from r2r.runtime.bundle import Bundle
+from r2r.runtime.bundle_reader import Bundle
 from r2r.runtime.device import Backend
 
 FALLBACK = "--backend onnxruntime --precision fp32"
@@ -27,7 +28,7 @@ FALLBACK = "--backend onnxruntime --precision fp32"
 GRAPH_FIX = "export the bundle again with `r2r-export onnx`, or --backend reference"
 
 
-class EngineRejected(RuntimeError):
+class EngineRejected(R2RError, RuntimeError):
     """A backend at a precision that must not make images here: a graph missed its canary twice, or crashed the
     process that tried it. The message names the graph, what went wrong and the fallback."""
 

@@ -9,12 +9,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from r2r import graph_io as io
-from r2r.config import MethodConfig, Variant
+from r2r import graph_io
+from r2r.config import Method, Variant
 from r2r.metrics import psnr
 from r2r.runtime.backend_ort import OrtBackend
 from r2r.runtime.backend_ort_device import COPY_GRAPH, OrtDeviceBackend
-from r2r.runtime.bundle import open_bundle
+from r2r.runtime.bundle_reader import open_bundle
 from r2r.runtime.ort_session import ProviderUnavailable, cuda_provider_options, cuda_run_config, free_dims
 from r2r.runtime.scheduler import CoupledScheduler
 from r2r.tiny import LATENT_CHANNELS as C
@@ -89,20 +89,24 @@ def test_cuda_sessions_share_the_stream_and_capture_where_onnxruntime_accepts(bu
     monkeypatch.setattr(mod, "open_session", fake_open)
     be = OrtDeviceBackend(bundle, "cuda", cudart=rt)
     lat = (C, 32, 32)
-    assert be.session_for(io.UNET, {io.SAMPLE: (2, *lat)}) == ("unet None", (io.UNET,), True)
-    assert be.session_for(io.UNET, {io.SAMPLE: (4, *lat)})[0] == "unet None"  # one session for every batch
-    sess, key, captured = be.session_for(io.GUIDED_STEP, {io.Z: (2, *lat), io.EPS: (4, *lat), io.COEF: (3,)})
+    assert be.session_for(graph_io.UNET, {graph_io.SAMPLE: (2, *lat)}) == ("unet None", (graph_io.UNET,), True)
+    assert be.session_for(graph_io.UNET, {graph_io.SAMPLE: (4, *lat)})[0] == "unet None"  # one session for every batch
+    sess, key, captured = be.session_for(graph_io.GUIDED_STEP, {graph_io.Z: (2, *lat), graph_io.EPS: (4, *lat),
+                                                                graph_io.COEF: (3,)})
     # fixed at the call's batch and size: the spatial dimensions are named too, so each size gets its own capture
     assert captured and sess == "guided_step {'B': 2, '4*hm': 32, '4*wm': 32, '2*B': 4}"
-    assert key == (io.GUIDED_STEP, ("2*B", 4), ("4*hm", 32), ("4*wm", 32), ("B", 2))
-    assert be.session_for(io.GUIDED_STEP, {io.Z: (1, *lat), io.EPS: (2, *lat), io.COEF: (3,)})[0] == \
+    assert key == (graph_io.GUIDED_STEP, ("2*B", 4), ("4*hm", 32), ("4*wm", 32), ("B", 2))
+    assert be.session_for(graph_io.GUIDED_STEP, {graph_io.Z: (1, *lat), graph_io.EPS: (2, *lat),
+                                                 graph_io.COEF: (3,)})[0] == \
         "guided_step {'B': 1, '4*hm': 32, '4*wm': 32, '2*B': 2}"
-    assert be.session_for(io.GUIDED_STEP, {io.Z: (1, C, 24, 32), io.EPS: (2, C, 24, 32), io.COEF: (3,)})[0] == \
+    assert be.session_for(graph_io.GUIDED_STEP, {graph_io.Z: (1, C, 24, 32), graph_io.EPS: (2, C, 24, 32),
+                                                 graph_io.COEF: (3,)})[0] == \
         "guided_step {'B': 1, '4*hm': 24, '4*wm': 32, '2*B': 2}"
-    assert be.session_for(io.VAE_DECODER, {io.LATENT: (2, *lat)}) == ("vae_decoder None", (io.VAE_DECODER,), False)
+    assert be.session_for(graph_io.VAE_DECODER, {graph_io.LATENT: (2, *lat)}) == ("vae_decoder None",
+                                                                                  (graph_io.VAE_DECODER,), False)
     with pytest.raises(RuntimeError, match="No such file"):  # any other failure is not taken for a refusal
         monkeypatch.setattr(mod, "open_session", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("No such file")))
-        be.session_for(io.VAE_ENCODER, {io.IMAGE: (2, 3, H, W)})
+        be.session_for(graph_io.VAE_ENCODER, {graph_io.IMAGE: (2, 3, H, W)})
     stream = str(int(be._stream))
     assert all(o["user_compute_stream"] == stream and o["has_user_compute_stream"] == "1" for _, o, _ in opened)
     assert [(n, o["enable_cuda_graph"], d) for n, o, d in opened] == [
@@ -197,14 +201,15 @@ def test_device_path_equals_the_host_path_on_the_embedded_default(bundle, render
     """Same graphs, same session options; the step graphs do the numpy updates' float32 operations in the same
     order and the copy is an Identity: the final images are bit-identical (recorded: max abs error 0). The
     fixed-batch sessions CUDA falls back to when capture is refused compute the same numbers."""
-    host = CoupledScheduler(bundle, OrtBackend(bundle), 2, MethodConfig(), Variant(fused=fused))
+    host = CoupledScheduler(bundle, OrtBackend(bundle), 2, Method(), Variant(fused=fused))
     be = OrtDeviceBackend(bundle, "cpu")
     if fixed_batch:  # what session_for does on CUDA for a graph refused with its dynamic batch
         be._modes.update({g: "fixed" for g in [*bundle.manifest.graphs, f"{COPY_GRAPH}/float32"]})
-    dev = CoupledScheduler(bundle, be, 2, MethodConfig(), Variant(fused=fused))
+    dev = CoupledScheduler(bundle, be, 2, Method(), Variant(fused=fused))
     if fixed_batch:
         fixed = [k for k, s in be._sessions.items() if s is not None and len(k[0]) > 1]
-        assert {k[0][0] for k in fixed} >= {io.UNET, io.GUIDED_STEP, io.DDIM_STEP, f"{COPY_GRAPH}/float32"}
+        assert {k[0][0] for k in fixed} >= {graph_io.UNET, graph_io.GUIDED_STEP, graph_io.DDIM_STEP,
+                                            f"{COPY_GRAPH}/float32"}
     want, got = host(renders), dev(renders)
     raw_want, raw_got = host.backend.download(host.image_out), be.download(dev.image_out)
     max_abs = float(np.max(np.abs(raw_want - raw_got)))
@@ -218,23 +223,23 @@ def test_device_path_equals_the_host_path_on_the_embedded_default(bundle, render
 
 def test_the_program_is_device_calls_only_and_qk_stays_in_place(bundle) -> None:
     be = OrtDeviceBackend(bundle, "cpu")
-    sched = CoupledScheduler(bundle, be, 2, MethodConfig())
+    sched = CoupledScheduler(bundle, be, 2, Method())
     graphs = {p.graph for p in be.prepared}
-    assert {io.DDIM_STEP, io.GUIDED_STEP, f"{COPY_GRAPH}/float32"} <= graphs  # no host arithmetic or copy
+    assert {graph_io.DDIM_STEP, graph_io.GUIDED_STEP, f"{COPY_GRAPH}/float32"} <= graphs  # no host arithmetic or copy
     assert all(a.host is None and a in be.buffers for p in be.prepared for a in p.bindings.values())
-    names = io.tac_names(len(bundle.tac_layers))
-    emits = [p.bindings for p in be.prepared if p.graph == io.UNET_EMIT]
-    injects = [p.bindings for p in be.prepared if p.graph == io.UNET_INJECT]
+    names = graph_io.tac_names(len(bundle.tac_layers))
+    emits = [p.bindings for p in be.prepared if p.graph == graph_io.UNET_EMIT]
+    injects = [p.bindings for p in be.prepared if p.graph == graph_io.UNET_INJECT]
     assert len(emits) == len(injects) == sched.window
     for e, i in zip(emits, injects, strict=True):  # emit i's Q/K outputs are inject i's inputs: the same memory
         assert [(e[n].ptr, e[n].shape) for n in names] == [(i[n].ptr, i[n].shape) for n in names]
-    coefs = {p.bindings[io.COEF].ptr for p in be.prepared if p.graph in io.STEP_GRAPHS}
+    coefs = {p.bindings[graph_io.COEF].ptr for p in be.prepared if p.graph in graph_io.STEP_GRAPHS}
     assert coefs == {sched.coefs[k].ptr for k in range(len(sched.coef_host))}  # the device coefficient rows
 
 
 def test_no_ortvalue_is_created_once_the_program_is_prepared(bundle, renders, monkeypatch) -> None:
     be = OrtDeviceBackend(bundle, "cpu")
-    sched = CoupledScheduler(bundle, be, 2, MethodConfig(steps=10, strength=0.5))
+    sched = CoupledScheduler(bundle, be, 2, Method(steps=10, strength=0.5))
     prepared = be.allocations
     assert prepared == len(be.buffers)
     created: list[str] = []

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from support.engines import torch_kernels_note
 
-from r2r.config import MethodConfig, Variant
+from r2r.config import Method, Variant
 from r2r.metrics import psnr
 from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, load_components
 from r2r.reference import ReferencePipeline
 from r2r.runtime.backend_torch import TorchBackend
-from r2r.runtime.bundle import open_bundle
+from r2r.runtime.bundle_reader import open_bundle
 from r2r.runtime.scheduler import CoupledScheduler
 
 W = H = 256
@@ -35,7 +35,7 @@ def renders() -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def reference(renders) -> dict[str, list[np.ndarray]]:
     ref = ReferencePipeline(load_components(EMBEDDED_DEFAULT), EMBEDDED_DEFAULT / EMBEDDING_FILE, W, H)
-    return {inv: ref(renders, MethodConfig(), inv) for inv in ("exact", "single-pass")}
+    return {inv: ref(renders, Method(), inv) for inv in ("exact", "single-pass")}
 
 
 @pytest.mark.parametrize("variant", [Variant(fused=True), Variant(fused=False), Variant("single-pass")],
@@ -44,7 +44,7 @@ def test_torch_backend_follows_the_reference_at_fp32(embedded_bundle: Path, rend
     """The same model, the same TAC processor, the same update order: at fp32 the outputs are the reference's to
     within rounding (>= 45 dB on every image; measured: identical or a max abs error of 1)."""
     b = open_bundle(embedded_bundle)
-    sched = CoupledScheduler(b, TorchBackend(b, EMBEDDED_DEFAULT, "cpu", "fp32"), 2, MethodConfig(), variant)
+    sched = CoupledScheduler(b, TorchBackend(b, EMBEDDED_DEFAULT, "cpu", "fp32"), 2, Method(), variant)
     got = sched(renders)
     for g, e in zip(got, reference[variant.inversion], strict=True):
         assert psnr(g, e) >= 45.0
@@ -53,7 +53,7 @@ def test_torch_backend_follows_the_reference_at_fp32(embedded_bundle: Path, rend
 
 def test_torch_backend_bf16_meets_the_reduced_precision_bar(embedded_bundle: Path, renders, reference) -> None:
     b = open_bundle(embedded_bundle)
-    got = CoupledScheduler(b, TorchBackend(b, EMBEDDED_DEFAULT, "cpu", "bf16"), 2, MethodConfig(),
+    got = CoupledScheduler(b, TorchBackend(b, EMBEDDED_DEFAULT, "cpu", "bf16"), 2, Method(),
                            Variant(fused=True))(renders)
     assert all(psnr(g, e) >= 35.0 for g, e in zip(got, reference["exact"], strict=True)), torch_kernels_note()
 
@@ -64,7 +64,7 @@ def test_the_program_makes_no_buffer_and_is_capturable(embedded_bundle: Path) ->
     Python branching on tensor values). Not checked here: the capture itself, streams, allocator pools."""
     from r2r.benchmarks.gpu_check import Setup, capture_audit
 
-    audit = capture_audit(Setup("cpu", W, H, MethodConfig(steps=10, strength=0.5), ("fp32",)), embedded_bundle.parent
+    audit = capture_audit(Setup("cpu", W, H, Method(steps=10, strength=0.5), ("fp32",)), embedded_bundle.parent
                           / "audit")
     assert audit["same_ops_every_run"] and audit["ops_per_run"] > 1000
     assert audit["host_reads"] == [] and audit["buffers_made_inside"] == 0
@@ -82,7 +82,7 @@ def test_gpu_check_rehearses_on_the_cpu(tmp_path: Path) -> None:
 
     from r2r.benchmarks.cli import main
 
-    res = CliRunner().invoke(main, ["--gpu-check", "--quick", "--out", str(tmp_path)])
+    res = CliRunner().invoke(main, ["gpu-check", "--quick", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["rehearsal"] is True and report["device"] == "cpu"
@@ -96,12 +96,12 @@ def test_gpu_check_rehearses_on_the_cpu(tmp_path: Path) -> None:
 
 
 def test_r2r_run_backend_torch_runs_the_models_modules_from_a_graphless_bundle(tmp_path: Path, monkeypatch) -> None:
-    """`--backend torch` (the old spelling of the reference) now runs this backend, says so, and caches a bundle of
-    the manifest and conditioning alone (no ONNX graph exported)."""
+    """`--backend torch` runs this backend (no migration note any more) and caches a bundle of the manifest and
+    conditioning alone (no ONNX graph exported)."""
     from click.testing import CliRunner
     from PIL import Image
+    from support.pngs import png_params
 
-    from r2r.imageio import read_png_text
     from r2r.runtime.cli import main
 
     monkeypatch.setenv("R2R_CACHE", str(tmp_path / "cache"))
@@ -109,8 +109,8 @@ def test_r2r_run_backend_torch_runs_the_models_modules_from_a_graphless_bundle(t
     res = CliRunner().invoke(main, ["--backend", "torch", "--input", str(tmp_path / "shirt.png"), "--output",
                                     str(tmp_path / "out"), "--steps", "10", "--strength", "0.5"])
     assert res.exit_code == 0, res.output
-    assert "--backend torch now runs the PyTorch backend" in res.output and "--backend reference" in res.output
-    params = json.loads(read_png_text(tmp_path / "out" / "shirt.png")["r2r:parameters"])
+    assert "now runs the PyTorch backend" not in res.output and "using the bundle of tiny" in res.output
+    params = png_params(tmp_path / "out" / "shirt.png")
     assert params["backend"] == "torch" and params["precision"] == "fp32" and params["fused"] is True
     [bundle] = (tmp_path / "cache" / "bundles").iterdir()
     assert bundle.name.endswith("-nographs") and not (bundle / "onnx").exists()

@@ -6,10 +6,11 @@ import copy
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from r2r.benchmarks.public_code import PublicCodePipeline
 from r2r.benchmarks.report import markdown, summarize
-from r2r.config import MethodConfig
+from r2r.config import Method
 from r2r.models import Components
 
 
@@ -18,7 +19,7 @@ def test_public_code_evaluates_the_unet_90_times_per_image(tiny_components: Comp
     comps.unet = copy.deepcopy(tiny_components.unet)  # the baseline installs its own processors
     pipe = PublicCodePipeline(comps, tiny_model_dir / "negative_embedding.safetensors", 256, 256)
     img = np.full((256, 256, 3), 200, np.uint8)
-    out = pipe([img], MethodConfig())
+    out = pipe([img], Method())
     assert out[0].shape == (256, 256, 3)
     assert pipe.evaluations / pipe.images == 90
 
@@ -68,3 +69,16 @@ def test_a_crashed_worker_is_reported_with_its_signal() -> None:
     assert exit_reason(-11) == "crashed (signal 11, SIGSEGV)"
     assert exit_reason(-9) == "crashed (signal 9, SIGKILL)"
     assert exit_reason(1) == "failed (exit code 1)"
+
+
+@pytest.mark.parametrize(("args", "says"), [(["--quick"], "Every backend beside"),
+                                           (["--attention", "--size", "64x64"], "Where a UNet call's time"),
+                                           (["--ray", "--images", "4"], "One r2r-run process"),
+                                           (["--gpu-check"], "The GPU path's parity")])
+def test_the_old_flags_still_run_their_subcommand(args: list[str], says: str) -> None:
+    from click.testing import CliRunner
+
+    from r2r.benchmarks.cli import main
+
+    res = CliRunner().invoke(main, [*args, "--help"])
+    assert res.exit_code == 0 and says in res.output, res.output

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 from click.testing import CliRunner
 from PIL import Image
+from support.pngs import png_params
 
-from r2r.imageio import read_png_text
 from r2r.runtime.cli import main
 
 
@@ -36,7 +35,7 @@ def test_reference_writes_one_png_per_input_with_parameters(tiny_model_dir: Path
     assert sorted(p.name for p in out.iterdir()) == ["dress.png", "shirt.png"]
     with Image.open(out / "dress.png") as im:
         assert im.size == (180, 200) and im.mode == "RGB"  # the input's own size
-    params = json.loads(read_png_text(out / "shirt.png")["r2r:parameters"])
+    params = png_params(out / "shirt.png")
     assert params["steps"] == 10 and params["strength"] == 0.5 and params["tac_divisor"] == 256
     assert params["fit"] == "pad" and params["source"] == "shirt.png" and params["backend"] == "reference"
     assert "2 written, 0 skipped (complete), 0 failed" in res.output
@@ -50,7 +49,7 @@ def test_engine_run_records_the_bundle_hash_and_resume_skips_done_work(tiny_bund
             "--backend", "onnxruntime", "--steps", "10", "--strength", "0.5", "--fused", "off"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    params = json.loads(read_png_text(out / "dress.png")["r2r:parameters"])
+    params = png_params(out / "dress.png")
     assert params["backend"] == "onnxruntime" and params["fused"] is False and len(params["bundle_sha256"]) == 64
     (out / "shirt.png").write_bytes((out / "shirt.png").read_bytes()[:100])  # a truncated output
     res = CliRunner().invoke(main, [*args, "--resume"])
@@ -95,7 +94,10 @@ def test_invalid_method_flags_are_refused_before_any_work(tmp_path: Path) -> Non
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
     res = CliRunner().invoke(main, ["--backend", "reference", "--input", str(tmp_path / "x.png"),
                                     "--output", str(tmp_path / "o"), "--steps", "10", "--strength", "0.05"])
-    assert res.exit_code == 1 and "no denoising step" in res.output
+    assert res.exit_code == 2 and "no denoising step" in res.output  # a usage error, before any work
+    res = CliRunner().invoke(main, ["--input", str(tmp_path / "x.png"), "--output", str(tmp_path / "o"),
+                                    "--tac-ratio", "1.5"])
+    assert res.exit_code == 2 and "--tac-ratio" in res.output and "1.5" in res.output
 
 
 def test_flags_that_do_not_apply_are_refused_by_name(tiny_bundle: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -135,6 +137,6 @@ def test_without_engine_the_models_own_bundle_is_used_from_the_cache(tiny_bundle
     assert sorted(p.name for p in (cache / "bundles").iterdir()) == [tiny_bundle.name]
     res = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "again")])
     assert res.exit_code == 0 and "building" not in res.output
-    params = json.loads(read_png_text(tmp_path / "again" / "shirt.png")["r2r:parameters"])
+    params = png_params(tmp_path / "again" / "shirt.png")
     manifest = (cache / "bundles" / tiny_bundle.name / "manifest.json").read_bytes()
     assert params["bundle_sha256"] == hashlib.sha256(manifest).hexdigest()

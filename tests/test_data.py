@@ -267,7 +267,7 @@ def test_a_failed_run_leaves_neither_a_dataset_nor_a_partial_folder(
             raise RuntimeError("disk on fire")
         return real_render(design, size)
 
-    monkeypatch.setattr(data, "render_pair", flaky)
+    monkeypatch.setattr("r2r.training.data.writer.render_pair", flaky)  # the writer's own binding
     with pytest.raises(RuntimeError, match="disk on fire"):
         data.generate_dataset(tmp_path / "ds", count=5, size=(64, 64), seed=0, progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -74,13 +74,13 @@ def test_int8_calibrates_on_the_method_and_meets_the_reduced_precision_bar(embed
     from support.engines import openvino_kernels_note
 
     from r2r.backends import backend_row
-    from r2r.config import MethodConfig, Variant
+    from r2r.config import Method, Variant
     from r2r.engines.int8 import calibration_renders
     from r2r.metrics import psnr
     from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, load_components
     from r2r.reference import ReferencePipeline
     from r2r.runtime.backend_ov import OpenVinoBackend
-    from r2r.runtime.bundle import open_bundle
+    from r2r.runtime.bundle_reader import open_bundle
     from r2r.runtime.scheduler import CoupledScheduler
 
     bundle = tmp_path / "bundle"
@@ -94,10 +94,10 @@ def test_int8_calibrates_on_the_method_and_meets_the_reduced_precision_bar(embed
     assert sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops()) > 0
     renders = calibration_renders(read_manifest(bundle), 2, seed=99)  # not the calibration renders
     ref = ReferencePipeline(load_components(EMBEDDED_DEFAULT), EMBEDDED_DEFAULT / EMBEDDING_FILE, 256, 256)
-    expected = ref(renders, MethodConfig())
+    expected = ref(renders, Method())
     b = open_bundle(bundle)
-    got = CoupledScheduler(b, OpenVinoBackend(b, "int8"), 2, MethodConfig(), Variant(fused=True))(renders)
+    got = CoupledScheduler(b, OpenVinoBackend(b, "int8"), 2, Method(), Variant(fused=True))(renders)
     assert all(psnr(g, e) >= 35.0 for g, e in zip(got, expected, strict=True)), openvino_kernels_note(
         b, bundle / entry.files[0], "bf16" if backend_row("openvino").native_precision() == "bf16" else "f32")
-    assert not np.array_equal(got[0], CoupledScheduler(b, OpenVinoBackend(b, "fp32"), 1, MethodConfig(),
+    assert not np.array_equal(got[0], CoupledScheduler(b, OpenVinoBackend(b, "fp32"), 1, Method(),
                                                        Variant(fused=True))(renders[:1])[0])

@@ -139,7 +139,7 @@ def _test_pairs(count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
 
 
 def test_dki_separation_gives_both_domains_the_same_noise(tiny_model_dir: Path) -> None:
-    from r2r.config import MethodConfig
+    from r2r.config import Method
     from r2r.models import load_components
     from r2r.reference import ReferencePipeline
     from r2r.training.evaluate import dki_separation
@@ -147,23 +147,23 @@ def test_dki_separation_gives_both_domains_the_same_noise(tiny_model_dir: Path) 
     pipe = ReferencePipeline(load_components(tiny_model_dir), tiny_model_dir / "negative_embedding.safetensors",
                              256, 256)
     images, _ = _test_pairs(3)
-    s = dki_separation(pipe, images, images, MethodConfig(steps=10), batch_size=2)
+    s = dki_separation(pipe, images, images, Method(steps=10), batch_size=2)
     assert s["timesteps"] == [201, 101, 1]  # n = 3 steps of 10 at strength 0.3: first, middle, last
     assert s["rendered"] == s["real"]  # same images, same per-image noise: the domains can only differ by images
     assert all(0 < v < 10 for v in s["rendered"].values())
-    other = dki_separation(pipe, images, images, MethodConfig(steps=10), batch_size=3, seed=1)
+    other = dki_separation(pipe, images, images, Method(steps=10), batch_size=3, seed=1)
     assert other["rendered"]["null"] != s["rendered"]["null"]
 
 
 def test_the_shipped_negative_embedding_predicts_renders_better_than_the_null_text() -> None:
-    from r2r.config import MethodConfig
+    from r2r.config import Method
     from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, load_components
     from r2r.reference import ReferencePipeline
     from r2r.training.evaluate import dki_separation
 
     pipe = ReferencePipeline(load_components(EMBEDDED_DEFAULT), EMBEDDED_DEFAULT / EMBEDDING_FILE, 256, 256)
     renders, reals = _test_pairs(8)
-    s = dki_separation(pipe, renders, reals, MethodConfig(), batch_size=8)
+    s = dki_separation(pipe, renders, reals, Method(), batch_size=8)
     # eq. 7's objective on unseen renders, and eq. 6's on their real twins
     assert s["rendered"]["negative"] < s["rendered"]["null"], s
     assert s["real"]["null"] < s["real"]["negative"], s

@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from r2r import graph_io as io
-from r2r.export.bundle import ExportConfig, export_bundle
+from r2r import graph_io
+from r2r.export.bundle_writer import ExportConfig, export_bundle
 from r2r.manifest import read_manifest, verify_files
 from r2r.models import encode_conditioning
 from r2r.tac import TACMode, install_tac, plan_tac
@@ -56,9 +56,9 @@ def _rel(got: np.ndarray, ref: torch.Tensor) -> float:
 
 def _inputs(batch: int, seed: int, height: int = H, width: int = W) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {io.SAMPLE: torch.randn(batch, C, height // 8, width // 8, generator=g),
-            io.TIMESTEP: torch.tensor([float(torch.randint(1, 1000, (1,), generator=g))]),
-            io.ENCODER_HIDDEN_STATES: torch.randn(batch, 77, 64, generator=g)}
+    return {graph_io.SAMPLE: torch.randn(batch, C, height // 8, width // 8, generator=g),
+            graph_io.TIMESTEP: torch.tensor([float(torch.randint(1, 1000, (1,), generator=g))]),
+            graph_io.ENCODER_HIDDEN_STATES: torch.randn(batch, 77, 64, generator=g)}
 
 
 def _np(d: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -69,7 +69,8 @@ def _run_torch(unet, state, mode, x, injected=()):
     state.mode, state.injected = mode, injected
     try:
         with torch.no_grad():
-            eps = unet(x[io.SAMPLE], x[io.TIMESTEP], encoder_hidden_states=x[io.ENCODER_HIDDEN_STATES]).sample
+            eps = unet(x[graph_io.SAMPLE], x[graph_io.TIMESTEP],
+                       encoder_hidden_states=x[graph_io.ENCODER_HIDDEN_STATES]).sample
             qk = state.take_captured() if mode is TACMode.CAPTURE else []
     finally:
         state.mode, state.injected = TACMode.OFF, ()
@@ -78,18 +79,19 @@ def _run_torch(unet, state, mode, x, injected=()):
 
 def test_manifest_names_every_graph_with_the_contract_io(bundle: Path) -> None:
     m = read_manifest(bundle)
-    assert set(m.graphs) == set(io.ALL_GRAPHS)
+    assert set(m.graphs) == set(graph_io.ALL_GRAPHS)
     n = len(m.tac_plan["layers"])
     assert n == 6
-    emit = m.graphs[io.UNET_EMIT]
-    assert [t.name for t in emit.outputs] == [io.EPS, *io.tac_names(n)]
+    emit = m.graphs[graph_io.UNET_EMIT]
+    assert [t.name for t in emit.outputs] == [graph_io.EPS, *graph_io.tac_names(n)]
     assert [t.shape for t in emit.outputs[1:3]] == [["B", "4*hm", "4*wm", 32]] * 2  # level 0: 32x32 at 256x256
-    inject = m.graphs[io.UNET_INJECT]
-    assert [t.name for t in inject.inputs] == [io.SAMPLE, io.TIMESTEP, io.ENCODER_HIDDEN_STATES, *io.tac_names(n)]
+    inject = m.graphs[graph_io.UNET_INJECT]
+    assert [t.name for t in inject.inputs] == [graph_io.SAMPLE, graph_io.TIMESTEP, graph_io.ENCODER_HIDDEN_STATES,
+                                               *graph_io.tac_names(n)]
     assert inject.inputs[0].shape == ["2*B", C, "4*hm", "4*wm"]
     assert m.sizes == {"multiple": 32, "min": [64, 64], "opt": [W, H], "max": [2048, 2048], "static": False}
-    unet = m.graphs[io.UNET]
-    assert [(t.name, t.shape, t.dtype) for t in unet.inputs][-1] == (io.TAC_SRC, ["B"], "int64")
+    unet = m.graphs[graph_io.UNET]
+    assert [(t.name, t.shape, t.dtype) for t in unet.inputs][-1] == (graph_io.TAC_SRC, ["B"], "int64")
     verify_files(bundle, m)
     raw = json.loads((bundle / "manifest.json").read_text())
     assert raw["source"]["embedding_sha256"] and raw["schedule"]["defaults"]["steps"] == 50
@@ -100,14 +102,15 @@ def test_unet_and_emit_match_torch_including_every_qk(bundle: Path, torch_unet, 
     unet, _, state = torch_unet
     x = _inputs(batch, batch)
     eps, qk = _run_torch(unet, state, TACMode.CAPTURE, x)
-    out = _session(bundle, io.UNET_EMIT).run(None, _np(x))
+    out = _session(bundle, graph_io.UNET_EMIT).run(None, _np(x))
     assert _rel(out[0], eps) < BOUND
     flat = [t for pair in qk for t in pair]
     assert len(out) == 1 + len(flat)
     for got, ref, layer in zip(out[1:], flat, [lyr for lyr in m_layers(bundle) for _ in (0, 1)], strict=True):
         assert got.shape == (batch, H // 8 >> layer["level"], W // 8 >> layer["level"], ref.shape[-1])
         assert _rel(got, ref) < BOUND
-    plain = _session(bundle, io.UNET).run(None, _np(x) | {io.TAC_SRC: np.arange(batch)})[0]  # identity routing
+    plain = _session(bundle, graph_io.UNET).run(None,
+                                                _np(x) | {graph_io.TAC_SRC: np.arange(batch)})[0]  # identity routing
     assert _rel(plain, eps) < BOUND
 
 
@@ -123,15 +126,15 @@ def test_the_graphs_take_other_sizes_of_the_range_with_the_same_parity(bundle: P
     unet, plan, state = torch_unet
     assert [lyr.name for lyr in plan_tac(unet.config, width, height, 256).layers] == [lyr.name for lyr in plan.layers]
     cg, pair = _inputs(2, 40, height, width), _inputs(4, 41, height, width)
-    pair[io.TIMESTEP] = cg[io.TIMESTEP]
+    pair[graph_io.TIMESTEP] = cg[graph_io.TIMESTEP]
     eps, qk = _run_torch(unet, state, TACMode.CAPTURE, cg)
-    emit = _session(bundle, io.UNET_EMIT).run(None, _np(cg))
+    emit = _session(bundle, graph_io.UNET_EMIT).run(None, _np(cg))
     for got, ref in zip(emit, [eps, *[t for p in qk for t in p]], strict=True):
         assert _rel(got, ref) < BOUND
     ref, _ = _run_torch(unet, state, TACMode.INJECT, pair, qk)
-    feeds = _np(pair) | dict(zip(io.tac_names(len(plan.layers)), emit[1:], strict=True))
-    assert _rel(_session(bundle, io.UNET_INJECT).run(None, feeds)[0], ref) < BOUND
-    routed = _session(bundle, io.UNET).run(None, _np(cg) | {io.TAC_SRC: np.arange(2)})[0]
+    feeds = _np(pair) | dict(zip(graph_io.tac_names(len(plan.layers)), emit[1:], strict=True))
+    assert _rel(_session(bundle, graph_io.UNET_INJECT).run(None, feeds)[0], ref) < BOUND
+    routed = _session(bundle, graph_io.UNET).run(None, _np(cg) | {graph_io.TAC_SRC: np.arange(2)})[0]
     assert _rel(routed, eps) < BOUND
 
 
@@ -139,10 +142,10 @@ def test_inject_fed_with_emit_qk_equals_the_torch_tac_pass(bundle: Path, torch_u
     unet, plan, state = torch_unet
     cg = _inputs(2, 10)
     pair = _inputs(4, 11)
-    pair[io.TIMESTEP] = cg[io.TIMESTEP]
-    emit = _session(bundle, io.UNET_EMIT).run(None, _np(cg))
-    feeds = _np(pair) | dict(zip(io.tac_names(len(plan.layers)), emit[1:], strict=True))
-    got = _session(bundle, io.UNET_INJECT).run(None, feeds)[0]
+    pair[graph_io.TIMESTEP] = cg[graph_io.TIMESTEP]
+    emit = _session(bundle, graph_io.UNET_EMIT).run(None, _np(cg))
+    feeds = _np(pair) | dict(zip(graph_io.tac_names(len(plan.layers)), emit[1:], strict=True))
+    got = _session(bundle, graph_io.UNET_INJECT).run(None, feeds)[0]
     _, qk = _run_torch(unet, state, TACMode.CAPTURE, cg)
     ref, _ = _run_torch(unet, state, TACMode.INJECT, pair, qk)
     assert _rel(got, ref) < BOUND
@@ -154,16 +157,16 @@ def test_routed_fused_step_equals_emit_then_inject(bundle: Path, torch_unet) -> 
     """The routed unet on [cg, neg, null] with the null rows pointing at the cg rows is the fused TAC step."""
     _, plan, _ = torch_unet
     cg, pair = _inputs(2, 20), _inputs(4, 21)
-    pair[io.TIMESTEP] = cg[io.TIMESTEP]
-    emit = _session(bundle, io.UNET_EMIT).run(None, _np(cg))
-    feeds = _np(pair) | dict(zip(io.tac_names(len(plan.layers)), emit[1:], strict=True))
-    two_calls = _session(bundle, io.UNET_INJECT).run(None, feeds)[0]
-    fused_in = {io.SAMPLE: np.concatenate([cg[io.SAMPLE].numpy(), pair[io.SAMPLE].numpy()]),
-                io.TIMESTEP: cg[io.TIMESTEP].numpy(),
-                io.ENCODER_HIDDEN_STATES: np.concatenate([cg[io.ENCODER_HIDDEN_STATES].numpy(),
-                                                          pair[io.ENCODER_HIDDEN_STATES].numpy()]),
-                io.TAC_SRC: np.array([0, 1, 2, 3, 0, 1], np.int64)}
-    fused = _session(bundle, io.UNET).run(None, fused_in)[0]
+    pair[graph_io.TIMESTEP] = cg[graph_io.TIMESTEP]
+    emit = _session(bundle, graph_io.UNET_EMIT).run(None, _np(cg))
+    feeds = _np(pair) | dict(zip(graph_io.tac_names(len(plan.layers)), emit[1:], strict=True))
+    two_calls = _session(bundle, graph_io.UNET_INJECT).run(None, feeds)[0]
+    fused_in = {graph_io.SAMPLE: np.concatenate([cg[graph_io.SAMPLE].numpy(), pair[graph_io.SAMPLE].numpy()]),
+                graph_io.TIMESTEP: cg[graph_io.TIMESTEP].numpy(),
+                graph_io.ENCODER_HIDDEN_STATES: np.concatenate([cg[graph_io.ENCODER_HIDDEN_STATES].numpy(),
+                                                          pair[graph_io.ENCODER_HIDDEN_STATES].numpy()]),
+                graph_io.TAC_SRC: np.array([0, 1, 2, 3, 0, 1], np.int64)}
+    fused = _session(bundle, graph_io.UNET).run(None, fused_in)[0]
     assert np.abs(fused[2:] - two_calls).max() / np.abs(two_calls).max() < BOUND
     assert np.abs(fused[:2] - emit[0]).max() / np.abs(emit[0]).max() < BOUND
 
@@ -176,15 +179,15 @@ def test_vae_graphs_match_torch(bundle: Path, tiny_components) -> None:
         ref_lat = vae.encode(img).latent_dist.mean * vae.config.scaling_factor
         lat = torch.randn(3, C, H // 8, W // 8, generator=g)
         ref_img = (vae.decode(lat / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
-    assert _rel(_session(bundle, io.VAE_ENCODER).run(None, {io.IMAGE: img.numpy()})[0], ref_lat) < BOUND
-    assert _rel(_session(bundle, io.VAE_DECODER).run(None, {io.LATENT: lat.numpy()})[0], ref_img) < BOUND
+    assert _rel(_session(bundle, graph_io.VAE_ENCODER).run(None, {graph_io.IMAGE: img.numpy()})[0], ref_lat) < BOUND
+    assert _rel(_session(bundle, graph_io.VAE_DECODER).run(None, {graph_io.LATENT: lat.numpy()})[0], ref_img) < BOUND
 
 
 def test_conditioning_in_the_bundle_equals_the_reference_encoding(bundle: Path, tiny_components,
                                                                  tiny_model_dir: Path) -> None:
     cond = load_file(bundle / read_manifest(bundle).cond["file"])
     c_null, c_neg = encode_conditioning(tiny_components, tiny_model_dir / "negative_embedding.safetensors")
-    assert torch.equal(cond[io.COND_NULL], c_null) and torch.equal(cond[io.COND_NEG], c_neg)
+    assert torch.equal(cond[graph_io.COND_NULL], c_null) and torch.equal(cond[graph_io.COND_NEG], c_neg)
 
 
 def test_rerun_with_unchanged_inputs_rebuilds_nothing(bundle: Path, tiny_model_dir: Path) -> None:
@@ -198,7 +201,7 @@ def test_rerun_with_unchanged_inputs_rebuilds_nothing(bundle: Path, tiny_model_d
 
 def test_a_tampered_graph_is_detected_and_rebuilt(bundle: Path, tiny_model_dir: Path) -> None:
     m = read_manifest(bundle)
-    path = bundle / m.graphs[io.VAE_DECODER].file
+    path = bundle / m.graphs[graph_io.VAE_DECODER].file
     path.write_bytes(path.read_bytes() + b"\0")
     with pytest.raises(ValueError, match="do not match"):
         verify_files(bundle, m)
@@ -206,7 +209,7 @@ def test_a_tampered_graph_is_detected_and_rebuilt(bundle: Path, tiny_model_dir: 
     export_bundle(ExportConfig(tiny_model_dir, tiny_model_dir / "negative_embedding.safetensors", bundle, W, H,
                                batch_max=4), progress=lines.append)
     rebuilt = [line for line in lines if "exported" in line]
-    assert len(rebuilt) == 1 and io.VAE_DECODER in rebuilt[0]
+    assert len(rebuilt) == 1 and graph_io.VAE_DECODER in rebuilt[0]
     verify_files(bundle, read_manifest(bundle))
 
 
@@ -215,8 +218,9 @@ def test_onnxruntime_engines_fuse_attention_keep_parity_and_are_not_rebuilt(bund
     Softmax is left, and eps and every Q/K output stay within the export bound of PyTorch."""
     from r2r.engines.onnxruntime import build_ort_engines, session_options
 
-    built = build_ort_engines(bundle, "fp32", "cpu", graphs=[io.UNET, io.UNET_EMIT], progress=lambda s: None)
-    assert [e.graph for e in built] == [io.UNET, io.UNET_EMIT]
+    built = build_ort_engines(bundle, "fp32", "cpu", graphs=[graph_io.UNET, graph_io.UNET_EMIT],
+                              progress=lambda s: None)
+    assert [e.graph for e in built] == [graph_io.UNET, graph_io.UNET_EMIT]
     attentions = sum(1 for n in onnx.load(str(bundle / "onnx/unet/unet.onnx")).graph.node if n.op_type == "Softmax")
     for e in built:
         nodes = onnx.load(str(bundle / e.files[0])).graph.node
@@ -233,24 +237,25 @@ def test_onnxruntime_engines_fuse_attention_keep_parity_and_are_not_rebuilt(bund
     for got, ref in zip(out, [eps, *[t for pair in qk for t in pair]], strict=True):
         assert _rel(got, ref) < BOUND
     routed = ort.InferenceSession(str(bundle / built[0].files[0]), sess_options=so, providers=["CPUExecutionProvider"])
-    assert _rel(routed.run(None, _np(x) | {io.TAC_SRC: np.arange(2)})[0], eps) < BOUND
+    assert _rel(routed.run(None, _np(x) | {graph_io.TAC_SRC: np.arange(2)})[0], eps) < BOUND
     lines: list[str] = []
-    build_ort_engines(bundle, "fp32", "cpu", graphs=[io.UNET_EMIT], progress=lines.append)
+    build_ort_engines(bundle, "fp32", "cpu", graphs=[graph_io.UNET_EMIT], progress=lines.append)
     assert len(lines) == 1 and "up to date" in lines[0]
-    assert read_manifest(bundle).engines[f"onnxruntime/cpu-fp32/{io.UNET_EMIT}"].info["provider"] == \
+    assert read_manifest(bundle).engines[f"onnxruntime/cpu-fp32/{graph_io.UNET_EMIT}"].info["provider"] == \
         "CPUExecutionProvider"
 
 
 def test_export_examples_take_the_latent_channels_from_the_model_not_sd1_default() -> None:
     from types import SimpleNamespace
 
-    from r2r.export.bundle import example_inputs
+    from r2r.export.bundle_writer import example_inputs
     from r2r.tac import TACPlan
 
     comps = SimpleNamespace(text_encoder=SimpleNamespace(config=SimpleNamespace(hidden_size=64)),
                             unet=SimpleNamespace(config=SimpleNamespace(in_channels=8)),
                             vae=SimpleNamespace(config=SimpleNamespace(latent_channels=8)))
     plan = TACPlan(layers=(), width=64, height=64, divisor=256)
-    for name in (io.UNET, io.UNET_EMIT, io.UNET_INJECT, io.DDIM_STEP, io.GUIDED_STEP, io.VAE_DECODER):
+    for name in (graph_io.UNET, graph_io.UNET_EMIT, graph_io.UNET_INJECT, graph_io.DDIM_STEP, graph_io.GUIDED_STEP,
+                 graph_io.VAE_DECODER):
         latents = example_inputs(name, comps, plan, 64, 64)
         assert latents[0].shape[1:] == (8, 8, 8), name

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from r2r import graph_io as io
+from r2r import graph_io
 from r2r.lora import LoraSpec, fuse_loras, parse_lora
 from r2r.manifest import read_manifest
 from r2r.models import EMBEDDED_DEFAULT
@@ -64,9 +64,10 @@ def test_a_fused_then_exported_lora_equals_the_pytorch_model_with_the_lora(lora_
         base = pipe.unet(x, t, encoder_hidden_states=ctx).sample.numpy()
         pipe.unet.enable_adapters()
     m = read_manifest(tmp_path / "b")
-    sess = ort.InferenceSession(str(tmp_path / "b" / m.graphs[io.UNET].file), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {io.SAMPLE: x.numpy(), io.TIMESTEP: t.numpy(), io.ENCODER_HIDDEN_STATES: ctx.numpy(),
-                          io.TAC_SRC: np.arange(2)})[0]
+    sess = ort.InferenceSession(str(tmp_path / "b" / m.graphs[graph_io.UNET].file), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {graph_io.SAMPLE: x.numpy(), graph_io.TIMESTEP: t.numpy(),
+                          graph_io.ENCODER_HIDDEN_STATES: ctx.numpy(),
+                          graph_io.TAC_SRC: np.arange(2)})[0]
     scale = np.abs(ref).max()
     assert np.abs(got - ref).max() / scale < BOUND
     assert np.abs(base - ref).max() / scale > 100 * BOUND  # the LoRA changed the model: the check can fail

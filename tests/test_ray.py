@@ -113,12 +113,13 @@ def test_an_actor_killed_mid_batch_loses_nothing_and_writes_nothing_twice(
         cluster, embedded_bundle: Path, inputs: Path, single: Path, tmp_path: Path) -> None:
     from support.ray_faults import DiesOnSecondBatch
 
+    from r2r.config import Method
     from r2r.imageio import collect_inputs
     from r2r.runtime.assembly import RunConfig, prepare_run
     from r2r.runtime.ray_run import translate_on_ray
 
     cfg = RunConfig(engine=embedded_bundle, backend="onnxruntime", batch=2, threads=1,
-                    method={"steps": 4, "strength": 0.5})
+                    method=Method(steps=4, strength=0.5))
     prepared = prepare_run(cfg, progress=lambda s: None)
     out = tmp_path / "ray"
     records = translate_on_ray(prepared, cfg, collect_inputs([str(inputs)]), out, RayConfig("local", 1, 1),

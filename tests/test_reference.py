@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from r2r.config import MethodConfig
+from r2r.config import Method
 from r2r.models import load_components
 from r2r.reference import ReferencePipeline
 
@@ -75,7 +75,7 @@ class Independent:
         return hook
 
     @torch.no_grad()
-    def __call__(self, image: np.ndarray, m: MethodConfig, return_latents: bool = False, single_pass: bool = False):
+    def __call__(self, image: np.ndarray, m: Method, return_latents: bool = False, single_pass: bool = False):
         handles = []
         for name in self.tac_layers(m.tac_divisor):
             attn = self.unet.get_submodule(name)
@@ -143,7 +143,7 @@ def independent(tiny_model_dir: Path) -> Independent:
     return Independent(tiny_model_dir, tiny_model_dir / "negative_embedding.safetensors")
 
 
-def _run_latent(ref: ReferencePipeline, image: np.ndarray, m: MethodConfig) -> torch.Tensor:
+def _run_latent(ref: ReferencePipeline, image: np.ndarray, m: Method) -> torch.Tensor:
     sched = ref.schedule(m)
     return ref.generate(ref.invert(ref.encode([image]), sched), sched, m)
 
@@ -154,9 +154,9 @@ def test_conditioning_equals_diffusers_textual_inversion_encoding(reference, ind
 
 
 @pytest.mark.parametrize("method", [
-    MethodConfig(),
-    MethodConfig(steps=20, strength=0.5, guidance=3.0, tac_ratio=0.5, tac_divisor=64),
-    MethodConfig(steps=10, strength=1.0, tac_ratio=1.0, tac_divisor=1024),
+    Method(),
+    Method(steps=20, strength=0.5, guidance=3.0, tac_ratio=0.5, tac_divisor=64),
+    Method(steps=10, strength=1.0, tac_ratio=1.0, tac_divisor=1024),
 ])
 def test_reference_equals_an_independent_implementation(reference, independent, method) -> None:
     image = _image(1)
@@ -167,7 +167,7 @@ def test_reference_equals_an_independent_implementation(reference, independent, 
     assert np.abs(got.astype(int) - expected_img.astype(int)).max() <= 1
 
 
-@pytest.mark.parametrize("method", [MethodConfig(), MethodConfig(steps=20, strength=0.5, guidance=3.0, tac_ratio=0.5)])
+@pytest.mark.parametrize("method", [Method(), Method(steps=20, strength=0.5, guidance=3.0, tac_ratio=0.5)])
 def test_single_pass_reference_equals_an_independent_single_pass(reference, independent, method) -> None:
     """The oracle of `--inversion single-pass`: eps reused from the previous latent's own timestep, the window's
     Q/K kept from the inversion."""
@@ -180,7 +180,7 @@ def test_single_pass_reference_equals_an_independent_single_pass(reference, inde
     reference.count.__init__()
     got = reference([image], method, inversion="single-pass")[0]
     assert np.abs(got.astype(int) - expected_img.astype(int)).max() <= 1
-    if method == MethodConfig():
+    if method == Method():
         assert reference.count.per_image == 46  # 16 + 30
     exact = _run_latent(reference, image, method)
     assert (exact - z).abs().max().item() > 1e-3  # another epsilon convention: another result
@@ -188,7 +188,7 @@ def test_single_pass_reference_equals_an_independent_single_pass(reference, inde
 
 def test_tac_with_ratio_zero_equals_plain_generation_exactly(reference, independent) -> None:
     image = _image(2)
-    m = MethodConfig(tac_ratio=0.0)
+    m = Method(tac_ratio=0.0)
     _, plain = independent(image, m, return_latents=True)  # no Q/K swapped: window empty
     z = _run_latent(reference, image, m)
     assert torch.equal(z, plain)
@@ -196,21 +196,21 @@ def test_tac_with_ratio_zero_equals_plain_generation_exactly(reference, independ
 
 def test_tac_changes_the_output_when_on(reference) -> None:
     image = _image(3)
-    off = _run_latent(reference, image, MethodConfig(tac_ratio=0.0))
-    on = _run_latent(reference, image, MethodConfig(tac_ratio=0.9))
+    off = _run_latent(reference, image, Method(tac_ratio=0.0))
+    on = _run_latent(reference, image, Method(tac_ratio=0.9))
     assert (on - off).abs().max().item() > 1e-3
 
 
 def test_unet_evaluations_per_image_are_58_at_the_defaults(reference) -> None:
     reference.count.__init__()
-    reference([_image(4)], MethodConfig())
+    reference([_image(4)], Method())
     assert reference.count.per_image == 58
     assert reference.count.by_stage == {"inversion": 15, "generation_cg": 13, "generation": 30}
 
 
 def test_batch_of_two_equals_two_single_runs(reference) -> None:
     a, b = _image(5), _image(6)
-    m = MethodConfig(steps=20, strength=0.5)
+    m = Method(steps=20, strength=0.5)
     both = reference([a, b], m)
     singles = [reference([a], m)[0], reference([b], m)[0]]
     for x, y in zip(both, singles, strict=True):
@@ -227,7 +227,7 @@ RECONSTRUCTION_BOUND = 0.20
 
 
 def _reconstruction(reference: ReferencePipeline, z0: torch.Tensor, steps: int) -> tuple[float, float]:
-    m = MethodConfig(steps=steps, guidance=1.0, tac_ratio=0.0)
+    m = Method(steps=steps, guidance=1.0, tac_ratio=0.0)
     sched = reference.schedule(m)
     latents = reference.invert(z0, sched)
     rec = reference.generate(latents, sched, m)

@@ -1,8 +1,8 @@
-"""`r2r-export refit` (engines/refit.py, export/refit.py): a refittable bundle of the embedded default with LoRA A,
-refitted to LoRA B, is the fresh export of B: the same keys and source, and the same images on ONNX Runtime and on
-TensorRT (the CPU simulation, whose engines run only if they hold their graph file's weights, tests/support/gpu_sim.py);
-TensorRT engines take only the weights that changed; an interrupted refit is refused by the runtime and finished by
-a second run; bundles that cannot be refitted are refused before anything changes."""
+"""`r2r-export refit` (engines/bundle_refit.py, export/graph_refit.py): a refittable bundle of the embedded default with
+LoRA A, refitted to LoRA B, is the fresh export of B: the same keys and source, and the same images on ONNX Runtime and
+on TensorRT (the CPU simulation, whose engines run only if they hold their graph file's weights,
+tests/support/gpu_sim.py); TensorRT engines take only the weights that changed; an interrupted refit is refused by the
+runtime and finished by a second run; bundles that cannot be refitted are refused before anything changes."""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ from click.testing import CliRunner
 from support import gpu_sim
 from support.loras import unet_lora
 
-from r2r import graph_io as io
-from r2r.config import MethodConfig, Variant
+from r2r import graph_io
+from r2r.config import Method, Variant
 from r2r.manifest import BundleError, read_manifest
 
-GRAPHS = (io.UNET, io.VAE_ENCODER, io.VAE_DECODER, io.DDIM_STEP, io.GUIDED_STEP)  # the fused program's
+GRAPHS = (graph_io.UNET, graph_io.VAE_ENCODER, graph_io.VAE_DECODER, graph_io.DDIM_STEP,
+          graph_io.GUIDED_STEP)  # the fused program's
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Setup:
 def _export(model: Path, out: Path, refit: bool) -> Path:
     from r2r.engines.onnxruntime import build_ort_engines
     from r2r.engines.tensorrt import TrtBuildConfig, build_bundle_engines
-    from r2r.export.bundle import ExportConfig, export_bundle
+    from r2r.export.bundle_writer import ExportConfig, export_bundle
 
     quiet = {"progress": lambda s: None}
     export_bundle(ExportConfig(model, model / "negative_embedding.safetensors", out, 256, 256, 1, 256, GRAPHS,
@@ -71,29 +72,29 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def _ort_image(bundle: Path, image: np.ndarray) -> np.ndarray:
     from r2r.runtime.backend_ort import OrtBackend
-    from r2r.runtime.bundle import open_bundle
+    from r2r.runtime.bundle_reader import open_bundle
     from r2r.runtime.scheduler import CoupledScheduler
 
     b = open_bundle(bundle)
-    return CoupledScheduler(b, OrtBackend(b), 1, MethodConfig(), Variant(fused=True))([image])[0]
+    return CoupledScheduler(b, OrtBackend(b), 1, Method(), Variant(fused=True))([image])[0]
 
 
 def _trt_image(bundle: Path, image: np.ndarray) -> np.ndarray:
     from r2r.runtime.backend_trt import TrtBackend
-    from r2r.runtime.bundle import open_bundle
+    from r2r.runtime.bundle_reader import open_bundle
     from r2r.runtime.scheduler import CoupledScheduler
 
     b = open_bundle(bundle)
     trt, cudart = gpu_sim.sim_modules(bundle)
     backend = TrtBackend(b, "fp32", trt=trt, cudart=cudart)
     try:
-        return CoupledScheduler(b, backend, 1, MethodConfig(), Variant(fused=True))([image])[0]
+        return CoupledScheduler(b, backend, 1, Method(), Variant(fused=True))([image])[0]
     finally:
         backend.close()
 
 
 def _refit(bundle: Path, setup: Setup, **kwargs):
-    from r2r.engines.refit import refit_bundle
+    from r2r.engines.bundle_refit import refit_bundle
 
     return refit_bundle(bundle, setup.model_b, setup.model_b / "negative_embedding.safetensors",
                         trt=kwargs.pop("trt", None) or gpu_sim.fake_tensorrt(bundle), gpu=gpu_sim.SIM_GPU,
@@ -111,17 +112,17 @@ def test_refit_from_lora_a_to_lora_b_equals_the_fresh_export_of_b(setup: Setup, 
     assert {g: e.key for g, e in got.graphs.items()} == {g: e.key for g, e in want.graphs.items()}
     assert got.cond["key"] == want.cond["key"] and got.source == want.source
     # only the UNet holds the LoRA: only its graph changed, only its TensorRT engine was refitted
-    assert list(report.graphs) == [io.UNET] and report.graphs[io.UNET] > 0
-    assert report.tensorrt == [f"{io.UNET} (fp32)"]
+    assert list(report.graphs) == [graph_io.UNET] and report.graphs[graph_io.UNET] > 0
+    assert report.tensorrt == [f"{graph_io.UNET} (fp32)"]
     refit_info = got.engines["tensorrt/fp32/unet"].info["last_refit"]
-    assert refit_info["weights_set"] == report.graphs[io.UNET]  # the weights that changed, no more
+    assert refit_info["weights_set"] == report.graphs[graph_io.UNET]  # the weights that changed, no more
     assert report.rebuilt == [["onnxruntime", "fp32", "cpu"]]
     # TensorRT engines keyed as a fresh build of the refitted graph with the same settings would be
     from r2r.engines.tensorrt import TrtBuildConfig, engine_key, profile_envs
 
     entry = got.engines["tensorrt/fp32/unet"]
-    envs = profile_envs(got, io.UNET, 1, "range")
-    assert entry.key == engine_key(got.graphs[io.UNET].key, TrtBuildConfig("fp32", refit=True),
+    envs = profile_envs(got, graph_io.UNET, 1, "range")
+    assert entry.key == engine_key(got.graphs[graph_io.UNET].key, TrtBuildConfig("fp32", refit=True),
                                    gpu_sim.fake_tensorrt(bundle).__version__, gpu_sim.SIM_GPU, envs)
     # the same images
     ort_b = _ort_image(setup.fresh_b, image)
@@ -132,7 +133,7 @@ def test_refit_from_lora_a_to_lora_b_equals_the_fresh_export_of_b(setup: Setup, 
 
 def test_an_engine_whose_graph_was_refitted_without_it_does_not_run(setup: Setup, tmp_path: Path) -> None:
     from r2r.engines.tensorrt import EngineCompatError, check_engine_compat
-    from r2r.export import refit as onnx_refit
+    from r2r.export import graph_refit as onnx_refit
 
     bundle = _copy(setup.bundle_a, tmp_path / "bundle")
     manifest = read_manifest(bundle)
@@ -151,7 +152,7 @@ def test_an_engine_whose_graph_was_refitted_without_it_does_not_run(setup: Setup
 
 def test_an_interrupted_refit_is_refused_by_the_runtime_and_finished_by_a_second_run(setup: Setup, tmp_path: Path,
                                                                                     stripes_image) -> None:
-    from r2r.runtime.bundle import open_bundle
+    from r2r.runtime.bundle_reader import open_bundle
 
     bundle = _copy(setup.bundle_a, tmp_path / "bundle")
 
@@ -165,7 +166,7 @@ def test_an_interrupted_refit_is_refused_by_the_runtime_and_finished_by_a_second
         open_bundle(bundle)
     report = _refit(bundle, setup)
     assert report.graphs == {}  # the graphs were refitted by the first run; the engine is refitted now
-    assert report.tensorrt == [f"{io.UNET} (fp32)"]
+    assert report.tensorrt == [f"{graph_io.UNET} (fp32)"]
     assert read_manifest(bundle).engines["tensorrt/fp32/unet"].info["last_refit"]["weights_set"] > 0
     image = stripes_image(6)
     assert np.array_equal(_trt_image(bundle, image), _trt_image(setup.fresh_b, image))
@@ -204,24 +205,24 @@ def test_the_refitter_takes_only_known_weights_of_the_same_size_and_supplies_mis
     assert not refitter.set_named_weights(name, trt.Weights(np.zeros(3, np.float32)))
     from r2r.export.weight_map import read_initializers
 
-    value = read_initializers(bundle / m.graphs[io.VAE_DECODER].file, [name])[name]
+    value = read_initializers(bundle / m.graphs[graph_io.VAE_DECODER].file, [name])[name]
     assert not refitter.set_named_weights(name, trt.Weights(value.astype(np.float16).ravel()))  # another type
     assert refitter.set_named_weights(name, trt.Weights(np.ascontiguousarray(value).ravel()))
     # TensorRT may ask for weights it combined with those set: they are supplied from the graph
     asked = {"Refitter.get_missing_weights": lambda self: [name]}
-    info = refit_engine(plan, bundle / m.graphs[io.VAE_DECODER].file, [],
+    info = refit_engine(plan, bundle / m.graphs[graph_io.VAE_DECODER].file, [],
                         trt=gpu_sim.fake_tensorrt(bundle, overrides=asked))
     assert info["weights_set"] == 0  # nothing asked, nothing set: the engine is left as it is
     other = refitter.get_all_weights()[1]
-    info = refit_engine(plan, bundle / m.graphs[io.VAE_DECODER].file, [other],
+    info = refit_engine(plan, bundle / m.graphs[graph_io.VAE_DECODER].file, [other],
                         trt=gpu_sim.fake_tensorrt(bundle, overrides=asked))
     assert info == {**info, "weights_set": 2, "missing_supplied": 1}
 
 
 def test_r2r_export_refit_command(setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   stripes_image) -> None:
+    from r2r.engines.bundle_refit import drop_engines
     from r2r.engines.cli import main
-    from r2r.engines.refit import drop_engines
 
     bundle = _copy(setup.bundle_a, tmp_path / "bundle")
     monkeypatch.setenv("R2R_CACHE", str(setup.cache))  # the fused model of `--lora` is the one made already
@@ -242,22 +243,22 @@ def test_r2r_export_refit_command(setup: Setup, tmp_path: Path, monkeypatch: pyt
 
 def test_a_refitted_graph_is_checked_against_the_new_model_before_it_replaces_the_old(setup: Setup,
                                                                                     tmp_path: Path) -> None:
-    from r2r.export import refit as onnx_refit
-    from r2r.export.bundle import part_params
+    from r2r.export import graph_refit as onnx_refit
+    from r2r.export.bundle_writer import part_params
     from r2r.export.weight_map import RefitError, read_map, refit_graph
     from r2r.tac import install_tac
 
     bundle = _copy(setup.bundle_a, tmp_path / "bundle")
     manifest = read_manifest(bundle)
     target = onnx_refit.refit_target(bundle, manifest, setup.model_b, setup.model_b / "negative_embedding.safetensors")
-    check = onnx_refit.parity_check(io.UNET, target, install_tac(target.comps.unet, target.plan))
-    check(setup.fresh_b / read_manifest(setup.fresh_b).graphs[io.UNET].file)  # B's own graph passes
+    check = onnx_refit.parity_check(graph_io.UNET, target, install_tac(target.comps.unet, target.plan))
+    check(setup.fresh_b / read_manifest(setup.fresh_b).graphs[graph_io.UNET].file)  # B's own graph passes
     with pytest.raises(RefitError, match="is not the new model's"):
-        check(bundle / manifest.graphs[io.UNET].file)  # A's does not: the check can fail
+        check(bundle / manifest.graphs[graph_io.UNET].file)  # A's does not: the check can fail
     # a map that puts a weight in the wrong place (as a folded parameter left stale would) is caught, and the graph
     # is left as it was
-    entry = manifest.graphs[io.UNET]
-    mapping = read_map(bundle / entry.refit_map, io.UNET, "unet")
+    entry = manifest.graphs[graph_io.UNET]
+    mapping = read_map(bundle / entry.refit_map, graph_io.UNET, "unet")
     params = part_params(target.comps, "unet")
     q = sorted((params[n].shape, k) for k, [(n, _)] in mapping.items() if n.endswith("attn1.to_q.weight"))
     a, b = next((x[1], y[1]) for x, y in pairwise(q) if x[0] == y[0])  # two of one shape
@@ -275,7 +276,7 @@ def test_a_text_encoder_change_computes_the_conditioning_again_and_leaves_the_gr
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
     from safetensors.numpy import load_file
 
-    from r2r.engines.refit import refit_bundle
+    from r2r.engines.bundle_refit import refit_bundle
     from r2r.lora import LoraSpec, fuse_loras
     from r2r.models import EMBEDDED_DEFAULT, encode_conditioning, load_components
 
@@ -300,6 +301,8 @@ def test_a_text_encoder_change_computes_the_conditioning_again_and_leaves_the_gr
     assert after.cond["key"] != before.cond["key"]
     c_null, c_neg = encode_conditioning(load_components(model), model / "negative_embedding.safetensors")
     cond = load_file(str(bundle / after.cond["file"]))
-    assert np.array_equal(cond[io.COND_NULL], c_null.numpy()) and np.array_equal(cond[io.COND_NEG], c_neg.numpy())
+    assert np.array_equal(cond[graph_io.COND_NULL], c_null.numpy()) and np.array_equal(cond[graph_io.COND_NEG],
+                                                                                       c_neg.numpy())
     old = load_file(str(setup.bundle_a / before.cond["file"]))
-    assert not np.array_equal(old[io.COND_NEG], cond[io.COND_NEG])  # the text encoder did change: the check can fail
+    assert not np.array_equal(old[graph_io.COND_NEG],
+                              cond[graph_io.COND_NEG])  # the text encoder did change: the check can fail

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from r2r.config import MethodConfig
+from r2r.config import Method
 from r2r.schedule import (
     SchedulerConfig,
     alphas_cumprod,
@@ -52,7 +52,7 @@ def test_timesteps_equal_diffusers(cfg: dict, steps: int) -> None:
 def test_schedule_takes_the_last_n_timesteps_with_diffusers_alphas(steps: int, strength: float) -> None:
     ref = _diffusers(SD15)
     ref.set_timesteps(steps)
-    sched = make_schedule(SchedulerConfig.from_dict(SD15), MethodConfig(steps=steps, strength=strength))
+    sched = make_schedule(SchedulerConfig.from_dict(SD15), Method(steps=steps, strength=strength))
     n = min(int(steps * strength), steps)
     assert sched.n == n
     assert list(sched.timesteps) == ref.timesteps[steps - n:].tolist()
@@ -63,14 +63,14 @@ def test_schedule_takes_the_last_n_timesteps_with_diffusers_alphas(steps: int, s
 
 
 def test_defaults_give_fifteen_steps_from_281_down_to_1() -> None:
-    sched = make_schedule(SchedulerConfig.from_dict(SD15), MethodConfig())
+    sched = make_schedule(SchedulerConfig.from_dict(SD15), Method())
     assert sched.timesteps == tuple(range(281, 0, -20))
 
 
 def test_generation_transfer_equals_ddim_scheduler_step() -> None:
     ref = _diffusers(SD15)
     ref.set_timesteps(50)
-    sched = make_schedule(SchedulerConfig.from_dict(SD15), MethodConfig(steps=50, strength=1.0))
+    sched = make_schedule(SchedulerConfig.from_dict(SD15), Method(steps=50, strength=1.0))
     g = torch.Generator().manual_seed(0)
     z, e = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     for i, t in enumerate(sched.timesteps):
@@ -102,7 +102,7 @@ def test_fused_coefficients_match_the_literal_update() -> None:
 
 def test_inversion_then_generation_is_exact_when_eps_ignores_the_latent() -> None:
     """With eps a function of t alone both walks are affine and pair up step by step."""
-    sched = make_schedule(SchedulerConfig.from_dict(SD15), MethodConfig(steps=50, strength=0.6))
+    sched = make_schedule(SchedulerConfig.from_dict(SD15), Method(steps=50, strength=0.6))
     rng = np.random.default_rng(1)
     eps_of_t = {t: rng.standard_normal((4, 8, 8)) for t in sched.timesteps}
     z0 = rng.standard_normal((4, 8, 8))
@@ -121,4 +121,4 @@ def test_v_prediction_models_are_refused_with_a_reason() -> None:
 
 def test_method_config_refuses_a_run_with_no_step() -> None:
     with pytest.raises(ValueError, match="no denoising step"):
-        MethodConfig(steps=10, strength=0.05)
+        Method(steps=10, strength=0.05)

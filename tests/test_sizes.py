@@ -12,15 +12,15 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from r2r import graph_io as io
-from r2r.config import MethodConfig
+from r2r import graph_io
+from r2r.config import Method
 from r2r.manifest import BundleError, read_manifest
 from r2r.metrics import psnr
 from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, load_components
 from r2r.reference import ReferencePipeline
 from r2r.runtime.assembly import SchedulerCache
 from r2r.runtime.backend_ort import OrtBackend
-from r2r.runtime.bundle import open_bundle
+from r2r.runtime.bundle_reader import open_bundle
 from r2r.runtime.scheduler import CoupledScheduler
 from r2r.sizing import SizeRange, place, prepare, restore
 
@@ -90,15 +90,15 @@ def test_the_default_bundle_records_its_range_and_leaves_every_spatial_dimension
     m = read_manifest(embedded_bundle)
     assert m.sizes == {"multiple": 32, "min": [64, 64], "opt": [256, 256], "max": [2048, 2048],
                        "static": False}
-    unet = m.graphs[io.UNET]
-    assert next(t for t in unet.inputs if t.name == io.SAMPLE).shape == ["B", 8, "4*hm", "4*wm"]
-    emit = m.graphs[io.UNET_EMIT]
+    unet = m.graphs[graph_io.UNET]
+    assert next(t for t in unet.inputs if t.name == graph_io.SAMPLE).shape == ["B", 8, "4*hm", "4*wm"]
+    emit = m.graphs[graph_io.UNET_EMIT]
     levels = [lyr["level"] for lyr in m.tac_plan["layers"]]
     for i, level in enumerate(levels):
-        q = next(t for t in emit.outputs if t.name == io.tac_q(i))
+        q = next(t for t in emit.outputs if t.name == graph_io.tac_q(i))
         assert q.shape[1:3] == [f"{4 >> level}*hm" if 4 >> level > 1 else "hm",
                                 f"{4 >> level}*wm" if 4 >> level > 1 else "wm"]
-    graph = onnx.load(str(embedded_bundle / m.graphs[io.VAE_DECODER].file), load_external_data=False)
+    graph = onnx.load(str(embedded_bundle / m.graphs[graph_io.VAE_DECODER].file), load_external_data=False)
     dims = [d.dim_param for d in graph.graph.output[0].type.tensor_type.shape.dim]
     assert dims == ["B", "", "32*hm", "32*wm"]  # the graph's own names are the contract's
 
@@ -107,7 +107,7 @@ def test_a_size_outside_the_range_is_refused_with_the_fix(embedded_bundle: Path)
     b = open_bundle(embedded_bundle)
     for size in ((250, 192), (32, 256), (4096, 256)):
         with pytest.raises(BundleError, match="--min-side/--max-side"):
-            CoupledScheduler(b, OrtBackend(b), 1, MethodConfig(steps=5), size=size)
+            CoupledScheduler(b, OrtBackend(b), 1, Method(steps=5), size=size)
 
 
 def test_the_default_bundle_at_256x192_is_within_45_db_of_the_reference_at_256x192(embedded_bundle: Path) -> None:
@@ -118,9 +118,9 @@ def test_the_default_bundle_at_256x192_is_within_45_db_of_the_reference_at_256x1
     renders = [render_pair(sample_design(np.random.default_rng([9, i]), size), size)[0] for i in range(2)]
     assert renders[0].shape == (192, 256, 3)
     ref = ReferencePipeline(load_components(EMBEDDED_DEFAULT), EMBEDDED_DEFAULT / EMBEDDING_FILE, *size)
-    expected = ref(renders, MethodConfig())
+    expected = ref(renders, Method())
     b = open_bundle(embedded_bundle)
-    got = CoupledScheduler(b, OrtBackend(b), 2, MethodConfig(), size=size)(renders)
+    got = CoupledScheduler(b, OrtBackend(b), 2, Method(), size=size)(renders)
     for g, e in zip(got, expected, strict=True):
         assert g.shape == (192, 256, 3)
         assert psnr(g, e) >= 45.0

@@ -22,8 +22,7 @@ from support import gpu_sim
 from support.api import load_api
 from support.gpu_sim import CACHE_MAGIC, PLAN_MAGIC, calls
 
-from r2r import gpu
-from r2r import graph_io as io
+from r2r import gpu, graph_io
 from r2r.atomic import TEMP_GLOB
 from r2r.engines import tensorrt as trtb
 from r2r.manifest import GraphEntry, Manifest, TensorSpec, read_manifest, record_file, write_manifest
@@ -48,10 +47,10 @@ def tiny_unet(path: Path, k: int = 1, weight_type: int = TensorProto.FLOAT, qdq:
     b = "B" if k == 1 else f"{k}*B"
     lat: list[int | str] = [b, 4, "8*hm", "8*wm"] if spatial else [b, 4, 8, 8]
     np_type = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}[weight_type]
-    inputs = [helper.make_tensor_value_info(io.SAMPLE, TensorProto.FLOAT, lat),
-              helper.make_tensor_value_info(io.TIMESTEP, TensorProto.FLOAT, [1]),
-              helper.make_tensor_value_info(io.ENCODER_HIDDEN_STATES, TensorProto.FLOAT, [b, 77, 16])]
-    output = helper.make_tensor_value_info(io.EPS, TensorProto.FLOAT, lat)
+    inputs = [helper.make_tensor_value_info(graph_io.SAMPLE, TensorProto.FLOAT, lat),
+              helper.make_tensor_value_info(graph_io.TIMESTEP, TensorProto.FLOAT, [1]),
+              helper.make_tensor_value_info(graph_io.ENCODER_HIDDEN_STATES, TensorProto.FLOAT, [b, 77, 16])]
+    output = helper.make_tensor_value_info(graph_io.EPS, TensorProto.FLOAT, lat)
     inits = [numpy_helper.from_array(np.full([1], 0.5, np_type), "w"),
              numpy_helper.from_array(np.array([1, 2], np.int64), "axes"),
              numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "bshape")]
@@ -64,14 +63,14 @@ def tiny_unet(path: Path, k: int = 1, weight_type: int = TensorProto.FLOAT, qdq:
         nodes += [helper.make_node("QuantizeLinear", ["sample", "qs", "qz"], ["sq"]),
                   helper.make_node("DequantizeLinear", ["sq", "qs", "qz"], ["sdq"])]
         scaled = "sdq"
-    nodes += [helper.make_node("Mul", [scaled, io.TIMESTEP], ["st"]),
+    nodes += [helper.make_node("Mul", [scaled, graph_io.TIMESTEP], ["st"]),
               helper.make_node("Mul", ["st", "w32"], ["stw"]),
-              helper.make_node("ReduceMean", [io.ENCODER_HIDDEN_STATES, "axes"], ["m"], keepdims=0),
+              helper.make_node("ReduceMean", [graph_io.ENCODER_HIDDEN_STATES, "axes"], ["m"], keepdims=0),
               helper.make_node("Reshape", ["m", "bshape"], ["m4"]),
-              helper.make_node("Add", ["stw", "m4"], [io.EPS])]
+              helper.make_node("Add", ["stw", "m4"], [graph_io.EPS])]
     opsets = [helper.make_opsetid("", 19)]
     if custom_op:
-        nodes.append(helper.make_node("Mystery", [io.EPS], ["unused"], domain="com.example"))
+        nodes.append(helper.make_node("Mystery", [graph_io.EPS], ["unused"], domain="com.example"))
         opsets.append(helper.make_opsetid("com.example", 1))
     model = helper.make_model(helper.make_graph(nodes, "tiny", inputs, [output], inits), opset_imports=opsets)
     model.ir_version = 9
@@ -79,14 +78,14 @@ def tiny_unet(path: Path, k: int = 1, weight_type: int = TensorProto.FLOAT, qdq:
         onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
-    return [TensorSpec(io.SAMPLE, lat, "float32"), TensorSpec(io.TIMESTEP, [1], "float32"),
-            TensorSpec(io.ENCODER_HIDDEN_STATES, [b, 77, 16], "float32")]
+    return [TensorSpec(graph_io.SAMPLE, lat, "float32"), TensorSpec(graph_io.TIMESTEP, [1], "float32"),
+            TensorSpec(graph_io.ENCODER_HIDDEN_STATES, [b, 77, 16], "float32")]
 
 
 def make_bundle(root: Path, graphs: dict[str, int] | None = None, **graph_kw: Any) -> Path:
     """A bundle with tiny UNet graphs: name -> batch multiple k of their inputs (here unet B, unet_inject 2*B,
     unet_emit 3*B: the contract's names, the test's own shapes)."""
-    graphs = graphs or {io.UNET: 1, io.UNET_INJECT: 2, io.UNET_EMIT: 3}
+    graphs = graphs or {graph_io.UNET: 1, graph_io.UNET_INJECT: 2, graph_io.UNET_EMIT: 3}
     manifest = Manifest(source={"model": "tiny"}, width=512, height=512, batch_min=1, batch_max=4,
                         latent={"channels": 4, "height": 8, "width": 8}, scaling_factor=0.18215,
                         tac_plan={}, schedule={},
@@ -95,7 +94,7 @@ def make_bundle(root: Path, graphs: dict[str, int] | None = None, **graph_kw: An
         rel = f"onnx/{name}/{name}.onnx"
         inputs = tiny_unet(root / rel, k, **graph_kw)
         record_file(root, manifest, rel)
-        manifest.graphs[name] = GraphEntry(rel, inputs, [TensorSpec(io.EPS, inputs[0].shape, "float32")],
+        manifest.graphs[name] = GraphEntry(rel, inputs, [TensorSpec(graph_io.EPS, inputs[0].shape, "float32")],
                                            key=f"key-{name}")
     write_manifest(root, manifest)
     return root
@@ -118,7 +117,7 @@ def build(bundle: Path, trt: Any, precision: str = "fp16", gpu: dict[str, Any] =
 def test_builder_calls_only_real_api_with_valid_arguments(bundle: Path) -> None:
     trt = fake_tensorrt()
     entries, lines = build(bundle, trt, "fp16", workspace_bytes=1 << 30, refit=True, builder_optimization_level=5)
-    assert [e.graph for e in entries] == [io.UNET, io.UNET_EMIT, io.UNET_INJECT]  # contract order
+    assert [e.graph for e in entries] == [graph_io.UNET, graph_io.UNET_EMIT, graph_io.UNET_INJECT]  # contract order
     api = load_api("tensorrt")["classes"]
     for call in trt._fake_calls:  # every call went through a real class's real method or property
         cls, _, member = call.name.partition(".")
@@ -147,7 +146,8 @@ def test_builder_calls_only_real_api_with_valid_arguments(bundle: Path) -> None:
         assert e.info["gpu_name"] == GPU["name"] and e.info["compute_capability"] == "8.9"
     assert not list(bundle.rglob(TEMP_GLOB))
     manifest = read_manifest(bundle)
-    assert set(manifest.engines) == {f"tensorrt/fp16/{g}" for g in (io.UNET, io.UNET_INJECT, io.UNET_EMIT)}
+    assert set(manifest.engines) == {f"tensorrt/fp16/{g}" for g in (graph_io.UNET, graph_io.UNET_INJECT,
+                                                                    graph_io.UNET_EMIT)}
     assert "engines/tensorrt/timing.cache" in manifest.files
     assert len(lines) == 3 and all(" built in " in line and " MB" in line for line in lines)
 
@@ -157,31 +157,31 @@ def test_profile_spans_batch_range_with_multiples(bundle: Path) -> None:
     entries, _ = build(bundle, trt, "fp16", batch_opt=2)
     by_graph = {e.graph: e.info["profile"] for e in entries}
     # the routed UNet also runs the guided pair and the fused step, so its B reaches 3 * batch_max (CALL_MULTIPLES)
-    for graph, k, top in ((io.UNET, 1, 12), (io.UNET_INJECT, 2, 4), (io.UNET_EMIT, 3, 4)):
+    for graph, k, top in ((graph_io.UNET, 1, 12), (graph_io.UNET_INJECT, 2, 4), (graph_io.UNET_EMIT, 3, 4)):
         prof = by_graph[graph]
-        assert prof[io.SAMPLE] == {"min": [k, 4, 8, 8], "opt": [2 * k, 4, 8, 8], "max": [top * k, 4, 8, 8]}
-        assert prof[io.ENCODER_HIDDEN_STATES] == {"min": [k, 77, 16], "opt": [2 * k, 77, 16],
+        assert prof[graph_io.SAMPLE] == {"min": [k, 4, 8, 8], "opt": [2 * k, 4, 8, 8], "max": [top * k, 4, 8, 8]}
+        assert prof[graph_io.ENCODER_HIDDEN_STATES] == {"min": [k, 77, 16], "opt": [2 * k, 77, 16],
                                                   "max": [top * k, 77, 16]}
-        assert prof[io.TIMESTEP] == {"min": [1], "opt": [1], "max": [1]}
+        assert prof[graph_io.TIMESTEP] == {"min": [1], "opt": [1], "max": [1]}
     set_shapes = calls(trt, "IOptimizationProfile.set_shape")
     assert len(set_shapes) == 9
-    third = [a for a in set_shapes if a["input"] == io.SAMPLE][1]  # unet_emit, built second, with 3*B inputs here
+    third = [a for a in set_shapes if a["input"] == graph_io.SAMPLE][1]  # unet_emit, built second, with 3*B inputs here
     assert (list(third["min"]), list(third["opt"]), list(third["max"])) == ([3, 4, 8, 8], [6, 4, 8, 8], [12, 4, 8, 8])
     assert len(calls(trt, "IBuilderConfig.add_optimization_profile")) == 3  # one profile per engine
 
 
 def test_a_dynamic_size_graph_gets_one_profile_over_the_bundles_size_range_or_its_example_size(
         tmp_path: Path) -> None:
-    root = make_bundle(tmp_path / "bundle", {io.UNET: 1}, spatial=True)
+    root = make_bundle(tmp_path / "bundle", {graph_io.UNET: 1}, spatial=True)
     (entry,), _ = build(root, fake_tensorrt(), "fp16", batch_opt=1)
     # sizes 128x128 .. 1024x768 in multiples of 64, tuned for the example size 512x512 (latent 64x64)
-    assert entry.info["profile"][io.SAMPLE] == {"min": [1, 4, 16, 16], "opt": [1, 4, 64, 64],
+    assert entry.info["profile"][graph_io.SAMPLE] == {"min": [1, 4, 16, 16], "opt": [1, 4, 64, 64],
                                                 "max": [12, 4, 96, 128]}
     assert entry.info["sizes"] == {"min": [2, 2], "opt": [8, 8], "max": [16, 12]}  # [W, H] in multiples
     trt = fake_tensorrt()
     (static,), lines = build(root, trt, "fp16", batch_opt=1, sizes="opt")
     assert "built in" in lines[0] and static.key != entry.key  # another profile: another engine
-    assert static.info["profile"][io.SAMPLE] == {"min": [1, 4, 64, 64], "opt": [1, 4, 64, 64],
+    assert static.info["profile"][graph_io.SAMPLE] == {"min": [1, 4, 64, 64], "opt": [1, 4, 64, 64],
                                                  "max": [12, 4, 64, 64]}
     with pytest.raises(ValueError, match="sizes"):
         trtb.TrtBuildConfig("fp16", sizes="any")
@@ -190,8 +190,8 @@ def test_a_dynamic_size_graph_gets_one_profile_over_the_bundles_size_range_or_it
 def test_batch_opt_defaults_to_batch_max(bundle: Path) -> None:
     entries, _ = build(bundle, fake_tensorrt(), "fp16", batch_opt=None)
     by_graph = {e.graph: e.info["batch"] for e in entries}
-    assert by_graph[io.UNET] == {"min": 1, "opt": 4, "max": 12}  # B, the guided pair's 2B, the fused step's 3B
-    assert by_graph[io.UNET_EMIT] == {"min": 1, "opt": 4, "max": 4}
+    assert by_graph[graph_io.UNET] == {"min": 1, "opt": 4, "max": 12}  # B, the guided pair's 2B, the fused step's 3B
+    assert by_graph[graph_io.UNET_EMIT] == {"min": 1, "opt": 4, "max": 4}
     with pytest.raises(ValueError, match="outside the bundle's batch range"):
         build(bundle, fake_tensorrt(), "bf16", batch_opt=5)
 
@@ -249,7 +249,7 @@ def test_unchanged_bundle_rebuilds_nothing(bundle: Path) -> None:
     assert all("up to date" in line for line in lines) and len(lines) == 3
     assert read_manifest(bundle).engines == before.engines
     assert [e.key for e in entries] == [before.engines[f"tensorrt/fp16/{g}"].key
-                                        for g in (io.UNET, io.UNET_EMIT, io.UNET_INJECT)]
+                                        for g in (graph_io.UNET, graph_io.UNET_EMIT, graph_io.UNET_INJECT)]
 
 
 @pytest.mark.parametrize("change", ["precision", "gpu", "tensorrt", "opt_level", "graph", "tampered"])
@@ -267,7 +267,7 @@ def test_changes_rebuild(bundle: Path, change: str) -> None:
         cfg["builder_optimization_level"] = 4
     elif change == "graph":
         m = read_manifest(bundle)
-        m.graphs[io.UNET].key = "key-unet-retrained"
+        m.graphs[graph_io.UNET].key = "key-unet-retrained"
         write_manifest(bundle, m)
     elif change == "tampered":
         (bundle / first["tensorrt/fp16/unet"].files[0]).write_bytes(b"not a plan")
@@ -276,7 +276,8 @@ def test_changes_rebuild(bundle: Path, change: str) -> None:
     assert rebuilt == (1 if change in ("graph", "tampered") else 3)
     after = read_manifest(bundle).engines
     if change == "precision":
-        assert set(after) == set(first) | {f"tensorrt/bf16/{g}" for g in (io.UNET, io.UNET_INJECT, io.UNET_EMIT)}
+        assert set(after) == set(first) | {f"tensorrt/bf16/{g}" for g in (graph_io.UNET, graph_io.UNET_INJECT,
+                                                                          graph_io.UNET_EMIT)}
     else:
         assert after["tensorrt/fp16/unet"].key != first["tensorrt/fp16/unet"].key or change == "tampered"
     if change == "gpu":
@@ -351,7 +352,7 @@ def test_tensorrt11_builds_fp32_and_refuses_weak_fp16(bundle: Path) -> None:
 
 
 def test_graph_already_fp16_is_built_strongly_typed(tmp_path: Path) -> None:
-    bundle = make_bundle(tmp_path / "b", {io.UNET: 1}, weight_type=TensorProto.FLOAT16)
+    bundle = make_bundle(tmp_path / "b", {graph_io.UNET: 1}, weight_type=TensorProto.FLOAT16)
     for listing in ("tensorrt", "tensorrt11"):
         trt = fake_tensorrt(listing)
         entries, _ = build(bundle, trt, "fp16")
@@ -362,10 +363,10 @@ def test_graph_already_fp16_is_built_strongly_typed(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_int8_fp8_need_qdq_and_use_strong_typing(tmp_path: Path, precision: str) -> None:
-    plain = make_bundle(tmp_path / "plain", {io.UNET: 1})
+    plain = make_bundle(tmp_path / "plain", {graph_io.UNET: 1})
     with pytest.raises(trtb.TensorRTBuildError, match="QuantizeLinear/DequantizeLinear"):
         build(plain, fake_tensorrt(), precision)
-    quant = make_bundle(tmp_path / "quant", {io.UNET: 1}, qdq=precision)
+    quant = make_bundle(tmp_path / "quant", {graph_io.UNET: 1}, qdq=precision)
     trt = fake_tensorrt()
     entries, _ = build(quant, trt, precision)
     assert entries[0].info["strongly_typed"] is True
@@ -377,15 +378,15 @@ def test_int8_fp8_need_qdq_and_use_strong_typing(tmp_path: Path, precision: str)
 
 
 def test_parser_errors_are_reported(tmp_path: Path) -> None:
-    bundle = make_bundle(tmp_path / "b", {io.UNET: 1}, custom_op=True)
+    bundle = make_bundle(tmp_path / "b", {graph_io.UNET: 1}, custom_op=True)
     with pytest.raises(trtb.TensorRTBuildError, match=r"ONNX parser failed: UNSUPPORTED_NODE.*Mystery"):
         build(bundle, fake_tensorrt(), "fp16")
 
 
 def test_unreadable_graph_is_refused(bundle: Path) -> None:
     m = read_manifest(bundle)
-    (bundle / m.graphs[io.UNET].file).write_bytes(b"\x00garbage")
-    record_file(bundle, m, m.graphs[io.UNET].file)
+    (bundle / m.graphs[graph_io.UNET].file).write_bytes(b"\x00garbage")
+    record_file(bundle, m, m.graphs[graph_io.UNET].file)
     write_manifest(bundle, m)
     with pytest.raises(trtb.TensorRTBuildError, match="not a readable ONNX graph"):
         build(bundle, fake_tensorrt(), "fp16")
@@ -406,16 +407,16 @@ def test_parser_kept_alive_until_the_build(bundle: Path) -> None:
 
 def test_graph_selection_and_unknown_graph(bundle: Path) -> None:
     trt = fake_tensorrt()
-    entries = trtb.build_bundle_engines(bundle, trtb.TrtBuildConfig("fp16"), graphs=[io.UNET_EMIT], trt=trt,
+    entries = trtb.build_bundle_engines(bundle, trtb.TrtBuildConfig("fp16"), graphs=[graph_io.UNET_EMIT], trt=trt,
                                         gpu=GPU, progress=lambda _: None)
-    assert [e.graph for e in entries] == [io.UNET_EMIT]
+    assert [e.graph for e in entries] == [graph_io.UNET_EMIT]
     with pytest.raises(ValueError, match="no graph vae_decoder"):
-        trtb.build_bundle_engines(bundle, trtb.TrtBuildConfig("fp16"), graphs=[io.VAE_DECODER], trt=trt, gpu=GPU)
+        trtb.build_bundle_engines(bundle, trtb.TrtBuildConfig("fp16"), graphs=[graph_io.VAE_DECODER], trt=trt, gpu=GPU)
 
 
 def test_graph_inputs_must_match_manifest(bundle: Path) -> None:
     m = read_manifest(bundle)
-    m.graphs[io.UNET].inputs[1] = TensorSpec("t", [1], "float32")
+    m.graphs[graph_io.UNET].inputs[1] = TensorSpec("t", [1], "float32")
     write_manifest(bundle, m)
     with pytest.raises(trtb.TensorRTBuildError, match="differ from the manifest"):
         build(bundle, fake_tensorrt(), "fp16")
@@ -428,9 +429,10 @@ def test_config_validation() -> None:
         trtb.TrtBuildConfig("fp16", builder_optimization_level=6)
     with pytest.raises(ValueError, match="inside the bundle"):
         trtb.TrtBuildConfig("fp16", timing_cache="../timing.cache")
-    assert io.batch_multiple("3*B") == 3 and io.batch_multiple("B") == 1 and io.batch_multiple(77) is None
+    assert graph_io.batch_multiple("3*B") == 3 and graph_io.batch_multiple("B") == 1
+    assert graph_io.batch_multiple(77) is None
     with pytest.raises(ValueError):
-        io.batch_multiple("H")
+        graph_io.batch_multiple("H")
 
 
 def test_gpu_info_reads_device_properties() -> None:

@@ -20,14 +20,13 @@ import pytest
 from support import gpu_sim
 from support.api import load_api
 
-from r2r import gpu
-from r2r import graph_io as io
-from r2r.config import MethodConfig, Variant
+from r2r import gpu, graph_io
+from r2r.config import Method, Variant
 from r2r.engines import tensorrt as trtb
 from r2r.manifest import read_manifest, record_file, write_manifest
 from r2r.runtime.backend_ort import OrtBackend
 from r2r.runtime.backend_trt import CudaError, TrtBackend
-from r2r.runtime.bundle import Bundle, open_bundle
+from r2r.runtime.bundle_reader import Bundle, open_bundle
 from r2r.runtime.device import DeviceArray
 from r2r.runtime.scheduler import CoupledScheduler
 from r2r.tiny import LATENT_CHANNELS as C
@@ -124,11 +123,11 @@ def run(request: pytest.FixtureRequest, sim_bundle: Path, bundle: Bundle, stripe
     """Two batches of one image through OrtBackend and through TrtBackend on the simulation, at the defaults."""
     fused = request.param
     images = [stripes_image(11), stripes_image(12)]
-    ort_sched = CoupledScheduler(bundle, OrtBackend(bundle), 1, MethodConfig(), Variant(fused=fused))
+    ort_sched = CoupledScheduler(bundle, OrtBackend(bundle), 1, Method(), Variant(fused=fused))
     ort = [ort_sched([im])[0] for im in images]
     trt, cudart = gpu_sim.sim_modules(sim_bundle)
     backend = TrtBackend(bundle, "fp32", trt=trt, cudart=cudart)
-    sched = CoupledScheduler(bundle, backend, 1, MethodConfig(), Variant(fused=fused))
+    sched = CoupledScheduler(bundle, backend, 1, Method(), Variant(fused=fused))
     marks = [(len(cudart._fake_calls), len(trt._fake_calls), len(cudart._sim.executions))]
     outs = []
     for im in images:
@@ -202,11 +201,11 @@ def test_no_host_synchronization_inside_the_program(run: SimRun) -> None:
 
 def test_emit_qk_outputs_are_the_inject_qk_inputs(run: SimRun) -> None:
     if run.fused:  # the fused engine moves Q/K inside itself: no emit or inject call may run
-        assert not [g for g, _ in run.executions(1) if g in (io.UNET_EMIT, io.UNET_INJECT)]
+        assert not [g for g, _ in run.executions(1) if g in (graph_io.UNET_EMIT, graph_io.UNET_INJECT)]
         return
-    names = io.tac_names(len(run.sched.bundle.tac_layers))
-    emit = [addrs for graph, addrs in run.executions(1) if graph == io.UNET_EMIT]
-    inject = [addrs for graph, addrs in run.executions(1) if graph == io.UNET_INJECT]
+    names = graph_io.tac_names(len(run.sched.bundle.tac_layers))
+    emit = [addrs for graph, addrs in run.executions(1) if graph == graph_io.UNET_EMIT]
+    inject = [addrs for graph, addrs in run.executions(1) if graph == graph_io.UNET_INJECT]
     assert len(emit) == len(inject) == run.sched.window
     for e, i in zip(emit, inject, strict=True):  # what actually ran, replayed from the graph
         assert [e[n] for n in names] == [i[n] for n in names]
@@ -216,9 +215,9 @@ def test_emit_qk_outputs_are_the_inject_qk_inputs(run: SimRun) -> None:
 def test_scheduler_updates_run_as_step_engines_on_the_device(run: SimRun) -> None:
     graphs = [g for g, _ in run.executions(1)]
     n = run.sched.schedule.n
-    assert graphs.count(io.DDIM_STEP) == n and graphs.count(io.GUIDED_STEP) == n
+    assert graphs.count(graph_io.DDIM_STEP) == n and graphs.count(graph_io.GUIDED_STEP) == n
     coefs = run.sched.coefs  # the coefficient table lives on the device; each update reads its row
-    rows = [a[io.COEF] for g, a in run.executions(1) if g in (io.DDIM_STEP, io.GUIDED_STEP)]
+    rows = [a[graph_io.COEF] for g, a in run.executions(1) if g in (graph_io.DDIM_STEP, graph_io.GUIDED_STEP)]
     assert all(coefs.ptr <= r < coefs.ptr + coefs.nbytes for r in rows) and len(set(rows)) == 2 * n
 
 
@@ -316,39 +315,42 @@ def test_every_call_of_the_largest_batch_fits_the_engines_profiles(sim_bundle: P
     it."""
     trt, cudart = gpu_sim.sim_modules(sim_bundle)
     with TrtBackend(bundle, "fp32", trt=trt, cudart=cudart) as be:
-        sched = CoupledScheduler(bundle, be, bundle.manifest.batch_max, MethodConfig(steps=10, strength=0.5), variant)
-        assert sched.plan.graph_calls[io.UNET] > 0
+        sched = CoupledScheduler(bundle, be, bundle.manifest.batch_max, Method(steps=10, strength=0.5), variant)
+        assert sched.plan.graph_calls[graph_io.UNET] > 0
 
 
 def test_bindings_that_do_not_fit_the_engine_are_refused(sim_bundle: Path, bundle: Bundle) -> None:
     trt, cudart = gpu_sim.sim_modules(sim_bundle)
     with TrtBackend(bundle, "fp32", trt=trt, cudart=cudart) as be:
         lat = (C, 32, 32)
-        ok = {io.SAMPLE: be.empty((1, *lat)), io.TIMESTEP: be.empty((1,)),
-              io.ENCODER_HIDDEN_STATES: be.empty((1, 77, 64)), io.EPS: be.empty((1, *lat)),
-              io.TAC_SRC: be.empty((1,), np.int64)}
-        be.call(io.UNET, ok)
+        ok = {graph_io.SAMPLE: be.empty((1, *lat)), graph_io.TIMESTEP: be.empty((1,)),
+              graph_io.ENCODER_HIDDEN_STATES: be.empty((1, 77, 64)), graph_io.EPS: be.empty((1, *lat)),
+              graph_io.TAC_SRC: be.empty((1,), np.int64)}
+        be.call(graph_io.UNET, ok)
         with pytest.raises(KeyError, match=r"no buffer bound for \['eps'\]"):
-            be.call(io.UNET, {k: v for k, v in ok.items() if k != io.EPS})
+            be.call(graph_io.UNET, {k: v for k, v in ok.items() if k != graph_io.EPS})
         with pytest.raises(KeyError, match="has no tensors"):
-            be.call(io.UNET, {**ok, "tac_q_0": be.empty((1, 1024, 32))})
+            be.call(graph_io.UNET, {**ok, "tac_q_0": be.empty((1, 1024, 32))})
         bad_shape = rf"unet: input sample has shape \[-1, {C}, -1, -1\].*buffer is \[1, {C + 1}, 32"
         with pytest.raises(ValueError, match=bad_shape):
-            be.call(io.UNET, {**ok, io.SAMPLE: be.empty((1, C + 1, 32, 32))})
+            be.call(graph_io.UNET, {**ok, graph_io.SAMPLE: be.empty((1, C + 1, 32, 32))})
         with pytest.raises(ValueError, match=rf"output eps is \[1, {C}, 64, 32\] for these input shapes"):
-            be.call(io.UNET, {**ok, io.SAMPLE: be.empty((1, C, 64, 32))})  # another size: its own buffers
+            be.call(graph_io.UNET, {**ok, graph_io.SAMPLE: be.empty((1, C, 64, 32))})  # another size: its own buffers
         with pytest.raises(ValueError, match=r"outside the engine's optimization profile"):  # sides up to 2048 px
-            be.call(io.UNET, {**ok, io.SAMPLE: be.empty((1, C, 264, 32)), io.EPS: be.empty((1, C, 264, 32))})
+            be.call(graph_io.UNET, {**ok, graph_io.SAMPLE: be.empty((1, C, 264, 32)),
+                                    graph_io.EPS: be.empty((1, C, 264, 32))})
         with pytest.raises(ValueError, match="float32 in the engine but its buffer is float16"):
-            be.call(io.UNET, {**ok, io.EPS: be.empty((1, *lat), np.float16)})
+            be.call(graph_io.UNET, {**ok, graph_io.EPS: be.empty((1, *lat), np.float16)})
         with pytest.raises(ValueError, match=rf"output eps is \[1, {C}, 32, 32\] for these input shapes.*\[2, {C}, 32"):
-            be.call(io.UNET, {**ok, io.EPS: be.empty((2, *lat))})
+            be.call(graph_io.UNET, {**ok, graph_io.EPS: be.empty((2, *lat))})
         with pytest.raises(ValueError, match=r"outside the engine's optimization profile.*r2r-export build-engines"):
-            be.call(io.UNET, {**ok, io.SAMPLE: be.empty((13, *lat)), io.ENCODER_HIDDEN_STATES: be.empty((13, 77, 64)),
-                              io.EPS: be.empty((13, *lat)), io.TAC_SRC: be.empty((13,), np.int64)})  # profile 1..12
+            be.call(graph_io.UNET, {**ok, graph_io.SAMPLE: be.empty((13, *lat)),
+                                    graph_io.ENCODER_HIDDEN_STATES: be.empty((13, 77, 64)),
+                                    graph_io.EPS: be.empty((13, *lat)),
+                                    graph_io.TAC_SRC: be.empty((13,), np.int64)})  # profile 1..12
         host = np.zeros((1, *lat), np.float32)
         with pytest.raises(ValueError, match="not memory of this TensorRT backend"):
-            be.call(io.UNET, {**ok, io.SAMPLE: DeviceArray(host.ctypes.data, host.shape, host.dtype, host)})
+            be.call(graph_io.UNET, {**ok, graph_io.SAMPLE: DeviceArray(host.ctypes.data, host.shape, host.dtype, host)})
         with pytest.raises(trtb.EngineCompatError, match="no TensorRT fp32 engine for the nope graph"):
             be.call("nope", ok)
 
@@ -456,9 +458,9 @@ def test_capture_records_and_replays() -> None:
 def test_the_builder_refuses_a_graph_with_a_fixed_batch(tiny_bundle: Path, tmp_path: Path) -> None:
     """TensorRT cannot build a profile over batch 1..4 for a graph whose batch is fixed; neither does the fake."""
     root = _copy_bundle(tiny_bundle, tmp_path / "bundle")
-    _set_batch_dims(root, io.GUIDED_STEP, 2)
+    _set_batch_dims(root, graph_io.GUIDED_STEP, 2)
     with pytest.raises(trtb.TensorRTBuildError, match="could not build"):
-        gpu_sim.build_sim_engines(root, "fp32", graphs=[io.GUIDED_STEP])
+        gpu_sim.build_sim_engines(root, "fp32", graphs=[graph_io.GUIDED_STEP])
 
 
 def test_simulated_plans_map_back_to_their_graph(sim_bundle: Path) -> None:
@@ -466,13 +468,13 @@ def test_simulated_plans_map_back_to_their_graph(sim_bundle: Path) -> None:
     entry = m.engines["tensorrt/fp32/unet"]
     trt = gpu_sim.fake_tensorrt(sim_bundle)
     engine = trt.Runtime(trt.Logger()).deserialize_cuda_engine((sim_bundle / entry.files[0]).read_bytes())
-    assert engine is not None and engine.name == io.UNET
+    assert engine is not None and engine.name == graph_io.UNET
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    assert names == [io.SAMPLE, io.TIMESTEP, io.ENCODER_HIDDEN_STATES, io.TAC_SRC, io.EPS]
-    assert list(engine.get_tensor_shape(io.SAMPLE)) == [-1, C, -1, -1]  # batch and sides free
-    assert engine.get_tensor_mode(io.EPS) == trt.TensorIOMode.OUTPUT
+    assert names == [graph_io.SAMPLE, graph_io.TIMESTEP, graph_io.ENCODER_HIDDEN_STATES, graph_io.TAC_SRC, graph_io.EPS]
+    assert list(engine.get_tensor_shape(graph_io.SAMPLE)) == [-1, C, -1, -1]  # batch and sides free
+    assert engine.get_tensor_mode(graph_io.EPS) == trt.TensorIOMode.OUTPUT
     # batch 1..3x4, sides 64..2048 px (latent 8..256), tuned for batch 4 at the example size 256x256
-    assert [list(d) for d in engine.get_tensor_profile_shape(io.SAMPLE, 0)] == [[1, C, 8, 8], [4, C, 32, 32],
+    assert [list(d) for d in engine.get_tensor_profile_shape(graph_io.SAMPLE, 0)] == [[1, C, 8, 8], [4, C, 32, 32],
                                                                                  [12, C, 256, 256]]
     trt.__version__ = "10.8.0.43"  # a plan from another TensorRT version does not deserialize
     assert trt.Runtime(trt.Logger()).deserialize_cuda_engine((sim_bundle / entry.files[0]).read_bytes()) is None
@@ -505,16 +507,17 @@ def test_tensorrt_engines_pass_their_canaries_and_one_that_holds_other_weights_i
     trt, cudart = gpu_sim.sim_modules(sim_bundle)
     with TrtBackend(bundle, "fp32", trt=trt, cudart=cudart) as backend:
         verified = verify_graphs(backend, bundle, program_graphs(Variant(fused=True), step_graphs=True))
-        assert {r.graph for r in verified.results} == {*io.STEP_GRAPHS, io.VAE_ENCODER, io.UNET, io.VAE_DECODER}
+        assert {r.graph for r in verified.results} == {*graph_io.STEP_GRAPHS, graph_io.VAE_ENCODER, graph_io.UNET,
+                                                       graph_io.VAE_DECODER}
         assert all(r.ok and r.precision == "tf32" for r in verified.results)
     root = _copy_bundle(sim_bundle, tmp_path / "bundle")
-    negate_conv_kernels(root, io.VAE_DECODER)
+    negate_conv_kernels(root, graph_io.VAE_DECODER)
     changed = open_bundle(root)
     trt, cudart = gpu_sim.sim_modules(root)
     said: list[str] = []
     with TrtBackend(changed, "fp32", trt=trt, cudart=cudart) as backend, \
             pytest.raises(EngineRejected, match="tensorrt fp32: the vae_decoder graph missed its canary twice"):
-        verify_graphs(backend, changed, [io.VAE_DECODER], progress=said.append)
+        verify_graphs(backend, changed, [graph_io.VAE_DECODER], progress=said.append)
     assert "deserializing its engine again" in said[0], said
 
 
@@ -524,12 +527,12 @@ def test_static_size_engines_are_checked_by_a_canary_of_the_example_size(tiny_bu
     root = _copy_bundle(tiny_bundle, tmp_path / "bundle")
     for graph in read_manifest(root).graphs:
         _set_batch_dims(root, graph, None)
-    trtb.build_bundle_engines(root, trtb.TrtBuildConfig("fp32", sizes="opt"), graphs=[io.VAE_DECODER],
+    trtb.build_bundle_engines(root, trtb.TrtBuildConfig("fp32", sizes="opt"), graphs=[graph_io.VAE_DECODER],
                               trt=gpu_sim.fake_tensorrt(root), gpu=gpu_sim.fake_gpu_info, progress=lambda _: None)
     assert trtb.record_example_canaries(root, progress=lambda _: None) == [f"{g}@{W}x{H}" for g in
                                                                           read_manifest(root).graphs]
     b = open_bundle(root)
     trt, cudart = gpu_sim.sim_modules(root)
     with TrtBackend(b, "fp32", trt=trt, cudart=cudart) as backend:
-        assert backend.canary_size(b, io.VAE_DECODER) == (W, H)  # its profile takes no other size
-        assert verify_graphs(backend, b, [io.VAE_DECODER]).results[0].ok
+        assert backend.canary_size(b, graph_io.VAE_DECODER) == (W, H)  # its profile takes no other size
+        assert verify_graphs(backend, b, [graph_io.VAE_DECODER]).results[0].ok

@@ -15,21 +15,21 @@ import numpy as np
 import pytest
 from support.engines import NanImageBackend, negate_conv_kernels, zero_blob_weights
 
-from r2r import graph_io as io
+from r2r import graph_io
 from r2r.backends import KNOWN_ISSUES, known_issue
 from r2r.canary import BOUNDS, canary_slot, load_cases
-from r2r.config import MethodConfig, Variant
+from r2r.config import Method, Variant
 from r2r.manifest import BundleError, bundle_path, read_manifest, write_manifest
 from r2r.runtime.assembly import RunConfig, open_runtime, prepare_run
 from r2r.runtime.backend_ort import OrtBackend
-from r2r.runtime.bundle import open_bundle
+from r2r.runtime.bundle_reader import open_bundle
 from r2r.runtime.scheduler import CoupledScheduler, DegenerateOutput, program_graphs
 from r2r.runtime.select import DeviceUnavailable
-from r2r.runtime.trial import VERDICTS_FILE, TrialSpec, check_first_use, read_verdicts
+from r2r.runtime.trial import VERDICTS_FILE, TrialSpec, check_first_use, read_verdicts, run_child
 from r2r.runtime.verify import EngineRejected, verify_graphs
 
 FUSED = program_graphs(Variant(fused=True))
-METHOD = {"steps": 10, "strength": 0.5}
+METHOD = Method(steps=10, strength=0.5)
 
 
 def _copy(bundle: Path, tmp_path: Path, name: str = "bundle") -> Path:
@@ -49,7 +49,7 @@ def test_export_records_each_graphs_canary_from_onnxruntime_fp32(tiny_bundle: Pa
         canary = m.canaries[canary_slot(graph, size)]
         assert canary["file"] in m.files and canary["by"].startswith("onnxruntime")
         cases = load_cases(bundle_path(tiny_bundle, canary["file"]))
-        assert [c.multiple for c in cases] == list(io.CALL_MULTIPLES[graph])
+        assert [c.multiple for c in cases] == list(graph_io.CALL_MULTIPLES[graph])
         sess = ort.InferenceSession(str(bundle_path(tiny_bundle, entry.file)), providers=["CPUExecutionProvider"])
         for case in cases:
             assert set(case.inputs) == {t.name for t in entry.inputs}
@@ -67,7 +67,7 @@ def test_each_backend_passes_the_canaries_of_the_embedded_default_within_its_bou
 
     b = open_bundle(embedded_bundle)
     be = OrtBackend(b) if backend == "onnxruntime" else OpenVinoBackend(b, precision)
-    verified = verify_graphs(be, b, [g for g in io.ALL_GRAPHS if g not in io.STEP_GRAPHS])
+    verified = verify_graphs(be, b, [g for g in graph_io.ALL_GRAPHS if g not in graph_io.STEP_GRAPHS])
     assert not verified.retried
     for r in verified.results:
         assert r.ok and r.bound == BOUNDS[precision], r.describe()
@@ -81,12 +81,13 @@ def test_a_blob_that_computes_wrong_numbers_is_removed_and_compiled_again(tiny_b
 
     root = _copy(tiny_bundle, tmp_path)
     b = open_bundle(root)
-    assert verify_graphs(OpenVinoBackend(b, "fp32", 1), b, [io.VAE_DECODER]).results[0].ok  # compiles, keeps a blob
-    folder = cache_folder(root, b.manifest, io.VAE_DECODER, "fp32", 1, __import__("openvino").__version__)
+    assert verify_graphs(OpenVinoBackend(b, "fp32", 1), b,
+                         [graph_io.VAE_DECODER]).results[0].ok  # compiles, keeps a blob
+    folder = cache_folder(root, b.manifest, graph_io.VAE_DECODER, "fp32", 1, __import__("openvino").__version__)
     bad = zero_blob_weights(folder).read_bytes()
     said: list[str] = []
-    verified = verify_graphs(OpenVinoBackend(b, "fp32", 1), b, [io.VAE_DECODER], progress=said.append)
-    assert verified.retried == (io.VAE_DECODER,) and verified.results[0].ok
+    verified = verify_graphs(OpenVinoBackend(b, "fp32", 1), b, [graph_io.VAE_DECODER], progress=said.append)
+    assert verified.retried == (graph_io.VAE_DECODER,) and verified.results[0].ok
     assert "missed its canary" in said[0] and "removed its compiled blob" in said[0], said
     assert next(folder.iterdir()).read_bytes() != bad  # compiled again, and kept
 
@@ -96,11 +97,11 @@ def test_a_graph_that_misses_twice_is_refused_by_name_and_auto_passes_every_row_
     """A vae_decoder whose weights were changed behind the manifest (hash re-recorded, as a bad rewrite would):
     every engine computes the wrong numbers from it, so each backend is refused, naming the graph and the error."""
     root = _copy(tiny_bundle, tmp_path)
-    negate_conv_kernels(root, io.VAE_DECODER)
+    negate_conv_kernels(root, graph_io.VAE_DECODER)
     b = open_bundle(root)
     with pytest.raises(EngineRejected, match=r"onnxruntime fp32: the vae_decoder graph missed its canary twice "
                                              r"\(vae_decoder x1 image: relative error"):
-        verify_graphs(OrtBackend(b), b, [io.VAE_ENCODER, io.VAE_DECODER], progress=lambda _: None)
+        verify_graphs(OrtBackend(b), b, [graph_io.VAE_ENCODER, graph_io.VAE_DECODER], progress=lambda _: None)
     said: list[str] = []
     with pytest.raises(DeviceUnavailable, match=r"passed over: openvino .* onnxruntime fp32 .*vae_decoder"):
         open_runtime(RunConfig(engine=root, method=METHOD), progress=said.append)
@@ -149,6 +150,22 @@ def test_the_first_use_is_checked_in_a_child_once_then_by_the_canary_alone(tiny_
     assert json.loads((root / VERDICTS_FILE).read_text()) == verdicts
 
 
+@pytest.mark.parametrize(("backend", "precision", "opened"), [("onnxruntime", "fp32", 1), ("openvino", "fp32", 2)])
+def test_the_child_opens_twice_only_a_backend_whose_first_open_compiles_a_cache(
+        backend: str, precision: str, opened: int, tiny_bundle: Path, tmp_path: Path) -> None:
+    root = _copy(tiny_bundle, tmp_path)
+    seen = tmp_path / "child.out"
+    tee = tmp_path / "tee.py"  # the real child, its stdout kept
+    tee.write_text("import subprocess, sys\n"
+                   "p = subprocess.run([sys.executable, '-m', 'r2r.runtime.trial', sys.argv[-1]], "
+                   "capture_output=True, text=True)\n"
+                   f"open({str(seen)!r}, 'w').write(p.stdout); sys.stdout.write(p.stdout); sys.exit(p.returncode)\n")
+    spec = TrialSpec(str(root), backend, "cpu", precision, 1, ("vae_decoder",))
+    outcome = run_child(spec, command=[sys.executable, str(tee)], progress=lambda _: None)
+    assert outcome.passed == ("vae_decoder",) and outcome.failed is None
+    assert seen.read_text().splitlines().count("open vae_decoder") == opened
+
+
 def test_a_bundle_without_canaries_is_refused_with_the_command_that_records_them(tiny_bundle: Path,
                                                                                    tmp_path: Path) -> None:
     root = _copy(tiny_bundle, tmp_path)
@@ -185,11 +202,11 @@ def test_a_known_engine_bug_is_skipped_by_auto_and_refused_by_name(issue, tiny_b
 
 def test_a_non_finite_image_is_not_delivered_and_the_others_are(tiny_bundle: Path, tmp_path: Path,
                                                                  stripes_image) -> None:
-    from r2r.runtime.cli import translate_batch
+    from r2r.runtime.translator import deliver_batch
     from r2r.sizing import Placement
 
     b = open_bundle(tiny_bundle)
-    m = MethodConfig(**METHOD)
+    m = METHOD
     imgs = [stripes_image(21), stripes_image(22)]
     clean = CoupledScheduler(b, OrtBackend(b), 2, m)(imgs)
     poisoned = CoupledScheduler(b, NanImageBackend(b, row=1), 2, m)
@@ -198,17 +215,21 @@ def test_a_non_finite_image_is_not_delivered_and_the_others_are(tiny_bundle: Pat
     assert caught.value.outputs[1] is None and np.array_equal(caught.value.outputs[0], clean[0])
     place = Placement((256, 256), (256, 256), (256, 256), (0, 0), "pad", (256, 256))
     batch = [(tmp_path / "in" / "good.png", imgs[0], place), (tmp_path / "in" / "bad.png", imgs[1], place)]
-    written, failed = translate_batch(poisoned, batch, tmp_path / "out", {"backend": "test"})
-    assert written == 1 and len(failed) == 1 and "bad.png: not delivered: the final latent holds NaN" in failed[0]
+    results = deliver_batch(poisoned, batch, tmp_path / "out", {"backend": "test"})
+    assert [r.status for r in results] == ["ok", "failed"]
+    assert results[1].input.endswith("bad.png") and "not delivered: the final latent holds NaN" in results[1].error
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png"]
     # r2r-run --ray: an actor's records for the same batch (results.jsonl), one ok, one failed with the reason
     from dataclasses import asdict
 
     from r2r.runtime.outputs import params_hash
-    from r2r.runtime.ray_run import Translator
+    from r2r.runtime.ray_run import TranslateActor
 
-    actor = object.__new__(Translator)  # what __init__ sets after open_runtime, here on the poisoned scheduler
-    actor.runtime, actor.params, actor.phash = poisoned, {"backend": "test"}, params_hash({"backend": "test"})
+    class Poisoned:  # the actor's Translator, translating with the poisoned scheduler
+        translate_batch = staticmethod(poisoned)
+
+    actor = object.__new__(TranslateActor)  # what __init__ sets after opening the run
+    actor.translator, actor.params, actor.phash = Poisoned(), {"backend": "test"}, params_hash({"backend": "test"})
     items = [{"input": str(p), "output": str(tmp_path / "ray" / p.name), "placement": asdict(place)}
              for p, _, _ in batch]
     records = {Path(r["input"]).name: r for r in actor.translate(items, np.stack(imgs))}
@@ -227,8 +248,8 @@ def test_openvino_keeps_one_blob_folder_per_precision_and_thread_count(tiny_bund
     m = read_manifest(root)
     configs = [("fp32", 1), ("bf16", 1), ("fp32", 2)]
     for precision, threads in [*configs, ("fp32", 1)]:
-        compile_graph(ov, root, m, io.VAE_DECODER, precision, threads, progress=lambda _: None)
-    folders = [cache_folder(root, m, io.VAE_DECODER, p, t, ov.__version__) for p, t in configs]
+        compile_graph(ov, root, m, graph_io.VAE_DECODER, precision, threads, progress=lambda _: None)
+    folders = [cache_folder(root, m, graph_io.VAE_DECODER, p, t, ov.__version__) for p, t in configs]
     assert sorted(p.name for p in bundle_path(root, CACHE_DIR).iterdir()) == sorted(f.name for f in folders)
     blobs = [[p.name for p in f.iterdir()] for f in folders]
     assert all(len(names) == 1 for names in blobs) and len({names[0] for names in blobs}) == 1  # OpenVINO's name

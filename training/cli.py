@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import click
 
 from r2r.checkpoints import model_option
+from r2r.config import Method
 from r2r.log import log
+from r2r.options import method_options, model_source_options, resolve_source
+from r2r.source import ModelSource
+from r2r.training.loop import MIXED_PRECISION, LoopConfig
 
 
 @click.group()
@@ -69,7 +76,55 @@ def data(
 # .embedding, .pretrain, .evaluate); heavy imports stay inside the commands.
 # --------------------------------------------------------------------------------------------------
 
-from r2r.training.loop import loop_config_from_options, loop_options  # noqa: E402
+def loop_options(*, lr: float, max_steps: int, batch_size: int, weight_decay: float,
+                 checkpoint_every: int = 500) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Click options of `LoopConfig`, with per-command defaults (diffusers' training-script names)."""
+
+    opts = [
+        click.option("--batch-size", type=click.IntRange(min=1), default=batch_size, show_default=True,
+                     help="Images per micro-batch, per process."),
+        click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Micro-batches per optimizer step."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=lr, show_default=True,
+                     help="AdamW learning rate (constant after --lr-warmup-steps)."),
+        click.option("--lr-warmup-steps", type=click.IntRange(min=0), default=0, show_default=True),
+        click.option("--adam-weight-decay", type=click.FloatRange(min=0), default=weight_decay, show_default=True),
+        click.option("--max-grad-norm", type=click.FloatRange(min=0), default=1.0, show_default=True,
+                     help="Gradient clipping (0: off)."),
+        click.option("--max-steps", type=click.IntRange(min=1), default=max_steps, show_default=True,
+                     help="Optimizer steps in total (a resumed run stops at the same count)."),
+        click.option("--mixed-precision", type=click.Choice(MIXED_PRECISION), default="no", show_default=True,
+                     help="accelerate autocast; fp16 needs a GPU."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Seeds the data order, noise and timesteps."),
+        click.option("--checkpoint-every", type=click.IntRange(min=1), default=checkpoint_every,
+                     show_default=True, help="Optimizer steps between checkpoints (the last step always saves)."),
+        click.option("--checkpoints-total-limit", type=click.IntRange(min=1), default=2, show_default=True,
+                     help="Checkpoints kept."),
+        click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest (fresh if none)."),
+        click.option("--ema", is_flag=True, help="Keep an EMA of the trained weights and save it."),
+        click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.9999, show_default=True),
+        click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
+    ]
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return wrap
+
+
+def loop_config_from_options(options: dict[str, Any]) -> LoopConfig:
+    """Pop `loop_options`' values from a command's keyword arguments into a LoopConfig."""
+    names = {f.name for f in fields(LoopConfig)}
+    values = {k: options.pop(k) for k in list(options) if k in names}
+    values["progress"] = not options.pop("no_progress", False)
+    try:
+        return LoopConfig(**values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
 
 _PATH = click.Path(path_type=Path)
 _TIMESTEP_BIAS = [
@@ -225,10 +280,7 @@ def pretrain_tiny_cmd(data: Path, out: Path, seed: int, threads: int, vae_steps:
 
 
 @main.command("evaluate", short_help="Ablation on the paired test split: SSIM, PSNR, realism.")
-@click.option("--model", type=_PATH, default=None, callback=model_option,
-              help="Model under test, a directory or a .safetensors checkpoint [default: the embedded default].")
-@click.option("--embedding", type=_PATH, default=None,
-              help="Its negative embedding [default: MODEL/negative_embedding.safetensors].")
+@model_source_options
 @click.option("--base-model", type=_PATH, default=None, callback=model_option,
               help="The pre-DKI model, for the w/o-finetune row (skipped when absent).")
 @click.option("--base-embedding", type=_PATH, default=None,
@@ -236,38 +288,28 @@ def pretrain_tiny_cmd(data: Path, out: Path, seed: int, threads: int, vae_steps:
 @click.option("--data", type=_PATH, required=True, help="An r2r dataset with a paired test split.")
 @click.option("--out", type=_PATH, required=True, help="Report folder (report.json, report.md, grids, images).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="First N test images only.")
-@click.option("--steps", type=int, default=None, help="[default: 50]")
-@click.option("--strength", type=float, default=None, help="[default: 0.3]")
-@click.option("--guidance", type=float, default=None, help="[default: 7.5]")
-@click.option("--tac-ratio", type=float, default=None, help="[default: 0.9]")
+@method_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--classifier-steps", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option("--no-progress", is_flag=True)
-def evaluate_cmd(model: Path | None, embedding: Path | None, base_model: Path | None, base_embedding: Path | None,
-                 data: Path, out: Path, limit: int | None, steps: int | None, strength: float | None,
-                 guidance: float | None, tac_ratio: float | None, batch_size: int, classifier_steps: int, seed: int,
+def evaluate_cmd(source: ModelSource, base_model: Path | None, base_embedding: Path | None, data: Path, out: Path,
+                 limit: int | None, method: Method, batch_size: int, classifier_steps: int, seed: int,
                  threads: int | None, no_progress: bool) -> None:
     """The ablation on the test split: SSIM/PSNR vs the real ground truth, SSIM vs the render, realism."""
     from dataclasses import replace
 
-    from r2r.config import MethodConfig
-    from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE
     from r2r.training.evaluate import EvalConfig, evaluate
 
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    model = model or EMBEDDED_DEFAULT
-    given = {"steps": steps, "strength": strength, "guidance": guidance, "tac_ratio": tac_ratio}
-    try:
-        method = replace(MethodConfig(), **{k: v for k, v in given.items() if v is not None})
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
-    cfg = EvalConfig(model, embedding or model / EMBEDDING_FILE, data, out, base_model, base_embedding, limit, method,
-                     batch_size, classifier_steps, seed, progress=not no_progress)
+    resolved = resolve_source(source)
+    cfg = EvalConfig(resolved.model, resolved.embedding, data, out, base_model, base_embedding, limit,
+                     replace(method, tac_divisor=method.divisor), batch_size, classifier_steps, seed,
+                     progress=not no_progress)
     try:
         report = evaluate(cfg)
     except _train_errors() as exc:

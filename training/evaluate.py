@@ -1,21 +1,9 @@
 """`r2r-train evaluate`: the paper's ablation on a paired test split, with numbers a command produces.
 
-For each test render (whose real twin is the ground truth) every method row translates the render with
-the PyTorch reference (`r2r.reference.ReferencePipeline`) and is scored by:
-
-* SSIM and PSNR of the output against the real ground truth (fidelity to the photographed garment);
-* SSIM of the output against the input render (texture preservation: the pattern must survive);
-* realism: the fraction of outputs a small real-vs-rendered CNN, trained here on the train split
-  (seeded), classifies as real; its accuracy on the test split's real and rendered images is reported
-  too, so the score can be judged.
-
-SSIM and PSNR are defined in `r2r.metrics`.
-
-Rows: the full method (the model's defaults); without TAC (tac_ratio 0); without the negative
-embedding (null text only: guidance 1 makes e = e_neg + 1 (e_null - e_neg) = e_null); without the
-finetune (the pre-DKI base model with its own negative embedding, trained on the base model the same
-way). Reference rows: the input render itself, the VAE round trip of the render (what any
-latent-space method starts from), and the real ground truth.
+Method rows (full, without TAC, without the negative embedding, without the finetune) and reference rows (render,
+VAE round trip, real ground truth), scored by SSIM / PSNR against the real twin, SSIM against the render, and a
+seeded real-vs-rendered classifier's realism, its test accuracy reported beside.
+Why: docs/design.md, "Evaluation".
 """
 
 from __future__ import annotations
@@ -29,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from r2r.config import MethodConfig
+from r2r.config import Method
 from r2r.imageio import load_rgb, save_png
 from r2r.metrics import psnr, ssim
 from r2r.schedule import forward_noise
@@ -149,7 +137,7 @@ class EvalConfig:
     base_model: Path | None = None  # the pre-DKI model, for the "without finetune" row
     base_embedding: Path | None = None  # its own negative embedding
     limit: int | None = None
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: Method = field(default_factory=Method)
     batch_size: int = 8
     classifier_steps: int = 300
     seed: int = 0
@@ -207,7 +195,7 @@ def _pipeline(model: Path, embedding: Path, size: tuple[int, int]) -> ReferenceP
     return ReferencePipeline(load_components(model), embedding, size[0], size[1])
 
 
-def _translate(pipe: ReferencePipeline, images: list[np.ndarray], methods: dict[str, MethodConfig],
+def _translate(pipe: ReferencePipeline, images: list[np.ndarray], methods: dict[str, Method],
                batch_size: int, progress: bool) -> dict[str, tuple[list[np.ndarray], float]]:
     """Translate `images` once per method config with one loaded pipeline."""
     from tqdm import tqdm
@@ -227,7 +215,7 @@ def _translate(pipe: ReferencePipeline, images: list[np.ndarray], methods: dict[
 
 
 def dki_separation(pipe: ReferencePipeline, renders: Sequence[np.ndarray], reals: Sequence[np.ndarray],
-                   method: MethodConfig, batch_size: int = 8, seed: int = 0) -> dict[str, Any]:
+                   method: Method, batch_size: int = 8, seed: int = 0) -> dict[str, Any]:
     """Eqs. 6 and 7's noise-prediction MSE on held-out images, per domain and conditioning.
 
     The guidance e = e_neg + w (e_null - e_neg) moves an image only by what the two conditionings

@@ -1,17 +1,9 @@
 """The one training loop of r2r: accelerate, a seeded data order, EMA, tqdm, atomic safetensors checkpoints.
 
-Every training command (the UNet finetune, the negative domain embedding, the tiny model's pretraining
-stages) is a `TrainTask` run by `run_training`, so resume, checkpoints and determinism are written once.
-
-Determinism without RNG state: every random draw of optimizer step s (data order, noise, timesteps,
-crops, caption dropout) comes from generators seeded by (seed, s, micro-batch, process), and the data
-order is a seeded permutation per epoch. A resumed run therefore draws exactly what an uninterrupted
-run draws; the checkpoint holds only tensors (safetensors) and scalars (JSON), never a pickle.
-
-Checkpoint layout, under `OUT/checkpoints/`: `step-00000100/` with `trainable.safetensors`,
-`optimizer.safetensors`, `ema.safetensors` (with --ema) and `state.json`; each is written to a hidden
-temporary folder and renamed into place, and the `latest` marker (the folder's name) is replaced last,
-so a run killed at any instant resumes from a complete checkpoint.
+Every training command is a `TrainTask` run by `run_training`. A resumed run draws exactly what an uninterrupted one
+draws (each draw seeded by seed, step, micro-batch and process); checkpoints under `OUT/checkpoints/` hold tensors
+and JSON only, never a pickle, and a run killed at any instant resumes from a complete one.
+Why: docs/design.md, "The training loop".
 """
 
 from __future__ import annotations
@@ -21,12 +13,9 @@ import math
 import shutil
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import click
 
 from r2r.atomic import atomic_dir, atomic_write
 
@@ -46,8 +35,6 @@ __all__ = [
     "data_indices",
     "derive_seed",
     "latest_checkpoint",
-    "loop_config_from_options",
-    "loop_options",
     "run_training",
     "step_generator",
 ]
@@ -529,58 +516,3 @@ def run_training(task: TrainTask, cfg: LoopConfig, out: Path) -> LoopResult:
     finally:
         accelerator.free_memory()
         _reset_accelerate()
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI options shared by the training commands
-# --------------------------------------------------------------------------------------------------
-
-
-def loop_options(*, lr: float, max_steps: int, batch_size: int, weight_decay: float,
-                 checkpoint_every: int = 500) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Click options of `LoopConfig`, with per-command defaults (diffusers' training-script names)."""
-
-    opts = [
-        click.option("--batch-size", type=click.IntRange(min=1), default=batch_size, show_default=True,
-                     help="Images per micro-batch, per process."),
-        click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Micro-batches per optimizer step."),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=lr, show_default=True,
-                     help="AdamW learning rate (constant after --lr-warmup-steps)."),
-        click.option("--lr-warmup-steps", type=click.IntRange(min=0), default=0, show_default=True),
-        click.option("--adam-weight-decay", type=click.FloatRange(min=0), default=weight_decay, show_default=True),
-        click.option("--max-grad-norm", type=click.FloatRange(min=0), default=1.0, show_default=True,
-                     help="Gradient clipping (0: off)."),
-        click.option("--max-steps", type=click.IntRange(min=1), default=max_steps, show_default=True,
-                     help="Optimizer steps in total (a resumed run stops at the same count)."),
-        click.option("--mixed-precision", type=click.Choice(MIXED_PRECISION), default="no", show_default=True,
-                     help="accelerate autocast; fp16 needs a GPU."),
-        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Seeds the data order, noise and timesteps."),
-        click.option("--checkpoint-every", type=click.IntRange(min=1), default=checkpoint_every,
-                     show_default=True, help="Optimizer steps between checkpoints (the last step always saves)."),
-        click.option("--checkpoints-total-limit", type=click.IntRange(min=1), default=2, show_default=True,
-                     help="Checkpoints kept."),
-        click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest (fresh if none)."),
-        click.option("--ema", is_flag=True, help="Keep an EMA of the trained weights and save it."),
-        click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.9999, show_default=True),
-        click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
-    ]
-
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        for opt in reversed(opts):
-            fn = opt(fn)
-        return fn
-
-    return wrap
-
-
-def loop_config_from_options(options: dict[str, Any]) -> LoopConfig:
-    """Pop `loop_options`' values from a command's keyword arguments into a LoopConfig."""
-    names = {f.name for f in fields(LoopConfig)}
-    values = {k: options.pop(k) for k in list(options) if k in names}
-    values["progress"] = not options.pop("no_progress", False)
-    try:
-        return LoopConfig(**values)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc

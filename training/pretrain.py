@@ -1,33 +1,9 @@
 """`r2r-train pretrain-tiny`: the embedded default, trained from scratch on the procedural dataset.
 
-Stages (each a resumable `run_training` under OUT/, skipped once its output exists):
-
-1. `init/`        the tiny SD-1.x model at its seeded random init (`r2r.tiny.build_tiny_model`, the
-                  tokenizer learned with the dataset's caption words);
-2. `vae/`         the VAE, on train images of both domains at three scales per step (whole images
-                  area-downsampled 4x or 2x, or 128-pixel full-resolution crops); MSE + a small L1 on
-                  image gradients (fine stripes and checks) + a small KL, from the colour-carrying
-                  start of `r2r.training.vae_init` (which says why). Then
-                  `scaling_factor = 1 / std(latents)` over the training set;
-3. `latents.safetensors`  every train image of both domains encoded once (posterior parameters), so
-                  no later stage runs the VAE;
-4. `unet/`        the base UNet on both domains (text encoder frozen at its seeded init, each caption
-                  encoded once), on random 16x16 windows of the 32x32 latents (the UNet is
-                  convolutional; a window costs a ninth of a full latent on a CPU), 10% empty captions
-                  (the null text), and half of the captions naming the domain ("3d render" /
-                  "studio photo"), as web captions do for SD, so the base model knows both domains in
-                  text. EMA weights are kept. This is the pre-DKI base model;
-5. `finetune/`    DKI, target domain (eq. 6): the base UNet finetuned on real images only, with the
-                  dataset's captions (half of them empty: generation runs on the null text), 24x24 windows;
-6. `embedding/`   DKI, source domain (eq. 7): the 75-vector negative embedding on renders, finetuned
-                  model frozen, placeholder-only prompt;
-7. `base-embedding/`  the same embedding trained on the base model, for the "without finetune" ablation;
-8. `embedded/`    the shipped default: the finetuned model + negative_embedding.safetensors +
-                  training.json (provenance: options, dataset, stage times); `--install DIR` copies it.
-
-Every stage is deterministic for a seed and a thread count (`--threads`). The UNet stages draw half of
-their timesteps from [0, 400): the default serves img2img at strength 0.3 (t <= 281), where a tiny
-model needs its capacity most.
+Stages under OUT/ (`init/`, `vae/`, `latents.safetensors`, `unet/`, `finetune/`, `embedding/`, `base-embedding/`,
+`embedded/`), each a resumable `run_training` skipped once its output exists, deterministic for a seed and
+`--threads`; `embedded/` is the shipped default (model, negative embedding, training.json), copied by `--install`.
+Why: docs/design.md, "Training the embedded default".
 """
 
 from __future__ import annotations

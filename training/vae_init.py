@@ -1,24 +1,9 @@
 """A colour-carrying start for the tiny VAE: at step 0 it already encodes each 8x8 block's mean colour.
 
-Why: trained from a random init on two CPU cores, the tiny AutoencoderKL learns shapes and luminance
-long before chroma (its deep stack of GroupNorms scrambles absolute colour), and within the budget of
-`pretrain-tiny` its reconstructions stay brown. So training starts from weights in which a linear
-"carrier" path runs through the main (non-residual) path of both halves:
-
-* encoder: RGB enters carrier channels as (s, -s); every downsampler averages 2x2 blocks; the latent's
-  first three channels are the 8x8 block means; the fourth starts at zero (free for detail);
-* decoder: the first three latent channels return to (s, -s) carriers; every upsampler is nearest
-  upsampling; the output convolution reads the carriers back.
-
-Every residual branch and attention output starts at zero (each block is the identity, as in ADM's
-zero-init), so the blocks are free to learn detail from a network that already reproduces colour.
-GroupNorm would normalise a carrier by its own per-image statistics; each carrier group is therefore
-(s, -s, ..., C, -C): its mean is exactly zero and its variance is dominated by the constants, so the
-norm is linear in s to within s^2/2C^2; and SiLU(s) - SiLU(-s) = s exactly, so the convolution after
-the norm reads each carrier as the difference of its two channels. Larger constants would make the
-norm more exact but every weight that reads them more sensitive to an optimizer step.
-Every weight that is not part of the carrier keeps its random init, so the network has features to
-learn from.
+`carrier_init(vae)` rewrites the weights in place: a linear carrier path through the main path of encoder and
+decoder (the latent's first three channels are the block means), every residual branch and attention output zeroed,
+every other weight at its random init; a VAE whose norms or blocks cannot pass the carrier is refused.
+Why: docs/design.md, "Training the embedded default".
 """
 
 from __future__ import annotations
@@ -35,7 +20,7 @@ LOGVAR = -8.0  # the posterior's initial log-variance (unit noise would drown an
 
 
 def carrier_init(vae: nn.Module) -> None:
-    """Rewrite `vae`'s weights in place as described in the module docstring."""
+    """Rewrite `vae`'s weights in place as docs/design.md, "Training the embedded default", describes."""
     import torch
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D

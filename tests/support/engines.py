@@ -78,13 +78,13 @@ def openvino_kernels(graph: Path, precision_hint: str, inputs: Sequence[np.ndarr
 def openvino_kernels_note(bundle, graph: Path, precision_hint: str) -> str:
     """Which kernels OpenVINO ran a UNet graph with on this CPU (on the bundle's unet canary inputs), for the failure
     message of a reduced-precision test: the ISA that did the work."""
-    from r2r import graph_io as io
+    from r2r import graph_io
     from r2r.canary import canary_slot, load_cases
     from r2r.machine import cpu_identity
     from r2r.manifest import bundle_path
 
     size = tuple(bundle.manifest.sizes["min"])
-    case = load_cases(bundle_path(bundle.root, bundle.manifest.canaries[canary_slot(io.UNET, size)]["file"]))[0]
+    case = load_cases(bundle_path(bundle.root, bundle.manifest.canaries[canary_slot(graph_io.UNET, size)]["file"]))[0]
     return (f"on {cpu_identity()}: OpenVINO {precision_hint} kernels of {graph.name}: "
             f"{openvino_kernels(graph, precision_hint, list(case.inputs.values()))}")
 

@@ -54,7 +54,7 @@ import hashlib
 import json
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -62,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from r2r import graph_io as io
+from r2r import graph_io
 from support.api import load_api
 from support.strict import FakeObject, make_module, split_top
 
@@ -85,6 +85,19 @@ _NP_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32
 _C_INT = {"int", "unsigned int", "size_t", "unsigned long long", "long long", "long", "unsigned long", "short",
           "unsigned short", "unsigned char", "char", "int64_t", "uint64_t", "ssize_t"}
 _C_FLOAT = {"float", "double"}
+
+
+def solve_env(specs: Sequence[Sequence[int | str]], shapes: Sequence[Sequence[int]]) -> dict[str, int]:
+    """The symbols' values that give `shapes` for the manifest `specs` (each dimension "k*sym" or "sym" fixes sym)."""
+    env: dict[str, int] = {}
+    for spec, shape in zip(specs, shapes, strict=True):
+        for d, v in zip(spec, shape, strict=True):
+            if isinstance(d, str):
+                head, sep, tail = d.replace(" ", "").partition("*")
+                k, sym = (int(head), tail) if sep and head.isdigit() and tail.isidentifier() else (1, d)
+                if sym.isidentifier() and v % k == 0:
+                    env.setdefault(sym, v // k)
+    return env
 
 
 class SimFault(RuntimeError):
@@ -895,11 +908,11 @@ def _resolve_dims(data: _EngineData, shapes: dict[str, tuple[int, ...]], dims: l
     -1 where a symbol is not known (as TensorRT answers before every input shape is set)."""
     known = [(t["dims"], shapes[t["name"]]) for t in data.inputs
              if t["name"] in shapes and len(shapes[t["name"]]) == len(t["dims"])]
-    env = io.solve_env([d for d, _ in known], [s for _, s in known])
+    env = solve_env([d for d, _ in known], [s for _, s in known])
     out = []
     for d in dims:
         try:
-            out.append(io.eval_dim(d, env))
+            out.append(graph_io.eval_dim(d, env))
         except ValueError:
             out.append(-1)
     return out

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from r2r import __version__
-from r2r import graph_io as io
+from r2r import __version__, graph_io
 from r2r.atomic import atomic_path
-from r2r.config import MethodConfig
+from r2r.config import Method
 from r2r.export.canary import Runner, record_canaries, record_graph_canaries
 from r2r.export.graphs import (
     STEP_SPECS,
@@ -70,7 +69,7 @@ class ExportConfig:
     height: int
     batch_max: int = 4
     tac_divisor: int = 256
-    graphs: tuple[str, ...] = io.ALL_GRAPHS
+    graphs: tuple[str, ...] = graph_io.ALL_GRAPHS
     min_side: int | None = None  # None: two pixel multiples
     max_side: int | None = DEFAULT_MAX_SIDE
     static: bool = False  # graphs of the example size only (TensorRT builds static engines from them)
@@ -171,18 +170,18 @@ def example_inputs(name: str, comps: Components, plan: TACPlan, h: int, w: int) 
     def unet_args(k: int) -> tuple[torch.Tensor, ...]:
         return torch.randn(2 * k, c, h // 8, w // 8, generator=g), t, torch.randn(2 * k, 77, d, generator=g)
 
-    if name == io.UNET_INJECT:
+    if name == graph_io.UNET_INJECT:
         qk = [torch.randn(2, h // 8 >> lyr.level, w // 8 >> lyr.level, lyr.channels, generator=g)
               for lyr in plan.layers for _ in range(2)]
         return (*unet_args(2), *qk)
-    if name == io.UNET:  # a non-identity routing: the exporter must not fold the gather away
+    if name == graph_io.UNET:  # a non-identity routing: the exporter must not fold the gather away
         return (*unet_args(1), torch.tensor([1, 0], dtype=torch.int64))
-    if name == io.UNET_EMIT:
+    if name == graph_io.UNET_EMIT:
         return unet_args(1)
-    if name == io.VAE_ENCODER:
+    if name == graph_io.VAE_ENCODER:
         return (torch.rand(2, 3, h, w, generator=g) * 2 - 1,)
-    if name in (io.DDIM_STEP, io.GUIDED_STEP):
-        k = 2 if name == io.DDIM_STEP else 4
+    if name in (graph_io.DDIM_STEP, graph_io.GUIDED_STEP):
+        k = 2 if name == graph_io.DDIM_STEP else 4
         lat = torch.randn(2, c, h // 8, w // 8, generator=g)
         return lat, torch.randn(k, c, h // 8, w // 8, generator=g), torch.tensor([0.9, 0.1, 7.5])
     return (torch.randn(2, int(comps.vae.config.latent_channels), h // 8, w // 8, generator=g),)
@@ -191,19 +190,19 @@ def example_inputs(name: str, comps: Components, plan: TACPlan, h: int, w: int) 
 def graph_module(name: str, comps: Components, plan: TACPlan, state: TACState) -> torch.nn.Module:
     """The torch module graph `name` is exported from (`state`: the TAC processors installed on comps.unet)."""
     modules: dict[str, Callable[[], torch.nn.Module]] = {
-        io.UNET: lambda: UNetRouted(comps.unet, state),
-        io.UNET_EMIT: lambda: UNetEmit(comps.unet, state, plan),
-        io.UNET_INJECT: lambda: UNetInject(comps.unet, state),
-        io.VAE_ENCODER: lambda: VaeEncoder(comps.vae),
-        io.VAE_DECODER: lambda: VaeDecoder(comps.vae),
-        io.DDIM_STEP: DdimStep,
-        io.GUIDED_STEP: GuidedStep,
+        graph_io.UNET: lambda: UNetRouted(comps.unet, state),
+        graph_io.UNET_EMIT: lambda: UNetEmit(comps.unet, state, plan),
+        graph_io.UNET_INJECT: lambda: UNetInject(comps.unet, state),
+        graph_io.VAE_ENCODER: lambda: VaeEncoder(comps.vae),
+        graph_io.VAE_DECODER: lambda: VaeDecoder(comps.vae),
+        graph_io.DDIM_STEP: DdimStep,
+        graph_io.GUIDED_STEP: GuidedStep,
     }
     return modules[name]()
 
 
 # The graphs the torch backend runs as the model's modules (a bundle without ONNX graphs records their canaries).
-TORCH_GRAPHS = (*io.UNET_GRAPHS, io.VAE_ENCODER, io.VAE_DECODER)
+TORCH_GRAPHS = (*graph_io.UNET_GRAPHS, graph_io.VAE_ENCODER, graph_io.VAE_DECODER)
 
 
 def torch_runner(comps: Components, plan: TACPlan, state: TACState) -> Runner:
@@ -259,7 +258,7 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
         scaling_factor=comps.scaling_factor,
         tac_plan={**plan.as_dict(), "target": "null"},
         schedule={"scheduler": comps.scheduler.as_dict(),
-                  "defaults": MethodConfig(tac_divisor=cfg.tac_divisor).as_dict()},
+                  "defaults": Method(tac_divisor=cfg.tac_divisor).as_dict()},
         tools=tools,
     )
     if old is not None:  # engines keep their own keys (and file hashes); the engine builders re-check them
@@ -288,11 +287,11 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
         c_null, c_neg = encode_conditioning(comps, cfg.embedding)
         path = bundle_path(out, COND_FILE)
         with atomic_path(path) as tmp:
-            save_file({io.COND_NULL: c_null.contiguous(), io.COND_NEG: c_neg.contiguous()}, str(tmp))
+            save_file({graph_io.COND_NULL: c_null.contiguous(), graph_io.COND_NEG: c_neg.contiguous()}, str(tmp))
         record_file(out, manifest, COND_FILE)
         manifest.cond = {"file": COND_FILE, "key": keys["cond"], "tensors": [
-            TensorSpec(io.COND_NULL, list(c_null.shape), "float32").__dict__,
-            TensorSpec(io.COND_NEG, list(c_neg.shape), "float32").__dict__]}
+            TensorSpec(graph_io.COND_NULL, list(c_null.shape), "float32").__dict__,
+            TensorSpec(graph_io.COND_NEG, list(c_neg.shape), "float32").__dict__]}
         progress(f"  cond        built in {time.perf_counter() - t0:.1f} s ({path.stat().st_size / 1e3:.0f} kB)")
 
     state = install_tac(comps.unet, plan)
@@ -349,7 +348,7 @@ def _record_weight_maps(out: Path, manifest: Manifest, comps: Components, progre
     model it was exported from is at hand (a reused graph keeps its recorded map)."""
     indexes: dict[str, ParamIndex] = {}
     for name, entry in manifest.graphs.items():
-        part = io.WEIGHTS_OF.get(name)
+        part = graph_io.WEIGHTS_OF.get(name)
         if part is None or (entry.refit_map and entry.refit_map in manifest.files):
             continue
         t0 = time.perf_counter()

@@ -1,17 +1,9 @@
-"""`r2r-export refit`: a refittable bundle and its engines made those of another model of the same architecture (a
-LoRA fused into the same base, another finetune) without exporting or building again (docs/design.md, "Refit").
+"""`r2r-export refit`: a refittable bundle and its engines made those of another model of the same architecture.
 
-1. Check, before anything changes: every weight graph has its weight map; the new model has the bundle's
-   architecture; the bundle's TensorRT engines were built with --refit, for this machine's TensorRT and GPU.
-2. Mark the bundle as being refitted: the runtime refuses it until step 6 (export/refit.py).
-3. The ONNX graphs (only where the model part they hold changed) and the conditioning (only if the text encoder,
-   tokenizer or embedding changed), each re-keyed as a fresh export of the new model would be.
-4. TensorRT engines refitted in place through `trt.Refitter`, with only the weights that changed.
-5. The other backends' engines (ONNX Runtime's optimized graphs, OpenVINO's compiled-model cache and INT8 UNet)
-   hold the old weights folded in: removed, then built again from the refitted graphs by their own builders.
-6. The new model recorded as the bundle's source; the mark removed.
-
-An interrupted refit leaves the mark; running the command again finishes the work (what was refitted is kept).
+Everything is checked before anything changes; the bundle is marked as being refitted (the runtime refuses it) until
+the graphs, conditioning, TensorRT engines (refitted in place) and other backends' engines (rebuilt) are done and
+the new source recorded. An interrupted refit is finished by running the command again.
+Why: docs/design.md, "The bundle" (its Refit paragraph).
 """
 
 from __future__ import annotations
@@ -27,7 +19,7 @@ from typing import Any
 
 from r2r.backends import BuildRequest, backend_row
 from r2r.engines import tensorrt as trt_engines
-from r2r.export import refit as onnx_refit
+from r2r.export import graph_refit as onnx_refit
 from r2r.export.canary import record_graph_canaries
 from r2r.gpu import gpu_info, import_tensorrt
 from r2r.locks import bundle_lock

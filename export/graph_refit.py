@@ -1,6 +1,6 @@
 """A refittable bundle's graphs and conditioning made those of another model of the same architecture, without
 exporting again (docs/design.md, "Refit"): the ONNX half of `r2r-export refit` (the engines' half is
-`r2r.engines.refit`).
+`r2r.engines.bundle_refit`).
 
 Each weight graph is rewritten through the weight map recorded when the bundle was exported with `--refit`
 (`export/weight_map.py`); the conditioning is computed again only if the text encoder, tokenizer or embedding
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from r2r import graph_io as io
+from r2r import graph_io
 from r2r.atomic import atomic_path
-from r2r.export.bundle import (
+from r2r.export.bundle_writer import (
     artefact_keys,
     bundle_config,
     example_inputs,
@@ -61,7 +61,7 @@ class RefitTarget:
 def check_refittable(bundle: Path, manifest: Manifest) -> None:
     """Every weight graph has its recorded weight map, else the bundle cannot be refitted."""
     lacking = [g for g, e in manifest.graphs.items()
-               if g in io.WEIGHTS_OF and (not e.refit_map or e.refit_map not in manifest.files)]
+               if g in graph_io.WEIGHTS_OF and (not e.refit_map or e.refit_map not in manifest.files)]
     if lacking:
         raise RefitError(f"{bundle}: the graphs {', '.join(lacking)} have no weight map; make the bundle refittable "
                          f"once, with its own model: `r2r-export onnx --refit --model MODEL --out {bundle}` (or "
@@ -136,7 +136,7 @@ def refit_graphs(bundle: Path, manifest: Manifest, target: RefitTarget,
     params: dict[str, dict[str, np.ndarray]] = {}
     state = install_tac(target.comps.unet, target.plan)
     for name, entry in manifest.graphs.items():
-        part = io.WEIGHTS_OF.get(name)
+        part = graph_io.WEIGHTS_OF.get(name)
         new_key = target.keys[name]
         if entry.key == new_key:
             continue
@@ -166,7 +166,7 @@ def refit_cond(bundle: Path, manifest: Manifest, target: RefitTarget, progress: 
     t0 = time.perf_counter()
     c_null, c_neg = encode_conditioning(target.comps, target.embedding)
     with atomic_path(bundle_path(bundle, COND_FILE)) as tmp:
-        save_file({io.COND_NULL: c_null.contiguous(), io.COND_NEG: c_neg.contiguous()}, str(tmp))
+        save_file({graph_io.COND_NULL: c_null.contiguous(), graph_io.COND_NEG: c_neg.contiguous()}, str(tmp))
     record_file(bundle, manifest, COND_FILE)
     manifest.cond["key"] = target.keys["cond"]
     write_manifest(bundle, manifest)

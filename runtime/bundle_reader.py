@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 
-from r2r import graph_io as io
+from r2r import graph_io
 from r2r.canary import CanaryCase, canary_key, canary_slot, load_cases
-from r2r.config import MethodConfig
+from r2r.config import Method
 from r2r.manifest import REFIT_PENDING, BundleError, Manifest, bundle_path, read_manifest, verify_files
 from r2r.schedule import Schedule, SchedulerConfig, make_schedule
 from r2r.tac import tac_window
@@ -83,13 +83,14 @@ class Bundle:
                               f"--bundle {self.root}`")
         return load_cases(bundle_path(self.root, entry["file"]))
 
-    def method_defaults(self) -> MethodConfig:
-        return MethodConfig(**self.manifest.schedule["defaults"])
+    def method(self, given: Method) -> Method:
+        """`given` for this bundle: its TAC divisor the bundle's where not given (checked by `check`)."""
+        return given if given.tac_divisor is not None else replace(given, tac_divisor=self.manifest.tac_plan["divisor"])
 
-    def check(self, method: MethodConfig, batch: int) -> None:
+    def check(self, method: Method, batch: int) -> None:
         """Refuse flags the bundle was not built for, naming the rebuild."""
         plan = self.manifest.tac_plan
-        if method.tac_divisor != plan["divisor"]:
+        if method.tac_divisor not in (None, plan["divisor"]):
             raise BundleError(
                 f"--tac-divisor {method.tac_divisor}: the bundle's TAC layers were chosen with divisor "
                 f"{plan['divisor']}; re-export with `r2r-export onnx --tac-divisor {method.tac_divisor}`")
@@ -101,7 +102,7 @@ class Bundle:
                 f"--batch-size {batch}: the bundle supports {self.manifest.batch_min}-{self.manifest.batch_max}; "
                 f"re-export with `r2r-export onnx --batch-max {batch}`")
 
-    def schedule(self, method: MethodConfig) -> tuple[Schedule, int]:
+    def schedule(self, method: Method) -> tuple[Schedule, int]:
         sched = make_schedule(self.scheduler, method)
         return sched, tac_window(sched.n, method.tac_ratio)
 
@@ -117,7 +118,9 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
         verify_files(root, manifest)
     cond_path = bundle_path(root, manifest.cond["file"])
     cond = load_file(str(cond_path))
-    if set(cond) != {io.COND_NULL, io.COND_NEG}:
-        raise BundleError(f"{cond_path}: expected tensors {io.COND_NULL}, {io.COND_NEG}; re-export the bundle")
+    if set(cond) != {graph_io.COND_NULL, graph_io.COND_NEG}:
+        raise BundleError(f"{cond_path}: expected tensors {graph_io.COND_NULL}, {graph_io.COND_NEG}; re-export the "
+                          "bundle")
     sched = SchedulerConfig.from_dict(manifest.schedule["scheduler"])
-    return Bundle(root, manifest, cond[io.COND_NULL].astype(np.float32), cond[io.COND_NEG].astype(np.float32), sched)
+    return Bundle(root, manifest, cond[graph_io.COND_NULL].astype(np.float32),
+                  cond[graph_io.COND_NEG].astype(np.float32), sched)
