@@ -244,6 +244,7 @@ def open_runtime(cfg: RunConfig, progress: Callable[[str], None] = log) -> Runti
                                                        model=cfg.model_dir())
         try:
             verified = verify_graphs(backend, bundle, run.graphs, progress)
+            progress(f"r2r: {run.row.name} {run.precision} canaries: {verified.describe()}")
             scheduler = CoupledScheduler(bundle, backend, cfg.batch, method, variant)
         except EngineRejected as exc:
             _close(backend)

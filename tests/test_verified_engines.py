@@ -146,6 +146,8 @@ def test_the_first_use_is_checked_in_a_child_once_then_by_the_canary_alone(tiny_
     said.clear()
     rt = open_runtime(cfg, progress=said.append)
     assert not any("first use" in s for s in said), said
+    assert any(s.startswith(f"r2r: onnxruntime fp32 canaries: {len(FUSED)} graphs in ") and "(bound 0.001)" in s
+               for s in said), said
     assert rt.verified is not None and {r.graph for r in rt.verified.results} == set(FUSED)
     assert json.loads((root / VERDICTS_FILE).read_text()) == verdicts
 
