@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from r2r.config import Method
-from r2r.lora import parse_lora
+from r2r.lora import LoraSpec, check_lora, parse_lora
 from r2r.models import ModelLoadError
 from r2r.source import ModelSource, ResolvedSource
 
@@ -44,7 +44,7 @@ def model_source_options(f: F) -> F:
     """--model, --lora, --embedding, --token, handed to the command as `source: ModelSource` (resolved later, by
     `resolve_source`, so that a command refuses flags before it converts or fuses anything)."""
     wrapped = grouped(f, ("model", "lora", "embedding", "token"), "source",
-                       lambda model, lora, embedding, token: ModelSource(model, tuple(parse_lora(v) for v in lora),
+                       lambda model, lora, embedding, token: ModelSource(model, tuple(_lora(v) for v in lora),
                                                                          embedding, token))
     for opt in reversed([
         click.option("--model", type=click.Path(path_type=Path), default=None, help=MODEL_HELP),
@@ -54,6 +54,14 @@ def model_source_options(f: F) -> F:
     ]):
         wrapped = opt(wrapped)
     return wrapped
+
+
+def _lora(text: str) -> LoraSpec:
+    """A `--lora` value checked as it is given (a pickle or a missing file refused before any input is read)."""
+    try:
+        return check_lora(parse_lora(text))
+    except ModelLoadError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--lora'") from exc
 
 
 def resolve_source(source: ModelSource) -> ResolvedSource:

@@ -77,7 +77,7 @@ class Independent:
     @torch.no_grad()
     def __call__(self, image: np.ndarray, m: Method, return_latents: bool = False, single_pass: bool = False):
         handles = []
-        for name in self.tac_layers(m.tac_divisor):
+        for name in self.tac_layers(m.divisor):
             attn = self.unet.get_submodule(name)
             handles.append(attn.to_q.register_forward_hook(self._hook(name, self.q_out)))
             handles.append(attn.to_k.register_forward_hook(self._hook(name, self.k_out)))
