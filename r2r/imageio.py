@@ -69,8 +69,17 @@ def load_rgb(path: Location | os.PathLike[str], size: tuple[int, int] | None = N
     EXIF orientation is applied; the result is resized with Pillow BICUBIC only if its size differs from
     `size` = (W, H).
     """
-    p = path if storage.is_url(path) else Path(path)
-    source = _source(path)
+    return _decode(_source(path), path if storage.is_url(path) else Path(path), size)
+
+
+def decode_rgb(data: bytes, name: str, max_pixels: int = MAX_INPUT_PIXELS) -> np.ndarray:
+    """An image received as bytes (a request's body), read as `load_rgb` reads a file; `max_pixels`: the largest
+    image accepted (checked from the header, before anything is decoded)."""
+    return _decode(io.BytesIO(data), name, None, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, p: Location | os.PathLike[str], size: tuple[int, int] | None,
+            max_pixels: int = MAX_INPUT_PIXELS) -> np.ndarray:
     Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
     try:
         with warnings.catch_warnings():
@@ -79,6 +88,9 @@ def load_rgb(path: Location | os.PathLike[str], size: tuple[int, int] | None = N
                 if min(im.size) < MIN_INPUT_SIDE:
                     raise ImageReadError(f"{p}: {im.size[0]}x{im.size[1]} pixels; the smallest side r2r takes is "
                                          f"{MIN_INPUT_SIDE}")
+                if im.size[0] * im.size[1] > max_pixels:
+                    raise ImageReadError(f"{p}: {im.size[0]}x{im.size[1]} pixels; the largest image taken here is "
+                                         f"{max_pixels} pixels")
                 if im.format == "PNG":
                     im.verify()  # every chunk's CRC; a verified image must be opened again to be decoded
             with Image.open(_rewound(source)) as im:
@@ -152,17 +164,21 @@ def from_model_output(x: np.ndarray) -> np.ndarray:
 def save_png(path: Location | os.PathLike[str], rgb: np.ndarray, text: Mapping[str, str] | None = None
              ) -> Location:
     """Write a PNG atomically (a local path or a URL), so a killed run never leaves half a file."""
+    if storage.is_url(path):
+        return storage.write_bytes(str(path), png_bytes(rgb, text))
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(png_bytes(rgb, text))
+    return Path(path)
+
+
+def png_bytes(rgb: np.ndarray, text: Mapping[str, str] | None = None) -> bytes:
+    """uint8 RGB [H, W, 3] as a PNG file's bytes, with `text` chunks."""
     info = PngInfo()
     for key, value in (text or {}).items():
         info.add_text(str(key), str(value))
-    image = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB")
-    if storage.is_url(path):
-        buf = io.BytesIO()
-        image.save(buf, format="PNG", pnginfo=info)
-        return storage.write_bytes(str(path), buf.getvalue())
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        image.save(fh, format="PNG", pnginfo=info)
-    return Path(path)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB").save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
 
 
 def output_path_for(input_path: Location | os.PathLike[str], out_dir: Location | os.PathLike[str]) -> Location:

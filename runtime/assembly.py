@@ -86,8 +86,10 @@ class Runtime:
     """A translator: uint8 [H, W, 3] images of one size it takes (at most `batch`) -> uint8 outputs, with what made
     them. `place` says at what size an input of any size runs (r2r/sizing.py)."""
 
-    translate: Callable[[list[np.ndarray], StepCallback | None], list[np.ndarray]]
+    translate: Callable[[list[np.ndarray], StepCallback | None, Method], list[np.ndarray]]
     params: dict[str, Any]  # recorded in every output (and compared by --resume)
+    method: Method  # the one it opened with, complete (its TAC divisor the bundle's)
+    resolve: Callable[[Method], Method]  # a method given per call, completed and checked against the bundle
     evaluations: Callable[[], float]  # UNet evaluations per image so far
     sizes: SizeRange
     fit: Fit = "pad"
@@ -98,13 +100,22 @@ class Runtime:
     scheduler: CoupledScheduler | None = None  # the example size's (the others are made on first use)
     verified: Verified | None = None  # what the canaries found when the backend opened its graphs
 
-    def __call__(self, images: list[np.ndarray], on_step: StepCallback | None = None) -> list[np.ndarray]:
+    def __call__(self, images: list[np.ndarray], on_step: StepCallback | None = None,
+                 method: Method | None = None) -> list[np.ndarray]:
         """Images of one run size (at most the batch) -> outputs; `on_step(done, total)` per denoising step where the
-        backend can say."""
-        return self.translate(images, on_step)
+        backend can say; `method` (from `resolve`): another method than the one opened with, for this call."""
+        return self.translate(images, on_step, self.method if method is None else method)
 
-    def place(self, width: int, height: int) -> Placement:
-        return place(width, height, self.sizes, self.fit, self.max_pixels)
+    def params_for(self, method: Method | None = None, fit: Fit | None = None,
+                   max_pixels: int | None = None) -> dict[str, Any]:
+        """What an output made with `method` (resolved), `fit` and `max_pixels` records (None: the opened ones)."""
+        given = {**({} if method is None else method.as_dict()), **({} if fit is None else {"fit": fit}),
+                 **({} if max_pixels is None else {"max_pixels": max_pixels})}
+        return {**self.params, **given}
+
+    def place(self, width: int, height: int, fit: Fit | None = None, max_pixels: int | None = None) -> Placement:
+        """At what size an input runs (None: the opened fit and pixel limit)."""
+        return place(width, height, self.sizes, fit or self.fit, self.max_pixels if max_pixels is None else max_pixels)
 
     def describe(self) -> str:
         return describe_run(self.params, self.device)
@@ -258,42 +269,49 @@ def open_runtime(cfg: RunConfig, progress: Callable[[str], None] = log) -> Runti
             raise
         break
     # 6. a scheduler (buffers and bound program) per image size, made on the size's first batch
-    schedulers = SchedulerCache(lambda size: CoupledScheduler(bundle, backend, cfg.batch, method, variant, size),
+    # (and per method, where a call gives another: a server's requests may)
+    schedulers = SchedulerCache(lambda key: CoupledScheduler(bundle, backend, cfg.batch, key[1], variant, key[0]),
                                 cfg.max_sizes if backend.frees_dropped_buffers else None)
-    schedulers.put((bundle.width, bundle.height), scheduler)
-    return Runtime(schedulers.translate, run.params, lambda: scheduler.unet_evaluations_per_image, run.sizes,
-                   cfg.fit, cfg.max_pixels, run.device, bundle, backend, scheduler, verified)
+    schedulers.put(((bundle.width, bundle.height), method), scheduler)
+
+    def resolve(given: Method) -> Method:
+        m = bundle.method(given)
+        bundle.check(m, cfg.batch)
+        return m
+
+    return Runtime(schedulers.translate, run.params, method, resolve, lambda: scheduler.unet_evaluations_per_image,
+                   run.sizes, cfg.fit, cfg.max_pixels, run.device, bundle, backend, scheduler, verified)
 
 
 class SchedulerCache:
-    """One coupled scheduler per image size, made on first use. With `keep`, the least recently used beyond `keep`
-    are dropped (host backends: their buffers go with them); without, every size's stays (device backends, whose
-    memory is the backend's until it closes)."""
+    """One coupled scheduler per (image size, method), made on first use. With `keep`, the least recently used
+    beyond `keep` are dropped (host backends: their buffers go with them); without, every one stays (device backends,
+    whose memory is the backend's until it closes)."""
 
-    def __init__(self, make: Callable[[tuple[int, int]], Any], keep: int | None) -> None:
+    def __init__(self, make: Callable[[Any], Any], keep: int | None) -> None:
         self.make, self.keep = make, keep
-        self._by_size: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        self._by_key: OrderedDict[Any, Any] = OrderedDict()
 
-    def put(self, size: tuple[int, int], scheduler: Any) -> None:
-        self._by_size[size] = scheduler
+    def put(self, key: Any, scheduler: Any) -> None:
+        self._by_key[key] = scheduler
 
-    def get(self, size: tuple[int, int]) -> Any:
-        if size not in self._by_size:
-            self._by_size[size] = self.make(size)
-        self._by_size.move_to_end(size)
-        while self.keep is not None and len(self._by_size) > max(self.keep, 1):
-            self._by_size.popitem(last=False)
-        return self._by_size[size]
+    def get(self, key: Any) -> Any:
+        if key not in self._by_key:
+            self._by_key[key] = self.make(key)
+        self._by_key.move_to_end(key)
+        while self.keep is not None and len(self._by_key) > max(self.keep, 1):
+            self._by_key.popitem(last=False)
+        return self._by_key[key]
 
-    def translate(self, images: list[np.ndarray], on_step: StepCallback | None = None) -> list[np.ndarray]:
-        """Images of one size through that size's scheduler."""
+    def translate(self, images: list[np.ndarray], on_step: StepCallback | None, method: Method) -> list[np.ndarray]:
+        """Images of one size through that size's (and method's) scheduler."""
         h, w = images[0].shape[:2]
         if any(im.shape[:2] != (h, w) for im in images):
             raise ValueError("a batch holds images of one size; group them by size first")
-        return self.get((w, h))(images, on_step)
+        return self.get(((w, h), method))(images, on_step)
 
     def __len__(self) -> int:
-        return len(self._by_size)
+        return len(self._by_key)
 
 
 def _open_reference(cfg: RunConfig) -> Runtime:
@@ -315,11 +333,15 @@ def _open_reference(cfg: RunConfig) -> Runtime:
               "inversion": cfg.inversion, "model": cfg.model_dir().name, "embedding_sha256": sha256_file(emb),
               "r2r": __version__}
 
-    def translate(images: list[np.ndarray], on_step: StepCallback | None = None) -> list[np.ndarray]:
+    def translate(images: list[np.ndarray], on_step: StepCallback | None, given: Method) -> list[np.ndarray]:
         pipe.set_size(images[0].shape[1], images[0].shape[0])
-        return pipe(images, method, cfg.inversion)
+        return pipe(images, given, cfg.inversion)
 
-    return Runtime(translate, params, lambda: round(pipe.count.per_image), sizes, cfg.fit, cfg.max_pixels, device)
+    def resolve(given: Method) -> Method:
+        return replace(given, tac_divisor=given.divisor)
+
+    return Runtime(translate, params, method, resolve, lambda: round(pipe.count.per_image), sizes, cfg.fit,
+                   cfg.max_pixels, device)
 
 
 __all__ = ["REFERENCE", "PreparedRun", "RunConfig", "Runtime", "SchedulerCache", "describe_run", "open_runtime",

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, TypeVar, cast
 
 import click
 
@@ -25,6 +26,50 @@ from r2r.runtime.translator import Progress, RunSummary, Translator, run_config
 from r2r.sizing import FITS, Fit
 from r2r.source import ModelSource
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def translator_options(f: F) -> F:
+    """What opens a Translator, the flags `r2r-run` and `r2r-serve` share: the bundle or model, backend, size and fit,
+    the method, inversion, precision and device."""
+    for opt in reversed([
+        click.option("--engine", type=click.Path(path_type=Path), default=None,
+                     help="Bundle from `r2r-export` [default: --model's bundle, exported once into the cache]."),
+        click.option("--backend", type=click.Choice(("auto", *NAMES, REFERENCE)), default="auto", show_default=True,
+                     help="auto: the fastest here (tensorrt, onnxruntime's CUDA provider or torch on a GPU; "
+                          "openvino, else onnxruntime on a CPU); torch: the coupled scheduler on --model's PyTorch "
+                          "modules (CUDA graphs on a GPU); reference: the PyTorch reference (the oracle) on --model."),
+        model_source_options,
+        click.option("--width", type=int, default=None,
+                     help="Without --engine: the bundle's native size (the pixel budget) [default: the model's own]"),
+        click.option("--height", type=int, default=None,
+                     help="Without --engine: the bundle's native size (the pixel budget) [default: the model's own]"),
+        click.option("--fit", type=click.Choice(FITS), default="pad", show_default=True,
+                     help="An input the bundle does not take as it is: pad (scaled to the pixel budget, aspect kept, "
+                          "padded to the bundle's multiple; output at the input's size), crop (center-cropped to the "
+                          "multiple instead) or stretch (resized to the native size, aspect ignored; output at that "
+                          "size)."),
+        click.option("--max-pixels", type=click.IntRange(min=4096), default=None,
+                     help="Pixel budget: larger inputs are scaled down to it [default: the native area; an input the "
+                          "bundle takes as it is runs at its own size]."),
+        method_options,
+        click.option("--inversion", type=click.Choice(INVERSIONS), default="exact", show_default=True,
+                     help="single-pass: 46 instead of 58 UNet evaluations, another epsilon convention (measure "
+                          "first)."),
+        click.option("--fused", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                     help="Bundles: the TAC step as one routed UNet call on [cg, neg, null] (on) or unet_emit + "
+                          "unet_inject (off: two more UNet graphs loaded); auto: on with exact inversion, off with "
+                          "single-pass."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+                     help="[default: the backend's: fp32 on CPU, the best the bundle's TensorRT engines were built "
+                          "with]"),
+        click.option("--device", default="auto", show_default=True,
+                     help="Bundle backends: auto, cpu or cuda (checked against the backend; onnxruntime on cuda runs "
+                          "device-resident buffers and CUDA graphs). reference: a torch device [auto = cpu]."),
+    ]):
+        f = opt(f)
+    return f
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--input", "inputs", multiple=True, metavar="PATH...",
@@ -33,32 +78,7 @@ from r2r.source import ModelSource
 @click.argument("more_inputs", nargs=-1, metavar="[PATH]...")
 @click.option("--output", "output_text", required=True,
               help="Output folder: a path, or an fsspec URL (s3://bucket/out/, ...).")
-@click.option("--engine", type=click.Path(path_type=Path), default=None,
-              help="Bundle from `r2r-export` [default: --model's bundle, exported once into the cache].")
-@click.option("--backend", type=click.Choice(("auto", *NAMES, REFERENCE)), default="auto", show_default=True,
-              help="auto: the fastest here (tensorrt, onnxruntime's CUDA provider or torch on a GPU; openvino, else "
-                   "onnxruntime on a CPU); torch: the coupled scheduler on --model's PyTorch modules (CUDA graphs on "
-                   "a GPU); reference: the PyTorch reference (the oracle) on --model.")
-@model_source_options
-@click.option("--width", type=int, default=None,
-              help="Without --engine: the bundle's native size (the pixel budget) [default: the model's own]")
-@click.option("--height", type=int, default=None,
-              help="Without --engine: the bundle's native size (the pixel budget) [default: the model's own]")
-@click.option("--fit", type=click.Choice(FITS), default="pad", show_default=True,
-              help="An input the bundle does not take as it is: pad (scaled to the pixel budget, aspect kept, padded "
-                   "to the bundle's multiple; output at the input's size), crop (center-cropped to the multiple "
-                   "instead) or stretch (resized to the native size, aspect ignored; output at that size).")
-@click.option("--max-pixels", type=click.IntRange(min=4096), default=None,
-              help="Pixel budget: larger inputs are scaled down to it [default: the native area; an input the "
-                   "bundle takes as it is runs at its own size].")
-@method_options
-@click.option("--inversion", type=click.Choice(INVERSIONS), default="exact", show_default=True,
-              help="single-pass: 46 instead of 58 UNet evaluations, another epsilon convention (measure first).")
-@click.option("--fused", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="Bundles: the TAC step as one routed UNet call on [cg, neg, null] (on) or unet_emit + unet_inject "
-                   "(off: two more UNet graphs loaded); auto: on with exact inversion, off with single-pass.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-              help="[default: the backend's: fp32 on CPU, the best the bundle's TensorRT engines were built with]")
+@translator_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @threads_option(help="CPU threads per backend session (0: all cores); several runs on one machine split them.")
 @click.option("--resume", is_flag=True, help="Skip inputs whose output exists, is complete and has these parameters.")
@@ -69,9 +89,6 @@ from r2r.source import ModelSource
 @click.option("--actors", default=None, metavar="N|MIN:MAX",
               help="With --ray: translating actors, a fixed pool or autoscaling [default: the CPUs / --threads; "
                    "one per GPU with --device cuda].")
-@click.option("--device", default="auto", show_default=True,
-              help="Bundle backends: auto, cpu or cuda (checked against the backend; onnxruntime on cuda runs "
-                   "device-resident buffers and CUDA graphs). reference: a torch device [auto = cpu].")
 def main(inputs: tuple[str, ...], more_inputs: tuple[str, ...], output_text: str, engine: Path | None, backend: str,
          source: ModelSource, width: int | None, height: int | None, fit: str, max_pixels: int | None,
          method: Method, inversion: str, fused: str, precision: str | None, batch_size: int, threads: int,

@@ -38,10 +38,14 @@ def is_complete(path: Location, params: dict[str, Any]) -> bool:
     return {k: v for k, v in old.items() if k != "source"} == params
 
 
+def output_text(params: dict[str, Any], source: str) -> dict[str, str]:
+    """The text an output PNG carries: the parameters that made it and its input's name."""
+    return {PARAMS_KEY: json.dumps({**params, "source": source}, sort_keys=True), "Software": f"r2r {__version__}"}
+
+
 def write_output(path: Location, image: np.ndarray, params: dict[str, Any], source: str) -> Location:
     """The translated image as a PNG (atomic), its parameters and its input's name inside."""
-    text = {PARAMS_KEY: json.dumps({**params, "source": source}, sort_keys=True), "Software": f"r2r {__version__}"}
-    return save_png(path, image, text)
+    return save_png(path, image, output_text(params, source))
 
 
-__all__ = ["PARAMS_KEY", "is_complete", "params_hash", "write_output"]
+__all__ = ["PARAMS_KEY", "is_complete", "output_text", "params_hash", "write_output"]

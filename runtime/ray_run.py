@@ -8,6 +8,7 @@ Why: docs/scale-out.md, "`r2r-run --ray`" (from docs/design.md, "The bundle").
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -54,32 +55,35 @@ class RayConfig:
         return lo, max(lo, self.max_actors or lo)
 
 
-def parse_actors(text: str) -> tuple[int, int]:
-    """`--actors N` (a fixed pool) or `MIN:MAX` (autoscaling)."""
+def parse_actors(text: str, flag: str = "--actors") -> tuple[int, int]:
+    """`N` (a fixed pool) or `MIN:MAX` (autoscaling), for `flag`."""
     lo, sep, hi = text.partition(":")
     try:
         pair = (int(lo), int(hi)) if sep else (int(lo), int(lo))
     except ValueError:
-        raise ValueError(f"--actors {text}: expected N or MIN:MAX") from None
+        raise ValueError(f"{flag} {text}: expected N or MIN:MAX") from None
     if pair[0] < 1 or pair[1] < pair[0]:
-        raise ValueError(f"--actors {text}: need 1 <= MIN <= MAX")
+        raise ValueError(f"{flag} {text}: need 1 <= MIN <= MAX")
     return pair
 
 
-def import_ray() -> Any:
+def import_ray(extra: str = "data") -> Any:
+    """Ray with the library `extra` needs (`data`: r2r-run --ray; `serve`: r2r-serve), else an ImportError saying
+    which extra to install."""
     try:
         import ray
-        import ray.data  # the extra, not only ray core
+        importlib.import_module(f"ray.{extra}")
     except ImportError as exc:
-        raise ImportError(INSTALL_HINT) from exc
+        raise ImportError(INSTALL_HINT if extra == "data" else f"this needs Ray {extra}: pip install 'r2r[{extra}]'"
+                          ) from exc
     return ray
 
 
 @contextmanager
-def ray_session(address: str) -> Iterator[Any]:
+def ray_session(address: str, extra: str = "data") -> Iterator[Any]:
     """Connected to the cluster at `address` for the block (`local` starts one here on every core, and stops it
-    after)."""
-    ray = import_ray()
+    after); `extra`: the Ray library the caller needs (`import_ray`)."""
+    ray = import_ray(extra)
     if ray.is_initialized():  # the caller connected already (e.g. with its own runtime_env)
         yield ray
         return

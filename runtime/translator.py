@@ -160,34 +160,44 @@ class Translator:
         self.close()
 
     # -- translating --------------------------------------------------------------------------------------------------
-    def translate(self, images: Sequence[ImageLike], progress: ProgressCallback | None = None) -> Translation:
+    def translate(self, images: Sequence[ImageLike], progress: ProgressCallback | None = None,
+                  method: Method | None = None, fit: Fit | None = None, max_pixels: int | None = None) -> Translation:
         """Translate images of any sizes (PIL images, uint8 [H, W, 3] arrays, paths or URLs), batched by run size as
-        `r2r-run` does; one PIL image per input, at its size. A file that cannot be read raises ImageReadError naming
-        it before any work; an image the engine computed as non-finite raises DegenerateOutput naming it."""
+        `r2r-run` does; one PIL image per input, at its size. `method`, `fit`, `max_pixels`: other values than the
+        ones opened with, for this call (a method's TAC divisor and target must be the bundle's: BundleError). A file
+        that cannot be read raises ImageReadError naming it before any work; an image the engine computed as
+        non-finite raises DegenerateOutput naming it."""
         arrays = [as_rgb(x, i) for i, x in enumerate(images)]
         names = [name_of(x, i) for i, x in enumerate(images)]
         out: list[Image.Image | None] = [None] * len(arrays)
+        check_fit(fit, max_pixels)
         with self._lock:
+            resolved = None if method is None else self.runtime.resolve(method)
             items = [(i, prepare(a, p), p) for i, a in enumerate(arrays)
-                     for p in [self.runtime.place(a.shape[1], a.shape[0])]]
+                     for p in [self.runtime.place(a.shape[1], a.shape[0], fit, max_pixels)]]
             for batch in group_by_size(items, lambda it: it[2].run, self.config.batch):
-                outs = self._run(batch, names, progress, sum(o is not None for o in out), len(arrays))
+                outs = self._run(batch, names, progress, resolved)
                 for (i, _, placement), img in zip(batch, outs, strict=True):
                     if img is None:
                         continue
                     out[i] = Image.fromarray(restore(img, placement))
                     _say(progress, Progress("image", sum(o is not None for o in out), len(arrays), names[i]))
-        return Translation(cast(list[Image.Image], out), dict(self.params))
+        return Translation(cast(list[Image.Image], out), self.runtime.params_for(resolved, fit, max_pixels))
 
     def _run(self, batch: list[tuple[int, np.ndarray, Placement]], names: list[str],
-             progress: ProgressCallback | None, done: int, total: int) -> list[np.ndarray | None]:
+             progress: ProgressCallback | None, method: Method | None) -> list[np.ndarray | None]:
         """One batch of one run size; a refused image raises, naming its input."""
         on_step = None if progress is None else (lambda d, n: progress(Progress("step", d, n)))
         try:
-            return list(self.translate_batch([img for _, img, _ in batch], on_step))
+            return list(self.runtime([img for _, img, _ in batch], on_step, method))
         except DegenerateOutput as exc:
             raise DegenerateOutput({batch[i][0]: f"{names[batch[i][0]]}: {why}" for i, why in exc.problems.items()},
                                    exc.outputs) from None
+
+    def run_size(self, width: int, height: int, fit: Fit | None = None, max_pixels: int | None = None
+                 ) -> tuple[int, int]:
+        """The size an input of width x height runs at (the images of one run size can share a batch)."""
+        return self.runtime.place(width, height, fit, max_pixels).run
 
     def translate_batch(self, images: list[np.ndarray],
                         on_step: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
@@ -336,6 +346,13 @@ def run_config(source: ModelSource, engine: Path | None, backend: str, precision
                      inversion=inversion, fused=fused, threads=threads, fit=fit, max_pixels=max_pixels)
 
 
+def check_fit(fit: str | None, max_pixels: int | None) -> None:
+    if fit is not None and fit not in FITS:
+        raise FlagError(f"--fit {fit}: choose {', '.join(FITS)}")
+    if max_pixels is not None and max_pixels < 4096:
+        raise FlagError(f"--max-pixels {max_pixels}: at least 4096")
+
+
 def check_parameters(source: ModelSource, engine: Path | None, backend: str, precision: str | None, device: str,
                      batch_size: int, fit: str, inversion: str, fused: str, width: int | None, height: int | None,
                      max_pixels: int | None) -> None:
@@ -347,14 +364,11 @@ def check_parameters(source: ModelSource, engine: Path | None, backend: str, pre
         raise FlagError(f"--backend {backend}: choose auto, {', '.join(NAMES)} or {REFERENCE}")
     if batch_size < 1:
         raise FlagError("--batch-size must be >= 1")
-    if fit not in FITS:
-        raise FlagError(f"--fit {fit}: choose {', '.join(FITS)}")
+    check_fit(fit, max_pixels)
     if inversion not in INVERSIONS:
         raise FlagError(f"--inversion {inversion}: choose {', '.join(INVERSIONS)}")
     if fused not in ("auto", "on", "off"):
         raise FlagError(f"--fused {fused}: choose auto, on or off")
-    if max_pixels is not None and max_pixels < 4096:
-        raise FlagError(f"--max-pixels {max_pixels}: at least 4096")
     if backend == REFERENCE:
         bad = [flag for flag, given in (("--engine", engine is not None), ("--fused", fused != "auto")) if given]
         if bad:
@@ -374,4 +388,4 @@ def check_parameters(source: ModelSource, engine: Path | None, backend: str, pre
 
 
 __all__ = ["FileResult", "ImageLike", "Progress", "ProgressCallback", "RunSummary", "Translation", "Translator",
-           "as_rgb", "check_parameters", "deliver_batch", "run_config", "stream_batches"]
+           "as_rgb", "check_fit", "check_parameters", "deliver_batch", "run_config", "stream_batches"]

@@ -18,7 +18,7 @@ import pytest
 from r2r.backends import BACKENDS
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("r2r", "training", "export", "engines", "runtime", "benchmarks")  # the flow; r2r/ is shared, first
+STAGES = ("r2r", "training", "export", "engines", "runtime", "serve", "benchmarks")  # the flow; r2r/ is shared, first
 NOT_INSTALLED = ("support", "tests", "tools")  # the test doubles and the extractors
 
 

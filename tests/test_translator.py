@@ -64,6 +64,25 @@ def test_translate_on_mixed_sizes_equals_r2r_run_bit_for_bit(embedded_bundle: Pa
     assert steps and steps[-1].done == steps[-1].total == 4  # 2 inversion + 2 generation steps per batch
 
 
+def test_a_method_given_per_call_equals_a_translator_opened_with_it(embedded_bundle: Path,
+                                                                    renders: list[Path]) -> None:
+    """A server's requests carry their own method: the call's images and record are those of a Translator opened
+    with that method; a method the bundle was not built for is refused by flag name."""
+    other = Method(steps=5, strength=0.4, guidance=5.0, tac_ratio=0.5)
+    inputs = [str(p) for p in renders[:2]]
+    with Translator(engine=embedded_bundle, backend="onnxruntime", method=METHOD) as t:
+        per_call = t.translate(inputs, method=other)
+        default = t.translate(inputs)
+        with pytest.raises(R2RError, match="--tac-divisor 64"):
+            t.translate(inputs, method=Method(tac_divisor=64))
+    with Translator(engine=embedded_bundle, backend="onnxruntime", method=other) as t:
+        opened = t.translate(inputs)
+    for a, b in zip(per_call, opened, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert per_call.params == opened.params and per_call.params["steps"] == 5 and per_call.params["guidance"] == 5.0
+    assert default.params["steps"] == 4 and not np.array_equal(np.asarray(default[0]), np.asarray(per_call[0]))
+
+
 def test_a_bad_file_is_refused_by_name_and_fails_alone_in_translate_files(embedded_bundle: Path, renders: list[Path],
                                                                            tmp_path: Path) -> None:
     folder = tmp_path / "in"
