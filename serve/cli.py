@@ -135,3 +135,7 @@ def _url_host(host: str) -> str:
 
 
 __all__ = ["TOKEN_ENV", "main", "read_token", "serve_until_stopped"]
+
+
+if __name__ == "__main__":
+    main()

@@ -220,3 +220,55 @@ def test_a_token_is_required_where_one_is_set_and_health_stays_open(renders: lis
     assert none.status_code == 401 and wrong.status_code == 401 and none.headers["www-authenticate"] == "Bearer"
     assert right.status_code == 422  # past the token: the unknown field is the next refusal
     assert health.status_code == 200 and ready.status_code == 200 and ready.json()["backend"] == "test"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_r2r_serve_answers_on_ray_serve_and_sigterm_leaves_no_ray_process(embedded_bundle: Path, renders: list[Path],
+                                                                         replica) -> None:
+    """The command itself: Ray Serve on a free port of 127.0.0.1, one request, then SIGTERM: exit 0, nothing left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "r2r.serve.cli", "--engine", str(embedded_bundle), "--backend", "onnxruntime",
+           "--steps", "4", "--strength", "0.5", "--port", str(port), "--max-batch-size", "2", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    try:
+        lines = []
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "".join(lines[-20:])
+            lines.append(line)
+            if "ready at" in line:
+                break
+        assert f"ready at http://127.0.0.1:{port}/" in "".join(lines), "".join(lines[-20:])
+        family = psutil.Process(proc.pid).children(recursive=True)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/translate", content=renders[0].read_bytes(),
+                       headers={"content-type": "image/png"}, timeout=120)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+        job = Job(load_rgb(renders[0]), "x")
+        want = asyncio.run(replica.translate(job))
+        with Image.open(io.BytesIO(r.content)) as a, Image.open(io.BytesIO(want.png)) as b:
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+        _, alive = psutil.wait_procs(family, timeout=30)
+        assert alive == [], [p.pid for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
