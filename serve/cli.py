@@ -35,8 +35,8 @@ def read_token(path: Path | None) -> str | None:
     if path is None:
         return os.environ.get(TOKEN_ENV) or None
     try:
-        token = path.read_text(encoding="utf-8").strip().splitlines()[0].strip() if path.stat().st_size else ""
-    except (OSError, UnicodeDecodeError, IndexError) as exc:
+        token = (path.read_text(encoding="utf-8").strip().splitlines() or [""])[0].strip()
+    except (OSError, UnicodeDecodeError) as exc:
         raise click.BadParameter(f"{path}: cannot read a token ({exc})", param_hint="'--auth-token-file'") from exc
     if len(token) < 16:
         raise click.BadParameter(f"{path}: a token of at least 16 characters", param_hint="'--auth-token-file'")

@@ -85,12 +85,17 @@ class TranslationReplica:
         start = time.perf_counter()
         jobs = [job for job, _ in items]
         first = jobs[0]
-        out = await asyncio.to_thread(self.translator.translate, [j.image for j in jobs], None, first.method,
-                                      first.fit, first.max_pixels)
+
+        def work() -> tuple[list[bytes], dict[str, Any]]:  # PNG encoding too: none of it on the event loop
+            out = self.translator.translate([j.image for j in jobs], None, first.method, first.fit, first.max_pixels)
+            pngs = [png_bytes(np.asarray(img), output_text(out.params, j.name))
+                    for j, img in zip(jobs, out, strict=True)]
+            return pngs, out.params
+
+        pngs, params = await asyncio.to_thread(work)
         run_s = time.perf_counter() - start
-        return [Translated(png_bytes(np.asarray(img), output_text(out.params, job.name)), out.params,
-                           start - arrived, run_s, len(jobs))
-                for (job, arrived), img in zip(items, out, strict=True)]
+        return [Translated(png, params, start - arrived, run_s, len(jobs))
+                for (_, arrived), png in zip(items, pngs, strict=True)]
 
     def ready(self) -> dict[str, Any]:
         return {"backend": self.translator.describe(), "params": self.translator.params,

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from r2r.config import Method
-from r2r.imageio import load_rgb
+from r2r.imageio import decode_rgb, load_rgb
 from r2r.runtime.outputs import PARAMS_KEY
 from r2r.runtime.translator import run_config
 from r2r.serve.app import ServeSettings, build_app
@@ -27,6 +27,19 @@ from r2r.source import ModelSource
 
 METHOD = Method(steps=4, strength=0.5)
 SIZES = [(256, 256), (200, 150)]
+
+
+class NoTranslation:
+    """A Service that must not be reached (a refused request never gets to translation)."""
+
+    def __init__(self, ready: dict[str, Any] | None = None) -> None:
+        self.info = ready
+
+    async def translate(self, job: Job) -> Translated:
+        raise AssertionError("a refused request reached the service")
+
+    async def ready(self) -> dict[str, Any] | None:
+        return self.info
 
 
 class InProcess:
@@ -101,31 +114,25 @@ def test_translate_answers_r2r_runs_image_and_parameters(replica, renders: list[
                             "headers": {"content-type": "image/png"}}])
         assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
         expected = tmp_path / "cli" / p.name
-        assert np.array_equal(load_rgb(_saved(r.content, tmp_path)),
+        assert np.array_equal(decode_rgb(r.content, 'answer'),
                               load_rgb(expected)), p.name
         got, want = _png_params(r.content), _png_params(expected.read_bytes())
         assert {k: v for k, v in got.items() if k != "source"} == {k: v for k, v in want.items() if k != "source"}
         assert float(r.headers["x-r2r-run-seconds"]) > 0 and r.headers["x-r2r-batch"] == "1"
 
 
-def _saved(data: bytes, folder: Path) -> Path:
-    path = folder / "answer.png"
-    path.write_bytes(data)
-    return path
-
-
 def test_concurrent_requests_of_two_sizes_each_get_their_own_image(replica, renders: list[Path],
                                                                     tmp_path: Path) -> None:
     app = build_app(ServeSettings(method=replica.translator.runtime.method), InProcess(replica))
-    alone = [load_rgb(_saved(_call(app, [{"method": "POST", "url": "/v1/translate", "content": p.read_bytes(),
-                                           "headers": {"content-type": "image/png"}}])[0].content, tmp_path))
+    alone = [decode_rgb(_call(app, [{"method": "POST", "url": "/v1/translate", "content": p.read_bytes(),
+                                     "headers": {"content-type": "image/png"}}])[0].content, "alone")
              for p in renders]
     order = [0, 1, 0, 1, 0, 1]
     answers = _call(app, [{"method": "POST", "url": "/v1/translate", "content": renders[i].read_bytes(),
                            "headers": {"content-type": "image/png"}} for i in order])
     assert [r.status_code for r in answers] == [200] * len(order)
     for i, r in zip(order, answers, strict=True):
-        got = load_rgb(_saved(r.content, tmp_path)).astype(int)
+        got = decode_rgb(r.content, 'answer').astype(int)
         assert got.shape == alone[i].shape
         assert np.abs(got - alone[i]).max() <= 2  # fp32 across batch sizes
 
@@ -143,9 +150,9 @@ def test_a1111_img2img_answers_in_its_shape_and_reports_what_it_ignored(replica,
     info = json.loads(out["info"])
     assert len(out["images"]) == 2 and info["ignored"] == ["prompt", "sampler_name", "seed"]
     assert info["r2r"]["steps"] == 4 and info["r2r"]["strength"] == 0.5 and out["parameters"]["seed"] == 3
-    want = load_rgb(_saved(direct.content, tmp_path))
+    want = decode_rgb(direct.content, 'answer')
     for b64 in out["images"]:
-        assert np.array_equal(load_rgb(_saved(base64.b64decode(b64), tmp_path)), want)
+        assert np.array_equal(decode_rgb(base64.b64decode(b64), 'answer'), want)
 
 
 def _corrupt_crc(png: bytes) -> bytes:
@@ -171,15 +178,8 @@ def _corrupt_crc(png: bytes) -> bytes:
 ])
 def test_a_bad_request_gets_its_status_and_names_the_problem(renders: list[Path], case: str, status: int,
                                                              words: str) -> None:
-    class Unused:
-        async def translate(self, job: Job) -> Translated:
-            raise AssertionError("a refused request reached the service")
-
-        async def ready(self) -> dict[str, Any] | None:
-            return None
-
     png = renders[0].read_bytes()
-    app = build_app(ServeSettings(max_body_bytes=len(png) + 10), Unused())
+    app = build_app(ServeSettings(max_body_bytes=len(png) + 10), NoTranslation())
     post = {"method": "POST", "url": "/v1/translate", "headers": {"content-type": "image/png"}}
     req = {
         "not an image": {**post, "content": b"hello, not a picture"},
@@ -201,14 +201,7 @@ def test_a_bad_request_gets_its_status_and_names_the_problem(renders: list[Path]
 
 
 def test_a_token_is_required_where_one_is_set_and_health_stays_open(renders: list[Path]) -> None:
-    class Ready:
-        async def translate(self, job: Job) -> Translated:
-            raise AssertionError("not reached")
-
-        async def ready(self) -> dict[str, Any] | None:
-            return {"backend": "test"}
-
-    app = build_app(ServeSettings(auth_token="s3cret-token-0123456789"), Ready())
+    app = build_app(ServeSettings(auth_token="s3cret-token-0123456789"), NoTranslation({"backend": "test"}))
     post = {"method": "POST", "url": "/v1/translate?prompt=x", "content": renders[0].read_bytes()}
     none, wrong, right, health, ready = _call(app, [
         {**post, "headers": {"content-type": "image/png"}},
