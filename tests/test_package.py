@@ -30,5 +30,6 @@ def test_console_scripts_point_into_r2r() -> None:
         "r2r-train": "r2r.training.cli:main",
         "r2r-export": "r2r.engines.cli:main",  # export's `onnx` + engines' `build-engines`
         "r2r-run": "r2r.runtime.cli:main",
+        "r2r-serve": "r2r.serve.cli:main",
         "r2r-bench": "r2r.benchmarks.cli:main",
     }
