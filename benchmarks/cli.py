@@ -163,7 +163,7 @@ class _Commands(click.Group):
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Benchmark r2r's backends beside the public code and the PyTorch reference (`run`), and where the time goes
-    (`attention`, `padding`, `ray`, `gpu-check`)."""
+    (`attention`, `padding`, `ray`, `serve`, `gpu-check`)."""
 
 
 def _model_options(f: Any) -> Any:
@@ -270,6 +270,27 @@ def ray_cmd(n_images: int, threads: int, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     _finish({"machine": describe_machine(), "ray": ray_report(out, n_images, threads or 2)}, out, start)
+
+
+@main.command("serve")
+@click.option("--requests", "n_requests", type=click.IntRange(min=1, max=1000), default=32, show_default=True,
+              help="Requests per concurrency level.")
+@click.option("--concurrency", "concurrencies", type=click.IntRange(1, 64), multiple=True, default=(1, 4, 16),
+              show_default=True, help="Requests in flight at once (repeatable).")
+@click.option("--batch-size", type=click.IntRange(1, 4), default=4, show_default=True,
+              help="The server's --max-batch-size with batching on (off: 1), and r2r-run's --batch-size.")
+@threads_option()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True)
+def serve_cmd(n_requests: int, concurrencies: tuple[int, ...], batch_size: int, threads: int, out: Path) -> None:
+    """r2r-serve on 127.0.0.1 under a bounded load (latency percentiles, images/s, errors), batching on and off,
+    beside r2r-run's images/s on the same renders (the embedded default)."""
+    from r2r.benchmarks.serving import serve_report
+    from r2r.machine import describe_machine
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    report = serve_report(out, n_requests, tuple(sorted(set(concurrencies))), batch_size, threads)
+    _finish({"machine": describe_machine(), "serve": report}, out, start)
 
 
 @main.command("padding")

@@ -181,6 +181,25 @@ def ray_markdown(report: dict[str, Any]) -> str:
     ])
 
 
+def serve_markdown(report: dict[str, Any]) -> str:
+    m, s = report["machine"], report["serve"]
+    run = s["r2r_run"]
+    lines = [f"# r2r-bench serve: {s['rows'][0]['requests']} requests of {s['renders']} renders "
+             f"{s['size'][0]}x{s['size'][1]}, {s['backend']} {s['precision']}", "",
+             f"Machine: {m['cpu'].get('model', '?')}, {m['logical_cpus']} logical CPUs, {m['memory_gib']} GiB.  ",
+             f"Command: `{report['command']}`", "",
+             "| batching | concurrency | images/s | p50 s | p95 s | p99 s | errors | mean batch |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in s["rows"]:
+        lines.append(f"| {r['batching']} (max {r['max_batch_size']}) | {r['concurrency']} | {r['images_per_s']:.2f} "
+                     f"| {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['p99_s']:.2f} | {r['errors']} | "
+                     f"{r['mean_batch']:.2f} |")
+    lines += ["", f"r2r-run on the same renders ({run['images']} images, batch {run['batch']}, one process): "
+              f"{run['images_per_s_after_load']:.2f} images/s after loading, {run['images_per_s_wall']:.2f} with "
+              f"start-up."]
+    return "\n".join(lines) + "\n"
+
+
 def padding_markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [f"# r2r-bench padding: {report['cut']} padded to {report['run']}", "",
@@ -195,7 +214,8 @@ def padding_markdown(report: dict[str, Any]) -> str:
 
 def write_reports(report: dict[str, Any], out: Path) -> list[Path]:
     """report.json and report.md (and charts, for a run) of any r2r-bench subcommand's report."""
-    special = {"ray": ray_markdown, "attention": attention_markdown, "padding": padding_markdown}
+    special = {"ray": ray_markdown, "attention": attention_markdown, "padding": padding_markdown,
+               "serve": serve_markdown}
     for key, markdown_of in special.items():
         if key in report:
             report = _portable(report, out)

@@ -1,7 +1,8 @@
-"""The one FastAPI app of `r2r-serve` (its ingress): `/v1/translate`, A1111's `/sdapi/v1/img2img`, `/healthz`,
-`/readyz`. It reads and checks every request (size, image, fields, token) before any work and hands each image to
-a `Service` (on Ray Serve: the translation deployment); a bad request is a 4xx naming the problem, overload a 503
-with Retry-After, never a 500. Why: docs/serving.md."""
+"""The one FastAPI app of `r2r-serve` (its ingress): `/v1/translate` (and its event stream), A1111's
+`/sdapi/v1/img2img`, `/healthz`, `/readyz`, `/metrics` and the page at `/`. It reads and checks every request (size,
+image, fields, token) before any work and hands each image to a `Service` (on Ray Serve: the translation
+deployment); a bad request is a 4xx naming the problem, overload a 503 with Retry-After, never a 500. Why:
+docs/serving.md."""
 
 from __future__ import annotations
 
@@ -9,18 +10,23 @@ import asyncio
 import base64
 import hmac
 import json
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from r2r.config import Method
+from r2r.serve.metrics import Metrics
 from r2r.serve.requests import (
     IMAGE_TYPES,
     Job,
     RequestError,
+    Step,
     Translated,
     parse_a1111,
     parse_fields,
@@ -28,6 +34,13 @@ from r2r.serve.requests import (
 )
 
 MiB = 1 << 20
+# The page: files of this package, served as they are (nothing from another host: no CDN, no web font).
+PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/page.js": ("page.js", "text/javascript"),
+              "/page.css": ("page.css", "text/css")}
+# The page loads nothing from elsewhere; it shows (and reads back, to download) its results as blob: URLs.
+PAGE_POLICY = "default-src 'self'; img-src 'self' blob: data:; connect-src 'self' blob:"
+# What a browser may load without the token (the page asks for one when the service wants it) and what a probe may.
+OPEN_PATHS = ("/healthz", "/readyz", *PAGE_FILES)
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,7 @@ class ServeSettings:
     max_body_bytes: int = 32 * MiB  # a larger body is a 413, refused before it is read whole
     max_input_pixels: int = 4096 * 4096  # a larger image is a 400, refused from its header
     max_images: int = 16  # per A1111 request (batch_size x n_iter)
+    max_batch_size: int = 4  # the replicas' batch (the batch-size histogram's buckets)
     auth_token: str | None = None  # a bearer token every translation request must carry
     cors_origins: tuple[str, ...] = ()  # none: no CORS headers at all
     retry_after_s: int = 2  # what a 503 tells a client to wait
@@ -52,6 +66,10 @@ class Service(Protocol):
 
     async def translate(self, job: Job) -> Translated: ...
 
+    def translate_events(self, job: Job) -> AsyncIterator[Step | Translated]:
+        """The image's denoising steps, then its answer."""
+        ...
+
     async def ready(self) -> dict[str, Any] | None: ...
 
 
@@ -65,12 +83,18 @@ def build_app(settings: ServeSettings, service: Service) -> FastAPI:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    open_paths = ("/healthz", "/readyz")
+    metrics = Metrics(settings.max_batch_size)
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
+        start = time.perf_counter()
+        response = await _guarded(request, call_next)
+        metrics.answered(request.url.path, response.status_code, time.perf_counter() - start)
+        return response
+
+    async def _guarded(request: Request, call_next: Any) -> Response:
         # the token first (a stranger learns nothing of the limits), then the body's declared size
-        if settings.auth_token is not None and request.url.path not in open_paths and request.method != "OPTIONS":
+        if settings.auth_token is not None and request.url.path not in OPEN_PATHS and request.method != "OPTIONS":
             given = request.headers.get("authorization", "")
             want = f"Bearer {settings.auth_token}"
             if not hmac.compare_digest(given.encode(), want.encode()):
@@ -80,6 +104,33 @@ def build_app(settings: ServeSettings, service: Service) -> FastAPI:
         if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
             return error(413, f"the body is over {settings.max_body_bytes} bytes")
         return await call_next(request)
+
+    async def translated(job: Job) -> Translated:
+        metrics.queued.inc()
+        try:
+            out = await service.translate(job)
+        finally:
+            metrics.queued.dec()
+        metrics.translated(out.batch)
+        return out
+
+    async def request_job(request: Request) -> Job:
+        """The image and fields of a translate request, checked."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        fields = dict(request.query_params)
+        if kind == "multipart/form-data":
+            data, name, form_fields = await _multipart(request, settings.max_body_bytes)
+            clash = sorted(set(fields) & set(form_fields))
+            if clash:
+                raise RequestError(422, f"{', '.join(clash)}: given both as a query and a form field")
+            fields |= form_fields
+        elif kind in IMAGE_TYPES:
+            data, name = await _body(request, settings.max_body_bytes), "the request body"
+        else:
+            raise RequestError(415 if kind else 400, f"content type {kind or '(none)'}: send the image as "
+                               f"{', '.join(IMAGE_TYPES)} or as a multipart file")
+        method, fit, max_pixels = parse_fields(fields, settings.method)
+        return Job(read_image(data, name, settings.max_input_pixels), name, method, fit, max_pixels)
 
     @app.exception_handler(RequestError)
     async def refused(_: Request, exc: RequestError) -> JSONResponse:
@@ -103,25 +154,37 @@ def build_app(settings: ServeSettings, service: Service) -> FastAPI:
             return JSONResponse({"ready": False}, status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
         return JSONResponse({"ready": True, **info})
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=metrics.content_type)
+
+    @app.get("/")
+    @app.get("/page.js")
+    @app.get("/page.css")
+    async def page(request: Request) -> Response:
+        name, kind = PAGE_FILES[request.url.path]
+        return Response(resources.files("r2r.serve").joinpath("page", name).read_bytes(), media_type=kind,
+                        headers={"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff"})
+
     @app.post("/v1/translate")
     async def translate(request: Request) -> Response:
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        fields = dict(request.query_params)
-        if kind == "multipart/form-data":
-            data, name, form_fields = await _multipart(request, settings.max_body_bytes)
-            clash = sorted(set(fields) & set(form_fields))
-            if clash:
-                raise RequestError(422, f"{', '.join(clash)}: given both as a query and a form field")
-            fields |= form_fields
-        elif kind in IMAGE_TYPES:
-            data, name = await _body(request, settings.max_body_bytes), "the request body"
-        else:
-            raise RequestError(415 if kind else 400, f"content type {kind or '(none)'}: send the image as "
-                               f"{', '.join(IMAGE_TYPES)} or as a multipart file")
-        method, fit, max_pixels = parse_fields(fields, settings.method)
-        image = read_image(data, name, settings.max_input_pixels)
-        out = await service.translate(Job(image, name, method, fit, max_pixels))
+        out = await translated(await request_job(request))
         return Response(out.png, media_type="image/png", headers=_timing(out))
+
+    @app.post("/v1/translate/events")
+    async def translate_events(request: Request) -> StreamingResponse:
+        """The same request as /v1/translate, answered as server-sent events: `step` ({done, total}) as the image's
+        batch runs, then `done` (the PNG in base64, its parameters and timings) or `error` ({error, status})."""
+        job = await request_job(request)
+        metrics.queued.inc()
+        events = service.translate_events(job)
+        try:
+            first = await anext(events)  # a full queue is still a 503 here, before the stream starts
+        except BaseException:
+            metrics.queued.dec()
+            raise
+        return StreamingResponse(_sse(first, events, metrics), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(request: Request) -> JSONResponse:
@@ -131,8 +194,7 @@ def build_app(settings: ServeSettings, service: Service) -> FastAPI:
         # A1111 fills batch_size x n_iter images from its init images in turn; this method is deterministic, so
         # each distinct init image is translated once and repeated
         used = sorted({k % len(images) for k in range(req.count)})
-        outs = await asyncio.gather(*(service.translate(Job(images[i], f"init_images[{i}]", req.method))
-                                      for i in used))
+        outs = await asyncio.gather(*(translated(Job(images[i], f"init_images[{i}]", req.method)) for i in used))
         by_index = dict(zip(used, outs, strict=True))
         results = [by_index[k % len(images)] for k in range(req.count)]
         params = results[0].params
@@ -143,6 +205,35 @@ def build_app(settings: ServeSettings, service: Service) -> FastAPI:
                             headers=_timing(results[0]))
 
     return app
+
+
+async def _sse(first: Step | Translated, rest: AsyncIterator[Step | Translated], metrics: Metrics
+               ) -> AsyncIterator[bytes]:
+    """Server-sent events of one image; an error after the stream started is an `error` event (its status is
+    already sent)."""
+    def event(kind: str, data: dict[str, Any]) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+    counted = False
+    try:
+        item: Step | Translated | None = first
+        while item is not None:
+            if isinstance(item, Step):
+                yield event("step", {"done": item.done, "total": item.total})
+            else:
+                metrics.queued.dec()
+                counted = True
+                metrics.translated(item.batch)
+                yield event("done", {"png": base64.b64encode(item.png).decode(), "params": item.params,
+                                     "queue_s": round(item.queue_s, 4), "run_s": round(item.run_s, 4),
+                                     "batch": item.batch})
+            item = await anext(rest, None)
+    except (Overloaded, RequestError) as exc:
+        status = exc.status if isinstance(exc, RequestError) else 503
+        yield event("error", {"error": str(exc) or "overloaded; try again", "status": status})
+    finally:
+        if not counted:
+            metrics.queued.dec()
 
 
 def _timing(out: Translated) -> dict[str, str]:

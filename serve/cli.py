@@ -72,7 +72,8 @@ def main(engine: Path | None, backend: str, source: ModelSource, width: int | No
          host: str, port: int, replicas: str, max_batch_size: int, batch_wait_ms: float, max_queued: int,
          threads: int, ray_address: str, auth_token_file: Path | None, cors_origins: tuple[str, ...],
          max_body_mb: int) -> None:
-    """Serve FashionR2R over HTTP: /v1/translate, A1111's /sdapi/v1/img2img, /healthz, /readyz."""
+    """Serve FashionR2R over HTTP: the page at /, /v1/translate, A1111's /sdapi/v1/img2img, /healthz, /readyz,
+    /metrics."""
     if backend == REFERENCE:
         raise click.UsageError("--backend reference runs in one process; r2r-serve serves a bundle backend")
     try:
@@ -86,8 +87,8 @@ def main(engine: Path | None, backend: str, source: ModelSource, width: int | No
         prepared = prepare_run(cfg)  # exported, built and tried here once; the replicas open the pinned run
     except (R2RError, ImportError) as exc:
         raise click.ClickException(str(exc)) from exc
-    settings = ServeSettings(method=prepared.method, max_body_bytes=max_body_mb << 20, auth_token=token,
-                             cors_origins=cors_origins)
+    settings = ServeSettings(method=prepared.method, max_body_bytes=max_body_mb << 20, max_batch_size=max_batch_size,
+                             auth_token=token, cors_origins=cors_origins)
     scaling = Scaling(lo, hi, max_batch_size, batch_wait_ms / 1000, max_queued, cpus=float(threads or 1),
                       gpus=1.0 if prepared.device == "cuda" else 0.0)
     try:

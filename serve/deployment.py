@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,9 +15,9 @@ import numpy as np
 from r2r.imageio import png_bytes
 from r2r.runtime.assembly import RunConfig
 from r2r.runtime.outputs import output_text
-from r2r.runtime.translator import Translator
+from r2r.runtime.translator import Progress, Translator
 from r2r.serve.app import Overloaded, ServeSettings, build_app
-from r2r.serve.requests import Job, Translated
+from r2r.serve.requests import Job, Step, Translated
 
 # Queues a replica keeps, one per (run size, request options): the rest run unbatched rather than grow the table
 # without bound (a queue's task lives as long as the replica).
@@ -47,8 +47,10 @@ class Scaling:
                 "ray_actor_options": {"num_cpus": self.cpus, "num_gpus": self.gpus}}
 
 
-Batch = Callable[[list[tuple[Job, float]]], Awaitable[list[Translated]]]
-Batcher = Callable[[int, float], Callable[[Batch], Callable[[tuple[Job, float]], Awaitable[Translated]]]]
+StepSink = Callable[[Step], None]
+Item = tuple[Job, float, StepSink | None]  # a job, when it arrived, where its steps go (None: nowhere)
+Batch = Callable[[list[Item]], Awaitable[list[Translated]]]
+Batcher = Callable[[int, float], Callable[[Batch], Callable[[Item], Awaitable[Translated]]]]
 
 
 def serve_batch(max_batch_size: int, batch_wait_s: float) -> Any:
@@ -67,9 +69,25 @@ class TranslationReplica:
         self.translator = Translator.from_config(cfg, log=lambda s: None)
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
         self.batcher = batcher or serve_batch
-        self.queues: dict[tuple[Any, ...], Callable[[tuple[Job, float]], Awaitable[Translated]]] = {}
+        self.queues: dict[tuple[Any, ...], Callable[[Item], Awaitable[Translated]]] = {}
 
     async def translate(self, job: Job) -> Translated:
+        """One image's answer."""
+        return await self._submit(job, None)
+
+    async def translate_events(self, job: Job) -> AsyncIterator[Step | Translated]:
+        """One image's denoising steps as its batch runs them (where the backend reports steps), then its answer:
+        what the page's progress bar follows (a streaming call through Ray Serve)."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Step | None] = asyncio.Queue()
+        task = asyncio.ensure_future(self._submit(job, lambda s: loop.call_soon_threadsafe(events.put_nowait, s)))
+        # the steps were queued from the worker thread before its result: they come out first
+        task.add_done_callback(lambda _: events.put_nowait(None))
+        while (event := await events.get()) is not None:
+            yield event
+        yield await task
+
+    async def _submit(self, job: Job, steps: StepSink | None) -> Translated:
         arrived = time.perf_counter()
         h, w = job.image.shape[:2]
         key = (self.translator.run_size(w, h, job.fit, job.max_pixels), job.method, job.fit, job.max_pixels)
@@ -77,17 +95,24 @@ class TranslationReplica:
         if queue is None and len(self.queues) < MAX_QUEUES:
             queue = self.queues[key] = self.batcher(self.max_batch_size, self.batch_wait_s)(self._batch)
         if queue is None:
-            return (await self._batch([(job, arrived)]))[0]
-        return await queue((job, arrived))
+            return (await self._batch([(job, arrived, steps)]))[0]
+        return await queue((job, arrived, steps))
 
-    async def _batch(self, items: list[tuple[Job, float]]) -> list[Translated]:
+    async def _batch(self, items: list[Item]) -> list[Translated]:
         """One batch of one key, run off the event loop (the Translator serialises its own calls)."""
         start = time.perf_counter()
-        jobs = [job for job, _ in items]
+        jobs = [job for job, _, _ in items]
+        sinks = [sink for _, _, sink in items if sink is not None]
         first = jobs[0]
 
+        def progress(event: Progress) -> None:  # on the worker thread; each sink hands the step to its loop
+            if event.kind == "step":
+                for sink in sinks:
+                    sink(Step(event.done, event.total))
+
         def work() -> tuple[list[bytes], dict[str, Any]]:  # PNG encoding too: none of it on the event loop
-            out = self.translator.translate([j.image for j in jobs], None, first.method, first.fit, first.max_pixels)
+            out = self.translator.translate([j.image for j in jobs], progress if sinks else None, first.method,
+                                            first.fit, first.max_pixels)
             pngs = [png_bytes(np.asarray(img), output_text(out.params, j.name))
                     for j, img in zip(jobs, out, strict=True)]
             return pngs, out.params
@@ -95,7 +120,7 @@ class TranslationReplica:
         pngs, params = await asyncio.to_thread(work)
         run_s = time.perf_counter() - start
         return [Translated(png, params, start - arrived, run_s, len(jobs))
-                for (_, arrived), png in zip(items, pngs, strict=True)]
+                for (_, arrived, _), png in zip(items, pngs, strict=True)]
 
     def ready(self) -> dict[str, Any]:
         return {"backend": self.translator.describe(), "params": self.translator.params,
@@ -117,6 +142,15 @@ class RayService:
     async def translate(self, job: Job) -> Translated:
         try:
             return await self.handle.translate.remote(job)
+        except self.full:
+            raise Overloaded("the queue is full; try again") from None
+        except self.lost:
+            raise Overloaded("the replica serving this request was lost; try again") from None
+
+    async def translate_events(self, job: Job) -> AsyncIterator[Step | Translated]:
+        try:
+            async for event in self.handle.options(stream=True).translate_events.remote(job):
+                yield event
         except self.full:
             raise Overloaded("the queue is full; try again") from None
         except self.lost:

@@ -54,6 +54,14 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Step:
+    """A denoising step of the batch an image is in: `done` of `total` (what the page's progress bar shows)."""
+
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
 class Translated:
     """One image's answer: the PNG (with r2r-run's text inside), what made it, and where its time went."""
 
@@ -172,6 +180,7 @@ __all__ = [
     "A1111Request",
     "Job",
     "RequestError",
+    "Step",
     "Translated",
     "method_of",
     "parse_a1111",

@@ -87,7 +87,8 @@ def test_the_check_catches_a_function_level_import_against_the_flow(tmp_path: Pa
 def test_no_test_double_or_api_listing_is_installed() -> None:
     cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert not any("trt_api" in p or "support" in p or "tests" in p for p in cfg["packages"])
-    assert all(data == ["embedded/**/*"] for data in cfg.get("package-data", {}).values())
+    # package data: the embedded default and r2r-serve's page, nothing else
+    assert cfg.get("package-data", {}) == {"r2r": ["embedded/**/*"], "r2r.serve": ["page/*"]}
     for folder in set(package_dirs(REPO).values()):
         names = [p.name for p in (REPO / folder).rglob("*.py")]
         assert not [n for n in names if any(w in n for w in ("sim", "fake", "stub", "strict"))], folder

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from r2r.config import Method
-from r2r.imageio import decode_rgb, load_rgb
+from r2r.imageio import decode_rgb, load_rgb, png_bytes
 from r2r.runtime.outputs import PARAMS_KEY
 from r2r.runtime.translator import run_config
 from r2r.serve.app import ServeSettings, build_app
 from r2r.serve.deployment import TranslationReplica
-from r2r.serve.requests import Job, Translated
+from r2r.serve.requests import Job, Step, Translated
 from r2r.source import ModelSource
 
 METHOD = Method(steps=4, strength=0.5)
@@ -38,6 +39,10 @@ class NoTranslation:
     async def translate(self, job: Job) -> Translated:
         raise AssertionError("a refused request reached the service")
 
+    async def translate_events(self, job: Job) -> AsyncIterator[Step | Translated]:
+        raise AssertionError("a refused request reached the service")
+        yield  # an async generator
+
     async def ready(self) -> dict[str, Any] | None:
         return self.info
 
@@ -50,6 +55,9 @@ class InProcess:
 
     async def translate(self, job: Job) -> Translated:
         return await self.replica.translate(job)
+
+    def translate_events(self, job: Job) -> AsyncIterator[Step | Translated]:
+        return self.replica.translate_events(job)
 
     async def ready(self) -> dict[str, Any] | None:
         return self.replica.ready()
@@ -155,6 +163,49 @@ def test_a1111_img2img_answers_in_its_shape_and_reports_what_it_ignored(replica,
         assert np.array_equal(decode_rgb(base64.b64decode(b64), 'answer'), want)
 
 
+def _sse(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """Server-sent events: (event, data) per block."""
+    out = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        out.append((fields["event"], json.loads(fields["data"])))
+    return out
+
+
+def test_the_event_stream_reports_every_step_then_the_same_image(replica, renders: list[Path]) -> None:
+    app = build_app(ServeSettings(method=replica.translator.runtime.method), InProcess(replica))
+    post = {"method": "POST", "content": renders[1].read_bytes(), "headers": {"content-type": "image/png"}}
+    plain, streamed = _call(app, [{**post, "url": "/v1/translate"}, {**post, "url": "/v1/translate/events"}])
+    assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    events = _sse(streamed.text)
+    steps = [data for kind, data in events if kind == "step"]
+    total = steps[0]["total"]
+    # the exact program: METHOD's inversion steps then its generation steps, each reported once, in order
+    assert total == 2 * int(METHOD.steps * METHOD.strength) and [s["done"] for s in steps] == list(range(1, total + 1))
+    (kind, done), = events[len(steps):]
+    assert kind == "done" and done["params"] == {k: v for k, v in _png_params(plain.content).items() if k != "source"}
+    assert np.array_equal(decode_rgb(base64.b64decode(done["png"]), "event"), decode_rgb(plain.content, "answer"))
+
+
+def test_metrics_count_requests_by_status_latency_images_and_batches(replica, renders: list[Path]) -> None:
+    app = build_app(ServeSettings(method=replica.translator.runtime.method, max_batch_size=2), InProcess(replica))
+    post = {"method": "POST", "url": "/v1/translate", "headers": {"content-type": "image/png"}}
+    ok, bad = _call(app, [{**post, "content": renders[0].read_bytes()},
+                          {**post, "url": "/v1/translate?steps=0", "content": renders[0].read_bytes()}])
+    assert (ok.status_code, bad.status_code) == (200, 422)
+    (m,) = _call(app, [{"method": "GET", "url": "/metrics"}])
+    assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
+    lines = set(m.text.splitlines())
+    for want in ('r2r_requests_total{route="/v1/translate",status="200"} 1.0',
+                 'r2r_requests_total{route="/v1/translate",status="422"} 1.0',
+                 'r2r_request_seconds_count{route="/v1/translate"} 2.0',
+                 'r2r_batch_size_bucket{le="1.0"} 1.0', 'r2r_batch_size_count 1.0',
+                 "r2r_images_total 1.0", "r2r_images_in_flight 0.0"):
+        assert want in lines, want
+    rate = next(x for x in lines if x.startswith("r2r_images_per_second "))
+    assert float(rate.split()[1]) > 0
+
+
 def _corrupt_crc(png: bytes) -> bytes:
     data = bytearray(png)
     idat = data.find(b"IDAT")
@@ -215,6 +266,75 @@ def test_a_token_is_required_where_one_is_set_and_health_stays_open(renders: lis
     assert health.status_code == 200 and ready.status_code == 200 and ready.json()["backend"] == "test"
 
 
+@pytest.fixture
+def page_server(replica) -> Any:
+    """The app on an in-process replica, served by uvicorn on a free port of 127.0.0.1 (what a browser needs)."""
+    import threading
+
+    import uvicorn
+
+    app = build_app(ServeSettings(method=replica.translator.runtime.method), InProcess(replica))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    started = threading.Event()
+    while not (server.started or started.wait(0.05)):
+        assert thread.is_alive(), "uvicorn stopped before it started"
+    yield f"http://127.0.0.1:{server.config.port}/"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def _chromium() -> Any:
+    """Headless Chromium through Selenium and the system's chromedriver (CI installs both: .ci/run)."""
+    import os
+    import shutil
+
+    browser, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if browser is None or driver is None:
+        if os.environ.get("R2R_REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromedriver are required here (apt-get install chromium chromium-driver)")
+        pytest.skip("no chromium/chromedriver on this machine (CI installs them)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    opts = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900"):
+        opts.add_argument(arg)
+    opts.binary_location = browser
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=opts)
+
+
+def test_the_page_translates_a_chosen_render_with_progress_and_gives_the_apis_bytes(
+        page_server: str, renders: list[Path], tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    api = httpx.post(page_server + "v1/translate", content=renders[1].read_bytes(),
+                     headers={"content-type": "image/png"}, timeout=120)
+    assert api.status_code == 200, api.text
+    browser = _chromium()
+    try:
+        browser.get(page_server)
+        wait = WebDriverWait(browser, 120)
+        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        assert browser.find_element(By.ID, "steps").get_attribute("value") == str(METHOD.steps)  # the bundle's
+        browser.find_element(By.ID, "files").send_keys(str(renders[1]))
+        row = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "li.result[data-state]"))
+        assert row.get_attribute("data-state") == "done", row.text
+        assert row.get_attribute("data-steps") == str(2 * int(METHOD.steps * METHOD.strength))  # every step shown
+        link = row.find_element(By.CSS_SELECTOR, "a.download")
+        assert link.is_displayed() and link.get_attribute("download") == "render1.r2r.png"
+        got = browser.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "fetch(arguments[0]).then(r => r.arrayBuffer()).then(b => {"
+            "  let s = ''; for (const x of new Uint8Array(b)) s += String.fromCharCode(x); done(btoa(s));"
+            "}).catch(e => done('failed: ' + e));",
+            link.get_attribute("href"))
+        assert base64.b64decode(got) == api.content  # the same PNG, byte for byte
+        browser.save_screenshot(str(tmp_path / "page.png"))
+    finally:
+        browser.quit()
+
+
 def _free_port() -> int:
     import socket
 
@@ -223,10 +343,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_r2r_serve_answers_on_ray_serve_and_sigterm_leaves_no_ray_process(embedded_bundle: Path, renders: list[Path],
-                                                                         replica) -> None:
-    """The command itself: Ray Serve on a free port of 127.0.0.1, one request, then SIGTERM: exit 0, nothing left."""
+# Run with Ray's own API against the service's Ray (its GCS address in argv[1]): kill one translation replica, or
+# wait until the Translation deployment is healthy again with every replica running.
+RAY_CONTROL = """
+import sys, time
+import ray
+from ray import serve
+ray.init(address=sys.argv[1], namespace="serve", logging_level="ERROR")
+if sys.argv[2] == "kill":
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and "Translation" in a["name"] and "REPLICA" in a["name"]]
+    ray.kill(ray.get_actor(names[0], namespace="serve"))
+    print(names[0])
+else:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        d = serve.status().applications["r2r"].deployments["Translation"]
+        if d.status == "HEALTHY" and d.replica_states.get("RUNNING", 0) == int(sys.argv[3]):
+            print("healthy")
+            break
+        time.sleep(0.5)
+"""
+
+
+def _ray(gcs: str, *args: str) -> str:
     import os
+    import subprocess
+    import sys
+
+    # a local cluster Ray starts has token auth on (the token in the user's Ray folder); a client given an address
+    # uses it when told to
+    done = subprocess.run([sys.executable, "-c", RAY_CONTROL, gcs, *args], capture_output=True, text=True,
+                          timeout=180, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip()
+
+
+def test_r2r_serve_on_ray_serve_batches_load_survives_a_lost_replica_and_stops_on_sigterm(
+        embedded_bundle: Path, renders: list[Path], replica) -> None:
+    """The command itself, on Ray Serve on a free port of 127.0.0.1 with two replicas: 32 concurrent requests of two
+    sizes all answered, each with its own image, some in batches of two; a replica killed with Ray's API under load:
+    the requests it held get a 503 with Retry-After (none a 500, none another request's image), and once Serve has
+    replaced it every request is answered again; then SIGTERM: exit 0, no process left."""
+    import os
+    import re
     import signal
     import subprocess
     import sys
@@ -234,29 +394,65 @@ def test_r2r_serve_answers_on_ray_serve_and_sigterm_leaves_no_ray_process(embedd
 
     import psutil
 
+    images = [load_rgb(p) for p in renders]
+    images += [np.ascontiguousarray(im[:, ::-1]) for im in images]  # two distinct images of each size
+    bodies = [png_bytes(im) for im in images]
+    alone = [decode_rgb(asyncio.run(replica.translate(Job(im, "x"))).png, "alone").astype(int) for im in images]
     port = _free_port()
     cmd = [sys.executable, "-m", "r2r.serve.cli", "--engine", str(embedded_bundle), "--backend", "onnxruntime",
-           "--steps", "4", "--strength", "0.5", "--port", str(port), "--max-batch-size", "2", "--threads", "1"]
+           "--steps", "4", "--strength", "0.5", "--port", str(port), "--replicas", "2", "--max-batch-size", "2",
+           "--batch-wait-ms", "50", "--threads", "1"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     try:
-        lines = []
+        lines: list[str] = []
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             line = proc.stderr.readline()
             assert line or proc.poll() is None, "".join(lines[-20:])
             lines.append(line)
-            if "ready at" in line:
+            if "r2r-serve: ready at" in line:
                 break
-        assert f"ready at http://127.0.0.1:{port}/" in "".join(lines), "".join(lines[-20:])
+        log = "".join(lines)
+        assert f"ready at http://127.0.0.1:{port}/" in log, "".join(lines[-20:])
+        gcs = re.search(r"Ray at (\S+)", log).group(1)
         family = psutil.Process(proc.pid).children(recursive=True)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/translate", content=renders[0].read_bytes(),
-                       headers={"content-type": "image/png"}, timeout=120)
-        assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
-        job = Job(load_rgb(renders[0]), "x")
-        want = asyncio.run(replica.translate(job))
-        with Image.open(io.BytesIO(r.content)) as a, Image.open(io.BytesIO(want.png)) as b:
-            assert np.array_equal(np.asarray(a), np.asarray(b))
+        url = f"http://127.0.0.1:{port}/v1/translate"
+
+        async def load(order: list[int], during: Any = None) -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=300) as client:
+                calls = [asyncio.ensure_future(client.post(url, content=bodies[i],
+                                                           headers={"content-type": "image/png"})) for i in order]
+                if during is not None:
+                    await asyncio.wait(calls, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.to_thread(during)
+                return list(await asyncio.gather(*calls))
+
+        def own_image(i: int, r: httpx.Response) -> bool:
+            got = decode_rgb(r.content, "answer").astype(int)
+            return got.shape == alone[i].shape and int(np.abs(got - alone[i]).max()) <= 2  # fp32 across batches
+
+        order = [k % len(images) for k in range(32)]
+        answers = asyncio.run(load(order))
+        assert [r.status_code for r in answers] == [200] * 32, [r.text[:200] for r in answers if r.status_code != 200]
+        assert all(own_image(i, r) for i, r in zip(order, answers, strict=True))
+        assert max(int(r.headers["x-r2r-batch"]) for r in answers) == 2  # serve.batch filled batches
+
+        killed: list[str] = []
+        answers = asyncio.run(load(order[:16], during=lambda: killed.append(_ray(gcs, "kill"))))
+        statuses = [r.status_code for r in answers]
+        assert killed and set(statuses) <= {200, 503}, statuses
+        assert 503 in statuses, statuses  # the killed replica held requests
+        assert all(r.headers.get("retry-after") for r in answers if r.status_code == 503)
+        assert all(own_image(i, r) for i, r in zip(order[:16], answers, strict=True) if r.status_code == 200)
+
+        assert _ray(gcs, "wait", "2") == "healthy"  # Serve replaced the replica by itself
+        answers = asyncio.run(load(order[:8]))
+        assert [r.status_code for r in answers] == [200] * 8
+        assert all(own_image(i, r) for i, r in zip(order[:8], answers, strict=True))
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'r2r_requests_total{route="/v1/translate",status="503"}' in metrics
+
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
         _, alive = psutil.wait_procs(family, timeout=30)
