@@ -268,11 +268,11 @@ def open_runtime(cfg: RunConfig, progress: Callable[[str], None] = log) -> Runti
             _close(backend)
             raise
         break
-    # 6. a scheduler (buffers and bound program) per image size, made on the size's first batch
-    # (and per method, where a call gives another: a server's requests may)
-    schedulers = SchedulerCache(lambda key: CoupledScheduler(bundle, backend, cfg.batch, key[1], variant, key[0]),
-                                cfg.max_sizes if backend.frees_dropped_buffers else None)
-    schedulers.put(((bundle.width, bundle.height), method), scheduler)
+    # 6. a scheduler (buffers and bound program) per image size, made on the size's first batch (and per method,
+    # where a call gives another: a server's requests may; and per batch a partial batch rounds up to)
+    schedulers = SchedulerCache(lambda key: CoupledScheduler(bundle, backend, key[2], key[1], variant, key[0]),
+                                cfg.max_sizes if backend.frees_dropped_buffers else None, cfg.batch)
+    schedulers.put(((bundle.width, bundle.height), method, cfg.batch), scheduler)
 
     def resolve(given: Method) -> Method:
         m = bundle.method(given)
@@ -283,13 +283,22 @@ def open_runtime(cfg: RunConfig, progress: Callable[[str], None] = log) -> Runti
                    run.sizes, cfg.fit, cfg.max_pixels, run.device, bundle, backend, scheduler, verified)
 
 
-class SchedulerCache:
-    """One coupled scheduler per (image size, method), made on first use. With `keep`, the least recently used
-    beyond `keep` are dropped (host backends: their buffers go with them); without, every one stays (device backends,
-    whose memory is the backend's until it closes)."""
+def run_batch(k: int, batch: int) -> int:
+    """The batch a scheduler runs `k` images of one size in: the next power of two, at most `batch`. A partial batch
+    (a server's lone request, the last images of a run) costs its own work, not a full batch padded, and a size has
+    at most log2(batch) + 1 schedulers."""
+    if not 1 <= k <= batch:
+        raise ValueError(f"{k} images for a batch of {batch}")
+    return min(batch, 1 << (k - 1).bit_length())
 
-    def __init__(self, make: Callable[[Any], Any], keep: int | None) -> None:
-        self.make, self.keep = make, keep
+
+class SchedulerCache:
+    """One coupled scheduler per (image size, method, run batch), made on first use. With `keep`, the least recently
+    used beyond `keep` are dropped (host backends: their buffers go with them); without, every one stays (device
+    backends, whose memory is the backend's until it closes)."""
+
+    def __init__(self, make: Callable[[Any], Any], keep: int | None, batch: int = 1) -> None:
+        self.make, self.keep, self.batch = make, keep, batch
         self._by_key: OrderedDict[Any, Any] = OrderedDict()
 
     def put(self, key: Any, scheduler: Any) -> None:
@@ -304,11 +313,11 @@ class SchedulerCache:
         return self._by_key[key]
 
     def translate(self, images: list[np.ndarray], on_step: StepCallback | None, method: Method) -> list[np.ndarray]:
-        """Images of one size through that size's (and method's) scheduler."""
+        """Images of one size through that size's (and method's, and batch's) scheduler."""
         h, w = images[0].shape[:2]
         if any(im.shape[:2] != (h, w) for im in images):
             raise ValueError("a batch holds images of one size; group them by size first")
-        return self.get(((w, h), method))(images, on_step)
+        return self.get(((w, h), method, run_batch(len(images), self.batch)))(images, on_step)
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -345,4 +354,4 @@ def _open_reference(cfg: RunConfig) -> Runtime:
 
 
 __all__ = ["REFERENCE", "PreparedRun", "RunConfig", "Runtime", "SchedulerCache", "describe_run", "open_runtime",
-           "prepare_run"]
+           "prepare_run", "run_batch"]

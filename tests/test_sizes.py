@@ -18,7 +18,7 @@ from r2r.manifest import BundleError, read_manifest
 from r2r.metrics import psnr
 from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, load_components
 from r2r.reference import ReferencePipeline
-from r2r.runtime.assembly import SchedulerCache
+from r2r.runtime.assembly import SchedulerCache, run_batch
 from r2r.runtime.backend_ort import OrtBackend
 from r2r.runtime.bundle_reader import open_bundle
 from r2r.runtime.scheduler import CoupledScheduler
@@ -146,6 +146,29 @@ def test_the_scheduler_cache_keeps_one_scheduler_per_size_and_drops_the_least_re
     for w in range(64, 64 + 32 * 10, 32):
         unbounded.get((w, 64))
     assert len(unbounded) == 10
+
+
+def test_a_partial_batch_runs_at_the_next_power_of_two_not_padded_to_the_full_batch() -> None:
+    assert [run_batch(k, 4) for k in (1, 2, 3, 4)] == [1, 2, 4, 4]
+    assert [run_batch(k, 6) for k in (1, 3, 5, 6)] == [1, 4, 6, 6]
+    with pytest.raises(ValueError, match="5 images for a batch of 4"):
+        run_batch(5, 4)
+    batches: list[int] = []
+
+    class Scheduler:
+        def __init__(self, key: tuple) -> None:
+            self.batch = key[2]
+            batches.append(self.batch)
+
+        def __call__(self, images: list[np.ndarray], on_step: object) -> list[np.ndarray]:
+            assert len(images) <= self.batch
+            return images
+
+    cache = SchedulerCache(Scheduler, keep=None, batch=4)
+    image = np.zeros((64, 64, 3), np.uint8)
+    for k in (1, 3, 4, 2, 1):
+        assert len(cache.translate([image] * k, None, Method())) == k
+    assert batches == [1, 4, 2]  # one scheduler per run batch of the size, made once
 
 
 # -- r2r-run ---------------------------------------------------------------------------------------------------------
