@@ -188,13 +188,16 @@ def serve_markdown(report: dict[str, Any]) -> str:
              f"{s['size'][0]}x{s['size'][1]}, {s['backend']} {s['precision']}", "",
              f"Machine: {m['cpu'].get('model', '?')}, {m['logical_cpus']} logical CPUs, {m['memory_gib']} GiB.  ",
              f"Command: `{report['command']}`", "",
-             "| batching | concurrency | images/s | p50 s | p95 s | p99 s | errors | mean batch |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| batching | concurrency | images/s | p50 s | p95 s | p99 s | errors | mean batch | batch run s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         lines.append(f"| {r['batching']} (max {r['max_batch_size']}) | {r['concurrency']} | {r['images_per_s']:.2f} "
                      f"| {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['p99_s']:.2f} | {r['errors']} | "
-                     f"{r['mean_batch']:.2f} |")
-    lines += ["", f"r2r-run on the same renders ({run['images']} images, batch {run['batch']}, one process): "
+                     f"{r['mean_batch']:.2f} | {r['mean_run_s']:.2f} |")
+    lines += ["", "Latency: from sending a request to the last byte of its answer. Batch run: the "
+              "replica's translation of the batch the request ran in (X-R2R-Run-Seconds); the rest of a "
+              "latency is waiting and HTTP.", "",
+              f"r2r-run on the same renders ({run['images']} images, batch {run['batch']}, one process): "
               f"{run['images_per_s_after_load']:.2f} images/s after loading, {run['images_per_s_wall']:.2f} with "
               f"start-up."]
     return "\n".join(lines) + "\n"

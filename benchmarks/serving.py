@@ -75,6 +75,7 @@ async def _load(url: str, bodies: list[bytes], requests: int, concurrency: int) 
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     batches: list[int] = []
+    run_s: list[float] = []  # the replica's translation of the request's batch (X-R2R-Run-Seconds)
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
@@ -86,6 +87,7 @@ async def _load(url: str, bodies: list[bytes], requests: int, concurrency: int) 
                 status = str(r.status_code)
                 if r.status_code == 200:
                     batches.append(int(r.headers.get("x-r2r-batch", "1")))
+                    run_s.append(float(r.headers.get("x-r2r-run-seconds", "nan")))
             except httpx.HTTPError as exc:
                 status = type(exc).__name__
             latencies.append(time.perf_counter() - t0)
@@ -100,7 +102,8 @@ async def _load(url: str, bodies: list[bytes], requests: int, concurrency: int) 
     return {"concurrency": concurrency, "requests": requests, "ok": ok, "errors": requests - ok,
             "statuses": statuses, "wall_s": round(wall, 3), "images_per_s": ok / wall,
             "p50_s": float(np.percentile(lat, 50)), "p95_s": float(np.percentile(lat, 95)),
-            "p99_s": float(np.percentile(lat, 99)), "mean_batch": float(np.mean(batches)) if batches else 0.0}
+            "p99_s": float(np.percentile(lat, 99)), "mean_batch": float(np.mean(batches)) if batches else 0.0,
+            "mean_run_s": float(np.mean(run_s)) if run_s else float("nan")}
 
 
 def serve_report(out: Path, requests: int = 32, concurrencies: tuple[int, ...] = (1, 4, 16), batch: int = 4,
@@ -125,7 +128,7 @@ def serve_report(out: Path, requests: int = 32, concurrencies: tuple[int, ...] =
                        **asyncio.run(_load(server.url, bodies, requests, c))}
                 log(f"  batch {max_batch} concurrency {c:>2}: {row['images_per_s']:.2f} img/s, p50 "
                     f"{row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s, p99 {row['p99_s']:.2f} s, errors "
-                    f"{row['errors']}, mean batch {row['mean_batch']:.2f}")
+                    f"{row['errors']}, mean batch {row['mean_batch']:.2f} run in {row['mean_run_s']:.2f} s")
                 rows.append(row)
         finally:
             code = server.stop()
