@@ -26,7 +26,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects nothing: that is a failure here, said in words.
 test: $(STAMP)
-	@$(BIN)/python -m pytest -q; rc=$$?; [ $$rc -ne 5 ] || echo "make test: pytest collected no test" >&2; exit $$rc
+	@$(BIN)/python -m pytest -q --durations=25; rc=$$?; [ $$rc -ne 5 ] || echo "make test: pytest collected no test" >&2; exit $$rc
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .
