@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,17 +28,23 @@ from r2r.log import log
 SERVE = [sys.executable, "-m", "r2r.serve.cli"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port of 127.0.0.1 nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _drain(stream: Any) -> None:
+    for _ in stream:
+        pass
 
 
 class Server:
     """`r2r-serve` as a subprocess: started, waited for, stopped with SIGTERM (its exit status checked)."""
 
     def __init__(self, args: list[str], ready_timeout_s: float = 300) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.proc = subprocess.Popen([*SERVE, *args, "--port", str(self.port)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
@@ -53,7 +60,11 @@ class Server:
         else:
             self.stop()
             raise RuntimeError(f"r2r-serve was not ready in {ready_timeout_s:.0f} s:\n{''.join(lines[-20:])}")
-        self.url = f"http://127.0.0.1:{self.port}/v1/translate"
+        self.log = "".join(lines)  # what it printed up to "ready" (the Ray address among it)
+        # what it prints after is read and dropped, so that a full pipe never blocks it
+        threading.Thread(target=_drain, args=(self.proc.stderr,), daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.port}/"
+        self.url = self.base + "v1/translate"
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -63,8 +74,6 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc.stderr:  # drained, so that the process never blocks on a full pipe
-            self.proc.stderr.close()
         return self.proc.returncode
 
 
@@ -149,4 +158,4 @@ def serve_report(out: Path, requests: int = 32, concurrencies: tuple[int, ...] =
             "renders": len(bodies), "threads": threads, "rows": rows, "r2r_run": run}
 
 
-__all__ = ["Server", "serve_report"]
+__all__ = ["Server", "free_port", "serve_report"]

@@ -114,6 +114,17 @@ def build_app(settings: ServeSettings, service: Service) -> FastAPI:
         metrics.translated(out.batch)
         return out
 
+    async def translated_events(job: Job) -> AsyncIterator[Step | Translated]:
+        """`translated`, as the image's steps then its answer."""
+        metrics.queued.inc()
+        try:
+            async for event in service.translate_events(job):
+                if isinstance(event, Translated):
+                    metrics.translated(event.batch)
+                yield event
+        finally:
+            metrics.queued.dec()
+
     async def request_job(request: Request) -> Job:
         """The image and fields of a translate request, checked."""
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -175,15 +186,13 @@ def build_app(settings: ServeSettings, service: Service) -> FastAPI:
     async def translate_events(request: Request) -> StreamingResponse:
         """The same request as /v1/translate, answered as server-sent events: `step` ({done, total}) as the image's
         batch runs, then `done` (the PNG in base64, its parameters and timings) or `error` ({error, status})."""
-        job = await request_job(request)
-        metrics.queued.inc()
-        events = service.translate_events(job)
+        events = translated_events(await request_job(request))
         try:
             first = await anext(events)  # a full queue is still a 503 here, before the stream starts
         except BaseException:
-            metrics.queued.dec()
+            await events.aclose()
             raise
-        return StreamingResponse(_sse(first, events, metrics), media_type="text/event-stream",
+        return StreamingResponse(_sse(first, events), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     @app.post("/sdapi/v1/img2img")
@@ -207,23 +216,18 @@ def build_app(settings: ServeSettings, service: Service) -> FastAPI:
     return app
 
 
-async def _sse(first: Step | Translated, rest: AsyncIterator[Step | Translated], metrics: Metrics
-               ) -> AsyncIterator[bytes]:
+async def _sse(first: Step | Translated, rest: AsyncIterator[Step | Translated]) -> AsyncIterator[bytes]:
     """Server-sent events of one image; an error after the stream started is an `error` event (its status is
     already sent)."""
     def event(kind: str, data: dict[str, Any]) -> bytes:
         return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
-    counted = False
     try:
         item: Step | Translated | None = first
         while item is not None:
             if isinstance(item, Step):
                 yield event("step", {"done": item.done, "total": item.total})
             else:
-                metrics.queued.dec()
-                counted = True
-                metrics.translated(item.batch)
                 yield event("done", {"png": base64.b64encode(item.png).decode(), "params": item.params,
                                      "queue_s": round(item.queue_s, 4), "run_s": round(item.run_s, 4),
                                      "batch": item.batch})
@@ -232,8 +236,7 @@ async def _sse(first: Step | Translated, rest: AsyncIterator[Step | Translated],
         status = exc.status if isinstance(exc, RequestError) else 503
         yield event("error", {"error": str(exc) or "overloaded; try again", "status": status})
     finally:
-        if not counted:
-            metrics.queued.dec()
+        await rest.aclose()  # a client gone mid-stream: the image's count in flight ends with it
 
 
 def _timing(out: Translated) -> dict[str, str]:

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from r2r.benchmarks.serving import Server, free_port
 from r2r.config import Method
 from r2r.imageio import decode_rgb, load_rgb, png_bytes
 from r2r.runtime.outputs import PARAMS_KEY
@@ -274,11 +275,11 @@ def page_server(replica) -> Any:
     import uvicorn
 
     app = build_app(ServeSettings(method=replica.translator.runtime.method), InProcess(replica))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    started = threading.Event()
-    while not (server.started or started.wait(0.05)):
+    while not server.started:
+        thread.join(timeout=0.05)
         assert thread.is_alive(), "uvicorn stopped before it started"
     yield f"http://127.0.0.1:{server.config.port}/"
     server.should_exit = True
@@ -295,7 +296,8 @@ def _chromium() -> Any:
         if os.environ.get("R2R_REQUIRE_BROWSER"):
             pytest.fail("chromium and chromedriver are required here (apt-get install chromium chromium-driver)")
         pytest.skip("no chromium/chromedriver on this machine (CI installs them)")
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium import webdriver
+
     opts = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900"):
         opts.add_argument(arg)
@@ -333,14 +335,6 @@ def test_the_page_translates_a_chosen_render_with_progress_and_gives_the_apis_by
         browser.save_screenshot(str(tmp_path / "page.png"))
     finally:
         browser.quit()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Run with Ray's own API against the service's Ray (its GCS address in argv[1]): kill one translation replica, or
@@ -385,12 +379,7 @@ def test_r2r_serve_on_ray_serve_batches_load_survives_a_lost_replica_and_stops_o
     sizes all answered, each with its own image, some in batches of two; a replica killed with Ray's API under load:
     the requests it held get a 503 with Retry-After (none a 500, none another request's image), and once Serve has
     replaced it every request is answered again; then SIGTERM: exit 0, no process left."""
-    import os
     import re
-    import signal
-    import subprocess
-    import sys
-    import time
 
     import psutil
 
@@ -398,26 +387,13 @@ def test_r2r_serve_on_ray_serve_batches_load_survives_a_lost_replica_and_stops_o
     images += [np.ascontiguousarray(im[:, ::-1]) for im in images]  # two distinct images of each size
     bodies = [png_bytes(im) for im in images]
     alone = [decode_rgb(asyncio.run(replica.translate(Job(im, "x"))).png, "alone").astype(int) for im in images]
-    port = _free_port()
-    cmd = [sys.executable, "-m", "r2r.serve.cli", "--engine", str(embedded_bundle), "--backend", "onnxruntime",
-           "--steps", "4", "--strength", "0.5", "--port", str(port), "--replicas", "2", "--max-batch-size", "2",
-           "--batch-wait-ms", "50", "--threads", "1"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    server = Server(["--engine", str(embedded_bundle), "--backend", "onnxruntime", "--steps", "4", "--strength",
+                     "0.5", "--replicas", "2", "--max-batch-size", "2", "--batch-wait-ms", "50", "--threads", "1"],
+                    ready_timeout_s=240)
     try:
-        lines: list[str] = []
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            assert line or proc.poll() is None, "".join(lines[-20:])
-            lines.append(line)
-            if "r2r-serve: ready at" in line:
-                break
-        log = "".join(lines)
-        assert f"ready at http://127.0.0.1:{port}/" in log, "".join(lines[-20:])
-        gcs = re.search(r"Ray at (\S+)", log).group(1)
-        family = psutil.Process(proc.pid).children(recursive=True)
-        url = f"http://127.0.0.1:{port}/v1/translate"
+        gcs = re.search(r"Ray at (\S+)", server.log).group(1)
+        family = psutil.Process(server.proc.pid).children(recursive=True)
+        url = server.url
 
         async def load(order: list[int], during: Any = None) -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=300) as client:
@@ -450,14 +426,13 @@ def test_r2r_serve_on_ray_serve_batches_load_survives_a_lost_replica_and_stops_o
         answers = asyncio.run(load(order[:8]))
         assert [r.status_code for r in answers] == [200] * 8
         assert all(own_image(i, r) for i, r in zip(order[:8], answers, strict=True))
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        metrics = httpx.get(server.base + "metrics").text
         assert 'r2r_requests_total{route="/v1/translate",status="503"}' in metrics
 
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0
+        assert server.stop() == 0  # SIGTERM
         _, alive = psutil.wait_procs(family, timeout=30)
         assert alive == [], [p.pid for p in alive]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
