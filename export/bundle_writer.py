@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -316,6 +317,10 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
         size = sum(bundle_path(out, f).stat().st_size for f in _files_of(out, rel))
         progress(f"  {name:<11} exported in {time.perf_counter() - t0:.1f} s ({size / 1e6:.1f} MB"
                  f"{', external data' if external else ''})")
+    for name in old.graphs if old is not None else {}:
+        if name in graph_io.ALL_GRAPHS and name not in manifest.graphs:  # left out by this export: its files too
+            shutil.rmtree(bundle_path(out, _graph_file(name)).parent, ignore_errors=True)
+            bundle_path(out, map_file(name)).unlink(missing_ok=True)
     # Canaries: kept where their graph is unchanged, recorded where missing (docs/design.md, "Verified engines")
     if old is not None:
         manifest.canaries = dict(old.canaries)

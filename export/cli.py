@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from r2r import graph_io
 from r2r.config import DEFAULT_TAC_DIVISOR
 from r2r.log import log
 from r2r.models import default_resolution
@@ -92,10 +93,16 @@ def export(cfg: ExportConfig) -> None:
 @model_source_options
 @bundle_options
 @click.option("--refit", is_flag=True, help=REFIT_HELP)
+@click.option("--graph", "graphs", multiple=True, type=click.Choice(graph_io.ALL_GRAPHS),
+              help="Only this graph (repeatable): the bundle holds these alone [default: every graph]. The default "
+                   "(fused) program calls unet, vae_encoder, vae_decoder and, on a GPU, ddim_step and guided_step; "
+                   "--fused off and --inversion single-pass also call unet_emit and unet_inject.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
-def onnx_cmd(source: ModelSource, shape: BundleShape, refit: bool, out: Path) -> None:
+def onnx_cmd(source: ModelSource, shape: BundleShape, refit: bool, graphs: tuple[str, ...], out: Path) -> None:
     """Write the ONNX bundle: UNet variants, VAE graphs, conditioning, manifest."""
     cfg = export_config(source, shape, out, refit)
+    if graphs:
+        cfg = replace(cfg, graphs=tuple(g for g in graph_io.ALL_GRAPHS if g in graphs))
     sides = "static" if shape.static else f"sides {cfg.min_side or 'auto'}..{cfg.max_side}"
     log(f"r2r-export onnx: {cfg.model} at {cfg.width}x{cfg.height} ({sides}), batch 1-{cfg.batch_max} -> {out}")
     export(cfg)

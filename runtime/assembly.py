@@ -176,21 +176,22 @@ def prepare_run(cfg: RunConfig, progress: Callable[[str], None] = log,
         resolve_device(named, cfg.device)
         if cfg.precision is not None:
             named.check_precision(cfg.precision)
-    # 2. the bundle and the method
+    # 2. the program's variant: auto fuses the TAC step whenever the inversion allows it (one routed UNet call of
+    # 3B instead of emit B + inject 2B, and the only UNet graph the program loads)
+    fused = cfg.fused == "on" or (cfg.fused == "auto" and cfg.inversion == "exact")
+    variant = Variant(cfg.inversion, fused)
+    # 3. the bundle (a model's: its cached export of the graphs the program calls) and the method
     if cfg.engine is not None:
         root = cfg.engine
     else:
         w, h = cfg.size()
         divisor = cfg.method.divisor
+        graphs = program_graphs(variant, step_graphs=True) if named is None or named.graphs else ()
         root = cached_bundle(cfg.model_dir(), cfg.embedding_file(), w, h, max(cfg.batch_max, cfg.batch), divisor,
-                             progress, graphs=named is None or named.graphs)
+                             progress, graphs)
     bundle = open_bundle(root)
     method = bundle.method(cfg.method)
-    # the program's variant: auto fuses the TAC step whenever the inversion allows it (one routed UNet call of
-    # 3B instead of emit B + inject 2B, and the only UNet graph the program loads)
-    fused = cfg.fused == "on" or (cfg.fused == "auto" and cfg.inversion == "exact")
-    variant = Variant(cfg.inversion, fused)
-    # 3. backend, device, precision: the named one, or auto's rows fastest first, passing over those known broken
+    # 4. backend, device, precision: the named one, or auto's rows fastest first, passing over those known broken
     # on this CPU or that failed their first use here (auto picks the torch backend only where the model is known to
     # be the bundle's: it runs the model's modules)
     candidates = backend_candidates(cfg.backend, bundle, cfg.device, eligible=lambda r: r.graphs or cfg.engine is None

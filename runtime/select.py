@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 
+from r2r import graph_io
 from r2r.backends import BackendRow, auto_choices, backend_row
 from r2r.cache import cache_dir
 from r2r.errors import R2RError
 from r2r.log import log
+from r2r.manifest import MANIFEST
 from r2r.models import sha256_file, sha256_tree
 from r2r.runtime.bundle_reader import Bundle
 
@@ -69,18 +71,27 @@ def resolve_precision(row: BackendRow, bundle: Bundle, precision: str | None = N
 
 
 def cached_bundle(model: Path, embedding: Path, width: int, height: int, batch_max: int, tac_divisor: int,
-                  progress: Callable[[str], None] = log, graphs: bool = True) -> Path:
+                  progress: Callable[[str], None] = log, graphs: Sequence[str] = graph_io.ALL_GRAPHS) -> Path:
     """A model's bundle, exported once into the cache and named by what it is made from (a later call with the same
-    model, embedding and settings checks hashes only). `graphs=False`: the manifest and conditioning alone, for a
-    backend that runs the model's own modules."""
+    model, embedding and settings checks hashes only). `graphs`: the ones the run calls, exported alone unless a
+    bundle of every graph is in the cache already (it serves any run); none: the manifest and conditioning alone,
+    for a backend that runs the model's own modules."""
     from r2r.export.bundle_writer import ExportConfig, export_bundle
 
     digest = hashlib.sha256(f"{sha256_tree(model)} {sha256_file(embedding)}".encode()).hexdigest()[:12]
-    name = f"{model.name}-{digest}-{width}x{height}-b{batch_max}-d{tac_divisor}{'' if graphs else '-nographs'}"
+    name = f"{model.name}-{digest}-{width}x{height}-b{batch_max}-d{tac_divisor}"
+    wanted = tuple(g for g in graph_io.ALL_GRAPHS if g in graphs)
+    full = cache_dir() / "bundles" / name
+    if not wanted:
+        name += "-nographs"
+    elif wanted != graph_io.ALL_GRAPHS and not (full / MANIFEST).is_file():
+        name += "-without-" + "-".join(g for g in graph_io.ALL_GRAPHS if g not in wanted)
+    else:
+        wanted = graph_io.ALL_GRAPHS
     out = cache_dir() / "bundles" / name
     progress(f"r2r-run: using the bundle of {model.name} at {width}x{height} in {out}")
-    export_bundle(ExportConfig(model, embedding, out, width, height, batch_max, tac_divisor,
-                               **({} if graphs else {"graphs": ()})), progress=progress)
+    export_bundle(ExportConfig(model, embedding, out, width, height, batch_max, tac_divisor, wanted),
+                  progress=progress)
     return out
 
 

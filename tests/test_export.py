@@ -213,6 +213,22 @@ def test_a_tampered_graph_is_detected_and_rebuilt(bundle: Path, tiny_model_dir: 
     verify_files(bundle, read_manifest(bundle))
 
 
+def test_an_export_of_fewer_graphs_leaves_a_bundle_of_those_alone(tiny_bundle: Path, tiny_model_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """`r2r-export onnx --graph ...` on a bundle of more graphs: the kept ones are up to date, the others' files and
+    canaries go, and what is left verifies."""
+    out = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    kept = (graph_io.UNET, graph_io.VAE_ENCODER, graph_io.VAE_DECODER)
+    lines: list[str] = []
+    export_bundle(ExportConfig(tiny_model_dir, tiny_model_dir / "negative_embedding.safetensors", out, W, H,
+                               batch_max=4, graphs=kept), progress=lines.append)
+    assert not any("exported" in line for line in lines), lines
+    m = read_manifest(out)
+    assert set(m.graphs) == set(kept) and {e["graph"] for e in m.canaries.values()} == set(kept)
+    assert sorted(p.name for p in (out / "onnx").iterdir()) == sorted(kept)
+    verify_files(out, m)
+
+
 def test_onnxruntime_engines_fuse_attention_keep_parity_and_are_not_rebuilt(bundle: Path, torch_unet) -> None:
     """The ORT engines run every attention as com.microsoft.MultiHeadAttention (separate Q, K, V; no mask): no
     Softmax is left, and eps and every Q/K output stay within the export bound of PyTorch."""

@@ -51,7 +51,8 @@ def test_a_fused_then_exported_lora_equals_the_pytorch_model_with_the_lora(lora_
 
     pipe, lora_file = lora_pipe
     monkeypatch.setenv("R2R_CACHE", str(tmp_path / "cache"))
-    res = CliRunner().invoke(export_main, ["onnx", "--lora", f"{lora_file}:0.5", "--out", str(tmp_path / "b")])
+    res = CliRunner().invoke(export_main, ["onnx", "--lora", f"{lora_file}:0.5", "--graph", "unet", "--out",
+                                          str(tmp_path / "b")])
     assert res.exit_code == 0, res.output
     pipe.set_adapters("style", 0.5)  # the unfused PyTorch model at the same scale: the reference
     g = torch.Generator().manual_seed(1)
@@ -64,6 +65,7 @@ def test_a_fused_then_exported_lora_equals_the_pytorch_model_with_the_lora(lora_
         base = pipe.unet(x, t, encoder_hidden_states=ctx).sample.numpy()
         pipe.unet.enable_adapters()
     m = read_manifest(tmp_path / "b")
+    assert list(m.graphs) == [graph_io.UNET]  # `--graph unet`: that graph alone
     sess = ort.InferenceSession(str(tmp_path / "b" / m.graphs[graph_io.UNET].file), providers=["CPUExecutionProvider"])
     got = sess.run(None, {graph_io.SAMPLE: x.numpy(), graph_io.TIMESTEP: t.numpy(),
                           graph_io.ENCODER_HIDDEN_STATES: ctx.numpy(),

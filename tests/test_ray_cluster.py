@@ -45,7 +45,9 @@ def head(tmp_path: Path) -> Iterator[dict[str, str]]:
     says), stopped by its own signal after; yields the environment a driver joins it with."""
     before = _ray_processes()
     address = f"127.0.0.1:{_free_port()}"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # the driver has finished when the head is stopped: nothing to drain (Ray's default waits 30 s for idle workers)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "1"}
     proc = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus=2", f"--port={address.split(':')[1]}",
                              "--include-dashboard=false", "--disable-usage-stats"], env=env,
                             stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
