@@ -160,9 +160,17 @@ class TACState:
     captured: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     injected: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()
     src: torch.Tensor | None = None  # ROUTED: int64 [N], the row whose Q, K each row uses
+    # Attention downsampling (docs/design.md, "Less work per image"): the first level's self-attention takes its keys
+    # and values from the token grid average-pooled `pool` x `pool`; 1: off. `grid`: the first level's token grid
+    # (the latent's height and width), set by the UNet's forward pre-hook before every call.
+    pool: int = 1
+    grid: tuple[Any, Any] | None = None
+    hook: Any = None  # the UNet's pre-hook handle, removed when another state replaces this one
 
     def __post_init__(self) -> None:
         self.captured = [None] * self.num_layers
+        if self.pool < 1 or self.pool & (self.pool - 1):
+            raise ValueError(f"attention pool must be a power of two >= 1, got {self.pool}")
 
     def take_captured(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = []
@@ -175,13 +183,14 @@ class TACState:
 
 
 class TACProcessor:
-    """Self-attention of one TAC layer, with the Q/K routing of the state's mode.
+    """Self-attention of one TAC layer, with the Q/K routing of the state's mode (`index` None: a first-level layer
+    outside the plan, pooled but never routed), and the keys and values of the state's attention pool.
 
-    Plain mode performs the same operations as diffusers' default SDPA processor, so TAC with an
+    Plain mode with no pool performs the same operations as diffusers' default SDPA processor, so TAC with an
     empty window is bit-identical to the unmodified model.
     """
 
-    def __init__(self, index: int, layer: TACLayer, state: TACState) -> None:
+    def __init__(self, index: int | None, layer: TACLayer, state: TACState) -> None:
         self.index = index
         self.layer = layer
         self.state = state
@@ -202,9 +211,11 @@ class TACProcessor:
         batch = hidden_states.shape[0]
         residual = hidden_states
         query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        query, key = self._route(query, key)
+        kv_states = self._pooled(hidden_states)
+        key = attn.to_k(kv_states)
+        value = attn.to_v(kv_states)
+        if self.index is not None:
+            query, key = self._route(query, key)
 
         heads = attn.heads
         head_dim = key.shape[-1] // heads
@@ -221,6 +232,19 @@ class TACProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _pooled(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The tokens keys and values are made from: the first level's grid average-pooled pool x pool (the
+        projections are affine, so pooling before them equals pooling their outputs, at a pool**2 of the cost)."""
+        pool = self.state.pool
+        if pool == 1 or self.layer.level != 0:
+            return hidden_states
+        if self.state.grid is None:
+            raise RuntimeError(f"{self.layer.name}: attention pool without the latent grid (install_tac's hook)")
+        h, w = self.state.grid
+        b, _, c = hidden_states.shape
+        grid = hidden_states.transpose(1, 2).reshape(b, c, h, w)
+        return F.avg_pool2d(grid, pool).flatten(2).transpose(1, 2)
 
     def _route(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         st = self.state
@@ -249,19 +273,34 @@ class TACProcessor:
         return torch.cat([q[: 2 * b], qc]), torch.cat([k[: 2 * b], kc])
 
 
-def install_tac(unet: torch.nn.Module, plan: TACPlan, target: str = "null") -> TACState:
-    """Put a TACProcessor on every planned layer (others keep theirs) and return their state."""
+def install_tac(unet: torch.nn.Module, plan: TACPlan, target: str = "null", pool: int = 1) -> TACState:
+    """Put a TACProcessor on every planned layer (others keep theirs; with `pool` > 1, on every first-level
+    self-attention too) and return their state."""
     processors = dict(unet.attn_processors)  # type: ignore[attr-defined]
     missing = [lyr.processor_key for lyr in plan.layers if lyr.processor_key not in processors]
     if missing:
         raise ValueError(f"TAC plan names layers the UNet lacks: {missing[:3]}")
     from diffusers.models.attention_processor import AttnProcessor2_0
 
+    state = TACState(num_layers=len(plan.layers), target=target, pool=pool)  # checked before anything changes
     for key, proc in processors.items():  # a previous plan's layers return to plain attention
         if isinstance(proc, TACProcessor):
+            if proc.state.hook is not None:
+                proc.state.hook.remove()
+                proc.state.hook = None
             processors[key] = AttnProcessor2_0()
-    state = TACState(num_layers=len(plan.layers), target=target)
     for i, layer in enumerate(plan.layers):
         processors[layer.processor_key] = TACProcessor(i, layer, state)
+    if pool > 1:
+        planned = set(plan.names)
+        for layer in self_attention_layers(unet.config, plan.width, plan.height):  # type: ignore[attr-defined]
+            if layer.level == 0 and layer.name not in planned:
+                processors[layer.processor_key] = TACProcessor(None, layer, state)
+
+        def record_grid(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            sample = args[0] if args else kwargs["sample"]
+            state.grid = (sample.shape[-2], sample.shape[-1])
+
+        state.hook = unet.register_forward_pre_hook(record_grid, with_kwargs=True)
     unet.set_attn_processor(processors)  # type: ignore[attr-defined]
     return state
