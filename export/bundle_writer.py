@@ -71,6 +71,7 @@ class ExportConfig:
     batch_max: int = 4
     tac_divisor: int = 256
     graphs: tuple[str, ...] = graph_io.ALL_GRAPHS
+    attention_pool: int = 1  # the first level's keys and values pooled (docs/design.md, "Less work per image")
     min_side: int | None = None  # None: two pixel multiples
     max_side: int | None = DEFAULT_MAX_SIDE
     static: bool = False  # graphs of the example size only (TensorRT builds static engines from them)
@@ -130,7 +131,7 @@ def bundle_config(manifest: Manifest, model: Path, embedding: Path, out: Path) -
     return ExportConfig(model, embedding, out, manifest.width, manifest.height, manifest.batch_max,
                         int(manifest.schedule["defaults"]["tac_divisor"]), tuple(manifest.graphs),
                         min_side=None if static else min(sizes["min"]), max_side=None if static else max(sizes["max"]),
-                        static=static, refit=True)
+                        static=static, refit=True, attention_pool=int(manifest.tac_plan.get("pool", 1)))
 
 
 def source_of(model_dir: Path, embedding: Path, hashes: ModelHashes) -> dict[str, object]:
@@ -172,8 +173,8 @@ def example_inputs(name: str, comps: Components, plan: TACPlan, h: int, w: int) 
         return torch.randn(2 * k, c, h // 8, w // 8, generator=g), t, torch.randn(2 * k, 77, d, generator=g)
 
     if name == graph_io.UNET_INJECT:
-        qk = [torch.randn(2, h // 8 >> lyr.level, w // 8 >> lyr.level, lyr.channels, generator=g)
-              for lyr in plan.layers for _ in range(2)]
+        qk = [torch.randn(2, h // 8 >> level, w // 8 >> level, lyr.channels, generator=g)
+              for lyr in plan.layers for level in (lyr.level, plan.key_level(lyr))]
         return (*unet_args(2), *qk)
     if name == graph_io.UNET:  # a non-identity routing: the exporter must not fold the gather away
         return (*unet_args(1), torch.tensor([1, 0], dtype=torch.int64))
@@ -236,7 +237,7 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     comps = load_components(cfg.model)
-    plan = plan_tac(comps.unet.config, cfg.width, cfg.height, cfg.tac_divisor)
+    plan = plan_tac(comps.unet.config, cfg.width, cfg.height, cfg.tac_divisor, cfg.attention_pool)
     multiple = pixel_multiple(comps.unet.config)
     sizes = cfg.sizes(multiple)
     tools = tool_versions()
@@ -259,7 +260,7 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
         scaling_factor=comps.scaling_factor,
         tac_plan={**plan.as_dict(), "target": "null"},
         schedule={"scheduler": comps.scheduler.as_dict(),
-                  "defaults": Method(tac_divisor=cfg.tac_divisor).as_dict()},
+                  "defaults": Method(tac_divisor=cfg.tac_divisor, attention_pool=cfg.attention_pool).as_dict()},
         tools=tools,
     )
     if old is not None:  # engines keep their own keys (and file hashes); the engine builders re-check them

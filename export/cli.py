@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from r2r import graph_io
-from r2r.config import DEFAULT_TAC_DIVISOR
+from r2r.config import ATTENTION_POOLS, DEFAULT_TAC_DIVISOR
 from r2r.log import log
 from r2r.models import default_resolution
 from r2r.options import grouped, model_source_options, resolve_source
@@ -25,8 +25,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @dataclass(frozen=True)
 class BundleShape:
-    """How a bundle is shaped, as given: its example size (None: the model's own), batch range, TAC divisor and the
-    sizes its graphs take (`--static`: the example size only)."""
+    """How a bundle is shaped, as given: its example size (None: the model's own), batch range, TAC divisor, the
+    sizes its graphs take (`--static`: the example size only) and the attention pool its UNet graphs are made with."""
 
     width: int | None = None
     height: int | None = None
@@ -35,11 +35,12 @@ class BundleShape:
     min_side: int | None = None
     max_side: int | None = None
     static: bool = False
+    attention_pool: int = 1
 
 
 def bundle_options(f: F) -> F:
-    """--width, --height, --batch-max, --tac-divisor, --min-side, --max-side, --static, handed to the command as
-    `shape: BundleShape`."""
+    """--width, --height, --batch-max, --tac-divisor, --min-side, --max-side, --static, --attention-pool, handed to
+    the command as `shape: BundleShape`."""
     wrapper = grouped(f, tuple(fl.name for fl in fields(BundleShape)), "shape", BundleShape)
     for opt in reversed([
         click.option("--width", type=int, default=None, help="[default: the model's own resolution]"),
@@ -53,6 +54,10 @@ def bundle_options(f: F) -> F:
         click.option("--max-side", type=int, default=None, help="Largest image side the graphs take [default: 2048]."),
         click.option("--static", is_flag=True,
                      help="Graphs of --width x --height only (TensorRT builds static-size engines from them)."),
+        click.option("--attention-pool", type=click.Choice([str(p) for p in ATTENTION_POOLS]), default="1",
+                     show_default=True, callback=lambda ctx, param, v: int(v),
+                     help="UNet graphs whose first-level self-attention takes keys and values from the token grid "
+                          "pooled F x F (F**2 less attention work; an approximation of the method)."),
     ]):
         wrapper = opt(wrapper)
     return wrapper  # type: ignore[return-value]
@@ -69,7 +74,7 @@ def export_config(source: ModelSource, shape: BundleShape, out: Path, refit: boo
         raise click.BadParameter(f"--width/--height must be multiples of 8, got {w}x{h}")
     return ExportConfig(resolved.model, resolved.embedding, out, w, h, shape.batch_max, shape.tac_divisor,
                         min_side=shape.min_side, max_side=shape.max_side or DEFAULT_MAX_SIDE, static=shape.static,
-                        refit=refit)
+                        refit=refit, attention_pool=shape.attention_pool)
 
 
 REFIT_HELP = ("Make the bundle refittable: record which model parameter each graph weight is, so that `r2r-export "

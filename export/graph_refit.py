@@ -72,7 +72,7 @@ def refit_target(bundle: Path, manifest: Manifest, model: Path, embedding: Path)
     """Load the new model and check that it has the bundle's architecture (TAC plan, sizes, latent, scheduler)."""
     comps = load_components(model)
     cfg = bundle_config(manifest, comps.model_dir, embedding, bundle)
-    plan = plan_tac(comps.unet.config, cfg.width, cfg.height, cfg.tac_divisor)
+    plan = plan_tac(comps.unet.config, cfg.width, cfg.height, cfg.tac_divisor, cfg.attention_pool)
     multiple = pixel_multiple(comps.unet.config)
     width = int(comps.text_encoder.config.hidden_size)
     have = {"TAC plan": {**plan.as_dict(), "target": "null"}, "pixel multiple": multiple,

@@ -39,11 +39,11 @@ class UNetRouted(_UNetGraph):
 
 class UNetEmit(_UNetGraph):
     """`unet_emit`: eps and every TAC layer's Q, K (the cg pass), each as [B, h_l, w_l, C]: the layer's tokens on
-    its level's grid, so that their shape is linear in the image's sides."""
+    its level's grid (a pooled key: on the pooled grid), so that their shape is linear in the image's sides."""
 
     def __init__(self, unet: torch.nn.Module, state: TACState, plan: TACPlan) -> None:
         super().__init__(unet, state)
-        self.levels = [layer.level for layer in plan.layers]
+        self.levels = [(layer.level, plan.key_level(layer)) for layer in plan.layers]
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.state.mode = TACMode.CAPTURE
@@ -53,8 +53,10 @@ class UNetEmit(_UNetGraph):
         finally:
             self.state.mode = TACMode.OFF
         h, w = sample.shape[2], sample.shape[3]
-        return (eps, *[t.reshape(t.shape[0], h >> lvl, w >> lvl, t.shape[-1])
-                       for (q, k), lvl in zip(qk, self.levels, strict=True) for t in (q, k)])
+        out = [eps]
+        for (q, k), (q_level, k_level) in zip(qk, self.levels, strict=True):
+            out += [t.reshape(t.shape[0], h >> lvl, w >> lvl, t.shape[-1]) for t, lvl in ((q, q_level), (k, k_level))]
+        return tuple(out)
 
 
 class UNetInject(_UNetGraph):
@@ -145,8 +147,8 @@ def dim_expr(factor: int, symbol: str) -> str:
 
 
 def unet_specs(plan: TACPlan) -> dict[str, GraphSpec]:
-    qk = tuple((name, "B", f"qk{layer.level}") for i, layer in enumerate(plan.layers)
-               for name in (graph_io.tac_q(i), graph_io.tac_k(i)))
+    qk = tuple((name, "B", f"qk{level}") for i, layer in enumerate(plan.layers)
+               for name, level in ((graph_io.tac_q(i), layer.level), (graph_io.tac_k(i), plan.key_level(layer))))
     base = ((graph_io.SAMPLE, "B", "latent"), (graph_io.TIMESTEP, "", ""), (graph_io.ENCODER_HIDDEN_STATES, "B", ""))
 
     def times(k: str) -> tuple[tuple[str, str, str], ...]:

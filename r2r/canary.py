@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from r2r import graph_io
+from r2r.graph_io import key_level
 from r2r.manifest import CANARY_DIR
 
 FORMAT = 1  # of the cases below: a change makes every recorded canary out of date (its key changes)
@@ -63,12 +64,13 @@ class CanaryCase:
 @dataclass(frozen=True)
 class GraphShape:
     """What a graph's canary inputs are made from: the bundle's latent channels, pixel multiple, text conditioning
-    and TAC layers (level, channels), all in its manifest."""
+    and TAC layers (level, channels) and attention pool, all in its manifest."""
 
     channels: int
     c_null: np.ndarray  # [1, 77, d]
     c_neg: np.ndarray
     tac_layers: Sequence[Mapping[str, int]]
+    pool: int = 1
 
 
 def routing(multiple: int) -> np.ndarray:
@@ -102,8 +104,9 @@ def make_inputs(graph: str, multiple: int, size: tuple[int, int], shape: GraphSh
             out[graph_io.TAC_SRC] = routing(multiple)
         if graph == graph_io.UNET_INJECT:
             for i, layer in enumerate(shape.tac_layers):
-                grid = (h >> layer["level"], w >> layer["level"], layer["channels"])
-                out[graph_io.tac_q(i)], out[graph_io.tac_k(i)] = normal(1, *grid), normal(1, *grid)
+                for name, level in ((graph_io.tac_q(i), layer["level"]),
+                                    (graph_io.tac_k(i), key_level(layer["level"], shape.pool))):
+                    out[name] = normal(1, h >> level, w >> level, layer["channels"])
         return out
     if graph == graph_io.VAE_ENCODER:
         return {graph_io.IMAGE: rng.uniform(-1.0, 1.0, (1, 3, size[1], size[0])).astype(np.float32)}

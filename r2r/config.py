@@ -12,6 +12,7 @@ DEFAULT_STRENGTH = 0.3
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_TAC_RATIO = 0.9
 DEFAULT_TAC_DIVISOR = 256
+ATTENTION_POOLS = (1, 2, 4)  # docs/design.md, "Less work per image"
 SD15_DEFAULT_RESOLUTION = (768, 1024)  # (W, H), the public code's default for SD 1.5 models
 
 TacTarget = Literal["null", "both"]
@@ -23,8 +24,9 @@ INVERSIONS: tuple[Inversion, ...] = ("exact", "single-pass")
 class Method:
     """Realistic Image Generation parameters (docs/design.md, "The method"). Change one with `dataclasses.replace`.
 
-    `tac_divisor` None: the bundle's (which chose its TAC layers at export; 256 there by default). A bundle resolves
-    it (`Bundle.method`), so the method every output records is complete."""
+    `tac_divisor` None: the bundle's (which chose its TAC layers at export; 256 there by default); `attention_pool`
+    None: the bundle's (its UNet graphs are exported with it; 1, off, by default). A bundle resolves both
+    (`Bundle.method`), so the method every output records is complete."""
 
     steps: int = DEFAULT_STEPS
     strength: float = DEFAULT_STRENGTH
@@ -32,6 +34,7 @@ class Method:
     tac_ratio: float = DEFAULT_TAC_RATIO
     tac_divisor: int | None = None
     tac_target: TacTarget = "null"
+    attention_pool: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= 1000:
@@ -49,11 +52,19 @@ class Method:
             raise ValueError(f"tac_divisor must be >= 1, got {self.tac_divisor}")
         if self.tac_target not in ("null", "both"):
             raise ValueError(f"tac_target must be 'null' or 'both', got {self.tac_target!r}")
+        if self.attention_pool is not None and self.attention_pool not in ATTENTION_POOLS:
+            raise ValueError(f"attention_pool must be one of {', '.join(map(str, ATTENTION_POOLS))}, "
+                             f"got {self.attention_pool}")
 
     @property
     def divisor(self) -> int:
         """The TAC divisor to choose layers with: the one given, else the export's default."""
         return DEFAULT_TAC_DIVISOR if self.tac_divisor is None else self.tac_divisor
+
+    @property
+    def pool(self) -> int:
+        """The attention pool to evaluate with: the one given, else off."""
+        return 1 if self.attention_pool is None else self.attention_pool
 
     def as_dict(self) -> dict[str, float | int | str | None]:
         return asdict(self)

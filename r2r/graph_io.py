@@ -56,6 +56,12 @@ def tac_k(i: int) -> str:
     return f"tac_k_{i}"
 
 
+def key_level(level: int, pool: int) -> int:
+    """The grid level of a TAC layer's key: its own, or with an attention pool at the first level, the level whose
+    grid is that pooled one (a pool of 2 halves both sides, as one level down does)."""
+    return level + pool.bit_length() - 1 if level == 0 else level
+
+
 def tac_names(num_layers: int) -> list[str]:
     """tac_q_0, tac_k_0, tac_q_1, ... : the order of Q/K in the emit outputs and inject inputs."""
     return [name for i in range(num_layers) for name in (tac_q(i), tac_k(i))]

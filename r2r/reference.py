@@ -64,14 +64,13 @@ class ReferencePipeline:
     def dtype(self) -> torch.dtype:
         return self.c.unet.dtype
 
-    def tac(self, method: Method, pool: int | None = None) -> tuple[TACPlan, TACState]:
-        """The TAC plan for this resolution and divisor, installed on the UNet with the attention pool (None: the
-        installed one), made again on a change."""
-        pool = pool or (self._state.pool if self._state is not None else 1)
-        if self._plan is None or self._plan.divisor != method.divisor or self._state is None \
-                or self._state.target != method.tac_target or self._state.pool != pool:
-            self._plan = plan_tac(self.c.unet.config, self.width, self.height, method.divisor)
-            self._state = install_tac(self.c.unet, self._plan, method.tac_target, pool)
+    def tac(self, method: Method) -> tuple[TACPlan, TACState]:
+        """The TAC plan for this resolution and divisor, installed on the UNet with the method's attention pool
+        (made again on a change)."""
+        if self._plan is None or self._plan.divisor != method.divisor or self._plan.pool != method.pool \
+                or self._state is None or self._state.target != method.tac_target:
+            self._plan = plan_tac(self.c.unet.config, self.width, self.height, method.divisor, method.pool)
+            self._state = install_tac(self.c.unet, self._plan, method.tac_target)
         return self._plan, self._state
 
     def set_size(self, width: int, height: int) -> None:
@@ -80,7 +79,7 @@ class ReferencePipeline:
             return
         self.width, self.height = width, height
         if self._plan is not None:
-            new = plan_tac(self.c.unet.config, width, height, self._plan.divisor)
+            new = plan_tac(self.c.unet.config, width, height, self._plan.divisor, self._plan.pool)
             if [lyr.name for lyr in new.layers] != [lyr.name for lyr in self._plan.layers]:
                 self._plan = None
 
@@ -180,11 +179,10 @@ class ReferencePipeline:
         u8 = (x.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
         return [im.permute(1, 2, 0).cpu().numpy() for im in u8]
 
-    def __call__(self, images: list[np.ndarray], method: Method, inversion: Inversion = "exact",
-                 attention_pool: int = 1) -> list[np.ndarray]:
-        """`attention_pool`: the first level's keys and values from the token grid pooled that much (1: off)."""
+    def __call__(self, images: list[np.ndarray], method: Method, inversion: Inversion = "exact"
+                 ) -> list[np.ndarray]:
         sched = self.schedule(method)
-        self.tac(method, attention_pool)
+        self.tac(method)
         self.count.images += len(images)
         z0 = self.encode(images)
         if inversion == "single-pass":

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from r2r.graph_io import key_level
+
 SUPPORTED_DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 SUPPORTED_UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 SUPPORTED_MID = {"UNetMidBlock2DCrossAttn": True, None: False}
@@ -39,16 +41,25 @@ class TACLayer:
 
 @dataclass(frozen=True)
 class TACPlan:
-    """The TAC layers of a UNet at one resolution, in UNet execution order."""
+    """The TAC layers of a UNet at one resolution, in UNet execution order, and the attention pool of the first
+    level's self-attention (1: off; docs/design.md, "Less work per image")."""
 
     layers: tuple[TACLayer, ...]
     width: int
     height: int
     divisor: int
+    pool: int = 1
+
+    def __post_init__(self) -> None:
+        if self.pool < 1 or self.pool & (self.pool - 1):
+            raise ValueError(f"attention pool must be a power of two >= 1, got {self.pool}")
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(layer.name for layer in self.layers)
+
+    def key_level(self, layer: TACLayer) -> int:
+        return key_level(layer.level, self.pool)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +70,8 @@ class TACPlan:
                 {"name": lyr.name, "level": lyr.level, "tokens": lyr.tokens, "channels": lyr.channels}
                 for lyr in self.layers
             ],
+            # only where pooled: the plans (and so the graph keys) of bundles without a pool stay what they were
+            **({"pool": self.pool} if self.pool != 1 else {}),
         }
 
 
@@ -131,15 +144,16 @@ def pixel_multiple(unet_config: Mapping[str, Any]) -> int:
     return 8 * 2 ** (len(unet_config["block_out_channels"]) - 1)
 
 
-def plan_tac(unet_config: Mapping[str, Any], width: int, height: int, divisor: int) -> TACPlan:
-    """Paper eq. 9's f > F, as the public code's attn_replace_layers: N * divisor >= H * W."""
+def plan_tac(unet_config: Mapping[str, Any], width: int, height: int, divisor: int, pool: int = 1) -> TACPlan:
+    """Paper eq. 9's f > F, as the public code's attn_replace_layers: N * divisor >= H * W; `pool`: the attention
+    pool of the first level."""
     if width % 8 or height % 8:
         raise ValueError(f"width and height must be multiples of 8, got {width}x{height}")
     chosen = tuple(
         layer for layer in self_attention_layers(unet_config, width, height)
         if layer.tokens * divisor >= width * height
     )
-    return TACPlan(chosen, width, height, divisor)
+    return TACPlan(chosen, width, height, divisor, pool)
 
 
 class TACMode(enum.Enum):
@@ -161,16 +175,14 @@ class TACState:
     injected: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()
     src: torch.Tensor | None = None  # ROUTED: int64 [N], the row whose Q, K each row uses
     # Attention downsampling (docs/design.md, "Less work per image"): the first level's self-attention takes its keys
-    # and values from the token grid average-pooled `pool` x `pool`; 1: off. `grid`: the first level's token grid
-    # (the latent's height and width), set by the UNet's forward pre-hook before every call.
+    # and values from the token grid average-pooled `pool` x `pool` (the plan's); 1: off. `grid`: the first level's
+    # token grid (the latent's height and width), set by the UNet's forward pre-hook before every call.
     pool: int = 1
     grid: tuple[Any, Any] | None = None
     hook: Any = None  # the UNet's pre-hook handle, removed when another state replaces this one
 
     def __post_init__(self) -> None:
         self.captured = [None] * self.num_layers
-        if self.pool < 1 or self.pool & (self.pool - 1):
-            raise ValueError(f"attention pool must be a power of two >= 1, got {self.pool}")
 
     def take_captured(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = []
@@ -243,8 +255,9 @@ class TACProcessor:
             raise RuntimeError(f"{self.layer.name}: attention pool without the latent grid (install_tac's hook)")
         h, w = self.state.grid
         b, _, c = hidden_states.shape
-        grid = hidden_states.transpose(1, 2).reshape(b, c, h, w)
-        return F.avg_pool2d(grid, pool).flatten(2).transpose(1, 2)
+        # the tokens are the grid row by row
+        cells = hidden_states.reshape(b, h // pool, pool, w // pool, pool, c)
+        return cells.mean(dim=(2, 4)).reshape(b, -1, c)
 
     def _route(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         st = self.state
@@ -273,8 +286,8 @@ class TACProcessor:
         return torch.cat([q[: 2 * b], qc]), torch.cat([k[: 2 * b], kc])
 
 
-def install_tac(unet: torch.nn.Module, plan: TACPlan, target: str = "null", pool: int = 1) -> TACState:
-    """Put a TACProcessor on every planned layer (others keep theirs; with `pool` > 1, on every first-level
+def install_tac(unet: torch.nn.Module, plan: TACPlan, target: str = "null") -> TACState:
+    """Put a TACProcessor on every planned layer (others keep theirs; with the plan's pool > 1, on every first-level
     self-attention too) and return their state."""
     processors = dict(unet.attn_processors)  # type: ignore[attr-defined]
     missing = [lyr.processor_key for lyr in plan.layers if lyr.processor_key not in processors]
@@ -282,7 +295,7 @@ def install_tac(unet: torch.nn.Module, plan: TACPlan, target: str = "null", pool
         raise ValueError(f"TAC plan names layers the UNet lacks: {missing[:3]}")
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    state = TACState(num_layers=len(plan.layers), target=target, pool=pool)  # checked before anything changes
+    state = TACState(num_layers=len(plan.layers), target=target, pool=plan.pool)
     for key, proc in processors.items():  # a previous plan's layers return to plain attention
         if isinstance(proc, TACProcessor):
             if proc.state.hook is not None:
@@ -291,7 +304,7 @@ def install_tac(unet: torch.nn.Module, plan: TACPlan, target: str = "null", pool
             processors[key] = AttnProcessor2_0()
     for i, layer in enumerate(plan.layers):
         processors[layer.processor_key] = TACProcessor(i, layer, state)
-    if pool > 1:
+    if plan.pool > 1:
         planned = set(plan.names)
         for layer in self_attention_layers(unet.config, plan.width, plan.height):  # type: ignore[attr-defined]
             if layer.level == 0 and layer.name not in planned:

@@ -188,7 +188,7 @@ def prepare_run(cfg: RunConfig, progress: Callable[[str], None] = log,
         divisor = cfg.method.divisor
         graphs = program_graphs(variant, step_graphs=True) if named is None or named.graphs else ()
         root = cached_bundle(cfg.model_dir(), cfg.embedding_file(), w, h, max(cfg.batch_max, cfg.batch), divisor,
-                             progress, graphs)
+                             progress, graphs, cfg.method.pool)
     bundle = open_bundle(root)
     method = bundle.method(cfg.method)
     # 4. backend, device, precision: the named one, or auto's rows fastest first, passing over those known broken
@@ -331,7 +331,7 @@ def _open_reference(cfg: RunConfig) -> Runtime:
     from r2r.reference import ReferencePipeline
     from r2r.tac import pixel_multiple
 
-    method = replace(cfg.method, tac_divisor=cfg.method.divisor)
+    method = replace(cfg.method, tac_divisor=cfg.method.divisor, attention_pool=cfg.method.pool)
     w, h = cfg.size()
     emb = cfg.embedding_file()
     device = "cpu" if cfg.device == "auto" else cfg.device
@@ -348,7 +348,7 @@ def _open_reference(cfg: RunConfig) -> Runtime:
         return pipe(images, given, cfg.inversion)
 
     def resolve(given: Method) -> Method:
-        return replace(given, tac_divisor=given.divisor)
+        return replace(given, tac_divisor=given.divisor, attention_pool=given.pool)
 
     return Runtime(translate, params, method, resolve, lambda: round(pipe.count.per_image), sizes, cfg.fit,
                    cfg.max_pixels, device)

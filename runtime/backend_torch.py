@@ -48,7 +48,8 @@ class TorchBackend(Backend):
         comps = load_components(model_dir, device=self.device, dtype=self.dtype)  # weights cast once
         self.unet, self.vae = comps.unet, comps.vae
         self.scaling_factor = comps.scaling_factor
-        plan = plan_tac(comps.unet.config, bundle.width, bundle.height, bundle.manifest.tac_plan["divisor"])
+        plan = plan_tac(comps.unet.config, bundle.width, bundle.height, bundle.manifest.tac_plan["divisor"],
+                        bundle.attention_pool)
         if [lyr.name for lyr in plan.layers] != [lyr["name"] for lyr in bundle.tac_layers]:
             raise BundleError(f"{bundle.root}: the model's TAC layers are not the bundle's; re-export the bundle")
         self.state = install_tac(self.unet, plan)

@@ -67,6 +67,11 @@ class Bundle:
     def tac_layers(self) -> list[dict]:
         return list(self.manifest.tac_plan["layers"])
 
+    @property
+    def attention_pool(self) -> int:
+        """The attention pool the UNet graphs were exported with (1: none; docs/design.md, "Less work per image")."""
+        return int(self.manifest.tac_plan.get("pool", 1))
+
     def graph_path(self, name: str) -> Path:
         if name not in self.manifest.graphs:
             raise BundleError(f"{self.root}: the bundle has no {name} graph; re-export with `r2r-export onnx`")
@@ -84,8 +89,11 @@ class Bundle:
         return load_cases(bundle_path(self.root, entry["file"]))
 
     def method(self, given: Method) -> Method:
-        """`given` for this bundle: its TAC divisor the bundle's where not given (checked by `check`)."""
-        return given if given.tac_divisor is not None else replace(given, tac_divisor=self.manifest.tac_plan["divisor"])
+        """`given` for this bundle: its TAC divisor and attention pool the bundle's where not given (checked by
+        `check`)."""
+        divisor = self.manifest.tac_plan["divisor"] if given.tac_divisor is None else given.tac_divisor
+        pool = self.attention_pool if given.attention_pool is None else given.attention_pool
+        return replace(given, tac_divisor=divisor, attention_pool=pool)
 
     def check(self, method: Method, batch: int) -> None:
         """Refuse flags the bundle was not built for, naming the rebuild."""
@@ -94,6 +102,11 @@ class Bundle:
             raise BundleError(
                 f"--tac-divisor {method.tac_divisor}: the bundle's TAC layers were chosen with divisor "
                 f"{plan['divisor']}; re-export with `r2r-export onnx --tac-divisor {method.tac_divisor}`")
+        if method.attention_pool not in (None, self.attention_pool):
+            raise BundleError(
+                f"--attention-pool {method.attention_pool}: the bundle's UNet graphs were exported with attention "
+                f"pool {self.attention_pool}; export one with `r2r-export onnx --attention-pool "
+                f"{method.attention_pool}` (or run without --engine: r2r-run exports it into its cache)")
         if method.tac_target != plan.get("target", "null"):
             raise BundleError(f"--tac-target {method.tac_target}: the bundle's graphs control the {plan['target']} "
                               "pass only; the PyTorch reference (--backend reference) takes --tac-target both")

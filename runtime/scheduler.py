@@ -22,6 +22,7 @@ import numpy as np
 from r2r import graph_io
 from r2r.config import Method, Variant
 from r2r.errors import R2RError
+from r2r.graph_io import key_level
 from r2r.imageio import from_model_output, to_model_input
 from r2r.runtime.bundle_reader import Bundle
 from r2r.runtime.device import Backend, Coefficients, DeviceArray, Op
@@ -125,9 +126,12 @@ class CoupledScheduler:
         layers = self.bundle.tac_layers
         # exact inversion: one Q/K set, rewritten by each step's cg pass; single-pass: one per window step
         slots = self.window if self.variant.inversion == "single-pass" else min(self.window, 1)
-        # Q/K of a TAC layer: its tokens on its level's grid, [B, h_l, w_l, C] (docs/design.md, "Graphs")
-        self.qk = [[be.empty((b, h >> lyr["level"], w >> lyr["level"], lyr["channels"])) for lyr in layers
-                    for _ in (0, 1)] for _ in range(slots)]
+        # Q/K of a TAC layer: its tokens on its level's grid, [B, h_l, w_l, C], a pooled key on the pooled grid
+        # (docs/design.md, "Graphs", "Less work per image")
+        pool = self.bundle.attention_pool
+        self.qk = [[be.empty((b, h >> level, w >> level, lyr["channels"]))
+                    for lyr in layers for level in (lyr["level"], key_level(lyr["level"], pool))]
+                   for _ in range(slots)]
         sched = self.schedule
         self.timesteps = be.empty((n + 1, 1))  # row n: single-pass inversion's first timestep (t0)
         be.upload(self.timesteps, np.array([[t] for t in (*sched.timesteps, self._t0())], np.float32))

@@ -71,15 +71,18 @@ def resolve_precision(row: BackendRow, bundle: Bundle, precision: str | None = N
 
 
 def cached_bundle(model: Path, embedding: Path, width: int, height: int, batch_max: int, tac_divisor: int,
-                  progress: Callable[[str], None] = log, graphs: Sequence[str] = graph_io.ALL_GRAPHS) -> Path:
+                  progress: Callable[[str], None] = log, graphs: Sequence[str] = graph_io.ALL_GRAPHS,
+                  attention_pool: int = 1) -> Path:
     """A model's bundle, exported once into the cache and named by what it is made from (a later call with the same
     model, embedding and settings checks hashes only). `graphs`: the ones the run calls, exported alone unless a
     bundle of every graph is in the cache already (it serves any run); none: the manifest and conditioning alone,
-    for a backend that runs the model's own modules."""
+    for a backend that runs the model's own modules. `attention_pool`: the UNet graphs' (docs/design.md, "Less work
+    per image"), a bundle of its own."""
     from r2r.export.bundle_writer import ExportConfig, export_bundle
 
     digest = hashlib.sha256(f"{sha256_tree(model)} {sha256_file(embedding)}".encode()).hexdigest()[:12]
-    name = f"{model.name}-{digest}-{width}x{height}-b{batch_max}-d{tac_divisor}"
+    name = f"{model.name}-{digest}-{width}x{height}-b{batch_max}-d{tac_divisor}" \
+        + (f"-p{attention_pool}" if attention_pool != 1 else "")
     wanted = tuple(g for g in graph_io.ALL_GRAPHS if g in graphs)
     full = cache_dir() / "bundles" / name
     if not wanted:
@@ -90,8 +93,8 @@ def cached_bundle(model: Path, embedding: Path, width: int, height: int, batch_m
         wanted = graph_io.ALL_GRAPHS
     out = cache_dir() / "bundles" / name
     progress(f"r2r-run: using the bundle of {model.name} at {width}x{height} in {out}")
-    export_bundle(ExportConfig(model, embedding, out, width, height, batch_max, tac_divisor, wanted),
-                  progress=progress)
+    export_bundle(ExportConfig(model, embedding, out, width, height, batch_max, tac_divisor, wanted,
+                               attention_pool=attention_pool), progress=progress)
     return out
 
 

@@ -116,8 +116,7 @@ def _pooled_attention(attn, x: torch.Tensor, h: int, w: int, pool: int) -> torch
 def test_attention_pool_takes_first_level_keys_and_values_from_the_pooled_grid(unet, pool: int) -> None:
     """On a 256x192 latent grid (not square: a transposed grid would differ) every first-level attn1 equals the
     independent pooled attention; deeper levels are untouched."""
-    plan = plan_tac(unet.config, 256, 192, 256)
-    install_tac(unet, plan, pool=pool)
+    install_tac(unet, plan_tac(unet.config, 256, 192, 256, pool))
     g = torch.Generator().manual_seed(5)
     z, t, c = torch.randn(2, C, 24, 32, generator=g), torch.tensor(301), torch.randn(2, 77, 64, generator=g)
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -140,8 +139,8 @@ def test_attention_pool_takes_first_level_keys_and_values_from_the_pooled_grid(u
 def test_attention_pool_hands_the_pooled_key_to_the_controlled_pass(unet) -> None:
     """Routed TAC with a pool: the fused step's null third equals capture-then-inject of the pooled Q/K, and the
     captured keys are the pooled grid's (tokens / pool**2 at the first level)."""
-    plan = plan_tac(unet.config, 256, 256, 256)
-    state = install_tac(unet, plan, pool=2)
+    plan = plan_tac(unet.config, 256, 256, 256, 2)
+    state = install_tac(unet, plan)
     zc, t, c_null, zr, c_neg, pair = _capture_then_inject(unet, state)
     assert [k.shape[1] for _, k in state.injected] == [
         lyr.tokens // 4 if lyr.level == 0 else lyr.tokens for lyr in plan.layers]
@@ -155,11 +154,11 @@ def test_a_pool_of_one_is_the_plain_processor_and_reinstalling_drops_the_grid_ho
     z, t, c = _inputs(2)
     with torch.no_grad():
         before = unet(z, t, encoder_hidden_states=c).sample
-        install_tac(unet, plan_tac(unet.config, 256, 256, 256), pool=2)
+        install_tac(unet, plan_tac(unet.config, 256, 256, 256, 2))
         pooled = unet(z, t, encoder_hidden_states=c).sample
-        install_tac(unet, plan_tac(unet.config, 256, 256, 256), pool=1)
+        install_tac(unet, plan_tac(unet.config, 256, 256, 256, 1))
         after = unet(z, t, encoder_hidden_states=c).sample
     assert torch.equal(before, after) and not unet._forward_pre_hooks
     assert (pooled - before).abs().max() > 1e-4
     with pytest.raises(ValueError, match="power of two"):
-        install_tac(unet, plan_tac(unet.config, 256, 256, 256), pool=3)
+        plan_tac(unet.config, 256, 256, 256, 3)
