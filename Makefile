@@ -6,7 +6,7 @@ STAMP := $(VENV)/.r2r-installed
 DEMO_DATA ?= build/demo-data
 DEMO_OUT ?= demo-out
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-slow lint clean
 
 # torch is pinned and installed first: a bare `torch` requirement would pull the CUDA build.
 $(STAMP): pyproject.toml
@@ -24,9 +24,13 @@ demo: $(STAMP)
 	@test -f $(DEMO_DATA)/dataset.json || $(BIN)/r2r-train data --out $(DEMO_DATA) --count 200 --size 256x256 --seed 0 --overwrite
 	$(BIN)/r2r-run --input $(DEMO_DATA)/test/rendered --output $(DEMO_OUT) --batch-size 4
 
-# pytest exits 5 when it collects nothing: that is a failure here, said in words.
+# pytest exits 5 when it collects nothing: that is a failure here, said in words. Tests marked `slow` (minutes each)
+# are left to `make test-slow`, so that the suite stays inside CI's budget.
 test: $(STAMP)
-	@$(BIN)/python -m pytest -q --durations=25; rc=$$?; [ $$rc -ne 5 ] || echo "make test: pytest collected no test" >&2; exit $$rc
+	@$(BIN)/python -m pytest -q -m "not slow" --durations=25; rc=$$?; [ $$rc -ne 5 ] || echo "make test: pytest collected no test" >&2; exit $$rc
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .

@@ -20,7 +20,7 @@ import click
 import numpy as np
 
 from r2r.benchmarks.worker import BenchConfig
-from r2r.config import Method
+from r2r.config import ATTENTION_POOLS, Method
 from r2r.log import log
 from r2r.metrics import psnr
 from r2r.options import model_source_options, resolve_source, threads_option
@@ -338,9 +338,12 @@ def attention_cmd(quick: bool, source: ModelSource, sd15: bool, size: str | None
 @click.option("--static", "static_too", is_flag=True,
               help="Also run a static bundle (graphs of --size only) beside the default dynamic-size one, on "
                    "onnxruntime fp32 and openvino: what serving a range of sizes costs.")
+@click.option("--attention-pool", "pools", type=click.Choice([str(p) for p in ATTENTION_POOLS[1:]]), multiple=True,
+              help="Also run a bundle exported with this attention pool (repeatable), on onnxruntime fp32 and "
+                   "openvino bf16: its speed, and its distance from the full method in the fidelity column.")
 def run_cmd(quick: bool, source: ModelSource, sd15: bool, size: str | None, out: Path, threads: int,
             bundle_dir: Path | None, n_images: int | None, batch_sizes: str | None, repeats: int | None,
-            warmup: bool, only: str | None, static_too: bool) -> None:
+            warmup: bool, only: str | None, static_too: bool, pools: tuple[str, ...]) -> None:
     """Every backend beside the `public-code` baseline and the PyTorch reference, same images and parameters."""
     sizes = [int(x) for x in (batch_sizes or ("1,2" if quick else "1,2,4")).split(",")]
     repeats = repeats or (2 if quick else 3)
@@ -349,7 +352,8 @@ def run_cmd(quick: bool, source: ModelSource, sd15: bool, size: str | None, out:
         raise click.BadParameter(f"--images {n_images} must be a multiple of every batch size {sizes}")
     s = _subject(source, sd15, size, out, bundle_dir, batch_max=max(sizes))
     log(f"r2r-bench: {s.model} at {s.width}x{s.height}; images {n_images}, batch sizes {sizes}, repeats {repeats}")
-    configs, default = _configs(s, sizes, n_images, repeats, warmup, threads, only, static_too)
+    configs, default = _configs(s, sizes, n_images, repeats, warmup, threads, only, static_too,
+                                tuple(int(p) for p in pools))
     log(f"r2r-bench: {len(configs)} configurations, each in its own process")
     results = [run_config(c, s.work) for c in configs]
     ref_out = np.load(s.work / "torch-reference.out.npz")["images"]
@@ -366,10 +370,11 @@ def run_cmd(quick: bool, source: ModelSource, sd15: bool, size: str | None, out:
              "results": results, "host_overhead": host_overhead(s.bundle, s.work), "default": default}, out, s.start)
 
 
-def _build_engines(s: _Subject, sizes: list[int], threads: int, only: str | None, static_too: bool
-                   ) -> tuple[bool, Path | None]:
+def _build_engines(s: _Subject, sizes: list[int], threads: int, only: str | None, static_too: bool,
+                   pools: tuple[int, ...] = ()) -> tuple[bool, Path | None, dict[int, Path]]:
     """The engines every configuration of a run opens, as a user's would: OpenVINO's compiled models (and its INT8
-    UNet where NNCF is installed), a static bundle's with --static. Returns (INT8 built, the static bundle)."""
+    UNet where NNCF is installed), a static bundle's with --static, a pooled bundle's per --attention-pool. Returns
+    (INT8 built, the static bundle, the pooled bundles)."""
     from r2r.engines.onnxruntime import build_ort_engines
     from r2r.engines.openvino import INT8_UNET, build_ov_engines
     from r2r.export.bundle_writer import ExportConfig, export_bundle
@@ -393,16 +398,23 @@ def _build_engines(s: _Subject, sizes: list[int], threads: int, only: str | None
         build_ort_engines(static, "fp32", "cpu", progress=log)
         for prec in ("fp32", "bf16"):
             build_ov_engines(static, prec, threads, progress=log)
-    return int8, static
+    pooled = {}
+    for pool in pools:
+        pooled[pool] = s.out / "bundles" / f"{s.model.name}-{s.width}x{s.height}-pool{pool}"
+        export_bundle(ExportConfig(s.model, s.embedding, pooled[pool], s.width, s.height, batch_max=max(sizes),
+                                   attention_pool=pool), progress=log)
+        build_ort_engines(pooled[pool], "fp32", "cpu", progress=log)
+        build_ov_engines(pooled[pool], "bf16", threads, progress=log)
+    return int8, static, pooled
 
 
 def _configs(s: _Subject, sizes: list[int], n_images: int, repeats: int, warmup: bool, threads: int,
-             only: str | None, static_too: bool) -> tuple[list[BenchConfig], str]:
+             only: str | None, static_too: bool, pools: tuple[int, ...] = ()) -> tuple[list[BenchConfig], str]:
     """The configurations of a run (their engines built first), and the one `r2r-run` runs by default here."""
     from r2r.backends import auto_choices
 
     bundle = s.bundle
-    int8, static = _build_engines(s, sizes, threads, only, static_too)
+    int8, static, pooled = _build_engines(s, sizes, threads, only, static_too, pools)
     images = make_images(s.work, n_images, s.width, s.height)
     default_row, _ = auto_choices()[0]
     default = (default_row.name, default_row.native_precision())
@@ -433,6 +445,10 @@ def _configs(s: _Subject, sizes: list[int], n_images: int, repeats: int, warmup:
         for prec in ("fp32", "bf16"):
             configs.append(cfg(f"openvino-{prec}-static-b1", "r2r", bundle=str(static), backend="openvino",
                                precision=prec))
+    for pool, root in pooled.items():  # the bundle's pool is the method's (Bundle.method)
+        configs.append(cfg(f"onnxruntime-fp32-pool{pool}-b1", "r2r", bundle=str(root)))
+        configs.append(cfg(f"openvino-bf16-pool{pool}-b1", "r2r", bundle=str(root), backend="openvino",
+                           precision="bf16"))
     if only:
         keep = {"torch-reference", *only.split(",")}
         unknown = keep - {c.name for c in configs}
