@@ -331,7 +331,10 @@ def _open_reference(cfg: RunConfig) -> Runtime:
     from r2r.reference import ReferencePipeline
     from r2r.tac import pixel_multiple
 
-    method = replace(cfg.method, tac_divisor=cfg.method.divisor, attention_pool=cfg.method.pool)
+    def resolve(given: Method) -> Method:  # the reference has no bundle: the method's own divisor and pool
+        return replace(given, tac_divisor=given.divisor, attention_pool=given.pool)
+
+    method = resolve(cfg.method)
     w, h = cfg.size()
     emb = cfg.embedding_file()
     device = "cpu" if cfg.device == "auto" else cfg.device
@@ -346,9 +349,6 @@ def _open_reference(cfg: RunConfig) -> Runtime:
     def translate(images: list[np.ndarray], on_step: StepCallback | None, given: Method) -> list[np.ndarray]:
         pipe.set_size(images[0].shape[1], images[0].shape[0])
         return pipe(images, given, cfg.inversion)
-
-    def resolve(given: Method) -> Method:
-        return replace(given, tac_divisor=given.divisor, attention_pool=given.pool)
 
     return Runtime(translate, params, method, resolve, lambda: round(pipe.count.per_image), sizes, cfg.fit,
                    cfg.max_pixels, device)
