@@ -19,8 +19,9 @@ from typing import Any
 import click
 import numpy as np
 
+from r2r import graph_io
 from r2r.benchmarks.worker import BenchConfig
-from r2r.config import ATTENTION_POOLS, Method
+from r2r.config import ATTENTION_POOLS, MAX_CACHE_INTERVAL, Method, Variant
 from r2r.log import log
 from r2r.metrics import psnr
 from r2r.options import model_source_options, resolve_source, threads_option
@@ -341,9 +342,13 @@ def attention_cmd(quick: bool, source: ModelSource, sd15: bool, size: str | None
 @click.option("--attention-pool", "pools", type=click.Choice([str(p) for p in ATTENTION_POOLS[1:]]), multiple=True,
               help="Also run a bundle exported with this attention pool (repeatable), on onnxruntime fp32 and "
                    "openvino bf16: its speed, and its distance from the full method in the fidelity column.")
+@click.option("--cache-interval", "intervals", type=click.IntRange(2, MAX_CACHE_INTERVAL), multiple=True,
+              help="Also run step caching at this interval (repeatable), on onnxruntime fp32 and openvino bf16, and "
+                   "with each --attention-pool on openvino bf16 (bundles with the step-cache graphs).")
 def run_cmd(quick: bool, source: ModelSource, sd15: bool, size: str | None, out: Path, threads: int,
             bundle_dir: Path | None, n_images: int | None, batch_sizes: str | None, repeats: int | None,
-            warmup: bool, only: str | None, static_too: bool, pools: tuple[str, ...]) -> None:
+            warmup: bool, only: str | None, static_too: bool, pools: tuple[str, ...], intervals: tuple[int, ...]
+            ) -> None:
     """Every backend beside the `public-code` baseline and the PyTorch reference, same images and parameters."""
     sizes = [int(x) for x in (batch_sizes or ("1,2" if quick else "1,2,4")).split(",")]
     repeats = repeats or (2 if quick else 3)
@@ -353,7 +358,7 @@ def run_cmd(quick: bool, source: ModelSource, sd15: bool, size: str | None, out:
     s = _subject(source, sd15, size, out, bundle_dir, batch_max=max(sizes))
     log(f"r2r-bench: {s.model} at {s.width}x{s.height}; images {n_images}, batch sizes {sizes}, repeats {repeats}")
     configs, default = _configs(s, sizes, n_images, repeats, warmup, threads, only, static_too,
-                                tuple(int(p) for p in pools))
+                                tuple(int(p) for p in pools), intervals)
     log(f"r2r-bench: {len(configs)} configurations, each in its own process")
     results = [run_config(c, s.work) for c in configs]
     ref_out = np.load(s.work / "torch-reference.out.npz")["images"]
@@ -371,14 +376,17 @@ def run_cmd(quick: bool, source: ModelSource, sd15: bool, size: str | None, out:
 
 
 def _build_engines(s: _Subject, sizes: list[int], threads: int, only: str | None, static_too: bool,
-                   pools: tuple[int, ...] = ()) -> tuple[bool, Path | None, dict[int, Path]]:
+                   pools: tuple[int, ...] = (), step_cache: bool = False
+                   ) -> tuple[bool, Path | None, dict[int, Path]]:
     """The engines every configuration of a run opens, as a user's would: OpenVINO's compiled models (and its INT8
-    UNet where NNCF is installed), a static bundle's with --static, a pooled bundle's per --attention-pool. Returns
-    (INT8 built, the static bundle, the pooled bundles)."""
+    UNet where NNCF is installed), a static bundle's with --static, a pooled bundle's per --attention-pool (and with
+    `step_cache`, a bundle of the step-cache program per pool, 1 included). Returns (INT8 built, the static bundle,
+    the pooled bundles by pool: 1 only with `step_cache`)."""
     from r2r.engines.onnxruntime import build_ort_engines
     from r2r.engines.openvino import INT8_UNET, build_ov_engines
     from r2r.export.bundle_writer import ExportConfig, export_bundle
     from r2r.manifest import read_manifest
+    from r2r.runtime.scheduler import program_graphs
 
     bundle = s.bundle
     for prec in ("fp32", "bf16"):
@@ -399,22 +407,29 @@ def _build_engines(s: _Subject, sizes: list[int], threads: int, only: str | None
         for prec in ("fp32", "bf16"):
             build_ov_engines(static, prec, threads, progress=log)
     pooled = {}
-    for pool in pools:
-        pooled[pool] = s.out / "bundles" / f"{s.model.name}-{s.width}x{s.height}-pool{pool}"
+    for pool in ((1,) if step_cache else ()) + pools:
+        name = f"{s.model.name}-{s.width}x{s.height}" + (f"-pool{pool}" if pool > 1 else "") \
+            + ("-stepcache" if step_cache else "")
+        pooled[pool] = s.out / "bundles" / name
+        # the graphs of the fused program its rows run: with the pool alone (`unet`) and with step caching
+        graphs = (program_graphs(Variant(fused=True), True, step_cache) if pool == 1 else
+                  tuple(dict.fromkeys(program_graphs(Variant(fused=True), True)
+                                      + (graph_io.STEP_CACHE_GRAPHS if step_cache else ()))))
         export_bundle(ExportConfig(s.model, s.embedding, pooled[pool], s.width, s.height, batch_max=max(sizes),
-                                   attention_pool=pool), progress=log)
+                                   graphs=graphs, attention_pool=pool, donors=(bundle,)), progress=log)
         build_ort_engines(pooled[pool], "fp32", "cpu", progress=log)
         build_ov_engines(pooled[pool], "bf16", threads, progress=log)
     return int8, static, pooled
 
 
 def _configs(s: _Subject, sizes: list[int], n_images: int, repeats: int, warmup: bool, threads: int,
-             only: str | None, static_too: bool, pools: tuple[int, ...] = ()) -> tuple[list[BenchConfig], str]:
+             only: str | None, static_too: bool, pools: tuple[int, ...] = (), intervals: tuple[int, ...] = ()
+             ) -> tuple[list[BenchConfig], str]:
     """The configurations of a run (their engines built first), and the one `r2r-run` runs by default here."""
     from r2r.backends import auto_choices
 
     bundle = s.bundle
-    int8, static, pooled = _build_engines(s, sizes, threads, only, static_too, pools)
+    int8, static, pooled = _build_engines(s, sizes, threads, only, static_too, pools, bool(intervals))
     images = make_images(s.work, n_images, s.width, s.height)
     default_row, _ = auto_choices()[0]
     default = (default_row.name, default_row.native_precision())
@@ -426,7 +441,7 @@ def _configs(s: _Subject, sizes: list[int], n_images: int, repeats: int, warmup:
             and kw.get("inversion", "exact") == "exact" and kw.get("batch", 1) == 1 and kw.get("fused", True) \
             and kw.get("bundle") == str(bundle)
         return BenchConfig(name=name, kind=kind, outputs=str(s.work / f"{name}.out.npz"), default=is_default,
-                           **common, **kw)
+                           **{**common, **kw})
 
     configs = [cfg("public-code", "public-code"), cfg("torch-reference", "torch-reference")]
     for b in sizes:
@@ -446,9 +461,17 @@ def _configs(s: _Subject, sizes: list[int], n_images: int, repeats: int, warmup:
             configs.append(cfg(f"openvino-{prec}-static-b1", "r2r", bundle=str(static), backend="openvino",
                                precision=prec))
     for pool, root in pooled.items():  # the bundle's pool is the method's (Bundle.method)
-        configs.append(cfg(f"onnxruntime-fp32-pool{pool}-b1", "r2r", bundle=str(root)))
-        configs.append(cfg(f"openvino-bf16-pool{pool}-b1", "r2r", bundle=str(root), backend="openvino",
-                           precision="bf16"))
+        if pool > 1:
+            configs.append(cfg(f"onnxruntime-fp32-pool{pool}-b1", "r2r", bundle=str(root)))
+            configs.append(cfg(f"openvino-bf16-pool{pool}-b1", "r2r", bundle=str(root), backend="openvino",
+                               precision="bf16"))
+        for k in intervals:
+            tag = (f"pool{pool}-" if pool > 1 else "") + f"cache{k}"
+            if pool == 1:
+                configs.append(cfg(f"onnxruntime-fp32-{tag}-b1", "r2r", bundle=str(root),
+                                   method=Method(cache_interval=k)))
+            configs.append(cfg(f"openvino-bf16-{tag}-b1", "r2r", bundle=str(root), backend="openvino",
+                               precision="bf16", method=Method(cache_interval=k)))
     if only:
         keep = {"torch-reference", *only.split(",")}
         unknown = keep - {c.name for c in configs}

@@ -73,7 +73,7 @@ def _at_example_size(shape: list[int | str], env: dict[str, int]) -> list[int | 
             for d in shape]
 
 
-def make_null_bundle(bundle: Path, out: Path, graphs: tuple[str, ...] = graph_io.ALL_GRAPHS) -> Path:
+def make_null_bundle(bundle: Path, out: Path, graphs: tuple[str, ...] = graph_io.DEFAULT_GRAPHS) -> Path:
     """Copy `bundle`'s manifest and conditioning into `out` with null graphs of the same I/O at the bundle's example
     size (a static-size null bundle: the scheduler's own time does not depend on the range)."""
     read_manifest(bundle)  # the source must be a valid bundle

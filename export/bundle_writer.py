@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from r2r import __version__, graph_io
-from r2r.atomic import atomic_path
+from r2r.atomic import atomic_dir, atomic_path
 from r2r.config import Method
 from r2r.export.canary import Runner, record_canaries, record_graph_canaries
 from r2r.export.graphs import (
@@ -28,9 +28,11 @@ from r2r.export.graphs import (
     DdimStep,
     GraphSpec,
     GuidedStep,
+    UNetDeep,
     UNetEmit,
     UNetInject,
     UNetRouted,
+    UNetShallow,
     VaeDecoder,
     VaeEncoder,
     unet_specs,
@@ -54,6 +56,7 @@ from r2r.manifest import (
     write_manifest,
 )
 from r2r.models import Components, encode_conditioning, load_components, sha256_file, sha256_trees
+from r2r.step_cache import check_unet, deep_channels, step_cache_supported
 from r2r.tac import TACPlan, TACState, install_tac, pixel_multiple, plan_tac
 
 # Default side range of a dynamic bundle, pixels: from two pixel multiples (the UNet's deepest level two cells
@@ -70,12 +73,13 @@ class ExportConfig:
     height: int
     batch_max: int = 4
     tac_divisor: int = 256
-    graphs: tuple[str, ...] = graph_io.ALL_GRAPHS
+    graphs: tuple[str, ...] = graph_io.DEFAULT_GRAPHS
     attention_pool: int = 1  # the first level's keys and values pooled (docs/design.md, "Less work per image")
     min_side: int | None = None  # None: two pixel multiples
     max_side: int | None = DEFAULT_MAX_SIDE
     static: bool = False  # graphs of the example size only (TensorRT builds static engines from them)
     refit: bool = False  # record each weight graph's weight map, so that `r2r-export refit` can swap its weights
+    donors: tuple[Path, ...] = ()  # other bundles whose graphs of the same key are copied, not exported again
 
     def sizes(self, multiple: int) -> Sizes:
         """The size range of the bundle, checked: sides multiples of the model's pixel multiple."""
@@ -144,10 +148,11 @@ def tool_versions() -> dict[str, str]:
     """Everything besides the weights that shapes a graph, the graph-defining source included."""
     import onnx
 
-    from r2r import tac
+    from r2r import step_cache, tac
     from r2r.export import graphs, to_onnx
 
-    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (graphs, to_onnx, tac))).hexdigest()
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (graphs, to_onnx, tac, step_cache))
+                          ).hexdigest()
     return {"r2r": __version__, "torch": torch.__version__, "onnx": onnx.__version__, "opset": str(OPSET),
             "graph_code": code[:16]}
 
@@ -176,8 +181,11 @@ def example_inputs(name: str, comps: Components, plan: TACPlan, h: int, w: int) 
         qk = [torch.randn(2, h // 8 >> level, w // 8 >> level, lyr.channels, generator=g)
               for lyr in plan.layers for level in (lyr.level, plan.key_level(lyr))]
         return (*unet_args(2), *qk)
-    if name == graph_io.UNET:  # a non-identity routing: the exporter must not fold the gather away
-        return (*unet_args(1), torch.tensor([1, 0], dtype=torch.int64))
+    if name in graph_io.ROUTED_GRAPHS:  # a non-identity routing: the exporter must not fold the gather away
+        routed = (*unet_args(1), torch.tensor([1, 0], dtype=torch.int64))
+        if name == graph_io.UNET_SHALLOW:
+            return (*routed, torch.randn(2, deep_channels(comps.unet.config), h // 8, w // 8, generator=g))
+        return routed
     if name == graph_io.UNET_EMIT:
         return unet_args(1)
     if name == graph_io.VAE_ENCODER:
@@ -194,6 +202,8 @@ def graph_module(name: str, comps: Components, plan: TACPlan, state: TACState) -
     modules: dict[str, Callable[[], torch.nn.Module]] = {
         graph_io.UNET: lambda: UNetRouted(comps.unet, state),
         graph_io.UNET_EMIT: lambda: UNetEmit(comps.unet, state, plan),
+        graph_io.UNET_DEEP: lambda: UNetDeep(comps.unet, state),
+        graph_io.UNET_SHALLOW: lambda: UNetShallow(comps.unet, state),
         graph_io.UNET_INJECT: lambda: UNetInject(comps.unet, state),
         graph_io.VAE_ENCODER: lambda: VaeEncoder(comps.vae),
         graph_io.VAE_DECODER: lambda: VaeDecoder(comps.vae),
@@ -204,7 +214,7 @@ def graph_module(name: str, comps: Components, plan: TACPlan, state: TACState) -
 
 
 # The graphs the torch backend runs as the model's modules (a bundle without ONNX graphs records their canaries).
-TORCH_GRAPHS = (*graph_io.UNET_GRAPHS, graph_io.VAE_ENCODER, graph_io.VAE_DECODER)
+TORCH_GRAPHS = (*graph_io.UNET_GRAPHS, *graph_io.STEP_CACHE_GRAPHS, graph_io.VAE_ENCODER, graph_io.VAE_DECODER)
 
 
 def torch_runner(comps: Components, plan: TACPlan, state: TACState) -> Runner:
@@ -226,6 +236,36 @@ def graph_specs(plan: TACPlan) -> dict[str, GraphSpec]:
     return {**unet_specs(plan), **VAE_SPECS, **STEP_SPECS}
 
 
+def _copy_from_donor(donors: tuple[Path, ...], name: str, key: str, out: Path, manifest: Manifest) -> bool:
+    """Copy graph `name` from the first donor bundle that holds it at `key` with its files intact (what they hold is
+    hashed again after the copy: a donor rewritten meanwhile gives nothing); True if copied."""
+    for donor in donors:
+        try:
+            theirs = read_manifest(donor)
+        except (ValueError, OSError):
+            continue
+        entry = theirs.graphs.get(name)
+        if entry is None or entry.key != key or donor.resolve() == out.resolve():
+            continue
+        files = [f for f in theirs.files if f.startswith(f"{ONNX_DIR}/{name}/")]
+        folder = bundle_path(out, _graph_file(name)).parent
+        try:
+            with atomic_dir(folder) as tmp:
+                for f in files:
+                    src = bundle_path(donor, f)
+                    shutil.copyfile(src, tmp / src.name)
+                    if sha256_file(tmp / src.name) != theirs.files[f]:
+                        raise ValueError(f"{src} changed")
+        except (ValueError, OSError):
+            continue
+        for f in files:
+            manifest.files[f] = theirs.files[f]
+        manifest.graphs[name] = entry
+        bundle_path(out, map_file(name)).unlink(missing_ok=True)  # the map of the graph this one replaced
+        return True
+    return False
+
+
 def export_bundle(cfg: ExportConfig, progress: Callable[[str], None] = log) -> Manifest:
     """Write or refresh the bundle at cfg.out, holding its writer lock (another process exporting or building the
     same bundle finishes first; then what it wrote is reused); returns its manifest."""
@@ -238,6 +278,9 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
     out.mkdir(parents=True, exist_ok=True)
     comps = load_components(cfg.model)
     plan = plan_tac(comps.unet.config, cfg.width, cfg.height, cfg.tac_divisor, cfg.attention_pool)
+    if any(g in graph_io.STEP_CACHE_GRAPHS for g in cfg.graphs):
+        check_unet(comps.unet.config)
+    caches = step_cache_supported(comps.unet.config)
     multiple = pixel_multiple(comps.unet.config)
     sizes = cfg.sizes(multiple)
     tools = tool_versions()
@@ -256,7 +299,8 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
                "min": [sizes.width[0], sizes.height[0]] if sizes.dynamic else [cfg.width, cfg.height],
                "max": [sizes.width[1], sizes.height[1]] if sizes.dynamic else [cfg.width, cfg.height],
                "static": not sizes.dynamic},
-        latent={"channels": int(comps.unet.config.in_channels), "height": cfg.height // 8, "width": cfg.width // 8},
+        latent={"channels": int(comps.unet.config.in_channels), "height": cfg.height // 8, "width": cfg.width // 8,
+                **({"deep_channels": deep_channels(comps.unet.config)} if caches else {})},
         scaling_factor=comps.scaling_factor,
         tac_plan={**plan.as_dict(), "target": "null"},
         schedule={"scheduler": comps.scheduler.as_dict(),
@@ -307,6 +351,9 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
             manifest.files.update({f: old.files[f] for f in kept})
             progress(f"  {name:<11} up to date ({rel})")
             continue
+        if _copy_from_donor(cfg.donors, name, keys[name], out, manifest):
+            progress(f"  {name:<11} copied ({rel}: the same graph, from a bundle beside this one)")
+            continue
         t0 = time.perf_counter()
         module = graph_module(name, comps, plan, state).eval()
         inputs, outputs, external = export_graph(module, example_inputs(name, comps, plan, cfg.height, cfg.width),
@@ -330,7 +377,8 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
     if manifest.graphs:
         record_graph_canaries(out, manifest, progress=progress)
     else:  # a bundle for the torch backend: the modules it runs, at fp32
-        record_canaries(out, manifest, {g: keys[g] for g in TORCH_GRAPHS}, torch_runner(comps, plan, state),
+        torch_graphs = [g for g in TORCH_GRAPHS if caches or g not in graph_io.STEP_CACHE_GRAPHS]
+        record_canaries(out, manifest, {g: keys[g] for g in torch_graphs}, torch_runner(comps, plan, state),
                         f"torch {torch.__version__} fp32", progress=progress)
     write_manifest(out, manifest)
     if cfg.refit:  # after the graphs are recorded: a model that cannot be mapped leaves a usable bundle

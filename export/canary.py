@@ -39,7 +39,8 @@ def graph_shape(bundle: Path, manifest: Manifest) -> GraphShape:
     return GraphShape(int(manifest.latent["channels"]), cond[graph_io.COND_NULL].astype(np.float32),
                       cond[graph_io.COND_NEG].astype(np.float32),
                       [{"level": int(t["level"]), "channels": int(t["channels"])}
-                       for t in manifest.tac_plan["layers"]], int(manifest.tac_plan.get("pool", 1)))
+                       for t in manifest.tac_plan["layers"]], int(manifest.tac_plan.get("pool", 1)),
+                      int(manifest.latent.get("deep_channels", 0)))
 
 
 def onnxruntime_runner(bundle: Path, manifest: Manifest) -> Runner:

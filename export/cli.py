@@ -99,15 +99,20 @@ def export(cfg: ExportConfig) -> None:
 @bundle_options
 @click.option("--refit", is_flag=True, help=REFIT_HELP)
 @click.option("--graph", "graphs", multiple=True, type=click.Choice(graph_io.ALL_GRAPHS),
-              help="Only this graph (repeatable): the bundle holds these alone [default: every graph]. The default "
-                   "(fused) program calls unet, vae_encoder, vae_decoder and, on a GPU, ddim_step and guided_step; "
-                   "--fused off and --inversion single-pass also call unet_emit and unet_inject.")
+              help="Only this graph (repeatable): the bundle holds these alone [default: every graph but the "
+                   "step-cache pair]. The default (fused) program calls unet, vae_encoder, vae_decoder and, on a "
+                   "GPU, ddim_step and guided_step; --fused off and --inversion single-pass also call unet_emit and "
+                   "unet_inject; --cache-interval K > 1 calls unet_deep and unet_shallow in place of unet.")
+@click.option("--step-cache", is_flag=True,
+              help="Also export the step-cache graphs unet_deep and unet_shallow, which `r2r-run --cache-interval K` "
+                   "(K > 1) runs.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
-def onnx_cmd(source: ModelSource, shape: BundleShape, refit: bool, graphs: tuple[str, ...], out: Path) -> None:
+def onnx_cmd(source: ModelSource, shape: BundleShape, refit: bool, graphs: tuple[str, ...], step_cache: bool,
+             out: Path) -> None:
     """Write the ONNX bundle: UNet variants, VAE graphs, conditioning, manifest."""
     cfg = export_config(source, shape, out, refit)
-    if graphs:
-        cfg = replace(cfg, graphs=tuple(g for g in graph_io.ALL_GRAPHS if g in graphs))
+    wanted = set(graphs or cfg.graphs) | (set(graph_io.STEP_CACHE_GRAPHS) if step_cache else set())
+    cfg = replace(cfg, graphs=tuple(g for g in graph_io.ALL_GRAPHS if g in wanted))
     sides = "static" if shape.static else f"sides {cfg.min_side or 'auto'}..{cfg.max_side}"
     log(f"r2r-export onnx: {cfg.model} at {cfg.width}x{cfg.height} ({sides}), batch 1-{cfg.batch_max} -> {out}")
     export(cfg)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from r2r import graph_io
+from r2r.step_cache import unet_split
 from r2r.tac import TACMode, TACPlan, TACState
 
 
@@ -33,6 +34,31 @@ class UNetRouted(_UNetGraph):
         self.state.mode, self.state.src = TACMode.ROUTED, tac_src
         try:
             return self._eps(sample, timestep, ehs)
+        finally:
+            self.state.mode, self.state.src = TACMode.OFF, None
+
+
+class UNetDeep(_UNetGraph):
+    """`unet_deep`: the routed `unet`'s eps and the features entering the last up block (step caching's whole call,
+    r2r.step_cache.unet_split)."""
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor,
+                tac_src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.state.mode, self.state.src = TACMode.ROUTED, tac_src
+        try:
+            return unet_split(self.unet, sample, timestep, ehs)
+        finally:
+            self.state.mode, self.state.src = TACMode.OFF, None
+
+
+class UNetShallow(_UNetGraph):
+    """`unet_shallow`: the routed first level on cached deep features (step caching's shallow call)."""
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor, tac_src: torch.Tensor,
+                deep: torch.Tensor) -> torch.Tensor:
+        self.state.mode, self.state.src = TACMode.ROUTED, tac_src
+        try:
+            return unet_split(self.unet, sample, timestep, ehs, deep)[0]
         finally:
             self.state.mode, self.state.src = TACMode.OFF, None
 
@@ -154,10 +180,15 @@ def unet_specs(plan: TACPlan) -> dict[str, GraphSpec]:
     def times(k: str) -> tuple[tuple[str, str, str], ...]:
         return tuple((n, k if b else "", role) for n, b, role in base)
 
+    routed = (*base, (graph_io.TAC_SRC, "B", ""))
+    eps = (graph_io.EPS, "B", "latent")
+    deep = (graph_io.DEEP, "B", "latent")
     return {
-        graph_io.UNET: GraphSpec(graph_io.UNET, (*base, (graph_io.TAC_SRC, "B", "")), ((graph_io.EPS, "B", "latent"),)),
-        graph_io.UNET_EMIT: GraphSpec(graph_io.UNET_EMIT, base, ((graph_io.EPS, "B", "latent"), *qk)),
+        graph_io.UNET: GraphSpec(graph_io.UNET, routed, (eps,)),
+        graph_io.UNET_EMIT: GraphSpec(graph_io.UNET_EMIT, base, (eps, *qk)),
         graph_io.UNET_INJECT: GraphSpec(graph_io.UNET_INJECT, (*times("2*B"), *qk), ((graph_io.EPS, "2*B", "latent"),)),
+        graph_io.UNET_DEEP: GraphSpec(graph_io.UNET_DEEP, routed, (eps, deep)),
+        graph_io.UNET_SHALLOW: GraphSpec(graph_io.UNET_SHALLOW, (*routed, deep), (eps,)),
     }
 
 

@@ -64,13 +64,14 @@ class CanaryCase:
 @dataclass(frozen=True)
 class GraphShape:
     """What a graph's canary inputs are made from: the bundle's latent channels, pixel multiple, text conditioning
-    and TAC layers (level, channels) and attention pool, all in its manifest."""
+    and TAC layers (level, channels), attention pool and step caching's deep channels, all in its manifest."""
 
     channels: int
     c_null: np.ndarray  # [1, 77, d]
     c_neg: np.ndarray
     tac_layers: Sequence[Mapping[str, int]]
     pool: int = 1
+    deep_channels: int = 0  # 0: a bundle without step caching
 
 
 def routing(multiple: int) -> np.ndarray:
@@ -96,12 +97,14 @@ def make_inputs(graph: str, multiple: int, size: tuple[int, int], shape: GraphSh
     def normal(*dims: int) -> np.ndarray:
         return rng.standard_normal(dims).astype(np.float32)
 
-    if graph in graph_io.UNET_GRAPHS:
+    if graph in (*graph_io.UNET_GRAPHS, *graph_io.STEP_CACHE_GRAPHS):
         rows = 2 if graph == graph_io.UNET_INJECT else multiple
         out = {graph_io.SAMPLE: normal(rows, c, h, w), graph_io.TIMESTEP: np.array([TIMESTEP], np.float32),
                graph_io.ENCODER_HIDDEN_STATES: conditioning(graph, multiple, shape)}
-        if graph == graph_io.UNET:
+        if graph in graph_io.ROUTED_GRAPHS:
             out[graph_io.TAC_SRC] = routing(multiple)
+        if graph == graph_io.UNET_SHALLOW:  # seeded normal features in place of a whole call's
+            out[graph_io.DEEP] = normal(rows, shape.deep_channels, h, w)
         if graph == graph_io.UNET_INJECT:
             for i, layer in enumerate(shape.tac_layers):
                 for name, level in ((graph_io.tac_q(i), layer["level"]),

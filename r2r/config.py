@@ -13,6 +13,7 @@ DEFAULT_GUIDANCE = 7.5
 DEFAULT_TAC_RATIO = 0.9
 DEFAULT_TAC_DIVISOR = 256
 ATTENTION_POOLS = (1, 2, 4)  # docs/design.md, "Less work per image"
+MAX_CACHE_INTERVAL = 10  # step caching: K whole UNet calls apart at most (DeepCache's uniform interval)
 SD15_DEFAULT_RESOLUTION = (768, 1024)  # (W, H), the public code's default for SD 1.5 models
 
 TacTarget = Literal["null", "both"]
@@ -26,7 +27,9 @@ class Method:
 
     `tac_divisor` None: the bundle's (which chose its TAC layers at export; 256 there by default); `attention_pool`
     None: the bundle's (its UNet graphs are exported with it; 1, off, by default). A bundle resolves both
-    (`Bundle.method`), so the method every output records is complete."""
+    (`Bundle.method`), so the method every output records is complete. `cache_interval` K: step caching, every K-th
+    UNet call of each branch whole and the others on its cached deep features (1: off; docs/design.md, "Less work
+    per image")."""
 
     steps: int = DEFAULT_STEPS
     strength: float = DEFAULT_STRENGTH
@@ -35,6 +38,7 @@ class Method:
     tac_divisor: int | None = None
     tac_target: TacTarget = "null"
     attention_pool: int | None = None
+    cache_interval: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= 1000:
@@ -55,6 +59,8 @@ class Method:
         if self.attention_pool is not None and self.attention_pool not in ATTENTION_POOLS:
             raise ValueError(f"attention_pool must be one of {', '.join(map(str, ATTENTION_POOLS))}, "
                              f"got {self.attention_pool}")
+        if not 1 <= self.cache_interval <= MAX_CACHE_INTERVAL:
+            raise ValueError(f"cache_interval must be in [1, {MAX_CACHE_INTERVAL}], got {self.cache_interval}")
 
     @property
     def divisor(self) -> int:

@@ -17,12 +17,20 @@ VAE_DECODER = "vae_decoder"
 # The scheduler's arithmetic as graphs, so that it runs on the device next to the UNet (TensorRT).
 DDIM_STEP = "ddim_step"  # z_next = cz * z + ce * eps
 GUIDED_STEP = "guided_step"  # e = e_neg + w (e_null - e_neg); z_pair = [z_next, z_next]
+# Step caching (docs/design.md, "Less work per image"): the routed UNet that also returns the features entering its
+# last up block, and the routed shallow path that takes them. Exported on request (`r2r-export onnx --step-cache`).
+UNET_DEEP = "unet_deep"
+UNET_SHALLOW = "unet_shallow"
 UNET_GRAPHS = (UNET, UNET_EMIT, UNET_INJECT)
 STEP_GRAPHS = (DDIM_STEP, GUIDED_STEP)
-ALL_GRAPHS = (*UNET_GRAPHS, VAE_ENCODER, VAE_DECODER, *STEP_GRAPHS)
+STEP_CACHE_GRAPHS = (UNET_DEEP, UNET_SHALLOW)
+# The graphs an export writes unless told otherwise; the step-cache pair is an addition a bundle may carry.
+DEFAULT_GRAPHS = (*UNET_GRAPHS, VAE_ENCODER, VAE_DECODER, *STEP_GRAPHS)
+ALL_GRAPHS = (*DEFAULT_GRAPHS, *STEP_CACHE_GRAPHS)
+ROUTED_GRAPHS = (UNET, *STEP_CACHE_GRAPHS)  # the UNet graphs that take tac_src
 # The model part whose weights each weight-carrying graph holds (its initializers are "<part>.<parameter>" or copies
 # of them); the step graphs hold none.
-WEIGHTS_OF = {UNET: "unet", UNET_EMIT: "unet", UNET_INJECT: "unet", VAE_ENCODER: "vae", VAE_DECODER: "vae"}
+WEIGHTS_OF = {**{g: "unet" for g in (*UNET_GRAPHS, *STEP_CACHE_GRAPHS)}, VAE_ENCODER: "vae", VAE_DECODER: "vae"}
 
 # UNet inputs and output.
 SAMPLE = "sample"
@@ -30,6 +38,7 @@ TIMESTEP = "timestep"
 ENCODER_HIDDEN_STATES = "encoder_hidden_states"
 TAC_SRC = "tac_src"  # int64 [N]: row r of every TAC layer takes the Q, K of row tac_src[r] (unet only)
 EPS = "eps"
+DEEP = "deep"  # [B, C_1, h, w]: the features entering the last up block (unet_deep's output, unet_shallow's input)
 
 # VAE graphs.
 IMAGE = "image"  # [B, 3, H, W] in [-1, 1] (encoder input); [B, 3, H, W] in [0, 1] (decoder output)
@@ -131,4 +140,4 @@ def shape_env(batch: int, width: int, height: int, multiple: int) -> dict[str, i
 # the inversion (B latents), the guided [neg, null] pair after the TAC window (2B) and the fused TAC step
 # [cg, neg, null] (3B); every other graph is called at its own symbols with B = the image batch. TensorRT profiles
 # take their shapes from this; the scheduler's tests check that its program binds nothing else.
-CALL_MULTIPLES: dict[str, tuple[int, ...]] = {UNET: (1, 2, 3), **{g: (1,) for g in ALL_GRAPHS if g != UNET}}
+CALL_MULTIPLES: dict[str, tuple[int, ...]] = {**{g: (1,) for g in ALL_GRAPHS}, **{g: (1, 2, 3) for g in ROUTED_GRAPHS}}

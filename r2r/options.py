@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
-from r2r.config import ATTENTION_POOLS, Method
+from r2r.config import ATTENTION_POOLS, MAX_CACHE_INTERVAL, Method
 from r2r.lora import LoraSpec, check_lora, parse_lora
 from r2r.models import ModelLoadError
 from r2r.source import ModelSource, ResolvedSource
@@ -26,7 +26,8 @@ LORA_HELP = ("A LoRA (.safetensors; diffusers/PEFT or kohya keys) fused into the
 EMBEDDING_HELP = "Negative embedding .safetensors [default: MODEL/negative_embedding.safetensors]."
 TOKEN_HELP = "The embedding's token [default: its own: the key of a diffusers file, the name of an A1111 one]."
 METHOD_FLAGS = {"steps": "--steps", "strength": "--strength", "guidance": "--guidance", "tac_ratio": "--tac-ratio",
-                "tac_divisor": "--tac-divisor", "tac_target": "--tac-target", "attention_pool": "--attention-pool"}
+                "tac_divisor": "--tac-divisor", "tac_target": "--tac-target", "attention_pool": "--attention-pool",
+                "cache_interval": "--cache-interval"}
 
 
 def grouped(f: F, names: tuple[str, ...], into: str, make: Callable[..., Any]) -> F:
@@ -81,8 +82,8 @@ def method_from(**given: Any) -> Method:
 
 
 def method_options(f: F) -> F:
-    """--steps, --strength, --guidance, --tac-ratio, --tac-divisor, --tac-target, --attention-pool, handed to the
-    command as `method: Method` (what is not given: the bundle's defaults)."""
+    """--steps, --strength, --guidance, --tac-ratio, --tac-divisor, --tac-target, --attention-pool,
+    --cache-interval, handed to the command as `method: Method` (what is not given: the bundle's defaults)."""
     wrapped = grouped(f, tuple(fl.name for fl in fields(Method)), "method", method_from)
     for opt in reversed([
         click.option("--steps", type=click.IntRange(1, 1000), default=None, help="[default: the bundle's, 50]"),
@@ -99,6 +100,10 @@ def method_options(f: F) -> F:
                      help="The first level's self-attention takes keys and values from the token grid pooled F x F: "
                           "F**2 less attention work, an approximation [default: the bundle's, 1 (off); without "
                           "--engine the cached bundle is exported with it]."),
+        click.option("--cache-interval", type=click.IntRange(1, MAX_CACHE_INTERVAL), default=None,
+                     help="Step caching: every K-th UNet call of each branch is whole, the others run the first "
+                          "level on the deep features it cached, an approximation [default: 1 (off); needs a bundle "
+                          "exported with --step-cache, which r2r-run exports without --engine]."),
     ]):
         wrapped = opt(wrapped)
     return wrapped

@@ -20,6 +20,7 @@ from r2r.config import Inversion, Method
 from r2r.imageio import to_model_input
 from r2r.models import Components, encode_conditioning
 from r2r.schedule import Schedule, ddim_transfer, guide, make_schedule
+from r2r.step_cache import full_calls, shallow_layers, unet_split
 from r2r.tac import TACMode, TACPlan, TACState, install_tac, plan_tac, tac_window
 
 
@@ -38,6 +39,24 @@ class EvalCount:
     @property
     def per_image(self) -> float:
         return self.evaluations / max(self.images, 1)
+
+
+@dataclass
+class Branch:
+    """One branch's step cache (docs/design.md, "Less work per image"): which of its calls are whole, how many ran,
+    and the deep features of its last whole call."""
+
+    whole: tuple[bool, ...]
+    calls: int = 0
+    deep: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, sched: Schedule, method: Method) -> Branch | None:
+        return None if method.cache_interval == 1 else cls(full_calls(sched.n, method.cache_interval))
+
+    def next_is_whole(self) -> bool:
+        self.calls += 1
+        return self.whole[self.calls - 1]
 
 
 class ReferencePipeline:
@@ -86,12 +105,18 @@ class ReferencePipeline:
     def schedule(self, method: Method) -> Schedule:
         return make_schedule(self.c.scheduler, method)
 
-    def _unet(self, stage: str, z: torch.Tensor, t: int, cond: torch.Tensor) -> torch.Tensor:
+    def _unet(self, stage: str, z: torch.Tensor, t: int, cond: torch.Tensor, branch: Branch | None = None
+              ) -> torch.Tensor:
+        """eps of one UNet call; with a step-cache `branch`, its whole call (which refreshes the branch's deep
+        features) or its shallow one on them."""
         self.count.add(stage, z.shape[0])
         if self.observer is not None:
             self.observer(stage, z, t, cond)
         ts = torch.tensor(t, dtype=torch.long, device=z.device)
-        return self.c.unet(z, ts, encoder_hidden_states=cond).sample
+        if branch is None:
+            return self.c.unet(z, ts, encoder_hidden_states=cond).sample
+        eps, branch.deep = unet_split(self.c.unet, z, ts, cond, None if branch.next_is_whole() else branch.deep)
+        return eps
 
     @torch.no_grad()
     def encode(self, images: list[np.ndarray]) -> torch.Tensor:
@@ -103,14 +128,16 @@ class ReferencePipeline:
         return self.c.vae.encode(x).latent_dist.mean * self.c.scaling_factor
 
     @torch.no_grad()
-    def invert(self, z0: torch.Tensor, sched: Schedule) -> list[torch.Tensor]:
-        """DDIM inversion over ts ascending; returns z_t indexed like sched.timesteps (descending)."""
+    def invert(self, z0: torch.Tensor, sched: Schedule, method: Method | None = None) -> list[torch.Tensor]:
+        """DDIM inversion over ts ascending (step caching: the method's); returns z_t indexed like sched.timesteps
+        (descending)."""
         b = z0.shape[0]
         cond = self.c_null.expand(b, -1, -1)
         z = z0
         latents: list[torch.Tensor] = [z0] * sched.n
+        branch = Branch.of(sched, method) if method is not None else None
         for j in reversed(range(sched.n)):
-            eps = self._unet("inversion", z, sched.timesteps[j], cond)
+            eps = self._unet("inversion", z, sched.timesteps[j], cond, branch)
             z = ddim_transfer(z, eps, sched.alpha_prev[j], sched.alpha[j])
             latents[j] = z
         return latents
@@ -149,24 +176,28 @@ class ReferencePipeline:
     def generate(self, latents: list[torch.Tensor], sched: Schedule, method: Method,
                  kept: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None) -> torch.Tensor:
         """Negative-embedding guidance from z_{ts[0]}, TAC on the null pass in the window: the Q/K of a cg pass on
-        z_t(i), or those `kept` by a single-pass inversion."""
-        _, state = self.tac(method)
+        z_t(i), or those `kept` by a single-pass inversion. With step caching, the cg passes and the [neg, null]
+        passes each keep a cache, and a shallow cg pass hands the Q/K of the TAC layers it computes."""
+        plan, state = self.tac(method)
         b = latents[0].shape[0]
         cond_pair = torch.cat([self.c_neg.expand(b, -1, -1), self.c_null.expand(b, -1, -1)])
         cond_cg = self.c_null.expand(b, -1, -1)
         window = tac_window(sched.n, method.tac_ratio)
+        cg, pair = Branch.of(sched, method), Branch.of(sched, method)
+        shallow = shallow_layers(plan, self.c.unet.config) if cg is not None else frozenset()
         zr = latents[0]
         for i, t in enumerate(sched.timesteps):
             if i < window:
                 if kept is None:
                     state.mode = TACMode.CAPTURE
-                    self._unet("generation_cg", latents[i], t, cond_cg)
-                    state.injected = state.take_captured()
+                    self._unet("generation_cg", latents[i], t, cond_cg, cg)
+                    whole = cg is None or cg.whole[cg.calls - 1]
+                    state.injected = state.take_captured() if whole else state.take_partial(shallow)
                 else:
                     state.injected = kept[i]
                 state.mode = TACMode.INJECT
             try:
-                eps = self._unet("generation", torch.cat([zr, zr]), t, cond_pair)
+                eps = self._unet("generation", torch.cat([zr, zr]), t, cond_pair, pair)
             finally:
                 state.mode, state.injected = TACMode.OFF, ()
             e_neg, e_null = eps.chunk(2)
@@ -181,6 +212,8 @@ class ReferencePipeline:
 
     def __call__(self, images: list[np.ndarray], method: Method, inversion: Inversion = "exact"
                  ) -> list[np.ndarray]:
+        if inversion == "single-pass" and method.cache_interval > 1:
+            raise ValueError(f"--cache-interval {method.cache_interval}: step caching runs with exact inversion")
         sched = self.schedule(method)
         self.tac(method)
         self.count.images += len(images)
@@ -188,4 +221,4 @@ class ReferencePipeline:
         if inversion == "single-pass":
             latents, kept = self.invert_single_pass(z0, sched, method)
             return self.decode(self.generate(latents, sched, method, kept))
-        return self.decode(self.generate(self.invert(z0, sched), sched, method))
+        return self.decode(self.generate(self.invert(z0, sched, method), sched, method))

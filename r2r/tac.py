@@ -172,14 +172,15 @@ class TACState:
     mode: TACMode = TACMode.OFF
     target: str = "null"  # "both": the negative pass is controlled too
     captured: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
-    injected: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()
+    injected: Sequence[tuple[torch.Tensor, torch.Tensor] | None] = ()
     src: torch.Tensor | None = None  # ROUTED: int64 [N], the row whose Q, K each row uses
     # Attention downsampling (docs/design.md, "Less work per image"): the first level's self-attention takes its keys
     # and values from the token grid average-pooled `pool` x `pool` (the plan's); 1: off. `grid`: the first level's
-    # token grid (the latent's height and width), set by the UNet's forward pre-hook before every call.
+    # token grid (the latent's height and width), set by a forward pre-hook on the UNet's conv_in before every call
+    # (a whole call and a step-cache split alike run it).
     pool: int = 1
     grid: tuple[Any, Any] | None = None
-    hook: Any = None  # the UNet's pre-hook handle, removed when another state replaces this one
+    hook: Any = None  # the conv_in pre-hook's handle, removed when another state replaces this one
 
     def __post_init__(self) -> None:
         self.captured = [None] * self.num_layers
@@ -190,6 +191,15 @@ class TACState:
             if qk is None:
                 raise RuntimeError(f"TAC layer {i} captured nothing: does the plan match the UNet?")
             out.append(qk)
+        self.captured = [None] * self.num_layers
+        return out
+
+    def take_partial(self, layers: frozenset[int]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """What a step-cache shallow call captured: the Q/K of `layers` (the ones it computes), None elsewhere."""
+        missing = [i for i in layers if self.captured[i] is None]
+        if missing:
+            raise RuntimeError(f"TAC layers {missing} captured nothing in a shallow call")
+        out = [qk if i in layers else None for i, qk in enumerate(self.captured)]
         self.captured = [None] * self.num_layers
         return out
 
@@ -273,7 +283,10 @@ class TACProcessor:
             return q.index_select(0, st.src), k.index_select(0, st.src)
         both = st.target == "both"
         if mode is TACMode.INJECT:
-            qi, ki = st.injected[self.index]
+            given = st.injected[self.index]
+            if given is None:
+                raise RuntimeError(f"{self.layer.name}: no Q/K to inject (a shallow call's capture lacks this layer)")
+            qi, ki = given
             b = qi.shape[0]
             if both:
                 return torch.cat([qi, qi]), torch.cat([ki, ki])
@@ -310,10 +323,9 @@ def install_tac(unet: torch.nn.Module, plan: TACPlan, target: str = "null") -> T
             if layer.level == 0 and layer.name not in planned:
                 processors[layer.processor_key] = TACProcessor(None, layer, state)
 
-        def record_grid(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            sample = args[0] if args else kwargs["sample"]
-            state.grid = (sample.shape[-2], sample.shape[-1])
+        def record_grid(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            state.grid = (args[0].shape[-2], args[0].shape[-1])
 
-        state.hook = unet.register_forward_pre_hook(record_grid, with_kwargs=True)
+        state.hook = unet.conv_in.register_forward_pre_hook(record_grid)  # type: ignore[union-attr]
     unet.set_attn_processor(processors)  # type: ignore[attr-defined]
     return state

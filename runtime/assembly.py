@@ -180,13 +180,17 @@ def prepare_run(cfg: RunConfig, progress: Callable[[str], None] = log,
     # 3B instead of emit B + inject 2B, and the only UNet graph the program loads)
     fused = cfg.fused == "on" or (cfg.fused == "auto" and cfg.inversion == "exact")
     variant = Variant(cfg.inversion, fused)
+    cache = cfg.method.cache_interval > 1
+    if cache and not fused:
+        raise FlagError(f"--cache-interval {cfg.method.cache_interval}: step caching runs in the fused program "
+                        "(exact inversion, --fused auto or on)")
     # 3. the bundle (a model's: its cached export of the graphs the program calls) and the method
     if cfg.engine is not None:
         root = cfg.engine
     else:
         w, h = cfg.size()
         divisor = cfg.method.divisor
-        graphs = program_graphs(variant, step_graphs=True) if named is None or named.graphs else ()
+        graphs = program_graphs(variant, step_graphs=True, step_cache=cache) if named is None or named.graphs else ()
         root = cached_bundle(cfg.model_dir(), cfg.embedding_file(), w, h, max(cfg.batch_max, cfg.batch), divisor,
                              progress, graphs, cfg.method.pool)
     bundle = open_bundle(root)
@@ -217,7 +221,7 @@ def prepare_run(cfg: RunConfig, progress: Callable[[str], None] = log,
             request = BuildRequest(precision, device, model=cfg.model_dir(), embedding=cfg.embedding_file())
             importlib.import_module(row.builder).build(root, request, progress)
             bundle = open_bundle(root)
-        graphs = program_graphs(variant, device in row.step_devices)
+        graphs = program_graphs(variant, device in row.step_devices, cache)
         model = None if row.graphs else str(cfg.model_dir())
         try:
             check_first_use(bundle, TrialSpec(str(root), row.name, device, precision, cfg.threads, graphs, model),

@@ -19,6 +19,7 @@ from r2r.manifest import BundleError
 from r2r.models import load_components, sha256_tree
 from r2r.runtime.bundle_reader import Bundle
 from r2r.runtime.device import Backend, Buffers, Coefficients, DeviceArray, Op
+from r2r.step_cache import unet_split
 from r2r.tac import TACMode, install_tac, plan_tac
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -113,8 +114,9 @@ class TorchBackend(Backend):
                 image.copy_((vae.decode(latent.to(dt) / sf).sample / 2 + 0.5).clamp(0, 1))
 
             return _no_grad(torch, decode)
-        if graph not in graph_io.UNET_GRAPHS:
-            runs = ", ".join((*graph_io.UNET_GRAPHS, graph_io.VAE_ENCODER, graph_io.VAE_DECODER))
+        if graph not in (*graph_io.UNET_GRAPHS, *graph_io.STEP_CACHE_GRAPHS):
+            runs = ", ".join((*graph_io.UNET_GRAPHS, *graph_io.STEP_CACHE_GRAPHS, graph_io.VAE_ENCODER,
+                              graph_io.VAE_DECODER))
             raise KeyError(f"the torch backend runs {runs}; "
                            f"not {graph}")
         return _no_grad(torch, self._unet(graph, t))
@@ -142,6 +144,22 @@ class TorchBackend(Backend):
                     state.mode, state.src = TACMode.OFF, None
 
             return routed
+        if graph in graph_io.STEP_CACHE_GRAPHS:  # step caching: the split UNet, routed (r2r.step_cache)
+            src, deep = t[graph_io.TAC_SRC], t[graph_io.DEEP]
+            shallow = graph == graph_io.UNET_SHALLOW
+
+            def split() -> None:
+                state.mode, state.src = TACMode.ROUTED, src
+                try:
+                    out, features = unet_split(unet, sample.to(dt), timestep, ehs.to(dt),
+                                               deep.to(dt) if shallow else None)
+                    eps.copy_(out)
+                    if not shallow:
+                        deep.copy_(features)
+                finally:
+                    state.mode, state.src = TACMode.OFF, None
+
+            return split
         if graph == graph_io.UNET_EMIT:
 
             def emit() -> None:

@@ -72,6 +72,14 @@ class Bundle:
         """The attention pool the UNet graphs were exported with (1: none; docs/design.md, "Less work per image")."""
         return int(self.manifest.tac_plan.get("pool", 1))
 
+    @property
+    def step_cache(self) -> bool:
+        """Whether the bundle carries step caching (docs/design.md, "Less work per image"): its graph pair, or for a
+        bundle of the torch backend (no graphs), a UNet that supports it."""
+        if self.manifest.graphs:
+            return all(g in self.manifest.graphs for g in graph_io.STEP_CACHE_GRAPHS)
+        return "deep_channels" in self.manifest.latent
+
     def graph_path(self, name: str) -> Path:
         if name not in self.manifest.graphs:
             raise BundleError(f"{self.root}: the bundle has no {name} graph; re-export with `r2r-export onnx`")
@@ -107,6 +115,11 @@ class Bundle:
                 f"--attention-pool {method.attention_pool}: the bundle's UNet graphs were exported with attention "
                 f"pool {self.attention_pool}; export one with `r2r-export onnx --attention-pool "
                 f"{method.attention_pool}` (or run without --engine: r2r-run exports it into its cache)")
+        if method.cache_interval > 1 and not self.step_cache:
+            raise BundleError(
+                f"--cache-interval {method.cache_interval}: the bundle {self.root} has no step-cache graphs; export "
+                "them with `r2r-export onnx --step-cache` (or run without --engine: r2r-run exports them into its "
+                "cache)")
         if method.tac_target != plan.get("target", "null"):
             raise BundleError(f"--tac-target {method.tac_target}: the bundle's graphs control the {plan['target']} "
                               "pass only; the PyTorch reference (--backend reference) takes --tac-target both")

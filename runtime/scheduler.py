@@ -27,15 +27,20 @@ from r2r.imageio import from_model_output, to_model_input
 from r2r.runtime.bundle_reader import Bundle
 from r2r.runtime.device import Backend, Coefficients, DeviceArray, Op
 from r2r.schedule import Schedule, transfer_coefficients
+from r2r.step_cache import full_calls
 
 STAGES = ("encode", "inversion", "generation", "decode")
 StepCallback = Callable[[int, int], None]  # (steps done, steps in the batch's program)
 
 
-def program_graphs(variant: Variant, step_graphs: bool = False) -> tuple[str, ...]:
+def program_graphs(variant: Variant, step_graphs: bool = False, step_cache: bool = False) -> tuple[str, ...]:
     """The bundle graphs a variant's program calls (what a backend opens, and the canaries check first); with
-    `step_graphs`, the scheduler updates too (backends whose memory the host cannot touch)."""
-    unets = (graph_io.UNET,) if variant.fused else (graph_io.UNET, graph_io.UNET_EMIT, graph_io.UNET_INJECT)
+    `step_graphs`, the scheduler updates too (backends whose memory the host cannot touch); with `step_cache`
+    (cache interval > 1, the fused program), the step-cache pair in place of the routed `unet`."""
+    if step_cache:
+        unets: tuple[str, ...] = graph_io.STEP_CACHE_GRAPHS
+    else:
+        unets = (graph_io.UNET,) if variant.fused else (graph_io.UNET, graph_io.UNET_EMIT, graph_io.UNET_INJECT)
     return (graph_io.VAE_ENCODER, *unets, graph_io.VAE_DECODER, *(graph_io.STEP_GRAPHS if step_graphs else ()))
 
 
@@ -79,6 +84,10 @@ class Plan:
         self.ops.append(op)
 
 
+class StepCacheUnsupported(R2RError, ValueError):
+    """Step caching asked of a program other than the fused one."""
+
+
 class CoupledScheduler:
     """FashionR2R's generation on a bundle through one backend, batch of B images of one size (the bundle's example
     size by default; any size the bundle takes)."""
@@ -86,6 +95,10 @@ class CoupledScheduler:
     def __init__(self, bundle: Bundle, backend: Backend, batch: int, method: Method,
                  variant: Variant | None = None, size: tuple[int, int] | None = None) -> None:
         variant = variant or Variant()
+        if method.cache_interval > 1 and not variant.fused:
+            raise StepCacheUnsupported(
+                f"--cache-interval {method.cache_interval}: step caching runs in the fused program (exact inversion, "
+                "--fused auto or on)")
         bundle.check(method, batch)
         self.width, self.height = size or (bundle.width, bundle.height)
         bundle.check_size(self.width, self.height)
@@ -144,6 +157,12 @@ class CoupledScheduler:
             be.upload(src, np.arange(k * b, dtype=np.int64))
         self.routed = be.empty((3 * b,), np.int64)
         be.upload(self.routed, np.concatenate([np.arange(2 * b), np.arange(b)]).astype(np.int64))
+        # step caching: each branch's deep features, the inversion's [B] and the generation's [cg, neg, null] (the
+        # pair after the window is its tail)
+        self.cached = self.method.cache_interval > 1
+        if self.cached:
+            deep = (int(self.bundle.manifest.latent["deep_channels"]), h, w)
+            self.deep_inv, self.deep_gen = be.empty((b, *deep)), be.empty((3 * b, *deep))
 
     def _t0(self) -> int:
         """Single-pass inversion evaluates z0 at its own level: timestep ts[-1] - D, at least 0."""
@@ -164,20 +183,32 @@ class CoupledScheduler:
         return self.pairs[i % 2]
 
     def unet(self, plan: Plan, graph: str, sample: DeviceArray, t: int, cond: DeviceArray, eps: DeviceArray,
-             qk: list[DeviceArray] | None = None, src: DeviceArray | None = None) -> Op:
-        """A prepared UNet call at timestep row `t`, counted in the plan. The routed `unet` takes `src` (default:
-        the identity, a plain evaluation)."""
+             qk: list[DeviceArray] | None = None, src: DeviceArray | None = None, deep: DeviceArray | None = None
+             ) -> Op:
+        """A prepared UNet call at timestep row `t`, counted in the plan. The routed graphs take `src` (default:
+        the identity, a plain evaluation); the step-cache pair `deep`, the features one writes and the other reads."""
         binds = {graph_io.SAMPLE: sample, graph_io.TIMESTEP: self.timesteps[t], graph_io.ENCODER_HIDDEN_STATES: cond,
                  graph_io.EPS: eps}
         if qk is not None:
             binds |= dict(zip(graph_io.tac_names(len(self.bundle.tac_layers)), qk, strict=True))
-        if graph == graph_io.UNET:
+        if graph in graph_io.ROUTED_GRAPHS:
             binds[graph_io.TAC_SRC] = src if src is not None else self.identity[sample.shape[0] // self.batch]
+        if deep is not None:
+            binds[graph_io.DEEP] = deep
         per_image = sample.shape[0] // self.batch
         plan.unet_evaluations[graph] += per_image
         plan.graph_calls[graph] += 1
         plan.unet_ops[len(plan.ops)] = per_image
         return self.backend.call(graph, binds)
+
+    def routed_unet(self, plan: Plan, whole: bool, sample: DeviceArray, t: int, cond: DeviceArray,
+                    eps: DeviceArray, deep: DeviceArray | None, src: DeviceArray | None = None) -> Op:
+        """A routed UNet call: `unet`, or with step caching the whole call that refreshes the branch's `deep`
+        features (`whole`) or the shallow one that reads them."""
+        if not self.cached:
+            return self.unet(plan, graph_io.UNET, sample, t, cond, eps, src=src)
+        graph = graph_io.UNET_DEEP if whole else graph_io.UNET_SHALLOW
+        return self.unet(plan, graph, sample, t, cond, eps, src=src, deep=deep)
 
     @property
     def unet_evaluations_per_image(self) -> int:
@@ -226,8 +257,9 @@ def encode(s: CoupledScheduler, plan: Plan) -> None:
 def invert_exact(s: CoupledScheduler, plan: Plan) -> None:
     """DDIM inversion over ts ascending (paper eq. 5): e = UNet(z, t_j), then z_t(j) into zs[j]."""
     src = s.z0
-    for j in reversed(range(s.schedule.n)):
-        plan.add(s.unet(plan, graph_io.UNET, src, j, s.c_null, s.eps1))
+    whole = full_calls(s.schedule.n, s.method.cache_interval)
+    for c, j in enumerate(reversed(range(s.schedule.n))):
+        plan.add(s.routed_unet(plan, whole[c], src, j, s.c_null, s.eps1, s.deep_inv if s.cached else None))
         plan.add(s.backend.ddim(s.zs[j], src, s.eps1, s.coef_host[j], s.coefs[j]))
         plan.step_ends.append(len(plan.ops))
         src = s.zs[j]
@@ -248,24 +280,25 @@ def invert_single_pass(s: CoupledScheduler, plan: Plan) -> None:
         src = s.zs[j]
 
 
-TacPass = Callable[[CoupledScheduler, Plan, int, DeviceArray], DeviceArray]
+TacPass = Callable[[CoupledScheduler, Plan, int, DeviceArray, bool], DeviceArray]
 
 
-def tac_emit_inject(s: CoupledScheduler, plan: Plan, i: int, cur: DeviceArray) -> DeviceArray:
+def tac_emit_inject(s: CoupledScheduler, plan: Plan, i: int, cur: DeviceArray, whole: bool) -> DeviceArray:
     """The cg pass on z_t(i) emits Q/K; the [neg, null] pass takes them in the null half."""
     plan.add(s.unet(plan, graph_io.UNET_EMIT, s.zs[i], i, s.c_null, s.eps1, s.qk[0]))
     plan.add(s.unet(plan, graph_io.UNET_INJECT, cur, i, s.c_pair, s.eps_pair, s.qk[0]))
     return s.eps_pair
 
 
-def tac_fused(s: CoupledScheduler, plan: Plan, i: int, cur: DeviceArray) -> DeviceArray:
+def tac_fused(s: CoupledScheduler, plan: Plan, i: int, cur: DeviceArray, whole: bool) -> DeviceArray:
     """One routed UNet call on [z_t(i), zr, zr], the null third taking the cg third's Q/K inside the graph; eps of
     [neg, null] is its tail."""
-    plan.add(s.unet(plan, graph_io.UNET, s.fused_in[i], i, s.c_fused, s.eps_fused, src=s.routed))
+    deep = s.deep_gen if s.cached else None
+    plan.add(s.routed_unet(plan, whole, s.fused_in[i], i, s.c_fused, s.eps_fused, deep, src=s.routed))
     return s.eps_fused[s.batch:]
 
 
-def tac_kept(s: CoupledScheduler, plan: Plan, i: int, cur: DeviceArray) -> DeviceArray:
+def tac_kept(s: CoupledScheduler, plan: Plan, i: int, cur: DeviceArray, whole: bool) -> DeviceArray:
     """Single-pass inversion already emitted step i's Q/K: the [neg, null] pass takes them."""
     plan.add(s.unet(plan, graph_io.UNET_INJECT, cur, i, s.c_pair, s.eps_pair, s.qk[i]))
     return s.eps_pair
@@ -285,12 +318,13 @@ def generate(s: CoupledScheduler, plan: Plan) -> None:
     plan.add(s.backend.copy(first[:b], s.zs[0]))
     plan.add(s.backend.copy(first[b:], s.zs[0]))
     controlled = tac_pass(s.variant)
+    whole = full_calls(n, s.method.cache_interval)
     for i in range(n):
         cur = s.pair(i)
         if i < s.window:
-            eps = controlled(s, plan, i, cur)
-        else:
-            plan.add(s.unet(plan, graph_io.UNET, cur, i, s.c_pair, s.eps_pair))
+            eps = controlled(s, plan, i, cur, whole[i])
+        else:  # with step caching, the pair's features are the tail of the fused step's [cg, neg, null]
+            plan.add(s.routed_unet(plan, whole[i], cur, i, s.c_pair, s.eps_pair, s.deep_gen[b:] if s.cached else None))
             eps = s.eps_pair
         plan.add(s.backend.guided(s.pair(i + 1), cur[:b], eps, s.coef_host[n + i], s.coefs[n + i]))
         plan.step_ends.append(len(plan.ops))

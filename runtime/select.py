@@ -71,12 +71,13 @@ def resolve_precision(row: BackendRow, bundle: Bundle, precision: str | None = N
 
 
 def cached_bundle(model: Path, embedding: Path, width: int, height: int, batch_max: int, tac_divisor: int,
-                  progress: Callable[[str], None] = log, graphs: Sequence[str] = graph_io.ALL_GRAPHS,
+                  progress: Callable[[str], None] = log, graphs: Sequence[str] = graph_io.DEFAULT_GRAPHS,
                   attention_pool: int = 1) -> Path:
     """A model's bundle, exported once into the cache and named by what it is made from (a later call with the same
     model, embedding and settings checks hashes only). `graphs`: the ones the run calls, exported alone unless a
-    bundle of every graph is in the cache already (it serves any run); none: the manifest and conditioning alone,
-    for a backend that runs the model's own modules. `attention_pool`: the UNet graphs' (docs/design.md, "Less work
+    bundle of every default graph is in the cache already (it serves any run without step caching); none: the
+    manifest and conditioning alone, for a backend that runs the model's own modules; the step-cache pair: a bundle
+    of the graphs given, named "-stepcache". `attention_pool`: the UNet graphs' (docs/design.md, "Less work
     per image"), a bundle of its own."""
     from r2r.export.bundle_writer import ExportConfig, export_bundle
 
@@ -87,14 +88,20 @@ def cached_bundle(model: Path, embedding: Path, width: int, height: int, batch_m
     full = cache_dir() / "bundles" / name
     if not wanted:
         name += "-nographs"
-    elif wanted != graph_io.ALL_GRAPHS and not (full / MANIFEST).is_file():
-        name += "-without-" + "-".join(g for g in graph_io.ALL_GRAPHS if g not in wanted)
+    elif any(g in graph_io.STEP_CACHE_GRAPHS for g in wanted):  # a step-caching program: its graphs, in a folder
+        name += "-stepcache"                                      # of their own
+    elif wanted != graph_io.DEFAULT_GRAPHS and not (full / MANIFEST).is_file():
+        name += "-without-" + "-".join(g for g in graph_io.DEFAULT_GRAPHS if g not in wanted)
     else:
-        wanted = graph_io.ALL_GRAPHS
+        wanted = graph_io.DEFAULT_GRAPHS
     out = cache_dir() / "bundles" / name
     progress(f"r2r-run: using the bundle of {model.name} at {width}x{height} in {out}")
+    # the same model's other bundles (another pool, step caching, fewer graphs) give the graphs they share
+    same = f"{model.name}-{digest}-"
+    siblings = out.parent.iterdir() if out.parent.is_dir() else ()
+    donors = tuple(sorted(p for p in siblings if p.name.startswith(same) and p.name != name))
     export_bundle(ExportConfig(model, embedding, out, width, height, batch_max, tac_divisor, wanted,
-                               attention_pool=attention_pool), progress=progress)
+                               attention_pool=attention_pool, donors=donors), progress=progress)
     return out
 
 

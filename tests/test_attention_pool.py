@@ -88,7 +88,7 @@ def test_the_pooled_emit_and_inject_graphs_follow_the_pooled_reference_at_45_db(
                                                                                variant: Variant) -> None:
     """The pooled key crosses the graphs here: `unet_emit`'s tac_k outputs on the pooled grid, `unet_inject`'s
     inputs (the bundle of every graph: one more export, hence `slow`)."""
-    _follows_the_pooled_reference(_pooled(r2r_cache, graph_io.ALL_GRAPHS), reference, renders, variant)
+    _follows_the_pooled_reference(_pooled(r2r_cache, graph_io.DEFAULT_GRAPHS), reference, renders, variant)
 
 
 @pytest.mark.parametrize("variant", [Variant(fused=True), Variant(), Variant("single-pass")],

@@ -79,7 +79,7 @@ def _run_torch(unet, state, mode, x, injected=()):
 
 def test_manifest_names_every_graph_with_the_contract_io(bundle: Path) -> None:
     m = read_manifest(bundle)
-    assert set(m.graphs) == set(graph_io.ALL_GRAPHS)
+    assert set(m.graphs) == set(graph_io.DEFAULT_GRAPHS)
     n = len(m.tac_plan["layers"])
     assert n == 6
     emit = m.graphs[graph_io.UNET_EMIT]
@@ -227,6 +227,30 @@ def test_an_export_of_fewer_graphs_leaves_a_bundle_of_those_alone(tiny_bundle: P
     assert set(m.graphs) == set(kept) and {e["graph"] for e in m.canaries.values()} == set(kept)
     assert sorted(p.name for p in (out / "onnx").iterdir()) == sorted(kept)
     verify_files(out, m)
+
+
+def test_a_graph_of_the_same_key_is_copied_from_a_donor_bundle_unless_its_files_changed(
+        tiny_bundle: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The same model's other bundles give the graphs they share (r2r-run's cache passes them): copied with their
+    recorded hashes, checked after the copy; a donor whose file no longer matches its manifest gives nothing."""
+    def export(out: Path, donor: Path) -> tuple[list[str], object]:
+        lines: list[str] = []
+        m = export_bundle(ExportConfig(tiny_model_dir, tiny_model_dir / "negative_embedding.safetensors", out, W, H,
+                                       batch_max=4, graphs=(graph_io.VAE_DECODER,), donors=(donor,)),
+                          progress=lines.append)
+        return lines, m
+
+    lines, m = export(tmp_path / "copied", tiny_bundle)
+    donor = read_manifest(tiny_bundle)
+    assert any("copied" in line and graph_io.VAE_DECODER in line for line in lines), lines
+    assert not any("exported" in line for line in lines)
+    assert m.graphs[graph_io.VAE_DECODER] == donor.graphs[graph_io.VAE_DECODER]
+    verify_files(tmp_path / "copied", read_manifest(tmp_path / "copied"))
+    changed = Path(shutil.copytree(tiny_bundle, tmp_path / "changed"))
+    graph = changed / donor.graphs[graph_io.VAE_DECODER].file
+    graph.write_bytes(graph.read_bytes() + b"\0")
+    lines, _ = export(tmp_path / "exported", changed)
+    assert any("exported" in line and graph_io.VAE_DECODER in line for line in lines), lines
 
 
 def test_onnxruntime_engines_fuse_attention_keep_parity_and_are_not_rebuilt(bundle: Path, torch_unet) -> None:

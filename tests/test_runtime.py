@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support.engines import openvino_kernels_note
+from support.engines import RecordingBackend, openvino_kernels_note
 
 from r2r import graph_io
 from r2r.config import Method, Variant
@@ -81,18 +81,6 @@ def test_a_short_batch_is_padded_and_returns_only_its_images(bundle, stripes_ima
 def test_unet_evaluations_per_image_at_the_defaults(bundle, inversion: str, fused: bool, count: int) -> None:
     sched = CoupledScheduler(bundle, OrtBackend(bundle), 1, Method(), Variant(inversion, fused))
     assert sched.unet_evaluations_per_image == count
-
-
-class RecordingBackend(OrtBackend):
-    """Records every binding so the test can compare buffer addresses."""
-
-    def __init__(self, bundle) -> None:
-        super().__init__(bundle)
-        self.calls: list[tuple[str, dict]] = []
-
-    def call(self, graph, bindings):
-        self.calls.append((graph, {k: (v.ptr, v.shape) for k, v in bindings.items()}))
-        return super().call(graph, bindings)
 
 
 @pytest.mark.parametrize("inversion", ["exact", "single-pass"])

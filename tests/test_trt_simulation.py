@@ -8,22 +8,21 @@ one capture, replays, no allocation or host synchronization inside the program, 
 
 from __future__ import annotations
 
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
 from support import gpu_sim
 from support.api import load_api
+from support.bundles import copy_bundle, set_batch_dims
 
 from r2r import gpu, graph_io
 from r2r.config import Method, Variant
 from r2r.engines import tensorrt as trtb
-from r2r.manifest import read_manifest, record_file, write_manifest
+from r2r.manifest import read_manifest
 from r2r.runtime.backend_ort import OrtBackend
 from r2r.runtime.backend_trt import CudaError, TrtBackend
 from r2r.runtime.bundle_reader import Bundle, open_bundle
@@ -34,52 +33,12 @@ from r2r.tiny import LATENT_CHANNELS as C
 H = W = 256
 
 
-def _set_batch_dims(root: Path, graph: str, fixed: int | None) -> bool:
-    """Make dim 0 of `graph`'s I/O symbolic as the manifest says ("B", "2*B"), or fixed to `fixed` times its batch
-    multiple; True if the graph changed.
-
-    The export currently writes `guided_step` with a fixed batch of 2 although the manifest (and the graph's
-    operations: Split into halves, Concat) say 2*B / B: TensorRT cannot build it for the bundle's batch range, and
-    ONNX Runtime refuses any other batch. The tests repair their copy of the bundle (a no-op once export is fixed).
-    """
-    m = read_manifest(root)
-    entry = m.graphs[graph]
-    path = root / entry.file
-    model = onnx.load(str(path), load_external_data=False)
-    symbols = {t.name: t.shape[0] for t in entry.inputs + entry.outputs if isinstance(t.shape[0], str)}
-    changed = False
-    for v in list(model.graph.input) + list(model.graph.output):
-        sym = symbols.get(v.name)
-        if sym is None:
-            continue
-        dim = v.type.tensor_type.shape.dim[0]
-        if fixed is None and dim.dim_param != sym:
-            dim.dim_param = sym  # dim_param and dim_value are one field: this clears the fixed size
-            changed = True
-        elif fixed is not None:
-            size = fixed * (int(sym.split("*")[0]) if "*" in sym else 1)
-            if not dim.HasField("dim_value") or dim.dim_value != size:
-                dim.dim_value = size
-                changed = True
-    if changed:
-        del model.graph.value_info[:]  # intermediate shapes recorded for the old batch
-        onnx.save(model, str(path))
-        record_file(root, m, entry.file)
-        write_manifest(root, m)
-    return changed
-
-
-def _copy_bundle(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def sim_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the tiny bundle with simulated fp32 TensorRT engines for every graph."""
-    root = _copy_bundle(tiny_bundle, tmp_path_factory.mktemp("trt-sim") / "bundle")
+    root = copy_bundle(tiny_bundle, tmp_path_factory.mktemp("trt-sim") / "bundle")
     for graph in read_manifest(root).graphs:
-        _set_batch_dims(root, graph, None)
+        set_batch_dims(root, graph, None)
     entries = gpu_sim.build_sim_engines(root, "fp32")
     assert {e.graph for e in entries} == set(read_manifest(root).graphs)
     return root
@@ -457,8 +416,8 @@ def test_capture_records_and_replays() -> None:
 
 def test_the_builder_refuses_a_graph_with_a_fixed_batch(tiny_bundle: Path, tmp_path: Path) -> None:
     """TensorRT cannot build a profile over batch 1..4 for a graph whose batch is fixed; neither does the fake."""
-    root = _copy_bundle(tiny_bundle, tmp_path / "bundle")
-    _set_batch_dims(root, graph_io.GUIDED_STEP, 2)
+    root = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    set_batch_dims(root, graph_io.GUIDED_STEP, 2)
     with pytest.raises(trtb.TensorRTBuildError, match="could not build"):
         gpu_sim.build_sim_engines(root, "fp32", graphs=[graph_io.GUIDED_STEP])
 
@@ -510,7 +469,7 @@ def test_tensorrt_engines_pass_their_canaries_and_one_that_holds_other_weights_i
         assert {r.graph for r in verified.results} == {*graph_io.STEP_GRAPHS, graph_io.VAE_ENCODER, graph_io.UNET,
                                                        graph_io.VAE_DECODER}
         assert all(r.ok and r.precision == "tf32" for r in verified.results)
-    root = _copy_bundle(sim_bundle, tmp_path / "bundle")
+    root = copy_bundle(sim_bundle, tmp_path / "bundle")
     negate_conv_kernels(root, graph_io.VAE_DECODER)
     changed = open_bundle(root)
     trt, cudart = gpu_sim.sim_modules(root)
@@ -524,9 +483,9 @@ def test_tensorrt_engines_pass_their_canaries_and_one_that_holds_other_weights_i
 def test_static_size_engines_are_checked_by_a_canary_of_the_example_size(tiny_bundle: Path, tmp_path: Path) -> None:
     from r2r.runtime.verify import verify_graphs
 
-    root = _copy_bundle(tiny_bundle, tmp_path / "bundle")
+    root = copy_bundle(tiny_bundle, tmp_path / "bundle")
     for graph in read_manifest(root).graphs:
-        _set_batch_dims(root, graph, None)
+        set_batch_dims(root, graph, None)
     trtb.build_bundle_engines(root, trtb.TrtBuildConfig("fp32", sizes="opt"), graphs=[graph_io.VAE_DECODER],
                               trt=gpu_sim.fake_tensorrt(root), gpu=gpu_sim.fake_gpu_info, progress=lambda _: None)
     assert trtb.record_example_canaries(root, progress=lambda _: None) == [f"{g}@{W}x{H}" for g in

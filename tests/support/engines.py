@@ -1,5 +1,6 @@
 """Test doubles and helpers for the verified-engines tests: a backend that poisons one image with NaN, an OpenVINO
-blob made to compute wrong numbers, and which kernels OpenVINO ran (for failure messages)."""
+blob made to compute wrong numbers, which kernels OpenVINO ran (for failure messages), and a backend that records
+its bindings."""
 
 from __future__ import annotations
 
@@ -98,5 +99,17 @@ def torch_kernels_note() -> str:
     return f"on {cpu_identity()}: torch {torch.__version__} dispatches to {torch.backends.cpu.get_cpu_capability()}"
 
 
-__all__ = ["NanImageBackend", "negate_conv_kernels", "openvino_kernels", "openvino_kernels_note", "torch_kernels_note",
-           "zero_blob_weights"]
+class RecordingBackend(OrtBackend):
+    """Records every binding so the test can compare buffer addresses."""
+
+    def __init__(self, bundle) -> None:
+        super().__init__(bundle)
+        self.calls: list[tuple[str, dict]] = []
+
+    def call(self, graph, bindings):
+        self.calls.append((graph, {k: (v.ptr, v.shape) for k, v in bindings.items()}))
+        return super().call(graph, bindings)
+
+
+__all__ = ["NanImageBackend", "RecordingBackend", "negate_conv_kernels", "openvino_kernels", "openvino_kernels_note",
+           "torch_kernels_note", "zero_blob_weights"]
