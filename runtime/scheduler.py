@@ -8,7 +8,10 @@ the inject graph's Q/K inputs (the same buffers), the inversion latents are read
 The program is assembled by small functions, one job each (docs/design.md, "The method"): `encode`, one inversion
 per variant (`invert_exact`, `invert_single_pass`), `generate` with one TAC pass per variant (`tac_emit_inject`,
 `tac_fused`, `tac_kept`), `decode`. Graph calls per image at the defaults (n = 15, window 13): exact inversion
-15 + 13 + 30 = 58; single-pass inversion 16 + 30 = 46 (docs/design.md, "UNet evaluations per image").
+15 + 13 + 30 = 58; single-pass inversion 16 + 30 = 46 (docs/design.md, "UNet evaluations per image"). With step
+caching (cache interval K > 1, the fused program) every routed call is `unet_deep` or `unet_shallow` by the cadence
+of `r2r.step_cache.full_calls`, each branch reading the deep features its own whole calls wrote (docs/design.md,
+"Less work per image").
 """
 
 from __future__ import annotations
