@@ -412,9 +412,8 @@ def _build_engines(s: _Subject, sizes: list[int], threads: int, only: str | None
             + ("-stepcache" if step_cache else "")
         pooled[pool] = s.out / "bundles" / name
         # the graphs of the fused program its rows run: with the pool alone (`unet`) and with step caching
-        graphs = (program_graphs(Variant(fused=True), True, step_cache) if pool == 1 else
-                  tuple(dict.fromkeys(program_graphs(Variant(fused=True), True)
-                                      + (graph_io.STEP_CACHE_GRAPHS if step_cache else ()))))
+        graphs = program_graphs(Variant(fused=True), True, step_cache) if pool == 1 else \
+            program_graphs(Variant(fused=True), True) + (graph_io.STEP_CACHE_GRAPHS if step_cache else ())
         export_bundle(ExportConfig(s.model, s.embedding, pooled[pool], s.width, s.height, batch_max=max(sizes),
                                    graphs=graphs, attention_pool=pool, donors=(bundle,)), progress=log)
         build_ort_engines(pooled[pool], "fp32", "cpu", progress=log)

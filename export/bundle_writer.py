@@ -236,16 +236,26 @@ def graph_specs(plan: TACPlan) -> dict[str, GraphSpec]:
     return {**unet_specs(plan), **VAE_SPECS, **STEP_SPECS}
 
 
-def _copy_from_donor(donors: tuple[Path, ...], name: str, key: str, out: Path, manifest: Manifest) -> bool:
-    """Copy graph `name` from the first donor bundle that holds it at `key` with its files intact (what they hold is
-    hashed again after the copy: a donor rewritten meanwhile gives nothing); True if copied."""
+def _donor_manifests(donors: tuple[Path, ...], out: Path) -> list[tuple[Path, Manifest]]:
+    """The donor bundles that can be read, each manifest read once per export (not this bundle itself)."""
+    found = []
     for donor in donors:
+        if donor.resolve() == out.resolve():
+            continue
         try:
-            theirs = read_manifest(donor)
+            found.append((donor, read_manifest(donor)))
         except (ValueError, OSError):
             continue
+    return found
+
+
+def _copy_from_donor(donors: list[tuple[Path, Manifest]], name: str, key: str, out: Path,
+                     manifest: Manifest) -> bool:
+    """Copy graph `name` from the first donor bundle that holds it at `key` with its files intact (what they hold is
+    hashed again after the copy: a donor rewritten meanwhile gives nothing); True if copied."""
+    for donor, theirs in donors:
         entry = theirs.graphs.get(name)
-        if entry is None or entry.key != key or donor.resolve() == out.resolve():
+        if entry is None or entry.key != key:
             continue
         files = [f for f in theirs.files if f.startswith(f"{ONNX_DIR}/{name}/")]
         folder = bundle_path(out, _graph_file(name)).parent
@@ -342,6 +352,7 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
 
     state = install_tac(comps.unet, plan)
     specs = graph_specs(plan)
+    donors = _donor_manifests(cfg.donors, out)
     for name in cfg.graphs:
         rel = _graph_file(name)
         old_files = [f for f in old.files if f.startswith(f"{ONNX_DIR}/{name}/")] if old is not None else []
@@ -351,7 +362,7 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
             manifest.files.update({f: old.files[f] for f in kept})
             progress(f"  {name:<11} up to date ({rel})")
             continue
-        if _copy_from_donor(cfg.donors, name, keys[name], out, manifest):
+        if _copy_from_donor(donors, name, keys[name], out, manifest):
             progress(f"  {name:<11} copied ({rel}: the same graph, from a bundle beside this one)")
             continue
         t0 = time.perf_counter()

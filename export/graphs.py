@@ -31,11 +31,8 @@ class UNetRouted(_UNetGraph):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor,
                 tac_src: torch.Tensor) -> torch.Tensor:
-        self.state.mode, self.state.src = TACMode.ROUTED, tac_src
-        try:
+        with self.state.routed(tac_src):
             return self._eps(sample, timestep, ehs)
-        finally:
-            self.state.mode, self.state.src = TACMode.OFF, None
 
 
 class UNetDeep(_UNetGraph):
@@ -44,11 +41,8 @@ class UNetDeep(_UNetGraph):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor,
                 tac_src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.state.mode, self.state.src = TACMode.ROUTED, tac_src
-        try:
+        with self.state.routed(tac_src):
             return unet_split(self.unet, sample, timestep, ehs)
-        finally:
-            self.state.mode, self.state.src = TACMode.OFF, None
 
 
 class UNetShallow(_UNetGraph):
@@ -56,11 +50,8 @@ class UNetShallow(_UNetGraph):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor, tac_src: torch.Tensor,
                 deep: torch.Tensor) -> torch.Tensor:
-        self.state.mode, self.state.src = TACMode.ROUTED, tac_src
-        try:
+        with self.state.routed(tac_src):
             return unet_split(self.unet, sample, timestep, ehs, deep)[0]
-        finally:
-            self.state.mode, self.state.src = TACMode.OFF, None
 
 
 class UNetEmit(_UNetGraph):

@@ -56,6 +56,10 @@ class Branch:
 
     def next_is_whole(self) -> bool:
         self.calls += 1
+        return self.last_was_whole
+
+    @property
+    def last_was_whole(self) -> bool:
         return self.whole[self.calls - 1]
 
 
@@ -191,7 +195,7 @@ class ReferencePipeline:
                 if kept is None:
                     state.mode = TACMode.CAPTURE
                     self._unet("generation_cg", latents[i], t, cond_cg, cg)
-                    whole = cg is None or cg.whole[cg.calls - 1]
+                    whole = cg is None or cg.last_was_whole
                     state.injected = state.take_captured() if whole else state.take_partial(shallow)
                 else:
                     state.injected = kept[i]

@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from r2r.config import MAX_CACHE_INTERVAL
-
 if TYPE_CHECKING:  # the scheduler reads the cadence without importing torch
     import torch
 
@@ -28,9 +26,8 @@ _PLAIN = {"class_embed_type": None, "addition_embed_type": None, "time_cond_proj
 
 def full_calls(calls: int, interval: int) -> tuple[bool, ...]:
     """Which of a branch's calls, in the order they run, evaluate the whole UNet (and refresh its cache): the first
-    and every `interval`-th after it; the others run the shallow path. Interval 1: every call is whole."""
-    if not 1 <= interval <= MAX_CACHE_INTERVAL:
-        raise ValueError(f"cache interval must be in [1, {MAX_CACHE_INTERVAL}], got {interval}")
+    and every `interval`-th after it; the others run the shallow path. Interval 1: every call is whole (the
+    interval is validated where it is given, `Method`)."""
     return tuple(c % interval == 0 for c in range(calls))
 
 
@@ -45,6 +42,7 @@ def check_unet(unet_config: Mapping[str, Any]) -> None:
 
 
 def step_cache_supported(unet_config: Mapping[str, Any]) -> bool:
+    """Whether `check_unet` accepts the UNet (a bundle of any model records step caching's shapes only then)."""
     try:
         check_unet(unet_config)
     except ValueError:

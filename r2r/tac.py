@@ -9,9 +9,10 @@ graph serves the plain batch, the guided pair and the fused step).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,6 +194,15 @@ class TACState:
             out.append(qk)
         self.captured = [None] * self.num_layers
         return out
+
+    @contextlib.contextmanager
+    def routed(self, src: torch.Tensor) -> Iterator[None]:
+        """Route by `src` for the calls inside (the routed graphs, whole or step-cache split), then plain again."""
+        self.mode, self.src = TACMode.ROUTED, src
+        try:
+            yield
+        finally:
+            self.mode, self.src = TACMode.OFF, None
 
     def take_partial(self, layers: frozenset[int]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """What a step-cache shallow call captured: the Q/K of `layers` (the ones it computes), None elsewhere."""

@@ -137,11 +137,8 @@ class TorchBackend(Backend):
             src = t[graph_io.TAC_SRC]
 
             def routed() -> None:
-                state.mode, state.src = TACMode.ROUTED, src
-                try:
+                with state.routed(src):
                     eps.copy_(run())
-                finally:
-                    state.mode, state.src = TACMode.OFF, None
 
             return routed
         if graph in graph_io.STEP_CACHE_GRAPHS:  # step caching: the split UNet, routed (r2r.step_cache)
@@ -149,15 +146,12 @@ class TorchBackend(Backend):
             shallow = graph == graph_io.UNET_SHALLOW
 
             def split() -> None:
-                state.mode, state.src = TACMode.ROUTED, src
-                try:
+                with state.routed(src):
                     out, features = unet_split(unet, sample.to(dt), timestep, ehs.to(dt),
                                                deep.to(dt) if shallow else None)
-                    eps.copy_(out)
-                    if not shallow:
-                        deep.copy_(features)
-                finally:
-                    state.mode, state.src = TACMode.OFF, None
+                eps.copy_(out)
+                if not shallow:
+                    deep.copy_(features)
 
             return split
         if graph == graph_io.UNET_EMIT:

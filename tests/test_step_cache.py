@@ -82,8 +82,8 @@ def test_the_split_unet_is_the_unet_and_a_shallow_call_on_its_own_features_is_th
 def test_each_branch_refreshes_its_cache_every_k_calls_from_the_first() -> None:
     assert full_calls(5, 1) == (True,) * 5
     assert full_calls(7, 3) == (True, False, False, True, False, False, True)
-    with pytest.raises(ValueError, match=r"cache interval must be in \[1, 10\]"):
-        full_calls(5, 0)
+    with pytest.raises(ValueError, match=r"cache_interval must be in \[1, 10\]"):
+        Method(cache_interval=11)
     config = load_components(EMBEDDED_DEFAULT).unet.config
     plan = plan_tac(config, W, H, 256)
     # the first level's TAC layers (first down block, last up block) are in the shallow path, the second's are not
