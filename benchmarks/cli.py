@@ -375,23 +375,44 @@ def run_cmd(quick: bool, source: ModelSource, sd15: bool, size: str | None, out:
              "results": results, "host_overhead": host_overhead(s.bundle, s.work), "default": default}, out, s.start)
 
 
+def _pool_rows(pool: int, intervals: tuple[int, ...]) -> list[tuple[str, str, int]]:
+    """The rows a pooled (or step-cache) bundle runs, as (name, backend, cache interval): the pool alone and with each
+    interval on openvino bf16 and onnxruntime fp32 (pool 1: the intervals alone; the interval with a pool: openvino
+    bf16 only)."""
+    rows = [(f"onnxruntime-fp32-pool{pool}-b1", "onnxruntime", 1), (f"openvino-bf16-pool{pool}-b1", "openvino", 1)] \
+        if pool > 1 else []
+    for k in intervals:
+        tag = (f"pool{pool}-" if pool > 1 else "") + f"cache{k}"
+        if pool == 1:
+            rows.append((f"onnxruntime-fp32-{tag}-b1", "onnxruntime", k))
+        rows.append((f"openvino-bf16-{tag}-b1", "openvino", k))
+    return rows
+
+
 def _build_engines(s: _Subject, sizes: list[int], threads: int, only: str | None, static_too: bool,
-                   pools: tuple[int, ...] = (), step_cache: bool = False
+                   pools: tuple[int, ...] = (), intervals: tuple[int, ...] = ()
                    ) -> tuple[bool, Path | None, dict[int, Path]]:
-    """The engines every configuration of a run opens, as a user's would: OpenVINO's compiled models (and its INT8
+    """The engines the configurations of a run open, as a user's would: OpenVINO's compiled models (and its INT8
     UNet where NNCF is installed), a static bundle's with --static, a pooled bundle's per --attention-pool (and with
-    `step_cache`, a bundle of the step-cache program per pool, 1 included). Returns (INT8 built, the static bundle,
-    the pooled bundles by pool: 1 only with `step_cache`)."""
+    `intervals`, a bundle of the step-cache program per pool, 1 included); with --only, those of the rows kept alone
+    (an SD 1.5 engine costs minutes and gigabytes). Returns (INT8 built, the static bundle, the pooled bundles by
+    pool: 1 only with `intervals`)."""
     from r2r.engines.onnxruntime import build_ort_engines
     from r2r.engines.openvino import INT8_UNET, build_ov_engines
     from r2r.export.bundle_writer import ExportConfig, export_bundle
     from r2r.manifest import read_manifest
     from r2r.runtime.scheduler import program_graphs
 
+    kept = set(only.split(",")) if only else None
+
+    def wanted(*names: str) -> bool:
+        return kept is None or bool(kept & set(names))
+
     bundle = s.bundle
     for prec in ("fp32", "bf16"):
-        build_ov_engines(bundle, prec, threads, progress=log)
-    int8 = importlib.util.find_spec("nncf") is not None and (not only or "openvino-int8-b1" in only.split(","))
+        if wanted(f"openvino-{prec}-b1", f"openvino-{prec}-single-pass-b1"):
+            build_ov_engines(bundle, prec, threads, progress=log)
+    int8 = importlib.util.find_spec("nncf") is not None and wanted("openvino-int8-b1")
     if int8:
         from r2r.engines.int8 import build_int8_unet
 
@@ -407,7 +428,11 @@ def _build_engines(s: _Subject, sizes: list[int], threads: int, only: str | None
         for prec in ("fp32", "bf16"):
             build_ov_engines(static, prec, threads, progress=log)
     pooled = {}
-    for pool in ((1,) if step_cache else ()) + pools:
+    for pool in ((1,) if intervals else ()) + pools:
+        rows = _pool_rows(pool, intervals)
+        if not wanted(*(name for name, _, _ in rows)):
+            continue
+        step_cache = bool(intervals)
         name = f"{s.model.name}-{s.width}x{s.height}" + (f"-pool{pool}" if pool > 1 else "") \
             + ("-stepcache" if step_cache else "")
         pooled[pool] = s.out / "bundles" / name
@@ -416,7 +441,8 @@ def _build_engines(s: _Subject, sizes: list[int], threads: int, only: str | None
             program_graphs(Variant(fused=True), True) + (graph_io.STEP_CACHE_GRAPHS if step_cache else ())
         export_bundle(ExportConfig(s.model, s.embedding, pooled[pool], s.width, s.height, batch_max=max(sizes),
                                    graphs=graphs, attention_pool=pool, donors=(bundle,)), progress=log)
-        build_ort_engines(pooled[pool], "fp32", "cpu", progress=log)
+        if wanted(*(n for n, backend, _ in rows if backend == "onnxruntime")):
+            build_ort_engines(pooled[pool], "fp32", "cpu", progress=log)
         build_ov_engines(pooled[pool], "bf16", threads, progress=log)
     return int8, static, pooled
 
@@ -426,19 +452,25 @@ def _configs(s: _Subject, sizes: list[int], n_images: int, repeats: int, warmup:
              ) -> tuple[list[BenchConfig], str]:
     """The configurations of a run (their engines built first), and the one `r2r-run` runs by default here."""
     from r2r.backends import auto_choices
+    from r2r.models import model_defaults
 
     bundle = s.bundle
-    int8, static, pooled = _build_engines(s, sizes, threads, only, static_too, pools, bool(intervals))
+    model_k = model_defaults(s.model).cache_interval  # r2r-run's default runs it: always a row
+    intervals = tuple(sorted(set(intervals) | ({model_k} if model_k > 1 else set())))
+    int8, static, pooled = _build_engines(s, sizes, threads, only, static_too, pools, intervals)
     images = make_images(s.work, n_images, s.width, s.height)
     default_row, _ = auto_choices()[0]
     default = (default_row.name, default_row.native_precision())
+    # the full program unless a row says otherwise (the main bundle carries no step-cache graphs)
     common = {"model": str(s.model), "embedding": str(s.embedding), "width": s.width, "height": s.height,
-              "images": str(images), "method": Method(), "repeats": repeats, "threads": threads, "warmup": warmup}
+              "images": str(images), "method": Method(cache_interval=1), "repeats": repeats, "threads": threads,
+              "warmup": warmup}
+    default_bundle = str(bundle) if model_k == 1 else str(pooled.get(1, ""))
 
     def cfg(name: str, kind: str, **kw: Any) -> BenchConfig:
         is_default = kind == "r2r" and (kw.get("backend", "onnxruntime"), kw.get("precision", "fp32")) == default \
             and kw.get("inversion", "exact") == "exact" and kw.get("batch", 1) == 1 and kw.get("fused", True) \
-            and kw.get("bundle") == str(bundle)
+            and kw.get("bundle") == default_bundle and kw.get("method", common["method"]).interval == model_k
         return BenchConfig(name=name, kind=kind, outputs=str(s.work / f"{name}.out.npz"), default=is_default,
                            **{**common, **kw})
 
@@ -460,24 +492,16 @@ def _configs(s: _Subject, sizes: list[int], n_images: int, repeats: int, warmup:
             configs.append(cfg(f"openvino-{prec}-static-b1", "r2r", bundle=str(static), backend="openvino",
                                precision=prec))
     for pool, root in pooled.items():  # the bundle's pool is the method's (Bundle.method)
-        if pool > 1:
-            configs.append(cfg(f"onnxruntime-fp32-pool{pool}-b1", "r2r", bundle=str(root)))
-            configs.append(cfg(f"openvino-bf16-pool{pool}-b1", "r2r", bundle=str(root), backend="openvino",
-                               precision="bf16"))
-        for k in intervals:
-            tag = (f"pool{pool}-" if pool > 1 else "") + f"cache{k}"
-            if pool == 1:
-                configs.append(cfg(f"onnxruntime-fp32-{tag}-b1", "r2r", bundle=str(root),
-                                   method=Method(cache_interval=k)))
-            configs.append(cfg(f"openvino-bf16-{tag}-b1", "r2r", bundle=str(root), backend="openvino",
-                               precision="bf16", method=Method(cache_interval=k)))
+        for name, backend, k in _pool_rows(pool, intervals):
+            configs.append(cfg(name, "r2r", bundle=str(root), method=Method(cache_interval=k),
+                               **({"backend": "openvino", "precision": "bf16"} if backend == "openvino" else {})))
     if only:
         keep = {"torch-reference", *only.split(",")}
         unknown = keep - {c.name for c in configs}
         if unknown:
             raise click.BadParameter(f"--only: unknown {sorted(unknown)}; known: {[c.name for c in configs]}")
         configs = [c for c in configs if c.name in keep]
-    return configs, f"{default[0]} {default[1]}"
+    return configs, f"{default[0]} {default[1]}" + (f", step caching K = {model_k}" if model_k > 1 else "")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ from r2r.manifest import (
     verify_files,
     write_manifest,
 )
-from r2r.models import Components, encode_conditioning, load_components, sha256_file, sha256_trees
+from r2r.models import Components, encode_conditioning, load_components, model_defaults, sha256_file, sha256_trees
 from r2r.step_cache import check_unet, deep_channels, step_cache_supported
 from r2r.tac import TACPlan, TACState, install_tac, pixel_multiple, plan_tac
 
@@ -314,7 +314,8 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
         scaling_factor=comps.scaling_factor,
         tac_plan={**plan.as_dict(), "target": "null"},
         schedule={"scheduler": comps.scheduler.as_dict(),
-                  "defaults": Method(tac_divisor=cfg.tac_divisor, attention_pool=cfg.attention_pool).as_dict()},
+                  "defaults": Method(tac_divisor=cfg.tac_divisor, attention_pool=cfg.attention_pool,
+                                     cache_interval=model_defaults(model_dir).cache_interval).as_dict()},
         tools=tools,
     )
     if old is not None:  # engines keep their own keys (and file hashes); the engine builders re-check them

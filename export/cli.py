@@ -13,7 +13,7 @@ import click
 from r2r import graph_io
 from r2r.config import ATTENTION_POOLS, DEFAULT_TAC_DIVISOR
 from r2r.log import log
-from r2r.models import default_resolution
+from r2r.models import default_resolution, model_defaults
 from r2r.options import grouped, model_source_options, resolve_source
 from r2r.source import ModelSource
 
@@ -81,6 +81,15 @@ REFIT_HELP = ("Make the bundle refittable: record which model parameter each gra
               "refit` can give it another model's weights (TensorRT: refittable engines).")
 
 
+def bundle_graphs(model: Path, named: tuple[str, ...] = (), step_cache: bool = False) -> tuple[str, ...]:
+    """The graphs `r2r-export onnx` writes: those named, else the default ones; the step-cache pair too with
+    --step-cache, or where no graph is named and the model's defaults step-cache (its bundle runs r2r-run's default
+    program)."""
+    step_cache = step_cache or (not named and model_defaults(model).cache_interval > 1)
+    wanted = set(named or graph_io.DEFAULT_GRAPHS) | (set(graph_io.STEP_CACHE_GRAPHS) if step_cache else set())
+    return tuple(g for g in graph_io.ALL_GRAPHS if g in wanted)
+
+
 def export(cfg: ExportConfig) -> None:
     """Write or refresh the bundle, a model error (or one that cannot be made refittable) reported as a CLI
     error."""
@@ -100,19 +109,20 @@ def export(cfg: ExportConfig) -> None:
 @click.option("--refit", is_flag=True, help=REFIT_HELP)
 @click.option("--graph", "graphs", multiple=True, type=click.Choice(graph_io.ALL_GRAPHS),
               help="Only this graph (repeatable): the bundle holds these alone [default: every graph but the "
-                   "step-cache pair]. The default (fused) program calls unet, vae_encoder, vae_decoder and, on a "
-                   "GPU, ddim_step and guided_step; --fused off and --inversion single-pass also call unet_emit and "
-                   "unet_inject; --cache-interval K > 1 calls unet_deep and unet_shallow in place of unet.")
+                   "step-cache pair, which comes too where the model's defaults step-cache]. The default (fused) "
+                   "program calls unet, vae_encoder, vae_decoder and, on a GPU, ddim_step and guided_step; "
+                   "--fused off and --inversion single-pass also call unet_emit and unet_inject; --cache-interval "
+                   "K > 1 calls unet_deep and unet_shallow in place of unet.")
 @click.option("--step-cache", is_flag=True,
               help="Also export the step-cache graphs unet_deep and unet_shallow, which `r2r-run --cache-interval K` "
-                   "(K > 1) runs.")
+                   "(K > 1) runs [default: where the model's r2r_defaults.json sets cache_interval, the embedded "
+                   "default's 3].")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
 def onnx_cmd(source: ModelSource, shape: BundleShape, refit: bool, graphs: tuple[str, ...], step_cache: bool,
              out: Path) -> None:
     """Write the ONNX bundle: UNet variants, VAE graphs, conditioning, manifest."""
     cfg = export_config(source, shape, out, refit)
-    wanted = set(graphs or cfg.graphs) | (set(graph_io.STEP_CACHE_GRAPHS) if step_cache else set())
-    cfg = replace(cfg, graphs=tuple(g for g in graph_io.ALL_GRAPHS if g in wanted))
+    cfg = replace(cfg, graphs=bundle_graphs(cfg.model, graphs, step_cache))
     sides = "static" if shape.static else f"sides {cfg.min_side or 'auto'}..{cfg.max_side}"
     log(f"r2r-export onnx: {cfg.model} at {cfg.width}x{cfg.height} ({sides}), batch 1-{cfg.batch_max} -> {out}")
     export(cfg)

@@ -28,6 +28,7 @@ from r2r.models import (
     SD15_VAE_CONFIG,
     ModelLoadError,
     sha256_file,
+    write_derived_defaults,
 )
 
 PICKLED = (".ckpt", ".pt", ".pth", ".bin")
@@ -182,8 +183,7 @@ def convert_checkpoint(path: Path, out: Path, arch: Architecture, sha256: str) -
             raise ModelLoadError(f"{path}: diffusers could not convert it as {arch.family} ({exc})") from exc
         with atomic_dir(out) as tmp_out:
             pipe.save_pretrained(tmp_out, safe_serialization=True)
-            if (configs / DEFAULTS_FILE).is_file():  # the family's own default size (the tiny one's 256x256)
-                shutil.copyfile(configs / DEFAULTS_FILE, tmp_out / DEFAULTS_FILE)
+            write_derived_defaults(configs, tmp_out)  # the family's own default size (the tiny one's 256x256)
             atomic_write(tmp_out / SOURCE_FILE, json.dumps(
                 {"checkpoint": path.name, "sha256": sha256, "family": arch.family}, indent=2) + "\n")
     return out

@@ -3,7 +3,7 @@ reference, the export, the runtime and every command."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 # Defaults of the paper's public code (docs/design.md, "Defaults").
@@ -26,10 +26,11 @@ class Method:
     """Realistic Image Generation parameters (docs/design.md, "The method"). Change one with `dataclasses.replace`.
 
     `tac_divisor` None: the bundle's (which chose its TAC layers at export; 256 there by default); `attention_pool`
-    None: the bundle's (its UNet graphs are exported with it; 1, off, by default). A bundle resolves both
-    (`Bundle.method`), so the method every output records is complete. `cache_interval` K: step caching, every K-th
-    UNet call of each branch whole and the others on its cached deep features (1: off; docs/design.md, "Less work
-    per image")."""
+    None: the bundle's (its UNet graphs are exported with it; 1, off, by default). `cache_interval` K: step caching,
+    every K-th UNet call of each branch whole and the others on its cached deep features (1: off); None: the
+    model's own default where the program can cache (its r2r_defaults.json, kept in its bundles), else off
+    (docs/design.md, "Less work per image"). A bundle resolves all three (`Bundle.method`), so the method every
+    output records is complete."""
 
     steps: int = DEFAULT_STEPS
     strength: float = DEFAULT_STRENGTH
@@ -38,7 +39,7 @@ class Method:
     tac_divisor: int | None = None
     tac_target: TacTarget = "null"
     attention_pool: int | None = None
-    cache_interval: int = 1
+    cache_interval: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= 1000:
@@ -59,7 +60,7 @@ class Method:
         if self.attention_pool is not None and self.attention_pool not in ATTENTION_POOLS:
             raise ValueError(f"attention_pool must be one of {', '.join(map(str, ATTENTION_POOLS))}, "
                              f"got {self.attention_pool}")
-        if not 1 <= self.cache_interval <= MAX_CACHE_INTERVAL:
+        if self.cache_interval is not None and not 1 <= self.cache_interval <= MAX_CACHE_INTERVAL:
             raise ValueError(f"cache_interval must be in [1, {MAX_CACHE_INTERVAL}], got {self.cache_interval}")
 
     @property
@@ -71,6 +72,17 @@ class Method:
     def pool(self) -> int:
         """The attention pool to evaluate with: the one given, else off."""
         return 1 if self.attention_pool is None else self.attention_pool
+
+    @property
+    def interval(self) -> int:
+        """The step-cache interval to evaluate with: the one given, else off."""
+        return 1 if self.cache_interval is None else self.cache_interval
+
+    def complete(self, divisor: int, pool: int, interval: int) -> Method:
+        """This method with what was not given (None) taken from a bundle's or a model's defaults."""
+        return replace(self, tac_divisor=divisor if self.tac_divisor is None else self.tac_divisor,
+                       attention_pool=pool if self.attention_pool is None else self.attention_pool,
+                       cache_interval=interval if self.cache_interval is None else self.cache_interval)
 
     def as_dict(self) -> dict[str, float | int | str | None]:
         return asdict(self)

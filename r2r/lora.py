@@ -18,7 +18,14 @@ from pathlib import Path
 from r2r.atomic import atomic_dir
 from r2r.cache import cache_dir, made_once
 from r2r.log import log
-from r2r.models import DEFAULTS_FILE, EMBEDDING_FILE, ModelLoadError, check_model_dir, sha256_file, sha256_tree
+from r2r.models import (
+    EMBEDDING_FILE,
+    ModelLoadError,
+    check_model_dir,
+    sha256_file,
+    sha256_tree,
+    write_derived_defaults,
+)
 
 LORA_FILE = "r2r_loras.json"  # in a fused directory: its base and LoRAs
 
@@ -88,9 +95,9 @@ def fuse_into(model_dir: Path, loras: list[LoraSpec], out: Path, keep_embedding:
     pipe.unload_lora_weights()  # the adapters' own layers go; the fused weights stay
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        for name in (DEFAULTS_FILE, EMBEDDING_FILE):  # the base model's defaults stay its defaults
-            if (model_dir / name).is_file() and (keep_embedding or name != EMBEDDING_FILE):
-                shutil.copyfile(model_dir / name, tmp / name)
+        write_derived_defaults(model_dir, tmp)  # the base model's size stays its size
+        if keep_embedding and (model_dir / EMBEDDING_FILE).is_file():
+            shutil.copyfile(model_dir / EMBEDDING_FILE, tmp / EMBEDDING_FILE)
         (tmp / LORA_FILE).write_text(json.dumps({
             "base": str(model_dir), "loras": [{"file": s.path.name, "sha256": sha256_file(s.path), "scale": s.scale}
                                               for s in loras]}, indent=2) + "\n")

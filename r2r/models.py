@@ -17,13 +17,13 @@ import torch
 from safetensors import safe_open
 
 import r2r
-from r2r.config import SD15_DEFAULT_RESOLUTION
+from r2r.config import MAX_CACHE_INTERVAL, SD15_DEFAULT_RESOLUTION
 from r2r.errors import R2RError
 from r2r.schedule import SchedulerConfig
 
 EMBEDDED_DEFAULT = Path(r2r.__file__).resolve().parent / "embedded" / "tiny"
 EMBEDDING_FILE = "negative_embedding.safetensors"
-DEFAULTS_FILE = "r2r_defaults.json"  # a model's own default resolution (the tiny default's 256x256)
+DEFAULTS_FILE = "r2r_defaults.json"  # a model's own defaults (`ModelDefaults`: the tiny default's 256x256)
 DEFAULT_TOKEN = "<rendered>"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 MAX_TOKENS = 77
@@ -82,13 +82,50 @@ class Components:
         return float(self.vae.config.scaling_factor)
 
 
+@dataclass(frozen=True)
+class ModelDefaults:
+    """A model's own defaults, its r2r_defaults.json: the size it was trained at, and the step-cache interval its
+    evaluation showed to hold the quality bar (docs/design.md, "Less work per image"). Absent: SD 1.5's public
+    defaults, no step caching."""
+
+    width: int = SD15_DEFAULT_RESOLUTION[0]
+    height: int = SD15_DEFAULT_RESOLUTION[1]
+    cache_interval: int = 1
+
+    def resolution_only(self) -> dict[str, int]:
+        """What a model derived from this one keeps (a LoRA fused, a checkpoint converted, a finetune): its size;
+        the interval was measured on these weights, so theirs start from off."""
+        return {"width": self.width, "height": self.height}
+
+
+def model_defaults(model_dir: str | Path) -> ModelDefaults:
+    """The model's r2r_defaults.json, checked (a hostile or hand-edited file is refused by name)."""
+    path = Path(model_dir) / DEFAULTS_FILE
+    if not path.is_file():
+        return ModelDefaults()
+    try:
+        data = json.loads(path.read_text())
+        found = ModelDefaults(int(data["width"]), int(data["height"]), int(data.get("cache_interval", 1)))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{path}: not a defaults file ({exc}); expected "
+                             '{"width": W, "height": H[, "cache_interval": K]}') from exc
+    if found.width % 8 or found.height % 8 or min(found.width, found.height) < 8 or \
+            not 1 <= found.cache_interval <= MAX_CACHE_INTERVAL:
+        raise ModelLoadError(f"{path}: width and height must be positive multiples of 8 and cache_interval in "
+                             f"1..{MAX_CACHE_INTERVAL}, got {data}")
+    return found
+
+
 def default_resolution(model_dir: str | Path) -> tuple[int, int]:
     """(W, H): the model's r2r_defaults.json if it has one, else the public code's 768x1024."""
-    path = Path(model_dir) / DEFAULTS_FILE
-    if path.is_file():
-        data = json.loads(path.read_text())
-        return int(data["width"]), int(data["height"])
-    return SD15_DEFAULT_RESOLUTION
+    found = model_defaults(model_dir)
+    return found.width, found.height
+
+
+def write_derived_defaults(model_dir: str | Path, out_dir: str | Path) -> None:
+    """The defaults file of a model made from `model_dir`'s (`ModelDefaults.resolution_only`), if it has one."""
+    if (Path(model_dir) / DEFAULTS_FILE).is_file():
+        (Path(out_dir) / DEFAULTS_FILE).write_text(json.dumps(model_defaults(model_dir).resolution_only()) + "\n")
 
 
 def check_model_dir(model_dir: str | Path) -> Path:

@@ -52,7 +52,7 @@ class Branch:
 
     @classmethod
     def of(cls, sched: Schedule, method: Method) -> Branch | None:
-        return None if method.cache_interval == 1 else cls(full_calls(sched.n, method.cache_interval))
+        return None if method.interval == 1 else cls(full_calls(sched.n, method.interval))
 
     def next_is_whole(self) -> bool:
         self.calls += 1
@@ -216,7 +216,7 @@ class ReferencePipeline:
 
     def __call__(self, images: list[np.ndarray], method: Method, inversion: Inversion = "exact"
                  ) -> list[np.ndarray]:
-        if inversion == "single-pass" and method.cache_interval > 1:
+        if inversion == "single-pass" and method.interval > 1:
             raise ValueError(f"--cache-interval {method.cache_interval}: step caching runs with exact inversion")
         sched = self.schedule(method)
         self.tac(method)

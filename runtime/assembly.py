@@ -25,7 +25,7 @@ from r2r.backends import BackendRow, BuildRequest, backend_row, known_issue
 from r2r.config import Inversion, Method, Variant
 from r2r.errors import FlagError
 from r2r.log import log
-from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, default_resolution, sha256_file
+from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, default_resolution, model_defaults, sha256_file
 from r2r.runtime.bundle_reader import Bundle, open_bundle
 from r2r.runtime.device import Backend
 from r2r.runtime.scheduler import CoupledScheduler, StepCallback, program_graphs
@@ -180,21 +180,23 @@ def prepare_run(cfg: RunConfig, progress: Callable[[str], None] = log,
     # 3B instead of emit B + inject 2B, and the only UNet graph the program loads)
     fused = cfg.fused == "on" or (cfg.fused == "auto" and cfg.inversion == "exact")
     variant = Variant(cfg.inversion, fused)
-    cache = cfg.method.cache_interval > 1
-    if cache and not fused:
+    if cfg.method.interval > 1 and not fused:
         raise FlagError(f"--cache-interval {cfg.method.cache_interval}: step caching runs in the fused program "
                         "(exact inversion, --fused auto or on)")
-    # 3. the bundle (a model's: its cached export of the graphs the program calls) and the method
+    # 3. the bundle (a model's: its cached export of the graphs the program calls, step caching's where the model's
+    # defaults step-cache) and the method, completed by the bundle
     if cfg.engine is not None:
         root = cfg.engine
     else:
         w, h = cfg.size()
-        divisor = cfg.method.divisor
-        graphs = program_graphs(variant, step_graphs=True, step_cache=cache) if named is None or named.graphs else ()
-        root = cached_bundle(cfg.model_dir(), cfg.embedding_file(), w, h, max(cfg.batch_max, cfg.batch), divisor,
-                             progress, graphs, cfg.method.pool)
+        interval = cfg.method.cache_interval or (model_defaults(cfg.model_dir()).cache_interval if fused else 1)
+        graphs = program_graphs(variant, step_graphs=True, step_cache=interval > 1) \
+            if named is None or named.graphs else ()
+        root = cached_bundle(cfg.model_dir(), cfg.embedding_file(), w, h, max(cfg.batch_max, cfg.batch),
+                             cfg.method.divisor, progress, graphs, cfg.method.pool)
     bundle = open_bundle(root)
-    method = bundle.method(cfg.method)
+    method = bundle.method(cfg.method, fused)
+    cache = method.interval > 1
     # 4. backend, device, precision: the named one, or auto's rows fastest first, passing over those known broken
     # on this CPU or that failed their first use here (auto picks the torch backend only where the model is known to
     # be the bundle's: it runs the model's modules)
@@ -280,7 +282,7 @@ def open_runtime(cfg: RunConfig, progress: Callable[[str], None] = log) -> Runti
     schedulers.put(((bundle.width, bundle.height), method, cfg.batch), scheduler)
 
     def resolve(given: Method) -> Method:
-        m = bundle.method(given)
+        m = bundle.method(given, variant.fused)
         bundle.check(m, cfg.batch)
         return m
 
@@ -335,8 +337,10 @@ def _open_reference(cfg: RunConfig) -> Runtime:
     from r2r.reference import ReferencePipeline
     from r2r.tac import pixel_multiple
 
-    def resolve(given: Method) -> Method:  # the reference has no bundle: the method's own divisor and pool
-        return replace(given, tac_divisor=given.divisor, attention_pool=given.pool)
+    interval = model_defaults(cfg.model_dir()).cache_interval if cfg.inversion == "exact" else 1
+
+    def resolve(given: Method) -> Method:  # no bundle: the method's own divisor and pool, the model's interval
+        return given.complete(given.divisor, given.pool, interval)
 
     method = resolve(cfg.method)
     w, h = cfg.size()

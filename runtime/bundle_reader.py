@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -96,12 +96,17 @@ class Bundle:
                               f"--bundle {self.root}`")
         return load_cases(bundle_path(self.root, entry["file"]))
 
-    def method(self, given: Method) -> Method:
-        """`given` for this bundle: its TAC divisor and attention pool the bundle's where not given (checked by
-        `check`)."""
-        divisor = self.manifest.tac_plan["divisor"] if given.tac_divisor is None else given.tac_divisor
-        pool = self.attention_pool if given.attention_pool is None else given.attention_pool
-        return replace(given, tac_divisor=divisor, attention_pool=pool)
+    @property
+    def cache_interval(self) -> int:
+        """The step-cache interval of the bundle's model's defaults (kept at export), where the bundle carries step
+        caching; else 1."""
+        return int(self.manifest.schedule["defaults"].get("cache_interval") or 1) if self.step_cache else 1
+
+    def method(self, given: Method, step_cache: bool = True) -> Method:
+        """`given` for this bundle: its TAC divisor, attention pool and, where the program can cache (`step_cache`:
+        the fused program), step-cache interval the bundle's where not given (checked by `check`)."""
+        return given.complete(self.manifest.tac_plan["divisor"], self.attention_pool,
+                              self.cache_interval if step_cache else 1)
 
     def check(self, method: Method, batch: int) -> None:
         """Refuse flags the bundle was not built for, naming the rebuild."""
@@ -115,7 +120,7 @@ class Bundle:
                 f"--attention-pool {method.attention_pool}: the bundle's UNet graphs were exported with attention "
                 f"pool {self.attention_pool}; export one with `r2r-export onnx --attention-pool "
                 f"{method.attention_pool}` (or run without --engine: r2r-run exports it into its cache)")
-        if method.cache_interval > 1 and not self.step_cache:
+        if method.interval > 1 and not self.step_cache:
             raise BundleError(
                 f"--cache-interval {method.cache_interval}: the bundle {self.root} has no step-cache graphs; export "
                 "them with `r2r-export onnx --step-cache` (or run without --engine: r2r-run exports them into its "

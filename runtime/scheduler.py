@@ -98,7 +98,7 @@ class CoupledScheduler:
     def __init__(self, bundle: Bundle, backend: Backend, batch: int, method: Method,
                  variant: Variant | None = None, size: tuple[int, int] | None = None) -> None:
         variant = variant or Variant()
-        if method.cache_interval > 1 and not variant.fused:
+        if method.interval > 1 and not variant.fused:
             raise StepCacheUnsupported(
                 f"--cache-interval {method.cache_interval}: step caching runs in the fused program (exact inversion, "
                 "--fused auto or on)")
@@ -162,7 +162,7 @@ class CoupledScheduler:
         be.upload(self.routed, np.concatenate([np.arange(2 * b), np.arange(b)]).astype(np.int64))
         # step caching: each branch's deep features, the inversion's [B] and the generation's [cg, neg, null] (the
         # pair after the window is its tail)
-        self.cached = self.method.cache_interval > 1
+        self.cached = self.method.interval > 1
         if self.cached:
             deep = (int(self.bundle.manifest.latent["deep_channels"]), h, w)
             self.deep_inv, self.deep_gen = be.empty((b, *deep)), be.empty((3 * b, *deep))
@@ -260,7 +260,7 @@ def encode(s: CoupledScheduler, plan: Plan) -> None:
 def invert_exact(s: CoupledScheduler, plan: Plan) -> None:
     """DDIM inversion over ts ascending (paper eq. 5): e = UNet(z, t_j), then z_t(j) into zs[j]."""
     src = s.z0
-    whole = full_calls(s.schedule.n, s.method.cache_interval)
+    whole = full_calls(s.schedule.n, s.method.interval)
     for c, j in enumerate(reversed(range(s.schedule.n))):
         plan.add(s.routed_unet(plan, whole[c], src, j, s.c_null, s.eps1, s.deep_inv if s.cached else None))
         plan.add(s.backend.ddim(s.zs[j], src, s.eps1, s.coef_host[j], s.coefs[j]))
@@ -321,7 +321,7 @@ def generate(s: CoupledScheduler, plan: Plan) -> None:
     plan.add(s.backend.copy(first[:b], s.zs[0]))
     plan.add(s.backend.copy(first[b:], s.zs[0]))
     controlled = tac_pass(s.variant)
-    whole = full_calls(n, s.method.cache_interval)
+    whole = full_calls(n, s.method.interval)
     for i in range(n):
         cur = s.pair(i)
         if i < s.window:

@@ -54,13 +54,14 @@ def r2r_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("r2r-cache")
 
 
-def _cached(cache: Path, model: Path, batch_max: int) -> Path:
+def _cached(cache: Path, model: Path, batch_max: int, graphs: tuple[str, ...] | None = None) -> Path:
+    from r2r import graph_io
     from r2r.runtime.select import cached_bundle
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("R2R_CACHE", str(cache))
         return cached_bundle(model, model / "negative_embedding.safetensors", 256, 256, batch_max, 256,
-                             progress=lambda s: None)
+                             progress=lambda s: None, graphs=graph_io.DEFAULT_GRAPHS if graphs is None else graphs)
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +77,15 @@ def embedded_bundle(r2r_cache: Path) -> Path:
     from r2r.models import EMBEDDED_DEFAULT
 
     return _cached(r2r_cache, EMBEDDED_DEFAULT, 4)
+
+
+@pytest.fixture(scope="session")
+def default_bundle(r2r_cache: Path, embedded_bundle: Path) -> Path:
+    """The bundle `r2r-run` with no flag runs the embedded default from: its step-cache program (the model's own
+    interval, 3), as r2r-run finds it in the cache (its VAE graphs copied from `embedded_bundle`'s)."""
+    from r2r.config import Variant
+    from r2r.models import EMBEDDED_DEFAULT
+    from r2r.runtime.scheduler import program_graphs
+
+    return _cached(r2r_cache, EMBEDDED_DEFAULT, 4, program_graphs(Variant(fused=True), step_graphs=True,
+                                                                  step_cache=True))

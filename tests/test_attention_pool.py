@@ -113,8 +113,8 @@ def test_r2r_run_with_attention_pool_uses_the_pooled_bundle_and_records_it(poole
     Image.fromarray(renders[0]).save(tmp_path / "in" / "shirt.png")
     before = sorted(p.name for p in (r2r_cache / "bundles").iterdir())
     res = CliRunner().invoke(main, ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-                                    "--attention-pool", str(POOL), "--backend", "onnxruntime", "--steps", "10",
-                                    "--strength", "0.5"])
+                                    "--attention-pool", str(POOL), "--cache-interval", "1", "--backend",
+                                    "onnxruntime", "--steps", "10", "--strength", "0.5"])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (r2r_cache / "bundles").iterdir()) == before  # found, not exported again
     params = json.loads(Image.open(tmp_path / "out" / "shirt.png").text[PARAMS_KEY])

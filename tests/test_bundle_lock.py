@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from r2r import graph_io
 from r2r.config import Variant
 from r2r.locks import bundle_lock
 from r2r.manifest import read_manifest
@@ -59,13 +60,15 @@ def test_runs_started_together_on_a_cold_cache_all_succeed_with_one_export(tmp_p
     logs = [r.communicate(timeout=900)[0] for r in runs]
     for r, log in zip(runs, logs, strict=True):
         assert r.returncode == 0, log
-    exported = [log for log in logs if "unet        exported in" in log]
+    # the embedded default's own default program: step caching, whose whole UNet graph is unet_deep
+    exported = [log for log in logs if f"{graph_io.UNET_DEEP:<11} exported in" in log]
     assert len(exported) == 1, logs
     for log in logs:
         if log is not exported[0]:
-            assert "unet        up to date" in log and "exported in" not in log, log
+            assert f"{graph_io.UNET_DEEP:<11} up to date" in log and "exported in" not in log, log
     for i in range(3):
         assert Image.open(tmp_path / f"out{i}" / "shirt.png").size == (96, 128)
     [bundle] = list((tmp_path / "cache" / "bundles").iterdir())
-    # only the graphs the default (fused) program calls: no emit / inject graph exported for it
-    assert set(read_manifest(bundle).graphs) == set(program_graphs(Variant(fused=True), step_graphs=True))
+    # only the graphs the default (fused, step-cached) program calls: no unet, emit or inject graph exported for it
+    assert set(read_manifest(bundle).graphs) == set(program_graphs(Variant(fused=True), step_graphs=True,
+                                                                   step_cache=True))

@@ -16,7 +16,15 @@ from safetensors.torch import save_file
 from support.ldm_layout import write_ldm_checkpoint
 
 from r2r.checkpoints import SOURCE_FILE, build_clip_tokenizer, identify, read_header, resolve_model
-from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, ModelLoadError, encode_conditioning, load_components
+from r2r.models import (
+    EMBEDDED_DEFAULT,
+    EMBEDDING_FILE,
+    ModelDefaults,
+    ModelLoadError,
+    encode_conditioning,
+    load_components,
+    model_defaults,
+)
 
 needs_clip_vocab = pytest.mark.skipif(importlib.util.find_spec("open_clip") is None,
                                       reason="CLIP's vocabulary: pip install --no-deps open-clip-torch")
@@ -44,7 +52,8 @@ def test_the_embedded_default_as_an_ldm_checkpoint_loads_back_bit_identical_and_
     got = load_components(converted)
     for name in ("unet", "vae", "text_encoder"):
         assert _same_weights(getattr(ref, name), getattr(got, name)) == [], name
-    assert (converted / "r2r_defaults.json").read_text() == (EMBEDDED_DEFAULT / "r2r_defaults.json").read_text()
+    # the family's size; the step-cache interval was measured on the embedded weights, not on whatever a file holds
+    assert model_defaults(converted) == ModelDefaults(256, 256, 1)
     stamp = (converted / SOURCE_FILE).stat().st_mtime_ns
     assert resolve_model(ckpt, progress=lambda s: None) == converted  # the second time: the cache, not converted
     assert (converted / SOURCE_FILE).stat().st_mtime_ns == stamp
@@ -59,8 +68,9 @@ def test_r2r_run_on_a_checkpoint_writes_what_it_writes_on_the_directory(cache: P
     ckpt = write_ldm_checkpoint(load_components(EMBEDDED_DEFAULT), tmp_path / "tiny.safetensors")
     (tmp_path / "in").mkdir()
     Image.fromarray(stripes_image(0)).save(tmp_path / "in" / "shirt.png")
+    # the interval given: the directory's own default is 3, the converted model's 1 (its weights were not measured)
     common = ["--input", str(tmp_path / "in"), "--backend", "torch", "--steps", "4", "--strength", "0.5",
-              "--embedding", str(EMBEDDED_DEFAULT / EMBEDDING_FILE)]
+              "--embedding", str(EMBEDDED_DEFAULT / EMBEDDING_FILE), "--cache-interval", "3"]
     a = CliRunner().invoke(main, [*common, "--model", str(EMBEDDED_DEFAULT), "--output", str(tmp_path / "dir")])
     b = CliRunner().invoke(main, [*common, "--model", str(ckpt), "--output", str(tmp_path / "ckpt")])
     assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output

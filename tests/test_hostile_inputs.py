@@ -161,7 +161,7 @@ def test_folders_fifos_and_dangling_links_are_never_opened(corpus) -> None:
 
 
 def test_r2r_run_translates_each_valid_file_at_its_size_and_refuses_each_broken_one_by_name(
-        corpus, embedded_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        corpus, default_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole corpus through `r2r-run`: every valid input written at its own size, a per-file error naming each
     broken one, nothing else in the output folder (no partial file), and no hang on the FIFO."""
     from click.testing import CliRunner
@@ -170,7 +170,7 @@ def test_r2r_run_translates_each_valid_file_at_its_size_and_refuses_each_broken_
 
     folder, broken = corpus
     cache = tmp_path / "cache"
-    shutil.copytree(embedded_bundle, cache / "bundles" / embedded_bundle.name)
+    shutil.copytree(default_bundle, cache / "bundles" / default_bundle.name)
     monkeypatch.setenv("R2R_CACHE", str(cache))
     out = tmp_path / "out"
     res = CliRunner().invoke(main, ["--input", str(folder), "--output", str(out), "--backend", "onnxruntime",

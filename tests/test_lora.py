@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from r2r import graph_io
 from r2r.lora import LoraSpec, fuse_loras, parse_lora
 from r2r.manifest import read_manifest
-from r2r.models import EMBEDDED_DEFAULT
+from r2r.models import EMBEDDED_DEFAULT, ModelDefaults, model_defaults
 from r2r.tiny import LATENT_CHANNELS as C
 
 BOUND = 1e-4  # max|onnx - torch| / max|torch|, as the export parity tests
@@ -86,6 +86,7 @@ def test_the_fused_model_is_made_once_and_keeps_the_base_defaults(lora_pipe, tmp
     assert fuse_loras(EMBEDDED_DEFAULT, [LoraSpec(lora_file, 0.5)], progress=lambda s: None) == out
     assert (out / "r2r_loras.json").stat().st_mtime_ns == stamp
     assert fuse_loras(EMBEDDED_DEFAULT, [LoraSpec(lora_file, 1.0)], progress=lambda s: None) != out
+    assert model_defaults(out) == ModelDefaults(256, 256, 1)  # the base's size; its measured interval is not theirs
 
 
 def test_a_kohya_layout_lora_fuses_to_the_same_unet_as_its_diffusers_layout(lora_pipe, tmp_path: Path,

@@ -173,13 +173,13 @@ def test_a_partial_batch_runs_at_the_next_power_of_two_not_padded_to_the_full_ba
 
 # -- r2r-run ---------------------------------------------------------------------------------------------------------
 
-def test_r2r_run_writes_each_output_at_its_inputs_size_by_default(embedded_bundle: Path, tmp_path: Path,
+def test_r2r_run_writes_each_output_at_its_inputs_size_by_default(default_bundle: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """One bundle of the embedded default, no flag: 256x192, 192x256, 300x300 and 1000x750 come back as they went."""
     from r2r.runtime.cli import main
 
     cache = tmp_path / "cache"  # a copy of the session's cached bundle, so the engines built here stay here
-    shutil.copytree(embedded_bundle, cache / "bundles" / embedded_bundle.name)
+    shutil.copytree(default_bundle, cache / "bundles" / default_bundle.name)
     monkeypatch.setenv("R2R_CACHE", str(cache))
 
     sizes = [(256, 192), (192, 256), (300, 300), (1000, 750)]

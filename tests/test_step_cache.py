@@ -2,7 +2,8 @@
 the embedded default's step-cache bundle follows the PyTorch reference with the same cache interval at the 45 dB bar
 on ONNX Runtime, the torch backend and the TensorRT simulation; `r2r-run --cache-interval` finds or exports that
 bundle, passes its canaries and records the interval; a bundle without the graphs, a program other than the fused
-one and an interval out of range are refused; interval 1 is today's program."""
+one and an interval out of range are refused; interval 1 is today's program; the interval is the model's own
+default (the embedded default's 3) wherever the program can cache, and a model made from it starts at 1."""
 
 from __future__ import annotations
 
@@ -35,18 +36,6 @@ from r2r.tac import install_tac, plan_tac
 
 W = H = 256
 FUSED = Variant(fused=True)
-
-
-@pytest.fixture(scope="module")
-def cached_bundle(r2r_cache: Path) -> Path:
-    """The embedded default's step-cache bundle as `r2r-run --cache-interval 2` exports it: the default program's
-    graphs with the step-cache pair in place of `unet`."""
-    from r2r.runtime.select import cached_bundle
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("R2R_CACHE", str(r2r_cache))
-        return cached_bundle(EMBEDDED_DEFAULT, EMBEDDED_DEFAULT / EMBEDDING_FILE, W, H, 4, 256,
-                             progress=lambda s: None, graphs=program_graphs(FUSED, step_graphs=True, step_cache=True))
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +80,9 @@ def test_each_branch_refreshes_its_cache_every_k_calls_from_the_first() -> None:
     assert {i for i, lyr in enumerate(plan.layers) if lyr.level == 0} == shallow_layers(plan, config)
 
 
-def test_the_step_cached_default_program_follows_its_reference_at_45_db(cached_bundle: Path, reference,
+def test_the_step_cached_default_program_follows_its_reference_at_45_db(default_bundle: Path, reference,
                                                                        renders) -> None:
-    b = open_bundle(cached_bundle)
+    b = open_bundle(default_bundle)
     from r2r.runtime.verify import verify_graphs
 
     assert b.step_cache and set(b.manifest.graphs) == {*graph_io.STEP_CACHE_GRAPHS, graph_io.VAE_ENCODER,
@@ -114,20 +103,20 @@ def test_the_step_cached_default_program_follows_its_reference_at_45_db(cached_b
             assert psnr(e, f) < db  # the cache changes the image more than the export does: the check can fail
 
 
-def test_the_torch_backend_runs_the_step_cached_program(cached_bundle: Path, reference, renders) -> None:
+def test_the_torch_backend_runs_the_step_cached_program(default_bundle: Path, reference, renders) -> None:
     from r2r.runtime.backend_torch import TorchBackend
 
-    b = open_bundle(cached_bundle)
+    b = open_bundle(default_bundle)
     got = CoupledScheduler(b, TorchBackend(b, EMBEDDED_DEFAULT, "cpu", "fp32"), 2, b.method(Method(cache_interval=2)),
                            FUSED)(renders)
     for g, e in zip(got, reference(2), strict=True):
         assert psnr(g, e) >= 45.0
 
 
-def test_the_program_binds_each_branch_its_own_features_at_the_contracts_multiples(cached_bundle: Path) -> None:
+def test_the_program_binds_each_branch_its_own_features_at_the_contracts_multiples(default_bundle: Path) -> None:
     """The inversion's whole calls write the [B] features its shallow calls read; the generation's fused calls
     write [cg, neg, null] and the pair after the window reads their tail; every call at graph_io.CALL_MULTIPLES."""
-    b = open_bundle(cached_bundle)
+    b = open_bundle(default_bundle)
     be = RecordingBackend(b)
     sched = CoupledScheduler(b, be, 2, b.method(Method(cache_interval=2)), FUSED)
     unet_calls = [(g, binds) for g, binds in be.calls if g in graph_io.STEP_CACHE_GRAPHS]
@@ -143,14 +132,14 @@ def test_the_program_binds_each_branch_its_own_features_at_the_contracts_multipl
         assert multiple in graph_io.CALL_MULTIPLES[graph]
 
 
-def test_the_tensorrt_path_runs_the_step_cached_program_as_onnx_runtime_does(cached_bundle: Path, renders,
+def test_the_tensorrt_path_runs_the_step_cached_program_as_onnx_runtime_does(default_bundle: Path, renders,
                                                                             tmp_path: Path) -> None:
     """The simulation runs the bundle's graphs at the device addresses bound: bit for bit OrtBackend's, canaries
     passed through the engines."""
     from r2r.runtime.backend_trt import TrtBackend
     from r2r.runtime.verify import verify_graphs
 
-    root = copy_bundle(cached_bundle, tmp_path / "bundle")
+    root = copy_bundle(default_bundle, tmp_path / "bundle")
     for graph in read_manifest(root).graphs:
         set_batch_dims(root, graph, None)
     gpu_sim.build_sim_engines(root, "fp32")
@@ -166,7 +155,7 @@ def test_the_tensorrt_path_runs_the_step_cached_program_as_onnx_runtime_does(cac
 
 
 def test_r2r_run_with_a_cache_interval_uses_the_step_cache_bundle_and_records_it(
-        cached_bundle: Path, r2r_cache: Path, renders, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        default_bundle: Path, r2r_cache: Path, renders, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from r2r.runtime.cli import main
 
     monkeypatch.setenv("R2R_CACHE", str(r2r_cache))
@@ -179,7 +168,7 @@ def test_r2r_run_with_a_cache_interval_uses_the_step_cache_bundle_and_records_it
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (r2r_cache / "bundles").iterdir()) == before  # found, not exported again
     params = json.loads(Image.open(tmp_path / "out" / "shirt.png").text[PARAMS_KEY])
-    assert params["cache_interval"] == 2 and cached_bundle.name.endswith("-stepcache")
+    assert params["cache_interval"] == 2 and default_bundle.name.endswith("-stepcache")
     res = CliRunner().invoke(main, ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out2"),
                                     "--cache-interval", "11"])
     assert res.exit_code == 2 and "--cache-interval" in res.output
@@ -215,3 +204,64 @@ def test_interval_1_is_todays_program(embedded_bundle: Path) -> None:
     after, sched = program(Method(cache_interval=1))
     assert after == before and not sched.cached
     assert {g for g, _ in after} == set(program_graphs(FUSED)) and sched.unet_evaluations_per_image == 58
+
+
+def test_a_models_defaults_file_sets_its_interval_and_a_bad_one_is_refused_by_name(tmp_path: Path) -> None:
+    from r2r.models import DEFAULTS_FILE, ModelDefaults, ModelLoadError, model_defaults, write_derived_defaults
+
+    assert model_defaults(EMBEDDED_DEFAULT) == ModelDefaults(256, 256, 3)  # measured within its bar (README)
+    assert model_defaults(tmp_path) == ModelDefaults(768, 1024, 1)  # none: SD 1.5's public defaults, no caching
+    for bad in ('{"width": 256, "height": 256, "cache_interval": 0}', '{"width": 250, "height": 256}',
+                '{"width": "x", "height": 256}', "[1, 2]", "{"):
+        (tmp_path / DEFAULTS_FILE).write_text(bad)
+        with pytest.raises(ModelLoadError, match=DEFAULTS_FILE):
+            model_defaults(tmp_path)
+    derived = tmp_path / "derived"
+    derived.mkdir()
+    write_derived_defaults(EMBEDDED_DEFAULT, derived)  # new weights keep the size, not the measured interval
+    assert model_defaults(derived) == ModelDefaults(256, 256, 1)
+
+
+def test_the_embedded_defaults_export_carries_the_step_cache_pair_unless_graphs_are_named(tiny_model_dir) -> None:
+    from r2r.export.cli import bundle_graphs
+
+    pair = set(graph_io.STEP_CACHE_GRAPHS)
+    assert set(bundle_graphs(EMBEDDED_DEFAULT)) == set(graph_io.DEFAULT_GRAPHS) | pair
+    assert set(bundle_graphs(tiny_model_dir)) == set(graph_io.DEFAULT_GRAPHS)  # random weights: no interval
+    assert bundle_graphs(EMBEDDED_DEFAULT, ("unet", "vae_decoder")) == ("unet", "vae_decoder")
+    assert set(bundle_graphs(tiny_model_dir, ("unet",), step_cache=True)) == {"unet"} | pair
+
+
+def test_a_bundle_completes_the_interval_with_its_models_where_it_and_the_program_can_cache(
+        default_bundle: Path, embedded_bundle: Path) -> None:
+    b = open_bundle(default_bundle)
+    assert b.cache_interval == 3 and b.method(Method()).cache_interval == 3
+    assert b.method(Method(cache_interval=1)).cache_interval == 1  # given: kept
+    assert b.method(Method(), step_cache=False).cache_interval == 1  # a program that cannot cache: off
+    plain = open_bundle(embedded_bundle)  # the same model's defaults, without the pair: off
+    assert plain.manifest.schedule["defaults"]["cache_interval"] == 3 and plain.method(Method()).cache_interval == 1
+
+
+def test_r2r_run_on_the_embedded_default_step_caches_by_default_where_the_program_can(
+        default_bundle: Path, embedded_bundle: Path, r2r_cache: Path, renders, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from r2r.runtime.cli import main
+
+    monkeypatch.setenv("R2R_CACHE", str(r2r_cache))
+    Image.fromarray(renders[0]).save(tmp_path / "shirt.png")
+    before = sorted(p.name for p in (r2r_cache / "bundles").iterdir())
+    quick = ["--steps", "10", "--strength", "0.5"]
+
+    def run(name: str, *flags: str) -> dict:
+        res = CliRunner().invoke(main, ["--input", str(tmp_path / "shirt.png"), "--output", str(tmp_path / name),
+                                        *quick, *flags])
+        assert res.exit_code == 0, res.output
+        return json.loads(Image.open(tmp_path / name / "shirt.png").text[PARAMS_KEY])
+
+    made = run("default", "--backend", "onnxruntime")
+    assert made["cache_interval"] == 3 and made["bundle_sha256"] == open_bundle(default_bundle).sha256
+    assert run("full", "--backend", "onnxruntime", "--cache-interval", "1")["cache_interval"] == 1
+    assert run("unfused", "--backend", "onnxruntime", "--fused", "off")["cache_interval"] == 1
+    assert sorted(p.name for p in (r2r_cache / "bundles").iterdir()) == before  # the session's bundles serve them
+    assert run("oracle", "--backend", "reference")["cache_interval"] == 3  # the reference: the same program
+    assert run("oracle-sp", "--backend", "reference", "--inversion", "single-pass")["cache_interval"] == 1

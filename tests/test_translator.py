@@ -133,12 +133,12 @@ def test_parameters_that_do_not_apply_are_refused_by_flag_name(embedded_bundle: 
         Method(steps=10, strength=0.05)
 
 
-def test_the_readmes_python_example_runs(embedded_bundle: Path, renders: list[Path], tmp_path: Path,
+def test_the_readmes_python_example_runs(default_bundle: Path, renders: list[Path], tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     example = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     cache = tmp_path / "cache"  # the embedded default's bundle where Translator() looks for it
-    shutil.copytree(embedded_bundle, cache / "bundles" / embedded_bundle.name)
+    shutil.copytree(default_bundle, cache / "bundles" / default_bundle.name)
     monkeypatch.setenv("R2R_CACHE", str(cache))
     monkeypatch.chdir(tmp_path)
     shutil.copy(renders[1], tmp_path / "render.png")

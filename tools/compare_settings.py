@@ -3,8 +3,8 @@
 
 Usage::
 
-    r2r-train evaluate --data D --out build/eval-pool1 --limit 24 --attention-pool 1
-    r2r-train evaluate --data D --out build/eval-pool2 --limit 24 --attention-pool 2
+    r2r-train evaluate --data D --out build/eval-pool1 --limit 24 --attention-pool 1 --cache-interval 1
+    r2r-train evaluate --data D --out build/eval-pool2 --limit 24 --attention-pool 2 --cache-interval 1
     python tools/compare_settings.py build/eval-pool1 build/eval-pool2 --out docs/attention-pool-crops.png
 
 The first report is the reference setting. Prints, per report, the PSNR of its `full` outputs against the first

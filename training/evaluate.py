@@ -321,7 +321,8 @@ def _markdown(report: dict[str, Any]) -> str:
         f"Test split: {report['images']} paired render/real images of {report['data']} "
         f"({report['resolution'][0]}x{report['resolution'][1]}); method: steps {report['method']['steps']}, "
         f"strength {report['method']['strength']}, guidance {report['method']['guidance']}, "
-        f"TAC ratio {report['method']['tac_ratio']}.",
+        f"TAC ratio {report['method']['tac_ratio']}, attention pool {report['method'].get('attention_pool') or 1}, "
+        f"step-cache interval {report['method'].get('cache_interval') or 1}.",
         "",
         "| row | SSIM vs real GT ↑ | PSNR vs real GT (dB) ↑ | SSIM vs input render ↑ | realism (classified real) ↑ |",
         "| --- | --- | --- | --- | --- |",
@@ -346,7 +347,7 @@ def _markdown(report: dict[str, Any]) -> str:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Score every row on the test split; writes OUT/report.json, OUT/report.md, grids and the outputs."""
-    from r2r.models import default_resolution
+    from r2r.models import default_resolution, model_defaults
 
     t_start = time.perf_counter()
     out = Path(cfg.out)
@@ -378,12 +379,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     clf.test_accuracy = float((np.sum(pr <= 0.5) + np.sum(pq > 0.5)) / (len(pr) + len(pq)))
     classifier_seconds = time.perf_counter() - t0
 
-    m = cfg.method
+    # what r2r-run does with the same flags: what is not given, the model's defaults (its step-cache interval)
+    m = cfg.method.complete(cfg.method.divisor, cfg.method.pool, model_defaults(cfg.model).cache_interval)
     rows = [Row("render (input)", "the input render, untranslated", renders),
             Row("VAE round trip", "decode(encode(render)) with the model's VAE, no diffusion",
                 back(_vae_roundtrip(cfg.model, runs, cfg.batch_size)))]
     methods = {
-        "full": (m, "the method at its defaults (DKI model + negative embedding, TAC)"),
+        "full": (m, "the method at its defaults (DKI model + negative embedding, TAC"
+                    + (f"; step caching K = {m.interval}" if m.interval > 1 else "") + ")"),
         "w/o TAC": (replace(m, tac_ratio=0.0), "tac_ratio 0"),
         "w/o negative embedding": (replace(m, guidance=1.0), "null text only (guidance 1: e = e_null)"),
     }

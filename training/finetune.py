@@ -24,7 +24,7 @@ import numpy as np
 
 from r2r.atomic import atomic_dir
 from r2r.imageio import ImageReadError, load_rgb, oriented_size
-from r2r.models import EMBEDDING_FILE, Components, load_components
+from r2r.models import EMBEDDING_FILE, Components, load_components, write_derived_defaults
 from r2r.schedule import alphas_cumprod, forward_noise
 from r2r.tac import pixel_multiple
 from r2r.training.loop import LoopConfig, LoopResult, TrainTask, WholeModuleTask, run_training
@@ -426,6 +426,7 @@ def save_model_with(source: Path, parts: dict[str, nn.Module], out_dir: Path) ->
                 shutil.copy2(item, tmp / item.name)
         for name, module in parts.items():
             module.save_pretrained(tmp / name, safe_serialization=True)
+        write_derived_defaults(source, tmp)  # new weights: the source's size, not its measured settings
     return out_dir
 
 
@@ -563,12 +564,11 @@ class FinetuneConfig:
 
 def default_train_resolution(model_dir: Path) -> int:
     """The model's own square side if it declares one (the tiny default: 256), else SD 1.5's 512."""
-    from r2r.models import DEFAULTS_FILE
+    from r2r.models import DEFAULTS_FILE, model_defaults
 
-    path = Path(model_dir) / DEFAULTS_FILE
-    if path.is_file():
-        data = json.loads(path.read_text())
-        return int(min(data["width"], data["height"]))
+    if (Path(model_dir) / DEFAULTS_FILE).is_file():
+        found = model_defaults(model_dir)
+        return min(found.width, found.height)
     return 512
 
 
