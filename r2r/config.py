@@ -3,6 +3,7 @@ reference, the export, the runtime and every command."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
@@ -30,7 +31,8 @@ class Method:
     every K-th UNet call of each branch whole and the others on its cached deep features (1: off); None: the
     model's own default where the program can cache (its r2r_defaults.json, kept in its bundles), else off
     (docs/design.md, "Less work per image"). A bundle resolves all three (`Bundle.method`), so the method every
-    output records is complete."""
+    output records is complete. `text_guidance` w_t: with a prompt, e = e_neg + w (e_null - e_neg) + w_t (e_text -
+    e_null) (docs/design.md, "Prompts"); `text_tac`: whether the prompt's row is under TAC like the null row."""
 
     steps: int = DEFAULT_STEPS
     strength: float = DEFAULT_STRENGTH
@@ -40,6 +42,8 @@ class Method:
     tac_target: TacTarget = "null"
     attention_pool: int | None = None
     cache_interval: int | None = None
+    text_guidance: float = 0.0  # w_t: the prompt's term beside the domain term (0: the paper's one-term guidance)
+    text_tac: bool = True  # the prompt's row takes the cg pass's Q/K in the TAC window, as the null row does
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= 1000:
@@ -60,6 +64,8 @@ class Method:
         if self.attention_pool is not None and self.attention_pool not in ATTENTION_POOLS:
             raise ValueError(f"attention_pool must be one of {', '.join(map(str, ATTENTION_POOLS))}, "
                              f"got {self.attention_pool}")
+        if not (math.isfinite(self.text_guidance) and self.text_guidance >= 0):
+            raise ValueError(f"text_guidance must be a finite number >= 0, got {self.text_guidance}")
         if self.cache_interval is not None and not 1 <= self.cache_interval <= MAX_CACHE_INTERVAL:
             raise ValueError(f"cache_interval must be in [1, {MAX_CACHE_INTERVAL}], got {self.cache_interval}")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -84,7 +83,7 @@ def method_from(**given: Any) -> Method:
 def method_options(f: F) -> F:
     """--steps, --strength, --guidance, --tac-ratio, --tac-divisor, --tac-target, --attention-pool,
     --cache-interval, handed to the command as `method: Method` (what is not given: the bundle's defaults)."""
-    wrapped = grouped(f, tuple(fl.name for fl in fields(Method)), "method", method_from)
+    wrapped = grouped(f, tuple(METHOD_FLAGS), "method", method_from)
     for opt in reversed([
         click.option("--steps", type=click.IntRange(1, 1000), default=None, help="[default: the bundle's, 50]"),
         click.option("--strength", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,

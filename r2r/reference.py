@@ -9,7 +9,7 @@ r2r/ because training's evaluation runs it too.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +18,8 @@ import torch
 
 from r2r.config import Inversion, Method
 from r2r.imageio import to_model_input
-from r2r.models import Components, encode_conditioning
+from r2r.models import Components, encode_conditioning, load_embedding
+from r2r.prompts import ConditioningCache
 from r2r.schedule import Schedule, ddim_transfer, guide, make_schedule
 from r2r.step_cache import full_calls, shallow_layers, unet_split
 from r2r.tac import TACMode, TACPlan, TACState, install_tac, plan_tac, tac_window
@@ -72,12 +73,35 @@ class ReferencePipeline:
         self.c_null, self.c_neg = encode_conditioning(components, embedding)
         dev, dt = self.device, self.dtype
         self.c_null, self.c_neg = self.c_null.to(dev, dt), self.c_neg.to(dev, dt)
+        # prompts: the model's own text encoder (no placeholder rows), one conditioning per distinct prompt
+        token = load_embedding(embedding)[0]
+        self.prompts = ConditioningCache(components.tokenizer, token, self._encode_prompt)
         self._plan: TACPlan | None = None
         self._state: TACState | None = None
         self.count = EvalCount()
         # Called with (stage, latents, timestep, conditioning) before every UNet evaluation: how INT8 calibration
         # sees the method's own trajectories ("inversion", "generation_cg", "generation").
         self.observer: Callable[[str, torch.Tensor, int, torch.Tensor], None] | None = None
+
+    @torch.no_grad()
+    def _encode_prompt(self, ids: np.ndarray) -> torch.Tensor:
+        te = self.c.text_encoder
+        return te(torch.from_numpy(ids).to(te.device))[0].to(self.device, self.dtype)
+
+    def text_rows(self, prompts: Sequence[str | None] | None, method: Method, batch: int
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The generation's text rows of a batch: (c_text [B, 77, d], w_t per row [B, 1, 1, 1]), an image without
+        a prompt its null conditioning at weight 0; (None, None) where no image has a prompt or w_t is 0 (the
+        paper's program exactly)."""
+        if prompts is not None and len(prompts) != batch:
+            raise ValueError(f"{len(prompts)} prompts for {batch} images")
+        if method.text_guidance == 0 or not prompts or not any(prompts):
+            return None, None
+        self.prompts.check(prompts)
+        c_text = torch.cat([self.prompts(p) if p else self.c_null for p in prompts])
+        w_text = torch.tensor([method.text_guidance if p else 0.0 for p in prompts], dtype=self.dtype,
+                              device=self.device).view(-1, 1, 1, 1)
+        return c_text, w_text
 
     @property
     def device(self) -> torch.device:
@@ -178,13 +202,19 @@ class ReferencePipeline:
 
     @torch.no_grad()
     def generate(self, latents: list[torch.Tensor], sched: Schedule, method: Method,
-                 kept: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None) -> torch.Tensor:
+                 kept: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+                 c_text: torch.Tensor | None = None, w_text: torch.Tensor | None = None) -> torch.Tensor:
         """Negative-embedding guidance from z_{ts[0]}, TAC on the null pass in the window: the Q/K of a cg pass on
         z_t(i), or those `kept` by a single-pass inversion. With step caching, the cg passes and the [neg, null]
-        passes each keep a cache, and a shallow cg pass hands the Q/K of the TAC layers it computes."""
+        passes each keep a cache, and a shallow cg pass hands the Q/K of the TAC layers it computes. With text rows
+        (`text_rows`), the guided batch is [neg, null, text], the text block under TAC where `method.text_tac`
+        says, and the guidance has its second term."""
         plan, state = self.tac(method)
         b = latents[0].shape[0]
-        cond_pair = torch.cat([self.c_neg.expand(b, -1, -1), self.c_null.expand(b, -1, -1)])
+        conds = [self.c_neg.expand(b, -1, -1), self.c_null.expand(b, -1, -1)] + ([c_text] if c_text is not None
+                                                                               else [])
+        cond_pair = torch.cat(conds)
+        controlled = (method.tac_target == "both", True) + ((method.text_tac,) if c_text is not None else ())
         cond_cg = self.c_null.expand(b, -1, -1)
         window = tac_window(sched.n, method.tac_ratio)
         cg, pair = Branch.of(sched, method), Branch.of(sched, method)
@@ -199,13 +229,18 @@ class ReferencePipeline:
                     state.injected = state.take_captured() if whole else state.take_partial(shallow)
                 else:
                     state.injected = kept[i]
-                state.mode = TACMode.INJECT
+                state.mode, state.inject_rows = TACMode.INJECT, controlled
             try:
-                eps = self._unet("generation", torch.cat([zr, zr]), t, cond_pair, pair)
+                eps = self._unet("generation", torch.cat([zr] * len(conds)), t, cond_pair, pair)
             finally:
-                state.mode, state.injected = TACMode.OFF, ()
-            e_neg, e_null = eps.chunk(2)
-            zr = ddim_transfer(zr, guide(e_neg, e_null, method.guidance), sched.alpha[i], sched.alpha_prev[i])
+                state.mode, state.injected, state.inject_rows = TACMode.OFF, (), None
+            if c_text is None:
+                e_neg, e_null = eps.chunk(2)
+                e = guide(e_neg, e_null, method.guidance)
+            else:
+                e_neg, e_null, e_text = eps.chunk(3)
+                e = guide(e_neg, e_null, method.guidance, e_text, w_text)
+            zr = ddim_transfer(zr, e, sched.alpha[i], sched.alpha_prev[i])
         return zr
 
     @torch.no_grad()
@@ -214,15 +249,18 @@ class ReferencePipeline:
         u8 = (x.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
         return [im.permute(1, 2, 0).cpu().numpy() for im in u8]
 
-    def __call__(self, images: list[np.ndarray], method: Method, inversion: Inversion = "exact"
-                 ) -> list[np.ndarray]:
+    def __call__(self, images: list[np.ndarray], method: Method, inversion: Inversion = "exact",
+                 prompts: Sequence[str | None] | None = None) -> list[np.ndarray]:
+        """Images of the pipeline's size -> outputs; `prompts`: one per image (None or "": none), used where
+        `method.text_guidance` > 0."""
         if inversion == "single-pass" and method.interval > 1:
             raise ValueError(f"--cache-interval {method.cache_interval}: step caching runs with exact inversion")
+        c_text, w_text = self.text_rows(prompts, method, len(images))
         sched = self.schedule(method)
         self.tac(method)
         self.count.images += len(images)
         z0 = self.encode(images)
         if inversion == "single-pass":
             latents, kept = self.invert_single_pass(z0, sched, method)
-            return self.decode(self.generate(latents, sched, method, kept))
-        return self.decode(self.generate(self.invert(z0, sched, method), sched, method))
+            return self.decode(self.generate(latents, sched, method, kept, c_text, w_text))
+        return self.decode(self.generate(self.invert(z0, sched, method), sched, method, None, c_text, w_text))

@@ -165,6 +165,11 @@ def transfer_coefficients(a_from: float, a_to: float) -> tuple[float, float]:
     return cz, ce
 
 
-def guide(eps_neg: T, eps_null: T, guidance: float) -> T:
-    """Paper eq. 8: e = e_neg + w (e_null - e_neg)."""
-    return eps_neg + guidance * (eps_null - eps_neg)
+def guide(eps_neg: T, eps_null: T, guidance: float, eps_text: T | None = None, text_guidance: Any = 0.0) -> T:
+    """Paper eq. 8: e = e_neg + w (e_null - e_neg); with a prompt's `eps_text`, the disentangled second term
+    + w_t (e_text - e_null) (docs/design.md, "Prompts"). `text_guidance` may be per row (broadcast against eps);
+    without `eps_text` the operations are eq. 8's alone."""
+    eps = eps_neg + guidance * (eps_null - eps_neg)
+    if eps_text is None:
+        return eps
+    return eps + text_guidance * (eps_text - eps_null)

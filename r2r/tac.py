@@ -175,6 +175,9 @@ class TACState:
     captured: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     injected: Sequence[tuple[torch.Tensor, torch.Tensor] | None] = ()
     src: torch.Tensor | None = None  # ROUTED: int64 [N], the row whose Q, K each row uses
+    # INJECT: which B-row blocks of the batch take the injected Q/K ([neg, null, text] with a prompt; None: the
+    # [neg, null] pair, the null block and, with target "both", the negative one)
+    inject_rows: tuple[bool, ...] | None = None
     # Attention downsampling (docs/design.md, "Less work per image"): the first level's self-attention takes its keys
     # and values from the token grid average-pooled `pool` x `pool` (the plan's); 1: off. `grid`: the first level's
     # token grid (the latent's height and width), set by a forward pre-hook on the UNet's conv_in before every call
@@ -298,9 +301,11 @@ class TACProcessor:
                 raise RuntimeError(f"{self.layer.name}: no Q/K to inject (a shallow call's capture lacks this layer)")
             qi, ki = given
             b = qi.shape[0]
-            if both:
-                return torch.cat([qi, qi]), torch.cat([ki, ki])
-            return torch.cat([q[:b], qi]), torch.cat([k[:b], ki])
+            rows = st.inject_rows or (both, True)
+            if q.shape[0] != b * len(rows):
+                raise RuntimeError(f"{self.layer.name}: a batch of {q.shape[0]} rows for {len(rows)} blocks of {b}")
+            return (torch.cat([qi if r else blk for blk, r in zip(q.split(b), rows, strict=True)]),
+                    torch.cat([ki if r else blk for blk, r in zip(k.split(b), rows, strict=True)]))
         # FUSED: thirds [cg, neg, null]
         b = q.shape[0] // 3
         qc, kc = q[:b], k[:b]
