@@ -74,14 +74,20 @@ def _portable_args(args: list[str]) -> list[str]:
 
 
 def host_overhead(bundle: Path, work: Path, repeats: int = 30) -> dict:
-    """The scheduler's own time per denoising step, on null graphs with the bundle's I/O."""
+    """The scheduler's own time per denoising step, on null graphs with the bundle's I/O: the fused program, and
+    emit + inject where the bundle has those graphs (a `--bundle` of the default program's alone has not)."""
     from r2r.benchmarks.null_graphs import make_null_bundle
+    from r2r.manifest import read_manifest
     from r2r.runtime.assembly import RunConfig
+    from r2r.runtime.scheduler import program_graphs
     from r2r.runtime.translator import Translator
 
     null = make_null_bundle(bundle, work / "null-bundle")
+    has = set(read_manifest(null).graphs)
     out = {}
     for fused in (False, True):
+        if not set(program_graphs(Variant(fused=fused))) <= has:
+            continue
         runtime = Translator.from_config(RunConfig(engine=null, backend="onnxruntime", device="cpu",
                                                    fused="on" if fused else "off", threads=1),
                                          log=lambda _: None).runtime

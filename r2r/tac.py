@@ -302,10 +302,9 @@ class TACProcessor:
             qi, ki = given
             b = qi.shape[0]
             rows = st.inject_rows or (both, True)
-            if q.shape[0] != b * len(rows):
-                raise RuntimeError(f"{self.layer.name}: a batch of {q.shape[0]} rows for {len(rows)} blocks of {b}")
-            return (torch.cat([qi if r else blk for blk, r in zip(q.split(b), rows, strict=True)]),
-                    torch.cat([ki if r else blk for blk, r in zip(k.split(b), rows, strict=True)]))
+            # blocks by slices, not split(b): the export keeps the batch symbolic (a split's count would fix it)
+            return (torch.cat([qi if r else q[j * b : (j + 1) * b] for j, r in enumerate(rows)]),
+                    torch.cat([ki if r else k[j * b : (j + 1) * b] for j, r in enumerate(rows)]))
         # FUSED: thirds [cg, neg, null]
         b = q.shape[0] // 3
         qc, kc = q[:b], k[:b]

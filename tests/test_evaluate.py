@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from r2r.metrics import gaussian_window, psnr, ssim
 from r2r.training.evaluate import train_realism_classifier
@@ -69,7 +70,7 @@ def test_the_realism_classifier_beats_chance_on_held_out_images(data_dir: Path) 
     assert len(p_rend) == 18 and accuracy >= 0.75, (p_rend, p_real)
 
 
-def _evaluate(model: Path, data: Path, out: Path, limit: int, steps: int) -> None:
+def _evaluate(model: Path, data: Path, out: Path, limit: int, steps: int, *extra: str) -> None:
     """`r2r-train evaluate` with the model as its own base, few steps; it must succeed."""
     from click.testing import CliRunner
 
@@ -78,18 +79,25 @@ def _evaluate(model: Path, data: Path, out: Path, limit: int, steps: int) -> Non
     emb = model / "negative_embedding.safetensors"
     args = ["evaluate", "--model", str(model), "--data", str(data), "--out", str(out), "--base-model", str(model),
             "--base-embedding", str(emb), "--limit", str(limit), "--steps", str(steps), "--strength", "0.5",
-            "--classifier-steps", "5", "--no-progress"]
+            "--classifier-steps", "5", "--no-progress", *extra]
     res = CliRunner().invoke(main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
 
 
 def test_evaluate_writes_the_ablation_report(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
-    _evaluate(tiny_model_dir, data_dir, out, limit=2, steps=4)
+    _evaluate(tiny_model_dir, data_dir, out, 2, 4, "--text-guidance", "3")
     report = json.loads((out / "report.json").read_text())
     names = [r["name"] for r in report["rows"]]
     assert names == ["render (input)", "VAE round trip", "full", "w/o TAC", "w/o negative embedding",
-                     "w/o finetune", "real (ground truth)"]
+                     "caption, w_t 3", "w/o finetune", "real (ground truth)"]
+    # the caption row: each render's own caption as its prompt, and it moves the output
+    meta = [json.loads(line) for line in (data_dir / "test" / "rendered" / "metadata.jsonl").read_text().splitlines()]
+    assert len(report["captions"]) == 2 and set(report["captions"]) <= {row["text"] for row in meta}
+    full, captioned = (sorted((out / "images" / d).glob("*.png")) for d in ("full", "caption,_w_t_3"))
+    assert any(np.asarray(Image.open(a)).tobytes() != np.asarray(Image.open(b)).tobytes()
+               for a, b in zip(full, captioned, strict=True))
+    assert (out / "prompt-grid.png").is_file() and "prompts" in report["grids"]
     rows = {r["name"]: r for r in report["rows"]}
     assert rows["render (input)"]["ssim_input"] == pytest.approx(1.0)
     assert rows["real (ground truth)"]["ssim_gt"] == pytest.approx(1.0)

@@ -143,6 +143,7 @@ class EvalConfig:
     seed: int = 0
     grid_rows: int = 6
     progress: bool = True
+    text_guidance: tuple[float, ...] = ()  # rows with the test split's captions as prompts, one per w_t
 
 
 @dataclass
@@ -196,8 +197,9 @@ def _pipeline(model: Path, embedding: Path, size: tuple[int, int]) -> ReferenceP
 
 
 def _translate(pipe: ReferencePipeline, images: list[np.ndarray], methods: dict[str, Method],
-               batch_size: int, progress: bool) -> dict[str, tuple[list[np.ndarray], float]]:
-    """Translate `images` once per method config with one loaded pipeline."""
+               batch_size: int, progress: bool, prompts: dict[str, list[str]] | None = None
+               ) -> dict[str, tuple[list[np.ndarray], float]]:
+    """Translate `images` once per method config with one loaded pipeline (`prompts`: a row's, one per image)."""
     from tqdm import tqdm
 
     results = {}
@@ -208,7 +210,9 @@ def _translate(pipe: ReferencePipeline, images: list[np.ndarray], methods: dict[
         for batch in tqdm(batches, desc=name, unit="batch", disable=not progress):
             h, w = images[batch[0]].shape[:2]
             pipe.set_size(w, h)
-            for i, out in zip(batch, pipe([images[i] for i in batch], method), strict=True):
+            given = (prompts or {}).get(name)
+            texts = None if given is None else [given[i] for i in batch]
+            for i, out in zip(batch, pipe([images[i] for i in batch], method, prompts=texts), strict=True):
                 outs[i] = out
         results[name] = (outs, time.perf_counter() - t0)
     return results
@@ -390,8 +394,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "w/o TAC": (replace(m, tac_ratio=0.0), "tac_ratio 0"),
         "w/o negative embedding": (replace(m, guidance=1.0), "null text only (guidance 1: e = e_null)"),
     }
+    captions = list(test_r.captions[: len(renders)])
+    for w in cfg.text_guidance:  # the two-term guidance with each render's caption (docs/design.md, "Prompts")
+        methods[f"caption, w_t {w:g}"] = (replace(m, text_guidance=w),
+                                          f"the test split's caption as the prompt, text guidance {w:g}")
+    prompts = {name: captions for name in methods if name.startswith("caption")}
     pipe = _pipeline(cfg.model, cfg.embedding, size)
-    done = _translate(pipe, runs, {k: v[0] for k, v in methods.items()}, cfg.batch_size, cfg.progress)
+    done = _translate(pipe, runs, {k: v[0] for k, v in methods.items()}, cfg.batch_size, cfg.progress, prompts)
     separation = {"DKI model": dki_separation(pipe, runs, runs_real, m, cfg.batch_size, cfg.seed)}
     rows += [Row(k, methods[k][1], back(outs), secs) for k, (outs, secs) in done.items()]
     if cfg.base_model is not None:
@@ -424,6 +433,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     by = {r.name: r.outputs for r in rows}
     save_png(out / "before-after.png", _grid([renders, by["full"], reals], cfg.grid_rows))
     save_png(out / "ablation-grid.png", _grid([r.outputs for r in rows], cfg.grid_rows))
+    with_captions = [r.name for r in rows if r.name.startswith("caption")]
+    if with_captions:
+        save_png(out / "prompt-grid.png", _grid([renders, by["full"], *(by[n] for n in with_captions), reals],
+                                                cfg.grid_rows))
     report = {
         "data": str(cfg.data),
         "images": len(renders),
@@ -440,7 +453,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "rows": report_rows,
         "separation": separation,
         "grids": {"before_after": "before-after.png (render | full | real)",
-                  "ablation": "ablation-grid.png (" + " | ".join(r.name for r in rows) + ")"},
+                  "ablation": "ablation-grid.png (" + " | ".join(r.name for r in rows) + ")",
+                  **({"prompts": "prompt-grid.png (render | full | " + " | ".join(with_captions) + " | real)"}
+                     if with_captions else {})},
+        "captions": captions if with_captions else None,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
