@@ -24,10 +24,13 @@ from r2r.config import Method
 from r2r.export.canary import Runner, record_canaries, record_graph_canaries
 from r2r.export.graphs import (
     STEP_SPECS,
+    TEXT_ENCODER_SPEC,
     VAE_SPECS,
     DdimStep,
     GraphSpec,
     GuidedStep,
+    GuidedTextStep,
+    TextEncoder,
     UNetDeep,
     UNetEmit,
     UNetInject,
@@ -55,7 +58,15 @@ from r2r.manifest import (
     verify_files,
     write_manifest,
 )
-from r2r.models import Components, encode_conditioning, load_components, model_defaults, sha256_file, sha256_trees
+from r2r.models import (
+    Components,
+    encode_conditioning,
+    load_components,
+    load_embedding,
+    model_defaults,
+    sha256_file,
+    sha256_trees,
+)
 from r2r.step_cache import check_unet, deep_channels, step_cache_supported
 from r2r.tac import TACPlan, TACState, install_tac, pixel_multiple, plan_tac
 
@@ -80,6 +91,7 @@ class ExportConfig:
     static: bool = False  # graphs of the example size only (TensorRT builds static engines from them)
     refit: bool = False  # record each weight graph's weight map, so that `r2r-export refit` can swap its weights
     donors: tuple[Path, ...] = ()  # other bundles whose graphs of the same key are copied, not exported again
+    text_encoder: bool = True  # the prompt encoder and tokenizer beside the graphs (`--prompt` at run time)
 
     def sizes(self, multiple: int) -> Sizes:
         """The size range of the bundle, checked: sides multiples of the model's pixel multiple."""
@@ -112,6 +124,8 @@ def artefact_keys(cfg: ExportConfig, plan: TACPlan, sizes: Sizes, hashes: ModelH
         **{g: _key(g, part_hash["vae"], shape_key, tools) for g in VAE_SPECS},
         **{g: _key(g, shape_key, tools) for g in STEP_SPECS},
         "cond": _key(part_hash["text_encoder"], part_hash["tokenizer"], hashes.embedding, tools["r2r"]),
+        graph_io.TEXT_ENCODER: _key(graph_io.TEXT_ENCODER, part_hash["text_encoder"], part_hash["tokenizer"],
+                                    hashes.embedding, cfg.batch_max, tools),
     }
 
 
@@ -135,7 +149,8 @@ def bundle_config(manifest: Manifest, model: Path, embedding: Path, out: Path) -
     return ExportConfig(model, embedding, out, manifest.width, manifest.height, manifest.batch_max,
                         int(manifest.schedule["defaults"]["tac_divisor"]), tuple(manifest.graphs),
                         min_side=None if static else min(sizes["min"]), max_side=None if static else max(sizes["max"]),
-                        static=static, refit=True, attention_pool=int(manifest.tac_plan.get("pool", 1)))
+                        static=static, refit=True, attention_pool=int(manifest.tac_plan.get("pool", 1)),
+                        text_encoder=bool(manifest.text_encoder))
 
 
 def source_of(model_dir: Path, embedding: Path, hashes: ModelHashes) -> dict[str, object]:
@@ -190,10 +205,11 @@ def example_inputs(name: str, comps: Components, plan: TACPlan, h: int, w: int) 
         return unet_args(1)
     if name == graph_io.VAE_ENCODER:
         return (torch.rand(2, 3, h, w, generator=g) * 2 - 1,)
-    if name in (graph_io.DDIM_STEP, graph_io.GUIDED_STEP):
-        k = 2 if name == graph_io.DDIM_STEP else 4
+    if name in graph_io.STEP_GRAPHS:
+        k = {graph_io.DDIM_STEP: 2, graph_io.GUIDED_STEP: 4, graph_io.GUIDED_TEXT_STEP: 6}[name]
         lat = torch.randn(2, c, h // 8, w // 8, generator=g)
-        return lat, torch.randn(k, c, h // 8, w // 8, generator=g), torch.tensor([0.9, 0.1, 7.5])
+        step = (lat, torch.randn(k, c, h // 8, w // 8, generator=g), torch.tensor([0.9, 0.1, 7.5]))
+        return (*step, torch.tensor([1.5, 0.0])) if name == graph_io.GUIDED_TEXT_STEP else step
     return (torch.randn(2, int(comps.vae.config.latent_channels), h // 8, w // 8, generator=g),)
 
 
@@ -209,6 +225,7 @@ def graph_module(name: str, comps: Components, plan: TACPlan, state: TACState) -
         graph_io.VAE_DECODER: lambda: VaeDecoder(comps.vae),
         graph_io.DDIM_STEP: DdimStep,
         graph_io.GUIDED_STEP: GuidedStep,
+        graph_io.GUIDED_TEXT_STEP: GuidedTextStep,
     }
     return modules[name]()
 
@@ -249,27 +266,34 @@ def _donor_manifests(donors: tuple[Path, ...], out: Path) -> list[tuple[Path, Ma
     return found
 
 
-def _copy_from_donor(donors: list[tuple[Path, Manifest]], name: str, key: str, out: Path,
-                     manifest: Manifest) -> bool:
-    """Copy graph `name` from the first donor bundle that holds it at `key` with its files intact (what they hold is
-    hashed again after the copy: a donor rewritten meanwhile gives nothing); True if copied."""
-    for donor, theirs in donors:
-        entry = theirs.graphs.get(name)
-        if entry is None or entry.key != key:
-            continue
-        files = [f for f in theirs.files if f.startswith(f"{ONNX_DIR}/{name}/")]
-        folder = bundle_path(out, _graph_file(name)).parent
-        try:
-            with atomic_dir(folder) as tmp:
+def _copy_folders(donor: Path, theirs: Manifest, folders: tuple[str, ...], out: Path, manifest: Manifest) -> bool:
+    """Copy the donor's files under `folders` (bundle-relative) into `out`, each folder replaced atomically, what they
+    hold hashed again after the copy (a donor rewritten meanwhile gives nothing); True if copied."""
+    by_folder = {d: [f for f in theirs.files if f.startswith(f"{d}/")] for d in folders}
+    if not all(by_folder.values()):
+        return False
+    try:
+        for folder, files in by_folder.items():
+            with atomic_dir(bundle_path(out, folder)) as tmp:
                 for f in files:
                     src = bundle_path(donor, f)
                     shutil.copyfile(src, tmp / src.name)
                     if sha256_file(tmp / src.name) != theirs.files[f]:
                         raise ValueError(f"{src} changed")
-        except (ValueError, OSError):
+    except (ValueError, OSError):
+        return False
+    manifest.files.update({f: theirs.files[f] for files in by_folder.values() for f in files})
+    return True
+
+
+def _copy_from_donor(donors: list[tuple[Path, Manifest]], name: str, key: str, out: Path,
+                     manifest: Manifest) -> bool:
+    """Copy graph `name` from the first donor bundle that holds it at `key` with its files intact; True if copied."""
+    for donor, theirs in donors:
+        entry = theirs.graphs.get(name)
+        if entry is None or entry.key != key or not _copy_folders(donor, theirs, (f"{ONNX_DIR}/{name}",), out,
+                                                                  manifest):
             continue
-        for f in files:
-            manifest.files[f] = theirs.files[f]
         manifest.graphs[name] = entry
         bundle_path(out, map_file(name)).unlink(missing_ok=True)  # the map of the graph this one replaced
         return True
@@ -351,9 +375,10 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
             TensorSpec(graph_io.COND_NEG, list(c_neg.shape), "float32").__dict__]}
         progress(f"  cond        built in {time.perf_counter() - t0:.1f} s ({path.stat().st_size / 1e3:.0f} kB)")
 
+    donors = _donor_manifests(cfg.donors, out)
+    _text_encoder(cfg, comps, keys[graph_io.TEXT_ENCODER], manifest, old, donors, progress)
     state = install_tac(comps.unet, plan)
     specs = graph_specs(plan)
-    donors = _donor_manifests(cfg.donors, out)
     for name in cfg.graphs:
         rel = _graph_file(name)
         old_files = [f for f in old.files if f.startswith(f"{ONNX_DIR}/{name}/")] if old is not None else []
@@ -397,6 +422,60 @@ def _export_bundle(cfg: ExportConfig, progress: Callable[[str], None]) -> Manife
         _record_weight_maps(out, manifest, comps, progress)
         write_manifest(out, manifest)
     return manifest
+
+
+# The tokenizer's files a bundle carries (text: the vocabulary, merges and configs; nothing executable).
+TOKENIZER_SUFFIXES = (".json", ".txt")
+
+
+def _text_encoder(cfg: ExportConfig, comps: Components, key: str, manifest: Manifest, old: Manifest | None,
+                  donors: list[tuple[Path, Manifest]], progress: Callable[[str], None]) -> None:
+    """The prompt encoder (docs/design.md, "Prompts"): the model's text encoder as an fp32 graph and its tokenizer's
+    files, both hashed in the manifest; kept where its key is unchanged, copied from a donor bundle that has it at
+    that key, removed where the export leaves it out."""
+    out, rel = cfg.out, _graph_file(graph_io.TEXT_ENCODER)
+    folders = (bundle_path(out, rel).parent, bundle_path(out, graph_io.TOKENIZER_DIR))
+    if not cfg.text_encoder:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+    if old is not None and old.text_encoder.get("key") == key:
+        files = [f for f in old.files if any(f.startswith(f"{p}/") for p in (f"{ONNX_DIR}/{graph_io.TEXT_ENCODER}",
+                                                                              graph_io.TOKENIZER_DIR))]
+        try:
+            verify_files(out, old, only=files)
+        except ValueError:
+            files = []
+        if files:
+            manifest.text_encoder = old.text_encoder
+            manifest.files.update({f: old.files[f] for f in files})
+            progress(f"  {graph_io.TEXT_ENCODER:<11} up to date ({rel})")
+            return
+    for donor, theirs in donors:
+        if theirs.text_encoder.get("key") == key and _copy_folders(
+                donor, theirs, (f"{ONNX_DIR}/{graph_io.TEXT_ENCODER}", graph_io.TOKENIZER_DIR), out, manifest):
+            manifest.text_encoder = theirs.text_encoder
+            progress(f"  {graph_io.TEXT_ENCODER:<11} copied ({rel}: the same encoder, from a bundle beside this one)")
+            return
+    t0 = time.perf_counter()
+    te = comps.text_encoder.float().eval()
+    ids = torch.tensor(comps.tokenizer(["a photo", ""], padding="max_length",
+                                       max_length=comps.tokenizer.model_max_length).input_ids, dtype=torch.int64)
+    inputs, outputs, external = export_graph(TextEncoder(te).eval(), (ids,), TEXT_ENCODER_SPEC, bundle_path(out, rel),
+                                             cfg.batch_max, Sizes(1))
+    with atomic_dir(folders[1]) as tmp:
+        for src in sorted((comps.model_dir / graph_io.TOKENIZER_DIR).iterdir()):
+            if src.is_file() and src.suffix in TOKENIZER_SUFFIXES:
+                shutil.copyfile(src, tmp / src.name)
+    files = _files_of(out, rel) + sorted(f"{graph_io.TOKENIZER_DIR}/{p.name}" for p in folders[1].iterdir())
+    for f in files:
+        record_file(out, manifest, f)
+    manifest.text_encoder = {"file": rel, "tokenizer": graph_io.TOKENIZER_DIR, "key": key,
+                             "token": load_embedding(cfg.embedding)[0], "external_data": external,
+                             "inputs": [t.__dict__ for t in inputs], "outputs": [t.__dict__ for t in outputs]}
+    size = sum(bundle_path(out, f).stat().st_size for f in files)
+    progress(f"  {graph_io.TEXT_ENCODER:<11} exported in {time.perf_counter() - t0:.1f} s ({size / 1e6:.1f} MB, with "
+             "its tokenizer)")
 
 
 def map_file(graph: str) -> str:

@@ -117,12 +117,15 @@ def export(cfg: ExportConfig) -> None:
               help="Also export the step-cache graphs unet_deep and unet_shallow, which `r2r-run --cache-interval K` "
                    "(K > 1) runs [default: where the model's r2r_defaults.json sets cache_interval, the embedded "
                    "default's 3].")
+@click.option("--text-encoder/--no-text-encoder", default=True, show_default=True,
+              help="The model's text encoder (fp32 graph) and tokenizer beside the graphs, which `r2r-run --prompt` "
+                   "and `--prompts` need (docs/design.md, \"Prompts\").")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
 def onnx_cmd(source: ModelSource, shape: BundleShape, refit: bool, graphs: tuple[str, ...], step_cache: bool,
-             out: Path) -> None:
-    """Write the ONNX bundle: UNet variants, VAE graphs, conditioning, manifest."""
+             text_encoder: bool, out: Path) -> None:
+    """Write the ONNX bundle: UNet variants, VAE graphs, conditioning, text encoder, manifest."""
     cfg = export_config(source, shape, out, refit)
-    cfg = replace(cfg, graphs=bundle_graphs(cfg.model, graphs, step_cache))
+    cfg = replace(cfg, graphs=bundle_graphs(cfg.model, graphs, step_cache), text_encoder=text_encoder)
     sides = "static" if shape.static else f"sides {cfg.min_side or 'auto'}..{cfg.max_side}"
     log(f"r2r-export onnx: {cfg.model} at {cfg.width}x{cfg.height} ({sides}), batch 1-{cfg.batch_max} -> {out}")
     export(cfg)

@@ -115,6 +115,17 @@ class VaeDecoder(torch.nn.Module):
         return (x / 2 + 0.5).clamp(0, 1)
 
 
+class TextEncoder(torch.nn.Module):
+    """`text_encoder`: token ids -> the text encoder's last hidden state (the conditioning a prompt gives)."""
+
+    def __init__(self, text_encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids, return_dict=False)[0]
+
+
 class DdimStep(torch.nn.Module):
     """`ddim_step`: the inversion update of r2r.schedule.transfer_coefficients, on the device."""
 
@@ -131,6 +142,19 @@ class GuidedStep(torch.nn.Module):
         e = e_neg + coef[2] * (e_null - e_neg)
         z_next = coef[0] * z + coef[1] * e
         return torch.cat([z_next, z_next])
+
+
+class GuidedTextStep(torch.nn.Module):
+    """`guided_text_step`: the two-term guidance (docs/design.md, "Prompts") with each image's own w_t, then the
+    generation update, written to the three blocks of the next [neg, null, text] batch."""
+
+    def forward(self, z: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, w_text: torch.Tensor) -> torch.Tensor:
+        b = z.shape[0]
+        e_neg, e_null, e_text = eps[:b], eps[b : 2 * b], eps[2 * b :]
+        e = e_neg + coef[2] * (e_null - e_neg)
+        e = e + w_text.reshape(-1, 1, 1, 1) * (e_text - e_null)
+        z_next = coef[0] * z + coef[1] * e
+        return torch.cat([z_next, z_next, z_next])
 
 
 @dataclass(frozen=True)
@@ -192,7 +216,15 @@ STEP_SPECS = {
         graph_io.GUIDED_STEP,
         ((graph_io.Z, "B", "latent"), (graph_io.EPS, "2*B", "latent"), (graph_io.COEF, "", "")),
         ((graph_io.Z_PAIR, "2*B", "latent"),)),
+    graph_io.GUIDED_TEXT_STEP: GraphSpec(
+        graph_io.GUIDED_TEXT_STEP,
+        ((graph_io.Z, "B", "latent"), (graph_io.EPS, "3*B", "latent"), (graph_io.COEF, "", ""),
+         (graph_io.W_TEXT, "B", "")),
+        ((graph_io.Z_GROUP, "3*B", "latent"),)),
 }
+
+TEXT_ENCODER_SPEC = GraphSpec(graph_io.TEXT_ENCODER, ((graph_io.INPUT_IDS, "B", ""),),
+                              ((graph_io.TEXT_EMBEDDINGS, "B", ""),))
 
 VAE_SPECS = {
     graph_io.VAE_ENCODER: GraphSpec(graph_io.VAE_ENCODER, ((graph_io.IMAGE, "B", "image"),), ((graph_io.LATENT, "B",

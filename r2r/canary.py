@@ -76,13 +76,15 @@ class GraphShape:
 
 def routing(multiple: int) -> np.ndarray:
     """`tac_src` of the routed UNet for one image as the program binds it: the identity at 1 and 2, the fused TAC
-    step [cg, neg, null -> cg] at 3."""
-    return np.array([0, 1, 0] if multiple == 3 else list(range(multiple)), np.int64)
+    step [cg, neg, null -> cg] at 3 and with a text row under TAC [cg, neg, null -> cg, text -> cg] at 4."""
+    return np.array({3: [0, 1, 0], 4: [0, 1, 0, 0]}.get(multiple, list(range(multiple))), np.int64)
 
 
 def conditioning(graph: str, multiple: int, shape: GraphShape) -> np.ndarray:
-    """The rows of text conditioning the program gives `graph` at `multiple` (null for the plain and cg batches)."""
-    rows = {1: [shape.c_null], 2: [shape.c_neg, shape.c_null], 3: [shape.c_null, shape.c_neg, shape.c_null]}
+    """The rows of text conditioning the program gives `graph` at `multiple` (null for the plain and cg batches;
+    the text row of the 4x call: the null text, as an image without a prompt has it)."""
+    rows = {1: [shape.c_null], 2: [shape.c_neg, shape.c_null], 3: [shape.c_null, shape.c_neg, shape.c_null],
+            4: [shape.c_null, shape.c_neg, shape.c_null, shape.c_null]}
     return np.concatenate(rows[2 if graph == graph_io.UNET_INJECT else multiple]).astype(np.float32)
 
 
@@ -116,9 +118,12 @@ def make_inputs(graph: str, multiple: int, size: tuple[int, int], shape: GraphSh
     if graph == graph_io.VAE_DECODER:
         return {graph_io.LATENT: normal(1, c, h, w)}
     if graph in graph_io.STEP_GRAPHS:
-        rows = 2 if graph == graph_io.GUIDED_STEP else 1
-        return {graph_io.Z: normal(1, c, h, w), graph_io.EPS: normal(rows, c, h, w),
-                graph_io.COEF: np.array(COEF, np.float32)}
+        rows = {graph_io.GUIDED_STEP: 2, graph_io.GUIDED_TEXT_STEP: 3}.get(graph, 1)
+        out = {graph_io.Z: normal(1, c, h, w), graph_io.EPS: normal(rows, c, h, w),
+               graph_io.COEF: np.array(COEF, np.float32)}
+        if graph == graph_io.GUIDED_TEXT_STEP:
+            out[graph_io.W_TEXT] = np.array([1.5], np.float32)
+        return out
     raise ValueError(f"no canary for graph {graph!r}")
 
 

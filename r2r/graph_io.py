@@ -17,12 +17,15 @@ VAE_DECODER = "vae_decoder"
 # The scheduler's arithmetic as graphs, so that it runs on the device next to the UNet (TensorRT).
 DDIM_STEP = "ddim_step"  # z_next = cz * z + ce * eps
 GUIDED_STEP = "guided_step"  # e = e_neg + w (e_null - e_neg); z_pair = [z_next, z_next]
+# with a prompt's text rows (docs/design.md, "Prompts"): e = e_neg + w (e_null - e_neg) + w_t (e_text - e_null), w_t
+# per image; z_group = [z_next, z_next, z_next]
+GUIDED_TEXT_STEP = "guided_text_step"
 # Step caching (docs/design.md, "Less work per image"): the routed UNet that also returns the features entering its
 # last up block, and the routed shallow path that takes them. Exported on request (`r2r-export onnx --step-cache`).
 UNET_DEEP = "unet_deep"
 UNET_SHALLOW = "unet_shallow"
 UNET_GRAPHS = (UNET, UNET_EMIT, UNET_INJECT)
-STEP_GRAPHS = (DDIM_STEP, GUIDED_STEP)
+STEP_GRAPHS = (DDIM_STEP, GUIDED_STEP, GUIDED_TEXT_STEP)
 STEP_CACHE_GRAPHS = (UNET_DEEP, UNET_SHALLOW)
 # The graphs an export writes unless told otherwise; the step-cache pair is an addition a bundle may carry.
 DEFAULT_GRAPHS = (*UNET_GRAPHS, VAE_ENCODER, VAE_DECODER, *STEP_GRAPHS)
@@ -49,6 +52,15 @@ Z = "z"  # [B, C, h, w]
 COEF = "coef"  # [3] float32: cz, ce, w (w unused by ddim_step)
 Z_NEXT = "z_next"  # ddim_step output [B, C, h, w]
 Z_PAIR = "z_pair"  # guided_step output [2B, C, h, w]: the next [zr, zr] batch
+W_TEXT = "w_text"  # guided_text_step input [B] float32: each image's text guidance (0: no prompt)
+Z_GROUP = "z_group"  # guided_text_step output [3B, C, h, w]: the next [zr, zr, zr] batch
+
+# The prompt encoder beside the graphs (docs/design.md, "Prompts"): the model's text encoder, fp32, run once per
+# distinct prompt; it is not a program graph (no engine, no canary: the bundle's c_null is what it must give for "").
+TEXT_ENCODER = "text_encoder"
+INPUT_IDS = "input_ids"  # int64 [B, 77]: the tokenizer's ids, padded
+TEXT_EMBEDDINGS = "text_embeddings"  # [B, 77, d]: the conditioning of each prompt
+TOKENIZER_DIR = "tokenizer"  # the tokenizer's files, as the model holds them
 
 # Conditioning files in the bundle's cond/ folder.
 COND_NULL = "c_null"
@@ -138,6 +150,8 @@ def shape_env(batch: int, width: int, height: int, multiple: int) -> dict[str, i
 
 # The values the coupled program binds to each graph's B, as multiples of the image batch: the routed UNet serves
 # the inversion (B latents), the guided [neg, null] pair after the TAC window (2B) and the fused TAC step
-# [cg, neg, null] (3B); every other graph is called at its own symbols with B = the image batch. TensorRT profiles
-# take their shapes from this; the scheduler's tests check that its program binds nothing else.
-CALL_MULTIPLES: dict[str, tuple[int, ...]] = {**{g: (1,) for g in ALL_GRAPHS}, **{g: (1, 2, 3) for g in ROUTED_GRAPHS}}
+# [cg, neg, null] (3B); with a prompt's text rows, the guided [neg, null, text] (3B) and the fused [cg, neg, null,
+# text] (4B). Every other graph is called at its own symbols with B = the image batch. TensorRT profiles take their
+# shapes from this; the scheduler's tests check that its program binds nothing else.
+CALL_MULTIPLES: dict[str, tuple[int, ...]] = {**{g: (1,) for g in ALL_GRAPHS},
+                                              **{g: (1, 2, 3, 4) for g in ROUTED_GRAPHS}}

@@ -89,6 +89,9 @@ class Manifest:
     sizes: dict[str, Any] = field(default_factory=dict)
     graphs: dict[str, GraphEntry] = field(default_factory=dict)
     cond: dict[str, Any] = field(default_factory=dict)  # file, key, tensor specs
+    # the prompt encoder (docs/design.md, "Prompts"): file, tokenizer folder, key, the embedding's token, I/O specs;
+    # empty in a bundle exported without it
+    text_encoder: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     engines: dict[str, EngineEntry] = field(default_factory=dict)  # "backend/precision/graph" -> entry
     # "<graph>@<W>x<H>" -> {graph, size, file, key}: each graph's recorded outputs on a fixed input (r2r/canary.py)

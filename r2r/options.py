@@ -26,7 +26,7 @@ EMBEDDING_HELP = "Negative embedding .safetensors [default: MODEL/negative_embed
 TOKEN_HELP = "The embedding's token [default: its own: the key of a diffusers file, the name of an A1111 one]."
 METHOD_FLAGS = {"steps": "--steps", "strength": "--strength", "guidance": "--guidance", "tac_ratio": "--tac-ratio",
                 "tac_divisor": "--tac-divisor", "tac_target": "--tac-target", "attention_pool": "--attention-pool",
-                "cache_interval": "--cache-interval"}
+                "cache_interval": "--cache-interval", "text_guidance": "--text-guidance", "text_tac": "--text-tac"}
 
 
 def grouped(f: F, names: tuple[str, ...], into: str, make: Callable[..., Any]) -> F:
@@ -81,14 +81,16 @@ def method_from(**given: Any) -> Method:
 
 
 def method_options(f: F) -> F:
-    """--steps, --strength, --guidance, --tac-ratio, --tac-divisor, --tac-target, --attention-pool,
-    --cache-interval, handed to the command as `method: Method` (what is not given: the bundle's defaults)."""
+    """--steps, --strength, --guidance (--domain-guidance), --tac-ratio, --tac-divisor, --tac-target,
+    --attention-pool, --cache-interval, --text-guidance, --text-tac, handed to the command as `method: Method` (what
+    is not given: the bundle's defaults)."""
     wrapped = grouped(f, tuple(METHOD_FLAGS), "method", method_from)
     for opt in reversed([
         click.option("--steps", type=click.IntRange(1, 1000), default=None, help="[default: the bundle's, 50]"),
         click.option("--strength", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
                      help="[default: the bundle's, 0.3]"),
-        click.option("--guidance", type=click.FloatRange(min=0.0), default=None, help="[default: the bundle's, 7.5]"),
+        click.option("--guidance", "--domain-guidance", "guidance", type=click.FloatRange(min=0.0), default=None,
+                     help="w_d, the domain term's weight (paper eq. 8) [default: the bundle's, 7.5]"),
         click.option("--tac-ratio", type=click.FloatRange(0.0, 1.0), default=None, help="[default: the bundle's, 0.9]"),
         click.option("--tac-divisor", type=click.IntRange(min=1), default=None,
                      help="[default: the bundle's, 256; without --engine the cached bundle is exported with it]"),
@@ -105,6 +107,12 @@ def method_options(f: F) -> F:
                           "default's 3, measured within its quality bar; else 1, off) in the fused program, else 1; "
                           "K > 1 needs a bundle exported with --step-cache, which r2r-run exports without "
                           "--engine]."),
+        click.option("--text-guidance", type=click.FloatRange(min=0.0), default=None,
+                     help="w_t, the prompt's term beside the domain term: e = e_neg + w_d (e_null - e_neg) + w_t "
+                          "(e_text - e_null) (docs/design.md, \"Prompts\"); with a prompt and w_t > 0 each guided "
+                          "UNet batch gains a text row [default: 0, the paper's program exactly]."),
+        click.option("--text-tac/--no-text-tac", default=None,
+                     help="Whether the prompt's row is under TAC like the null row [default: on]."),
     ]):
         wrapped = opt(wrapped)
     return wrapped

@@ -5,9 +5,11 @@ the runtime alike (each with its own text encoder)."""
 
 from __future__ import annotations
 
+import json
 import re
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -75,4 +77,66 @@ class ConditioningCache(Generic[C]):
                 check_prompt(p, self.token)
 
 
-__all__ = ["PROMPT_CACHE", "ConditioningCache", "PromptError", "check_prompt", "tokenize", "words"]
+# A prompts file is small text: one record per image. Past this it is not one (a hostile or mistaken path).
+MAX_PROMPTS_FILE_BYTES = 64 << 20
+MAX_PROMPT_CHARS = 4096  # far past 77 tokens: a longer "prompt" is not one
+
+
+class PromptTable:
+    """`--prompts FILE`: the `metadata.jsonl` an r2r dataset and diffusers' ImageFolder write, one JSON object per
+    line with `file_name` (relative to the file's folder) and `text`. An input's prompt is the record of its path
+    relative to that folder, else of its file name where one record has it; an input without a record has none."""
+
+    def __init__(self, source: str, by_name: dict[str, str]) -> None:
+        self.source, self.by_name = source, by_name
+        self.folder = Path(source).resolve().parent
+        # by file name alone, where one record has it (an input from elsewhere: a copy, a URL)
+        names = Counter(PurePosixPath(k).name for k in by_name)
+        self.by_base = {PurePosixPath(k).name: v for k, v in by_name.items() if names[PurePosixPath(k).name] == 1}
+
+    @classmethod
+    def read(cls, path: str | Path) -> PromptTable:
+        p = Path(path)
+        try:
+            if p.stat().st_size > MAX_PROMPTS_FILE_BYTES:
+                raise PromptError(f"{p}: over {MAX_PROMPTS_FILE_BYTES >> 20} MB; a prompts file holds one short "
+                                  "record per image")
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PromptError(f"{p}: cannot be read as UTF-8 text ({exc})") from exc
+        by_name: dict[str, str] = {}
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PromptError(f"{p}:{n}: not a JSON object ({exc.msg}); each line is "
+                                  '{"file_name": "...", "text": "..."}') from exc
+            if not isinstance(rec, dict) or not isinstance(rec.get("file_name"), str) \
+                    or not isinstance(rec.get("text"), str):
+                raise PromptError(f'{p}:{n}: each line is {{"file_name": "...", "text": "..."}} (both strings)')
+            if len(rec["text"]) > MAX_PROMPT_CHARS:
+                raise PromptError(f"{p}:{n}: a text of {len(rec['text'])} characters; a prompt is at most "
+                                  f"{MAX_PROMPT_CHARS}")
+            name = PurePosixPath(rec["file_name"].replace("\\", "/")).as_posix()
+            if by_name.get(name, rec["text"]) != rec["text"]:
+                raise PromptError(f"{p}:{n}: {name} has two different texts")
+            by_name[name] = rec["text"]
+        return cls(str(p), by_name)
+
+    def for_input(self, path: str | Path) -> str | None:
+        """The prompt of an input (a path or a URL), None where the file has no record of it."""
+        text = str(path)
+        if "://" not in text:
+            try:
+                rel = Path(text).resolve().relative_to(self.folder).as_posix()
+            except ValueError:
+                rel = None
+            if rel is not None and rel in self.by_name:
+                return self.by_name[rel]
+        return self.by_base.get(PurePosixPath(text.replace("\\", "/")).name)
+
+
+__all__ = ["MAX_PROMPTS_FILE_BYTES", "MAX_PROMPT_CHARS", "PROMPT_CACHE", "ConditioningCache", "PromptError",
+           "PromptTable", "check_prompt", "tokenize", "words"]

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import importlib
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from r2r import __version__
+from r2r import __version__, graph_io
 from r2r.backends import BackendRow, BuildRequest, backend_row, known_issue
 from r2r.config import Inversion, Method, Variant
 from r2r.errors import FlagError
@@ -28,7 +28,8 @@ from r2r.log import log
 from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, default_resolution, model_defaults, sha256_file
 from r2r.runtime.bundle_reader import Bundle, open_bundle
 from r2r.runtime.device import Backend
-from r2r.runtime.scheduler import CoupledScheduler, StepCallback, program_graphs
+from r2r.runtime.prompt_encoder import PromptEncoder, TextRows
+from r2r.runtime.scheduler import CoupledScheduler, StepCallback, bundle_graphs, program_graphs
 from r2r.runtime.select import (
     DeviceUnavailable,
     backend_candidates,
@@ -43,6 +44,7 @@ from r2r.sizing import MAX_SIDE, Fit, Placement, SizeRange, place
 
 REFERENCE = "reference"  # --backend reference: the PyTorch reference (the oracle) on the model, no bundle
 FusedChoice = Literal["auto", "on", "off"]
+Prompts = Sequence[str | None] | None  # one per image of a batch (None or "": no prompt)
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class Runtime:
     """A translator: uint8 [H, W, 3] images of one size it takes (at most `batch`) -> uint8 outputs, with what made
     them. `place` says at what size an input of any size runs (r2r/sizing.py)."""
 
-    translate: Callable[[list[np.ndarray], StepCallback | None, Method], list[np.ndarray]]
+    translate: Callable[[list[np.ndarray], StepCallback | None, Method, Prompts], list[np.ndarray]]
     params: dict[str, Any]  # recorded in every output (and compared by --resume)
     method: Method  # the one it opened with, complete (its TAC divisor the bundle's)
     resolve: Callable[[Method], Method]  # a method given per call, completed and checked against the bundle
@@ -99,12 +101,17 @@ class Runtime:
     backend: Backend | None = None
     scheduler: CoupledScheduler | None = None  # the example size's (the others are made on first use)
     verified: Verified | None = None  # what the canaries found when the backend opened its graphs
+    # refuses prompts the run cannot use before any work (a bundle without a text encoder, the embedding's token)
+    check_prompts: Callable[[Sequence[str | None]], None] = lambda prompts: None
 
     def __call__(self, images: list[np.ndarray], on_step: StepCallback | None = None,
-                 method: Method | None = None) -> list[np.ndarray]:
+                 method: Method | None = None, prompts: Prompts = None) -> list[np.ndarray]:
         """Images of one run size (at most the batch) -> outputs; `on_step(done, total)` per denoising step where the
-        backend can say; `method` (from `resolve`): another method than the one opened with, for this call."""
-        return self.translate(images, on_step, self.method if method is None else method)
+        backend can say; `method` (from `resolve`): another method than the one opened with, for this call;
+        `prompts`: one per image (None or "": none), used where the method's text guidance is > 0."""
+        if prompts is not None and len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+        return self.translate(images, on_step, self.method if method is None else method, prompts)
 
     def params_for(self, method: Method | None = None, fit: Fit | None = None,
                    max_pixels: int | None = None) -> dict[str, Any]:
@@ -190,7 +197,7 @@ def prepare_run(cfg: RunConfig, progress: Callable[[str], None] = log,
     else:
         w, h = cfg.size()
         interval = cfg.method.cache_interval or (model_defaults(cfg.model_dir()).cache_interval if fused else 1)
-        graphs = program_graphs(variant, step_graphs=True, step_cache=interval > 1) \
+        graphs = bundle_graphs(variant, step_cache=interval > 1) \
             if named is None or named.graphs else ()
         root = cached_bundle(cfg.model_dir(), cfg.embedding_file(), w, h, max(cfg.batch_max, cfg.batch),
                              cfg.method.divisor, progress, graphs, cfg.method.pool)
@@ -223,7 +230,10 @@ def prepare_run(cfg: RunConfig, progress: Callable[[str], None] = log,
             request = BuildRequest(precision, device, model=cfg.model_dir(), embedding=cfg.embedding_file())
             importlib.import_module(row.builder).build(root, request, progress)
             bundle = open_bundle(root)
+        # the text rows' update where the bundle has it (a prompt's batches; checked with the others)
+        text = graph_io.GUIDED_TEXT_STEP in bundle.manifest.graphs and device in row.step_devices
         graphs = program_graphs(variant, device in row.step_devices, cache)
+        graphs += (graph_io.GUIDED_TEXT_STEP,) if text else ()
         model = None if row.graphs else str(cfg.model_dir())
         try:
             check_first_use(bundle, TrialSpec(str(root), row.name, device, precision, cfg.threads, graphs, model),
@@ -277,9 +287,10 @@ def open_runtime(cfg: RunConfig, progress: Callable[[str], None] = log) -> Runti
         break
     # 6. a scheduler (buffers and bound program) per image size, made on the size's first batch (and per method,
     # where a call gives another: a server's requests may; and per batch a partial batch rounds up to)
-    schedulers = SchedulerCache(lambda key: CoupledScheduler(bundle, backend, key[2], key[1], variant, key[0]),
-                                cfg.max_sizes if backend.frees_dropped_buffers else None, cfg.batch)
-    schedulers.put(((bundle.width, bundle.height), method, cfg.batch), scheduler)
+    schedulers = SchedulerCache(lambda key: CoupledScheduler(bundle, backend, key[2], key[1], variant, key[0], key[3]),
+                                cfg.max_sizes if backend.frees_dropped_buffers else None, cfg.batch, bundle,
+                                cfg.threads)
+    schedulers.put(((bundle.width, bundle.height), method, cfg.batch, False), scheduler)
 
     def resolve(given: Method) -> Method:
         m = bundle.method(given, variant.fused)
@@ -287,7 +298,8 @@ def open_runtime(cfg: RunConfig, progress: Callable[[str], None] = log) -> Runti
         return m
 
     return Runtime(schedulers.translate, run.params, method, resolve, lambda: scheduler.unet_evaluations_per_image,
-                   run.sizes, cfg.fit, cfg.max_pixels, run.device, bundle, backend, scheduler, verified)
+                   run.sizes, cfg.fit, cfg.max_pixels, run.device, bundle, backend, scheduler, verified,
+                   schedulers.check_prompts)
 
 
 def run_batch(k: int, batch: int) -> int:
@@ -300,13 +312,34 @@ def run_batch(k: int, batch: int) -> int:
 
 
 class SchedulerCache:
-    """One coupled scheduler per (image size, method, run batch), made on first use. With `keep`, the least recently
-    used beyond `keep` are dropped (host backends: their buffers go with them); without, every one stays (device
-    backends, whose memory is the backend's until it closes)."""
+    """One coupled scheduler per (image size, method, run batch, text rows), made on first use. With `keep`, the
+    least recently used beyond `keep` are dropped (host backends: their buffers go with them); without, every one
+    stays (device backends, whose memory is the backend's until it closes). Prompts are encoded by the bundle's
+    text encoder, opened on the first batch that has one."""
 
-    def __init__(self, make: Callable[[Any], Any], keep: int | None, batch: int = 1) -> None:
+    def __init__(self, make: Callable[[Any], Any], keep: int | None, batch: int = 1, bundle: Bundle | None = None,
+                 threads: int = 0) -> None:
         self.make, self.keep, self.batch = make, keep, batch
+        self.bundle, self.threads = bundle, threads
         self._by_key: OrderedDict[Any, Any] = OrderedDict()
+        self._encoder: PromptEncoder | None = None
+
+    def encoder(self) -> PromptEncoder:
+        if self.bundle is None:
+            raise ValueError("prompts need the bundle the schedulers run")
+        if self._encoder is None:
+            self._encoder = PromptEncoder(self.bundle, self.threads or 1)
+        return self._encoder
+
+    def check_prompts(self, prompts: Sequence[str | None]) -> None:
+        if any(prompts):
+            self.encoder().check(prompts)
+
+    def text_rows(self, prompts: Prompts, method: Method) -> TextRows | None:
+        """The batch's text rows (None: the program without them)."""
+        if method.text_guidance == 0 or not prompts or not any(prompts):
+            return None
+        return self.encoder().rows(prompts, method)
 
     def put(self, key: Any, scheduler: Any) -> None:
         self._by_key[key] = scheduler
@@ -319,12 +352,15 @@ class SchedulerCache:
             self._by_key.popitem(last=False)
         return self._by_key[key]
 
-    def translate(self, images: list[np.ndarray], on_step: StepCallback | None, method: Method) -> list[np.ndarray]:
-        """Images of one size through that size's (and method's, and batch's) scheduler."""
+    def translate(self, images: list[np.ndarray], on_step: StepCallback | None, method: Method,
+                  prompts: Prompts = None) -> list[np.ndarray]:
+        """Images of one size through that size's (and method's, and batch's, and text rows') scheduler."""
         h, w = images[0].shape[:2]
         if any(im.shape[:2] != (h, w) for im in images):
             raise ValueError("a batch holds images of one size; group them by size first")
-        return self.get(((w, h), method, run_batch(len(images), self.batch)))(images, on_step)
+        rows = self.text_rows(prompts, method)
+        scheduler = self.get(((w, h), method, run_batch(len(images), self.batch), rows is not None))
+        return scheduler(images, on_step, None if rows is None else (rows.cond, rows.weights))
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -354,12 +390,13 @@ def _open_reference(cfg: RunConfig) -> Runtime:
               "inversion": cfg.inversion, "model": cfg.model_dir().name, "embedding_sha256": sha256_file(emb),
               "r2r": __version__}
 
-    def translate(images: list[np.ndarray], on_step: StepCallback | None, given: Method) -> list[np.ndarray]:
+    def translate(images: list[np.ndarray], on_step: StepCallback | None, given: Method,
+                  prompts: Prompts = None) -> list[np.ndarray]:
         pipe.set_size(images[0].shape[1], images[0].shape[0])
-        return pipe(images, given, cfg.inversion)
+        return pipe(images, given, cfg.inversion, prompts)
 
     return Runtime(translate, params, method, resolve, lambda: round(pipe.count.per_image), sizes, cfg.fit,
-                   cfg.max_pixels, device)
+                   cfg.max_pixels, device, check_prompts=pipe.prompts.check)
 
 
 __all__ = ["REFERENCE", "PreparedRun", "RunConfig", "Runtime", "SchedulerCache", "describe_run", "open_runtime",

@@ -200,22 +200,42 @@ class TorchBackend(Backend):
 
     def guided(self, dst_pair: DeviceArray, z: DeviceArray, eps_pair: DeviceArray, coef: Coefficients,
                coef_dev: DeviceArray) -> Op:
+        return self._guided(dst_pair, z, eps_pair, coef, None)
+
+    def guided_text(self, dst_group: DeviceArray, z: DeviceArray, eps_group: DeviceArray, coef: Coefficients,
+                    coef_dev: DeviceArray, w_text: DeviceArray) -> Op:
+        return self._guided(dst_group, z, eps_group, coef, w_text)
+
+    def _guided(self, dst: DeviceArray, z: DeviceArray, eps: DeviceArray, coef: Coefficients,
+                w_text: DeviceArray | None) -> Op:
+        """The host backends' order of operations (runtime.device.NumpyArithmetic._guided)."""
         torch = self.torch
         b = z.shape[0]
-        d, a, pair = self.tensor(dst_pair), self.tensor(z), self.tensor(eps_pair)
-        e_neg, e_null, d0, d1 = pair[:b], pair[b:], d[:b], d[b:]
+        d, a, g = self.tensor(dst), self.tensor(z), self.tensor(eps)
+        e_neg, e_null = g[:b], g[b : 2 * b]
+        blocks = [d[k * b : (k + 1) * b] for k in range(d.shape[0] // b)]
         tmp = torch.empty_like(a)
         self.allocations += 1
+        text = None
+        if w_text is not None:
+            text = (g[2 * b :], self.tensor(w_text).view(-1, *([1] * (a.dim() - 1))), torch.empty_like(a))
+            self.allocations += 1
         cz, ce, w = (float(np.float32(v)) for v in (coef.cz, coef.ce, coef.w))
 
         def op() -> None:
             torch.sub(e_null, e_neg, out=tmp)
             tmp.mul_(w)
             tmp.add_(e_neg)
-            torch.mul(a, cz, out=d0)
+            if text is not None:
+                e_text, wt, tmp2 = text
+                torch.sub(e_text, e_null, out=tmp2)
+                tmp2.mul_(wt)
+                tmp.add_(tmp2)
+            torch.mul(a, cz, out=blocks[0])
             tmp.mul_(ce)
-            d0.add_(tmp)
-            d1.copy_(d0)
+            blocks[0].add_(tmp)
+            for blk in blocks[1:]:
+                blk.copy_(blocks[0])
 
         return op
 

@@ -21,6 +21,7 @@ from r2r.errors import R2RError
 from r2r.imageio import ImageReadError, collect_inputs
 from r2r.log import log
 from r2r.options import method_options, model_source_options, threads_option
+from r2r.prompts import PromptError, PromptTable
 from r2r.runtime.assembly import REFERENCE, FusedChoice, RunConfig, prepare_run
 from r2r.runtime.translator import Progress, RunSummary, Translator, run_config
 from r2r.sizing import FITS, Fit
@@ -80,6 +81,14 @@ def translator_options(f: F) -> F:
               help="Output folder: a path, or an fsspec URL (s3://bucket/out/, ...).")
 @translator_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--prompt", default=None, metavar="TEXT",
+              help="A prompt for every input, at --text-guidance (docs/design.md, \"Prompts\"); at most 77 tokens "
+                   "(longer is cut, with a warning).")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              metavar="FILE",
+              help="Each input's own prompt: a metadata.jsonl ({\"file_name\": ..., \"text\": ...} per line, "
+                   "file_name relative to the file's folder, as an r2r dataset and diffusers' ImageFolder write it); "
+                   "an input without a record has none.")
 @threads_option(help="CPU threads per backend session (0: all cores); several runs on one machine split them.")
 @click.option("--resume", is_flag=True, help="Skip inputs whose output exists, is complete and has these parameters.")
 @click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
@@ -91,14 +100,16 @@ def translator_options(f: F) -> F:
                    "one per GPU with --device cuda].")
 def main(inputs: tuple[str, ...], more_inputs: tuple[str, ...], output_text: str, engine: Path | None, backend: str,
          source: ModelSource, width: int | None, height: int | None, fit: str, max_pixels: int | None,
-         method: Method, inversion: str, fused: str, precision: str | None, batch_size: int, threads: int,
-         resume: bool, ray_address: str | None, actors: str | None, device: str) -> None:
+         method: Method, inversion: str, fused: str, precision: str | None, batch_size: int, prompt: str | None,
+         prompts_file: Path | None, threads: int, resume: bool, ray_address: str | None, actors: str | None,
+         device: str) -> None:
     """Translate rendered images into realistic photos (FashionR2R), one PNG per input."""
     specs = list(inputs) + list(more_inputs)
     if not specs:
         raise click.UsageError("no input: pass --input PATH (files, folders, globs or a .txt list)")
     if actors is not None and ray_address is None:
         raise click.UsageError("--actors: only with --ray")
+    prompts = _prompts(prompt, prompts_file, method, ray_address)
     try:  # what cannot run fails here, before anything is converted, exported or loaded
         paths = collect_inputs(specs)
         output = storage.location(output_text)
@@ -115,7 +126,7 @@ def main(inputs: tuple[str, ...], more_inputs: tuple[str, ...], output_text: str
         if ray_address is not None:
             sys.exit(_run_on_ray(cfg, paths, output, resume, ray_address, actors))
         with Translator.from_config(cfg) as translator:
-            summary = _translate(translator, [str(p) for p in paths], output_text, resume)
+            summary = _translate(translator, [str(p) for p in paths], output_text, resume, prompts)
     except (R2RError, ImportError) as exc:  # ImportError: an optional package a flag needs (Ray, a filesystem)
         raise click.ClickException(str(exc)) from exc
     log(summary.line(output))
@@ -125,7 +136,27 @@ def main(inputs: tuple[str, ...], more_inputs: tuple[str, ...], output_text: str
         sys.exit(1)
 
 
-def _translate(translator: Translator, paths: list[str], output: str, resume: bool) -> RunSummary:
+def _prompts(prompt: str | None, prompts_file: Path | None, method: Method,
+             ray_address: str | None) -> str | PromptTable | None:
+    """--prompt / --prompts, read and checked before any work."""
+    if prompt is not None and prompts_file is not None:
+        raise click.UsageError("--prompt and --prompts: give one (a prompt for all inputs, or a file of each one's)")
+    if prompt is None and prompts_file is None:
+        return None
+    if ray_address is not None:
+        raise click.UsageError("--prompt/--prompts: not with --ray yet; run without --ray")
+    try:
+        given: str | PromptTable = PromptTable.read(prompts_file) if prompts_file is not None else str(prompt)
+    except PromptError as exc:
+        raise click.BadParameter(str(exc), param_hint="--prompts" if prompts_file else "--prompt") from exc
+    if method.text_guidance == 0:
+        log("r2r-run: a prompt has no effect at --text-guidance 0 (the default: the paper's program); pass "
+            "--text-guidance W (e.g. 3) to use it")
+    return given
+
+
+def _translate(translator: Translator, paths: list[str], output: str, resume: bool,
+               prompts: str | PromptTable | None = None) -> RunSummary:
     """`translate_files` with a progress bar in images/s."""
     from tqdm import tqdm
 
@@ -139,7 +170,7 @@ def _translate(translator: Translator, paths: list[str], output: str, resume: bo
             bar.set_postfix_str(f"{event.done / elapsed:.2f} img/s" if elapsed > 0 else "")
 
     try:
-        return translator.translate_files(paths, output, resume, progress=on)
+        return translator.translate_files(paths, output, resume, progress=on, prompts=prompts)
     finally:
         bar.close()
 

@@ -138,6 +138,12 @@ class Backend(ABC):
         """e = e_neg + w (e_null - e_neg); dst_pair = [cz z + ce e, same]."""
 
     @abstractmethod
+    def guided_text(self, dst_group: DeviceArray, z: DeviceArray, eps_group: DeviceArray, coef: Coefficients,
+                    coef_dev: DeviceArray, w_text: DeviceArray) -> Op:
+        """With text rows (docs/design.md, "Prompts"): e = e_neg + w (e_null - e_neg) + w_t (e_text - e_null), w_t
+        per image from `w_text` [B]; dst_group = [cz z + ce e, same, same]."""
+
+    @abstractmethod
     def copy(self, dst: DeviceArray, src: DeviceArray) -> Op:
         """Device-to-device copy of a latent (the [z, z] batch at the start of generation)."""
 
@@ -186,6 +192,12 @@ class StepGraphBackend(Backend):
         return self.call(graph_io.GUIDED_STEP, {graph_io.Z: z, graph_io.EPS: eps_pair, graph_io.COEF: coef_dev,
                                                 graph_io.Z_PAIR: dst_pair})
 
+    def guided_text(self, dst_group: DeviceArray, z: DeviceArray, eps_group: DeviceArray, coef: Coefficients,
+                    coef_dev: DeviceArray, w_text: DeviceArray) -> Op:
+        """dst_group = [z', z', z'], the two-term guidance with each image's w_t read on the device."""
+        return self.call(graph_io.GUIDED_TEXT_STEP, {graph_io.Z: z, graph_io.EPS: eps_group, graph_io.COEF: coef_dev,
+                                                     graph_io.W_TEXT: w_text, graph_io.Z_GROUP: dst_group})
+
 
 class NumpyArithmetic:
     """The scheduler updates as in-place numpy ufuncs: float32, the step graphs' order of operations,
@@ -208,11 +220,26 @@ class NumpyArithmetic:
         return op
 
     def guided(self, dst_pair: DeviceArray, z: DeviceArray, eps_pair: DeviceArray, coef: Coefficients) -> Op:
+        return self._guided(dst_pair, z, eps_pair, coef, None)
+
+    def guided_text(self, dst_group: DeviceArray, z: DeviceArray, eps_group: DeviceArray, coef: Coefficients,
+                    w_text: DeviceArray) -> Op:
+        """guided_text_step's order of operations: e = e_neg + w (e_null - e_neg), then e + w_t (e_text - e_null)
+        with w_t per image (read from `w_text` at each run: a batch's prompts change it, not the program)."""
+        return self._guided(dst_group, z, eps_group, coef, w_text)
+
+    def _guided(self, dst: DeviceArray, z: DeviceArray, eps: DeviceArray, coef: Coefficients,
+                w_text: DeviceArray | None) -> Op:
+        """Eq. 8 (and with `w_text`, the text term) then the update, into every block of `dst`; without text rows the
+        operations are eq. 8's alone (today's numbers)."""
         b = z.shape[0]
-        d, a = dst_pair.host, z.host
-        e_neg, e_null = eps_pair.host[:b], eps_pair.host[b:]
-        d0, d1 = d[:b], d[b:]
+        d, a, g = dst.host, z.host, eps.host
+        e_neg, e_null = g[:b], g[b : 2 * b]
+        blocks = [d[k * b : (k + 1) * b] for k in range(d.shape[0] // b)]
         tmp = self._scratch(a.shape)
+        text = None
+        if w_text is not None:  # prepared once: the text term's scratch and the weights' view
+            text = (g[2 * b :], w_text.host.reshape(-1, *([1] * (a.ndim - 1))), np.empty(a.shape, np.float32))
         cz, ce, w = np.float32(coef.cz), np.float32(coef.ce), np.float32(coef.w)
         mul, add, sub, copyto = np.multiply, np.add, np.subtract, np.copyto
 
@@ -220,10 +247,16 @@ class NumpyArithmetic:
             sub(e_null, e_neg, out=tmp)
             mul(tmp, w, out=tmp)
             add(e_neg, tmp, out=tmp)
-            mul(a, cz, out=d0)
+            if text is not None:
+                e_text, wt, tmp2 = text
+                sub(e_text, e_null, out=tmp2)
+                mul(tmp2, wt, out=tmp2)
+                add(tmp, tmp2, out=tmp)
+            mul(a, cz, out=blocks[0])
             mul(tmp, ce, out=tmp)
-            add(d0, tmp, out=d0)
-            copyto(d1, d0)
+            add(blocks[0], tmp, out=blocks[0])
+            for blk in blocks[1:]:
+                copyto(blk, blocks[0])
 
         return op
 
@@ -263,6 +296,10 @@ class HostBackend(Backend):
     def guided(self, dst_pair: DeviceArray, z: DeviceArray, eps_pair: DeviceArray, coef: Coefficients,
                coef_dev: DeviceArray) -> Op:
         return self._arith.guided(dst_pair, z, eps_pair, coef)
+
+    def guided_text(self, dst_group: DeviceArray, z: DeviceArray, eps_group: DeviceArray, coef: Coefficients,
+                    coef_dev: DeviceArray, w_text: DeviceArray) -> Op:
+        return self._arith.guided_text(dst_group, z, eps_group, coef, w_text)
 
     def copy(self, dst: DeviceArray, src: DeviceArray) -> Op:
         d, s = dst.host, src.host

@@ -36,15 +36,24 @@ STAGES = ("encode", "inversion", "generation", "decode")
 StepCallback = Callable[[int, int], None]  # (steps done, steps in the batch's program)
 
 
-def program_graphs(variant: Variant, step_graphs: bool = False, step_cache: bool = False) -> tuple[str, ...]:
+def program_graphs(variant: Variant, step_graphs: bool = False, step_cache: bool = False,
+                   text: bool = False) -> tuple[str, ...]:
     """The bundle graphs a variant's program calls (what a backend opens, and the canaries check first); with
-    `step_graphs`, the scheduler updates too (backends whose memory the host cannot touch); with `step_cache`
-    (cache interval > 1, the fused program), the step-cache pair in place of the routed `unet`."""
+    `step_graphs`, the scheduler updates too (backends whose memory the host cannot touch), the text rows' update
+    with `text`; with `step_cache` (cache interval > 1, the fused program), the step-cache pair in place of the
+    routed `unet`."""
     if step_cache:
         unets: tuple[str, ...] = graph_io.STEP_CACHE_GRAPHS
     else:
         unets = (graph_io.UNET,) if variant.fused else (graph_io.UNET, graph_io.UNET_EMIT, graph_io.UNET_INJECT)
-    return (graph_io.VAE_ENCODER, *unets, graph_io.VAE_DECODER, *(graph_io.STEP_GRAPHS if step_graphs else ()))
+    steps = (graph_io.DDIM_STEP, graph_io.GUIDED_TEXT_STEP if text else graph_io.GUIDED_STEP)
+    return (graph_io.VAE_ENCODER, *unets, graph_io.VAE_DECODER, *(steps if step_graphs else ()))
+
+
+def bundle_graphs(variant: Variant, step_cache: bool = False) -> tuple[str, ...]:
+    """The graphs a bundle for a variant's program holds: what the program calls on any backend, the text rows'
+    update included (what `r2r-run` exports into its cache)."""
+    return (*program_graphs(variant, step_graphs=True, step_cache=step_cache), graph_io.GUIDED_TEXT_STEP)
 
 
 class DegenerateOutput(R2RError, RuntimeError):
@@ -91,17 +100,28 @@ class StepCacheUnsupported(R2RError, ValueError):
     """Step caching asked of a program other than the fused one."""
 
 
+class TextRowsUnsupported(R2RError, ValueError):
+    """Prompts asked of a program other than the fused one."""
+
+
 class CoupledScheduler:
     """FashionR2R's generation on a bundle through one backend, batch of B images of one size (the bundle's example
     size by default; any size the bundle takes)."""
 
     def __init__(self, bundle: Bundle, backend: Backend, batch: int, method: Method,
-                 variant: Variant | None = None, size: tuple[int, int] | None = None) -> None:
+                 variant: Variant | None = None, size: tuple[int, int] | None = None, text: bool = False) -> None:
         variant = variant or Variant()
         if method.interval > 1 and not variant.fused:
             raise StepCacheUnsupported(
                 f"--cache-interval {method.cache_interval}: step caching runs in the fused program (exact inversion, "
                 "--fused auto or on)")
+        if text and not variant.fused:
+            raise TextRowsUnsupported("a prompt with --text-guidance > 0 runs in the fused program (exact inversion, "
+                                      "--fused auto or on)")
+        # text rows (docs/design.md, "Prompts"): the guided batch is [neg, null, text], the fused step
+        # [cg, neg, null, text]; the text block's conditioning and weights are uploaded with each batch
+        self.text = text
+        self.groups = 3 if text else 2
         bundle.check(method, batch)
         self.width, self.height = size or (bundle.width, bundle.height)
         bundle.check_size(self.width, self.height)
@@ -118,27 +138,27 @@ class CoupledScheduler:
         self.image_in = be.empty((b, 3, self.height, self.width))
         self.image_out = be.empty((b, 3, self.height, self.width))
         self.z0 = be.empty((b, *lat))
+        g = self.groups
         d = self.bundle.c_null.shape[-1]
+        null, neg = np.repeat(self.bundle.c_null, b, 0), np.repeat(self.bundle.c_neg, b, 0)
         self.c_null = be.empty((b, 77, d))
-        self.c_pair = be.empty((2 * b, 77, d))
-        be.upload(self.c_null, np.repeat(self.bundle.c_null, b, axis=0))
-        be.upload(self.c_pair, np.concatenate([np.repeat(self.bundle.c_neg, b, 0),
-                                               np.repeat(self.bundle.c_null, b, 0)]))
+        self.c_pair = be.empty((g * b, 77, d))  # [neg, null] or [neg, null, text]
+        be.upload(self.c_null, null)
+        be.upload(self.c_pair, np.concatenate([neg, null, null][:g]))
+        self.w_text = be.empty((b,)) if self.text else None
         if self.variant.fused:
-            self.c_fused = be.empty((3 * b, 77, d))
-            be.upload(self.c_fused, np.concatenate([np.repeat(self.bundle.c_null, b, 0),
-                                                    np.repeat(self.bundle.c_neg, b, 0),
-                                                    np.repeat(self.bundle.c_null, b, 0)]))
-            # Step i's fused batch is [z_t(i), zr, zr]: the inversion and the update write into it.
-            self.fused_in = be.empty((n, 3 * b, *lat))
+            self.c_fused = be.empty(((g + 1) * b, 77, d))
+            be.upload(self.c_fused, np.concatenate([null, neg, null, null][:g + 1]))
+            # Step i's fused batch is [z_t(i), zr, zr(, zr)]: the inversion and the update write into it.
+            self.fused_in = be.empty((n, (g + 1) * b, *lat))
             self.zs = [self.fused_in[i][:b] for i in range(n)]
         else:
             zs = be.empty((n, b, *lat))
             self.zs = [zs[i] for i in range(n)]
-        self.pairs = be.empty((2, 2 * b, *lat))  # ping-pong [zr, zr] batches
+        self.pairs = be.empty((2, g * b, *lat))  # ping-pong [zr, zr(, zr)] batches
         self.eps1 = be.empty((b, *lat))
-        self.eps_pair = be.empty((2 * b, *lat))
-        self.eps_fused = be.empty((3 * b, *lat)) if self.variant.fused else None
+        self.eps_pair = be.empty((g * b, *lat))
+        self.eps_fused = be.empty(((g + 1) * b, *lat)) if self.variant.fused else None
         layers = self.bundle.tac_layers
         # exact inversion: one Q/K set, rewritten by each step's cg pass; single-pass: one per window step
         slots = self.window if self.variant.inversion == "single-pass" else min(self.window, 1)
@@ -154,18 +174,20 @@ class CoupledScheduler:
         self.coef_host = self._coefficients()
         self.coefs = be.empty((len(self.coef_host), 3))
         be.upload(self.coefs, np.array([[c.cz, c.ce, c.w] for c in self.coef_host], np.float32))
-        # tac_src of the routed UNet: the identity at B and 2B, and the fused step [cg, neg, null -> cg]
-        self.identity = {k: be.empty((k * b,), np.int64) for k in (1, 2)}
+        # tac_src of the routed UNet: the identity at B and at the guided batch, and the fused step
+        # [cg, neg, null -> cg(, text -> cg where method.text_tac, else itself)]
+        self.identity = {k: be.empty((k * b,), np.int64) for k in (1, g)}
         for k, src in self.identity.items():
             be.upload(src, np.arange(k * b, dtype=np.int64))
-        self.routed = be.empty((3 * b,), np.int64)
-        be.upload(self.routed, np.concatenate([np.arange(2 * b), np.arange(b)]).astype(np.int64))
-        # step caching: each branch's deep features, the inversion's [B] and the generation's [cg, neg, null] (the
-        # pair after the window is its tail)
+        text_src = [np.arange(b) if self.method.text_tac else np.arange(3 * b, 4 * b)] if self.text else []
+        self.routed = be.empty(((g + 1) * b,), np.int64)
+        be.upload(self.routed, np.concatenate([np.arange(2 * b), np.arange(b), *text_src]).astype(np.int64))
+        # step caching: each branch's deep features, the inversion's [B] and the generation's fused batch (the
+        # guided batch after the window is its tail)
         self.cached = self.method.interval > 1
         if self.cached:
             deep = (int(self.bundle.manifest.latent["deep_channels"]), h, w)
-            self.deep_inv, self.deep_gen = be.empty((b, *deep)), be.empty((3 * b, *deep))
+            self.deep_inv, self.deep_gen = be.empty((b, *deep)), be.empty(((g + 1) * b, *deep))
 
     def _t0(self) -> int:
         """Single-pass inversion evaluates z0 at its own level: timestep ts[-1] - D, at least 0."""
@@ -180,7 +202,8 @@ class CoupledScheduler:
         return inv + gen
 
     def pair(self, i: int) -> DeviceArray:
-        """Where generation step i reads its [zr, zr] batch (step n's is the result)."""
+        """Where generation step i reads its [zr, zr] (with text rows [zr, zr, zr]) batch (step n's is the
+        result)."""
         if self.variant.fused and i < self.window:
             return self.fused_in[i][self.batch:]
         return self.pairs[i % 2]
@@ -223,14 +246,36 @@ class CoupledScheduler:
         """The last generation step's latents [B, C, h, w] (what the decoder reads)."""
         return self.pair(self.schedule.n)[:self.batch]
 
-    def __call__(self, images: list[np.ndarray], on_step: StepCallback | None = None) -> list[np.ndarray]:
+    def upload_text(self, cond: np.ndarray, weights: np.ndarray) -> None:
+        """A batch's text rows (runtime.prompt_encoder.TextRows: [k, 77, d] and [k], k <= B; padded like the
+        images) into the guided and fused batches' text blocks."""
+        if not self.text:
+            raise ValueError("this program has no text rows; build it with text=True")
+        b, k = self.batch, cond.shape[0]
+        if not 1 <= k <= b or weights.shape != (k,):
+            raise ValueError(f"text rows of {k} conditionings and {weights.shape} weights for a batch of {b}")
+        cond = np.concatenate([cond, np.repeat(cond[-1:], b - k, 0)]).astype(np.float32)
+        self.backend.upload(self.c_pair[2 * b:], cond)
+        if self.variant.fused:
+            self.backend.upload(self.c_fused[3 * b:], cond)
+        self.backend.upload(self.w_text, np.concatenate([weights, np.repeat(weights[-1:], b - k)]).astype(np.float32))
+
+    def __call__(self, images: list[np.ndarray], on_step: StepCallback | None = None,
+                 text: tuple[np.ndarray, np.ndarray] | None = None) -> list[np.ndarray]:
         """uint8 [H, W, 3] images (at most B; fewer are padded) -> uint8 outputs. An image whose latents or pixels
         came out non-finite or degenerate is not returned: `DegenerateOutput` carries the batch's others.
         `on_step(done, total)` after each denoising step, where the backend runs the program op by op (a CUDA graph
-        is one replay: no step to report)."""
+        is one replay: no step to report). `text`: the batch's text rows (conditionings, weights), which a program
+        built with text rows needs."""
         k = len(images)
         if not 1 <= k <= self.batch:
             raise ValueError(f"{k} images for a batch of {self.batch}")
+        if self.text != (text is not None):
+            raise ValueError("text rows are given exactly to a program built with them")
+        if text is not None:
+            if text[0].shape[0] != k:
+                raise ValueError(f"text rows for {text[0].shape[0]} images, {k} given")
+            self.upload_text(*text)
         x = np.stack([to_model_input(im) for im in images] + [to_model_input(images[-1])] * (self.batch - k))
         self.backend.upload(self.image_in, x)
         if on_step is not None and self.backend.reports_steps:
@@ -314,22 +359,26 @@ def tac_pass(variant: Variant) -> TacPass:
 
 
 def generate(s: CoupledScheduler, plan: Plan) -> None:
-    """From zr = z_t(0): eps of [neg, null] (TAC in the window), guidance (paper eq. 8) and the DDIM update,
-    which writes both halves of the next [zr, zr] batch."""
+    """From zr = z_t(0): eps of [neg, null] (with text rows [neg, null, text]; TAC in the window), guidance (paper
+    eq. 8; with text rows its second term) and the DDIM update, which writes every block of the next batch."""
     b, n = s.batch, s.schedule.n
     first = s.pair(0)
-    plan.add(s.backend.copy(first[:b], s.zs[0]))
-    plan.add(s.backend.copy(first[b:], s.zs[0]))
+    for block in range(s.groups):
+        plan.add(s.backend.copy(first[block * b : (block + 1) * b], s.zs[0]))
     controlled = tac_pass(s.variant)
     whole = full_calls(n, s.method.interval)
     for i in range(n):
         cur = s.pair(i)
         if i < s.window:
             eps = controlled(s, plan, i, cur, whole[i])
-        else:  # with step caching, the pair's features are the tail of the fused step's [cg, neg, null]
+        else:  # with step caching, the guided batch's features are the tail of the fused step's
             plan.add(s.routed_unet(plan, whole[i], cur, i, s.c_pair, s.eps_pair, s.deep_gen[b:] if s.cached else None))
             eps = s.eps_pair
-        plan.add(s.backend.guided(s.pair(i + 1), cur[:b], eps, s.coef_host[n + i], s.coefs[n + i]))
+        if s.text:
+            plan.add(s.backend.guided_text(s.pair(i + 1), cur[:b], eps, s.coef_host[n + i], s.coefs[n + i],
+                                           s.w_text))
+        else:
+            plan.add(s.backend.guided(s.pair(i + 1), cur[:b], eps, s.coef_host[n + i], s.coefs[n + i]))
         plan.step_ends.append(len(plan.ops))
 
 

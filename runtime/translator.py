@@ -31,6 +31,7 @@ from r2r.errors import FlagError
 from r2r.imageio import ImageReadError, collect_inputs, load_rgb, output_path_for
 from r2r.log import log
 from r2r.lora import LoraSpec
+from r2r.prompts import PromptTable
 from r2r.runtime.assembly import REFERENCE, FusedChoice, RunConfig, Runtime, open_runtime
 from r2r.runtime.outputs import is_complete, write_output
 from r2r.runtime.scheduler import DegenerateOutput
@@ -39,6 +40,9 @@ from r2r.source import ModelSource
 from r2r.storage import Location
 
 ImageLike = Image.Image | np.ndarray | str | os.PathLike[str]
+# Prompts (docs/design.md, "Prompts"; used where the method's text_guidance > 0): one for every image, one per image
+# (None or "": none), or for files a `--prompts` table (metadata.jsonl) that gives each input its own.
+PromptsLike = str | Sequence[str | None] | PromptTable | None
 
 
 @dataclass(frozen=True)
@@ -161,14 +165,18 @@ class Translator:
 
     # -- translating --------------------------------------------------------------------------------------------------
     def translate(self, images: Sequence[ImageLike], progress: ProgressCallback | None = None,
-                  method: Method | None = None, fit: Fit | None = None, max_pixels: int | None = None) -> Translation:
+                  method: Method | None = None, fit: Fit | None = None, max_pixels: int | None = None,
+                  prompts: PromptsLike = None) -> Translation:
         """Translate images of any sizes (PIL images, uint8 [H, W, 3] arrays, paths or URLs), batched by run size as
         `r2r-run` does; one PIL image per input, at its size. `method`, `fit`, `max_pixels`: other values than the
-        ones opened with, for this call (a method's TAC divisor and target must be the bundle's: BundleError). A file
-        that cannot be read raises ImageReadError naming it before any work; an image the engine computed as
-        non-finite raises DegenerateOutput naming it."""
+        ones opened with, for this call (a method's TAC divisor and target must be the bundle's: BundleError).
+        `prompts`: one for all images or one per image, used at the method's `text_guidance` (> 0). A file that
+        cannot be read raises ImageReadError naming it before any work; an image the engine computed as non-finite
+        raises DegenerateOutput naming it."""
         arrays = [as_rgb(x, i) for i, x in enumerate(images)]
         names = [name_of(x, i) for i, x in enumerate(images)]
+        per_image = prompts_for(prompts, [x if isinstance(x, str | os.PathLike) else None for x in images])
+        self.runtime.check_prompts(per_image)
         out: list[Image.Image | None] = [None] * len(arrays)
         check_fit(fit, max_pixels)
         with self._lock:
@@ -176,7 +184,7 @@ class Translator:
             items = [(i, prepare(a, p), p) for i, a in enumerate(arrays)
                      for p in [self.runtime.place(a.shape[1], a.shape[0], fit, max_pixels)]]
             for batch in group_by_size(items, lambda it: it[2].run, self.config.batch):
-                outs = self._run(batch, names, progress, resolved)
+                outs = self._run(batch, names, progress, resolved, [per_image[i] for i, _, _ in batch])
                 for (i, _, placement), img in zip(batch, outs, strict=True):
                     if img is None:
                         continue
@@ -185,11 +193,12 @@ class Translator:
         return Translation(cast(list[Image.Image], out), self.runtime.params_for(resolved, fit, max_pixels))
 
     def _run(self, batch: list[tuple[int, np.ndarray, Placement]], names: list[str],
-             progress: ProgressCallback | None, method: Method | None) -> list[np.ndarray | None]:
+             progress: ProgressCallback | None, method: Method | None,
+             prompts: list[str | None]) -> list[np.ndarray | None]:
         """One batch of one run size; a refused image raises, naming its input."""
         on_step = None if progress is None else (lambda d, n: progress(Progress("step", d, n)))
         try:
-            return list(self.runtime([img for _, img, _ in batch], on_step, method))
+            return list(self.runtime([img for _, img, _ in batch], on_step, method, prompts))
         except DegenerateOutput as exc:
             raise DegenerateOutput({batch[i][0]: f"{names[batch[i][0]]}: {why}" for i, why in exc.problems.items()},
                                    exc.outputs) from None
@@ -199,18 +208,21 @@ class Translator:
         """The size an input of width x height runs at (the images of one run size can share a batch)."""
         return self.runtime.place(width, height, fit, max_pixels).run
 
-    def translate_batch(self, images: list[np.ndarray],
-                        on_step: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+    def translate_batch(self, images: list[np.ndarray], on_step: Callable[[int, int], None] | None = None,
+                        prompts: Sequence[str | None] | None = None) -> list[np.ndarray]:
         """The low-level call: images already at one run size (`runtime.place`, `r2r.sizing.prepare`), at most the
-        batch size, uint8 [H, W, 3] -> outputs at the run size. Not serialised: callers hold their own order."""
-        return self.runtime(images, on_step)
+        batch size, uint8 [H, W, 3] -> outputs at the run size; `prompts`: one per image. Not serialised: callers
+        hold their own order."""
+        return self.runtime(images, on_step, None, prompts)
 
     def translate_files(self, inputs: Sequence[str | os.PathLike[str]] | str, output: str | os.PathLike[str],
-                        resume: bool = False, progress: ProgressCallback | None = None) -> RunSummary:
+                        resume: bool = False, progress: ProgressCallback | None = None,
+                        prompts: str | PromptTable | None = None) -> RunSummary:
         """What `r2r-run` does: every image of `inputs` (files, folders, globs, .txt lists; or fsspec URLs) to one PNG
-        each in `output` (a folder or a URL), written atomically with the parameters inside; `resume` skips outputs
-        that are complete with these parameters. A file that cannot be read, or an image the engine computed as
-        non-finite, is a failed result with its reason; the others are written."""
+        each in `output` (a folder or a URL), written atomically with the parameters inside (an input's prompt with
+        them); `resume` skips outputs that are complete with these parameters. `prompts`: one for every input, or a
+        table (`PromptTable.read("metadata.jsonl")`) of each input's own. A file that cannot be read, or an image the
+        engine computed as non-finite, is a failed result with its reason; the others are written."""
         specs = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
         paths = collect_inputs([str(s) for s in specs])
         if not paths:
@@ -219,24 +231,26 @@ class Translator:
         if storage.is_url(out):
             storage.filesystem(str(out))  # a missing filesystem package fails here, before any work
         params = self.params
+        self.runtime.check_prompts([prompts] if isinstance(prompts, str) else
+                                   list(prompts.by_name.values()) if isinstance(prompts, PromptTable) else [])
         summary = RunSummary(description=self.describe())
         with self._lock:
             storage.make_dirs(out)
             todo = []
             for p in paths:
-                if resume and is_complete(output_path_for(p, out), params):
+                if resume and is_complete(output_path_for(p, out), params_with_prompt(params, prompt_of(prompts, p))):
                     summary.results.append(FileResult(str(p), str(output_path_for(p, out)), "skipped"))
                 else:
                     todo.append(p)
             start = time.perf_counter()
-            for result in self._stream(todo, out, params, progress):
+            for result in self._stream(todo, out, params, progress, prompts):
                 summary.results.append(result)
             summary.seconds = time.perf_counter() - start
             summary.evaluations = self.runtime.evaluations()
         return summary
 
     def _stream(self, paths: list[Location], out: Location, params: dict[str, Any],
-                progress: ProgressCallback | None) -> Iterator[FileResult]:
+                progress: ProgressCallback | None, prompts: str | PromptTable | None) -> Iterator[FileResult]:
         done = 0
 
         def told(results: list[FileResult]) -> list[FileResult]:
@@ -251,7 +265,9 @@ class Translator:
             if isinstance(item, FileResult):
                 yield from told([item])
                 continue
-            yield from told(deliver_batch(lambda ims: self.translate_batch(ims, on_step), item, out, params))
+            batch_prompts = [prompt_of(prompts, p) for p, _, _ in item]
+            yield from told(deliver_batch(lambda ims, ps=batch_prompts: self.translate_batch(ims, on_step, ps), item,
+                                          out, params, batch_prompts))
 
 
 def _say(progress: ProgressCallback | None, event: Progress) -> None:
@@ -286,10 +302,38 @@ def stream_batches(paths: Iterable[Location], runtime: Runtime, batch_size: int,
     yield from failed
 
 
+def prompt_of(prompts: str | PromptTable | None, path: Location) -> str | None:
+    """An input's prompt: the one for all, its record in a table, or none."""
+    if isinstance(prompts, PromptTable):
+        return prompts.for_input(path)
+    return prompts or None
+
+
+def prompts_for(prompts: PromptsLike, paths: Sequence[str | os.PathLike[str] | None]) -> list[str | None]:
+    """One prompt (or None) per image: `prompts` for all, per image, or from a table by each path-given image's
+    name."""
+    if prompts is None or isinstance(prompts, str):
+        return [prompts or None] * len(paths)
+    if isinstance(prompts, PromptTable):
+        return [None if p is None else prompts.for_input(p) for p in paths]
+    given = list(prompts)
+    if len(given) != len(paths):
+        raise FlagError(f"{len(given)} prompts for {len(paths)} images: give one per image, or one string for all")
+    if any(p is not None and not isinstance(p, str) for p in given):
+        raise FlagError("prompts are strings (None or \"\": no prompt)")
+    return [p or None for p in given]
+
+
+def params_with_prompt(params: dict[str, Any], prompt: str | None) -> dict[str, Any]:
+    """What an output records: the run's parameters, and its input's prompt where it had one."""
+    return params if not prompt else {**params, "prompt": prompt}
+
+
 def deliver_batch(translate: Callable[[list[np.ndarray]], list[np.ndarray]], batch: Batch, output: Location,
-                  params: dict[str, Any]) -> list[FileResult]:
+                  params: dict[str, Any], prompts: Sequence[str | None] | None = None) -> list[FileResult]:
     """Translate one batch and write each image the runtime delivers (an image it refuses as non-finite or
-    degenerate is a failed result with the reason, never a PNG); one result per input, in the batch's order."""
+    degenerate is a failed result with the reason, never a PNG), with its prompt (`prompts`, one per input) in its
+    parameters; one result per input, in the batch's order."""
     results: dict[int, FileResult] = {}
     try:
         try:
@@ -301,7 +345,8 @@ def deliver_batch(translate: Callable[[list[np.ndarray]], list[np.ndarray]], bat
         for i, ((p, _, placement), img) in enumerate(zip(batch, outs, strict=True)):
             if img is not None:
                 dst = output_path_for(p, output)
-                write_output(dst, restore(img, placement), params, storage.name_of(p))
+                write_output(dst, restore(img, placement),
+                             params_with_prompt(params, prompts[i] if prompts else None), storage.name_of(p))
                 results[i] = FileResult(str(p), str(dst), "ok")
     except (RuntimeError, ValueError, OSError) as exc:
         results |= {i: FileResult(str(p), "", "failed", str(exc)) for i, (p, _, _) in enumerate(batch)

@@ -140,8 +140,8 @@ def build_app(settings: ServeSettings, service: Service) -> FastAPI:
         else:
             raise RequestError(415 if kind else 400, f"content type {kind or '(none)'}: send the image as "
                                f"{', '.join(IMAGE_TYPES)} or as a multipart file")
-        method, fit, max_pixels = parse_fields(fields, settings.method)
-        return Job(read_image(data, name, settings.max_input_pixels), name, method, fit, max_pixels)
+        method, fit, max_pixels, prompt = parse_fields(fields, settings.method)
+        return Job(read_image(data, name, settings.max_input_pixels), name, method, fit, max_pixels, prompt=prompt)
 
     @app.exception_handler(RequestError)
     async def refused(_: Request, exc: RequestError) -> JSONResponse:
@@ -203,7 +203,8 @@ def build_app(settings: ServeSettings, service: Service) -> FastAPI:
         # A1111 fills batch_size x n_iter images from its init images in turn; this method is deterministic, so
         # each distinct init image is translated once and repeated
         used = sorted({k % len(images) for k in range(req.count)})
-        outs = await asyncio.gather(*(translated(Job(images[i], f"init_images[{i}]", req.method)) for i in used))
+        outs = await asyncio.gather(*(translated(Job(images[i], f"init_images[{i}]", req.method, prompt=req.prompt))
+                                      for i in used))
         by_index = dict(zip(used, outs, strict=True))
         results = [by_index[k % len(images)] for k in range(req.count)]
         params = results[0].params

@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 
+from r2r.errors import R2RError
 from r2r.imageio import png_bytes
 from r2r.runtime.assembly import RunConfig
 from r2r.runtime.outputs import output_text
-from r2r.runtime.translator import Progress, Translator
+from r2r.runtime.translator import Progress, Translator, params_with_prompt
 from r2r.serve.app import Overloaded, ServeSettings, build_app
-from r2r.serve.requests import Job, Step, Translated
+from r2r.serve.requests import Job, RequestError, Step, Translated
 
 # Queues a replica keeps, one per (run size, request options): the rest run unbatched rather than grow the table
 # without bound (a queue's task lives as long as the replica).
@@ -89,6 +90,11 @@ class TranslationReplica:
 
     async def _submit(self, job: Job, steps: StepSink | None) -> Translated:
         arrived = time.perf_counter()
+        if job.prompt:  # a prompt the model cannot take is this request's 422, not its batch's failure
+            try:
+                self.translator.runtime.check_prompts([job.prompt])
+            except R2RError as exc:
+                raise RequestError(422, f"prompt: {exc}") from None
         h, w = job.image.shape[:2]
         key = (self.translator.run_size(w, h, job.fit, job.max_pixels), job.method, job.fit, job.max_pixels)
         queue = self.queues.get(key)
@@ -112,15 +118,15 @@ class TranslationReplica:
 
         def work() -> tuple[list[bytes], dict[str, Any]]:  # PNG encoding too: none of it on the event loop
             out = self.translator.translate([j.image for j in jobs], progress if sinks else None, first.method,
-                                            first.fit, first.max_pixels)
-            pngs = [png_bytes(np.asarray(img), output_text(out.params, j.name))
+                                            first.fit, first.max_pixels, [j.prompt for j in jobs])
+            pngs = [png_bytes(np.asarray(img), output_text(params_with_prompt(out.params, j.prompt), j.name))
                     for j, img in zip(jobs, out, strict=True)]
             return pngs, out.params
 
         pngs, params = await asyncio.to_thread(work)
         run_s = time.perf_counter() - start
-        return [Translated(png, params, start - arrived, run_s, len(jobs))
-                for (_, arrived, _), png in zip(items, pngs, strict=True)]
+        return [Translated(png, params_with_prompt(params, job.prompt), start - arrived, run_s, len(jobs))
+                for (job, arrived, _), png in zip(items, pngs, strict=True)]
 
     def ready(self) -> dict[str, Any]:
         return {"backend": self.translator.describe(), "params": self.translator.params,

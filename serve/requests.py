@@ -17,19 +17,23 @@ import numpy as np
 from r2r.config import Method
 from r2r.errors import R2RError
 from r2r.imageio import ImageReadError, decode_rgb
+from r2r.prompts import MAX_PROMPT_CHARS
 from r2r.sizing import FITS
 
 # The fields a request may set: the method's per-image values and how the input is sized. The TAC divisor and
 # target are the bundle's (its graphs were exported for them); they are not a request's to change.
-METHOD_FIELDS = ("steps", "strength", "guidance", "tac_ratio")
+METHOD_FIELDS = ("steps", "strength", "guidance", "tac_ratio", "text_guidance")
 RUN_FIELDS = ("fit", "max_pixels")
-FIELDS = METHOD_FIELDS + RUN_FIELDS
+PROMPT_FIELD = "prompt"  # the image's prompt, at text_guidance (docs/design.md, "Prompts")
+FIELDS = (*METHOD_FIELDS, *RUN_FIELDS, PROMPT_FIELD)
 _INTS = ("steps", "max_pixels")
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 
-# A1111's img2img fields r2r maps, and the ones it accepts and reports as ignored (this method has no prompt, seed
-# or sampler to choose: its prompts are the bundle's, its inversion is deterministic).
-A1111_MAPPED = {"denoising_strength": "strength", "steps": "steps", "cfg_scale": "guidance"}
+# A1111's img2img fields r2r maps, and the ones it accepts and reports as ignored (this method has no negative
+# prompt, seed or sampler to choose: its negative is the bundle's embedding, its inversion is deterministic). The
+# prompt is used where the method's text guidance is > 0 (the server's, or the request's `text_guidance`).
+A1111_MAPPED = {"denoising_strength": "strength", "steps": "steps", "cfg_scale": "guidance",
+                "text_guidance": "text_guidance"}
 A1111_COUNTS = ("batch_size", "n_iter")
 
 
@@ -51,6 +55,7 @@ class Job:
     fit: str | None = None
     max_pixels: int | None = None
     request_id: str = ""
+    prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,14 +78,17 @@ class Translated:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_fields(given: Mapping[str, str], server: Method) -> tuple[Method | None, str | None, int | None]:
-    """A request's fields (query or form, as strings) -> (method, fit, max_pixels); None where not given. An unknown
-    field, a value of the wrong type or out of range is a 422 naming it."""
+def parse_fields(given: Mapping[str, str], server: Method
+                 ) -> tuple[Method | None, str | None, int | None, str | None]:
+    """A request's fields (query or form, as strings) -> (method, fit, max_pixels, prompt); None where not given. An
+    unknown field, a value of the wrong type or out of range is a 422 naming it."""
     unknown = sorted(set(given) - set(FIELDS))
     if unknown:
         raise RequestError(422, f"unknown field {', '.join(unknown)}; the fields are {', '.join(FIELDS)}")
     values: dict[str, Any] = {}
     for name, raw in given.items():
+        if name == PROMPT_FIELD:
+            continue
         try:
             values[name] = raw if name == "fit" else int(raw) if name in _INTS else float(raw)
         except (TypeError, ValueError):
@@ -91,7 +99,16 @@ def parse_fields(given: Mapping[str, str], server: Method) -> tuple[Method | Non
     if "max_pixels" in values and values["max_pixels"] < 4096:
         raise RequestError(422, f"max_pixels: at least 4096, got {values['max_pixels']}")
     return method_of({k: v for k, v in values.items() if k in METHOD_FIELDS}, server), values.get("fit"), \
-        values.get("max_pixels")
+        values.get("max_pixels"), prompt_of(given.get(PROMPT_FIELD))
+
+
+def prompt_of(value: Any, field_name: str = PROMPT_FIELD) -> str | None:
+    """A request's prompt: text of at most MAX_PROMPT_CHARS (None or "": none), else a 422 naming the field."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > MAX_PROMPT_CHARS or "\x00" in value:
+        raise RequestError(422, f"{field_name}: text of at most {MAX_PROMPT_CHARS} characters")
+    return value
 
 
 def method_of(values: Mapping[str, Any], server: Method) -> Method | None:
@@ -127,6 +144,7 @@ class A1111Request:
     count: int
     ignored: list[str]
     parameters: dict[str, Any]
+    prompt: str | None = None  # used where the method's text guidance is > 0
 
 
 def parse_a1111(body: bytes, server: Method, max_images: int) -> A1111Request:
@@ -168,9 +186,12 @@ def parse_a1111(body: bytes, server: Method, max_images: int) -> A1111Request:
     except RequestError as exc:
         raise RequestError(422, f"{exc.message} (A1111 fields: denoising_strength -> strength, cfg_scale -> "
                                 "guidance)") from None
-    ignored = sorted(k for k in req if k not in ("init_images", *A1111_MAPPED, *A1111_COUNTS))
+    prompt = prompt_of(req.get("prompt"), "prompt")
+    guided = (method or server).text_guidance > 0
+    ignored = sorted(k for k in req if k not in ("init_images", *A1111_MAPPED, *A1111_COUNTS)
+                     and not (k == "prompt" and guided))
     parameters = {k: v for k, v in req.items() if k != "init_images"} | {"init_images": None}
-    return A1111Request(images, method, count, ignored, parameters)
+    return A1111Request(images, method, count, ignored, parameters, prompt if guided else None)
 
 
 __all__ = [
@@ -185,5 +206,6 @@ __all__ = [
     "method_of",
     "parse_a1111",
     "parse_fields",
+    "prompt_of",
     "read_image",
 ]

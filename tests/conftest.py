@@ -85,7 +85,6 @@ def default_bundle(r2r_cache: Path, embedded_bundle: Path) -> Path:
     interval, 3), as r2r-run finds it in the cache (its VAE graphs copied from `embedded_bundle`'s)."""
     from r2r.config import Variant
     from r2r.models import EMBEDDED_DEFAULT
-    from r2r.runtime.scheduler import program_graphs
+    from r2r.runtime.scheduler import bundle_graphs
 
-    return _cached(r2r_cache, EMBEDDED_DEFAULT, 4, program_graphs(Variant(fused=True), step_graphs=True,
-                                                                  step_cache=True))
+    return _cached(r2r_cache, EMBEDDED_DEFAULT, 4, bundle_graphs(Variant(fused=True), step_cache=True))

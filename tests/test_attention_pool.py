@@ -26,7 +26,7 @@ from r2r.reference import ReferencePipeline
 from r2r.runtime.backend_ort import OrtBackend
 from r2r.runtime.bundle_reader import open_bundle
 from r2r.runtime.outputs import PARAMS_KEY
-from r2r.runtime.scheduler import CoupledScheduler, program_graphs
+from r2r.runtime.scheduler import CoupledScheduler, bundle_graphs
 
 W = H = 256
 POOL = 2
@@ -45,7 +45,7 @@ def _pooled(cache: Path, graphs: tuple[str, ...]) -> Path:
 def pooled_bundle(r2r_cache: Path) -> Path:
     """The embedded default's bundle with attention pool 2, as `r2r-run --attention-pool 2` exports it: the graphs of
     the default (fused) program."""
-    return _pooled(r2r_cache, program_graphs(Variant(fused=True), step_graphs=True))
+    return _pooled(r2r_cache, bundle_graphs(Variant(fused=True)))
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,14 @@ from r2r import graph_io
 from r2r.config import Variant
 from r2r.locks import bundle_lock
 from r2r.manifest import read_manifest
-from r2r.runtime.scheduler import program_graphs
+from r2r.runtime.scheduler import bundle_graphs
 
 WAITER = """
 import sys, time
 from r2r.config import Variant
 from r2r.locks import bundle_lock
 from r2r.manifest import read_manifest
-from r2r.runtime.scheduler import program_graphs
+from r2r.runtime.scheduler import bundle_graphs
 print("trying", flush=True)
 t0 = time.perf_counter()
 with bundle_lock(sys.argv[1], progress=lambda s: print(s, flush=True)):
@@ -70,5 +70,4 @@ def test_runs_started_together_on_a_cold_cache_all_succeed_with_one_export(tmp_p
         assert Image.open(tmp_path / f"out{i}" / "shirt.png").size == (96, 128)
     [bundle] = list((tmp_path / "cache" / "bundles").iterdir())
     # only the graphs the default (fused, step-cached) program calls: no unet, emit or inject graph exported for it
-    assert set(read_manifest(bundle).graphs) == set(program_graphs(Variant(fused=True), step_graphs=True,
-                                                                   step_cache=True))
+    assert set(read_manifest(bundle).graphs) == set(bundle_graphs(Variant(fused=True), step_cache=True))

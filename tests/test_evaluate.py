@@ -86,7 +86,7 @@ def _evaluate(model: Path, data: Path, out: Path, limit: int, steps: int, *extra
 
 def test_evaluate_writes_the_ablation_report(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
-    _evaluate(tiny_model_dir, data_dir, out, 2, 4, "--text-guidance", "3")
+    _evaluate(tiny_model_dir, data_dir, out, 2, 4, "--caption-guidance", "3")
     report = json.loads((out / "report.json").read_text())
     names = [r["name"] for r in report["rows"]]
     assert names == ["render (input)", "VAE round trip", "full", "w/o TAC", "w/o negative embedding",

@@ -225,7 +225,7 @@ def test_an_export_of_fewer_graphs_leaves_a_bundle_of_those_alone(tiny_bundle: P
     assert not any("exported" in line for line in lines), lines
     m = read_manifest(out)
     assert set(m.graphs) == set(kept) and {e["graph"] for e in m.canaries.values()} == set(kept)
-    assert sorted(p.name for p in (out / "onnx").iterdir()) == sorted(kept)
+    assert sorted(p.name for p in (out / "onnx").iterdir()) == sorted((*kept, graph_io.TEXT_ENCODER))  # it stays
     verify_files(out, m)
 
 
@@ -243,6 +243,7 @@ def test_a_graph_of_the_same_key_is_copied_from_a_donor_bundle_unless_its_files_
     lines, m = export(tmp_path / "copied", tiny_bundle)
     donor = read_manifest(tiny_bundle)
     assert any("copied" in line and graph_io.VAE_DECODER in line for line in lines), lines
+    assert any("copied" in line and graph_io.TEXT_ENCODER in line for line in lines), lines
     assert not any("exported" in line for line in lines)
     assert m.graphs[graph_io.VAE_DECODER] == donor.graphs[graph_io.VAE_DECODER]
     verify_files(tmp_path / "copied", read_manifest(tmp_path / "copied"))

@@ -186,12 +186,13 @@ def test_single_pass_inversion_is_within_45_db_of_its_reference(embedded_bundle:
 
 def test_the_program_binds_each_graph_at_the_call_multiples_of_the_contract(bundle) -> None:
     """graph_io.CALL_MULTIPLES (what TensorRT profiles and OpenVINO's ahead-of-time compiles cover) is exactly what
-    the program binds, over every variant."""
+    the program binds, over every variant, text rows included."""
     seen: dict[str, set[int]] = {}
     batch = 2
-    for variant in (Variant(), Variant(fused=True), Variant("single-pass")):
+    for variant, text in ((Variant(), False), (Variant(fused=True), False), (Variant("single-pass"), False),
+                          (Variant(fused=True), True)):  # the last: with a prompt's text rows
         be = RecordingBackend(bundle)
-        CoupledScheduler(bundle, be, batch, Method(), variant)
+        CoupledScheduler(bundle, be, batch, Method(), variant, text=text)
         assert {g for g, _ in be.calls} == set(program_graphs(variant))  # what the canaries check first
         for graph, binds in be.calls:
             spec = next(t for t in bundle.manifest.graphs[graph].inputs if graph_io.batch_multiple(t.shape[0]))

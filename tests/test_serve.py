@@ -214,6 +214,29 @@ def _corrupt_crc(png: bytes) -> bytes:
     return bytes(data)
 
 
+def test_a_requests_prompt_guides_its_own_image_and_one_the_model_cannot_take_is_refused(
+        replica, renders: list[Path]) -> None:
+    app = build_app(ServeSettings(method=replica.translator.runtime.method), InProcess(replica))
+    png = renders[0].read_bytes()
+    post = {"method": "POST", "headers": {"content-type": "image/png"}, "content": png}
+    body = {"init_images": [base64.b64encode(png).decode()], "denoising_strength": 0.5, "steps": 4,
+            "prompt": "a red silk dress", "text_guidance": 3.0}
+    guided, plain, bad, a1111 = _call(app, [
+        {**post, "url": "/v1/translate?text_guidance=3&prompt=a%20red%20silk%20dress"},
+        {**post, "url": "/v1/translate"},
+        {**post, "url": "/v1/translate?text_guidance=3&prompt=a%20%3Crendered%3E%20dress"},
+        {"method": "POST", "url": "/sdapi/v1/img2img", "json": body}])
+    assert guided.status_code == 200 and plain.status_code == 200, guided.text
+    params = json.loads(Image.open(io.BytesIO(guided.content)).text[PARAMS_KEY])
+    assert params["prompt"] == "a red silk dress" and params["text_guidance"] == 3.0
+    assert not np.array_equal(decode_rgb(guided.content, "a"), decode_rgb(plain.content, "b"))  # the prompt acted
+    assert bad.status_code == 422 and "negative embedding's token" in bad.json()["error"]
+    info = json.loads(a1111.json()["info"])
+    assert "prompt" not in info["ignored"] and info["r2r"]["text_guidance"] == 3.0
+    assert np.array_equal(decode_rgb(base64.b64decode(a1111.json()["images"][0]), "c"),
+                          decode_rgb(guided.content, "a"))
+
+
 @pytest.mark.parametrize(("case", "status", "words"), [
     ("not an image", 400, "cannot read image"),
     ("empty", 400, "empty"),
@@ -221,7 +244,8 @@ def _corrupt_crc(png: bytes) -> bytes:
     ("bad crc", 400, "cannot read image"),
     ("too large", 413, "over"),
     ("text body", 415, "content type text/plain"),
-    ("unknown field", 422, "unknown field prompt"),
+    ("unknown field", 422, "unknown field color"),
+    ("prompt too long", 422, "prompt: text of at most"),
     ("steps out of range", 422, "steps must be in [1, 1000]"),
     ("strength not finite", 422, "strength: a finite number"),
     ("bad fit", 422, "fit: one of"),
@@ -240,7 +264,8 @@ def test_a_bad_request_gets_its_status_and_names_the_problem(renders: list[Path]
         "bad crc": {**post, "content": _corrupt_crc(png)},
         "too large": {**post, "content": png + b"\0" * 64},
         "text body": {**post, "content": b"x", "headers": {"content-type": "text/plain"}},
-        "unknown field": {**post, "url": "/v1/translate?prompt=red", "content": png},
+        "unknown field": {**post, "url": "/v1/translate?color=red", "content": png},
+        "prompt too long": {**post, "url": "/v1/translate?prompt=" + "x" * 5000, "content": png},
         "steps out of range": {**post, "url": "/v1/translate?steps=0", "content": png},
         "strength not finite": {**post, "url": "/v1/translate?strength=nan", "content": png},
         "bad fit": {**post, "url": "/v1/translate?fit=zoom", "content": png},
@@ -254,7 +279,7 @@ def test_a_bad_request_gets_its_status_and_names_the_problem(renders: list[Path]
 
 def test_a_token_is_required_where_one_is_set_and_health_stays_open(renders: list[Path]) -> None:
     app = build_app(ServeSettings(auth_token="s3cret-token-0123456789"), NoTranslation({"backend": "test"}))
-    post = {"method": "POST", "url": "/v1/translate?prompt=x", "content": renders[0].read_bytes()}
+    post = {"method": "POST", "url": "/v1/translate?color=x", "content": renders[0].read_bytes()}
     none, wrong, right, health, ready = _call(app, [
         {**post, "headers": {"content-type": "image/png"}},
         {**post, "headers": {"content-type": "image/png", "authorization": "Bearer s3cret-token-0123456780"}},

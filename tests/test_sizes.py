@@ -160,7 +160,7 @@ def test_a_partial_batch_runs_at_the_next_power_of_two_not_padded_to_the_full_ba
             self.batch = key[2]
             batches.append(self.batch)
 
-        def __call__(self, images: list[np.ndarray], on_step: object) -> list[np.ndarray]:
+        def __call__(self, images: list[np.ndarray], on_step: object, text: object = None) -> list[np.ndarray]:
             assert len(images) <= self.batch
             return images
 

@@ -156,8 +156,9 @@ def test_profile_spans_batch_range_with_multiples(bundle: Path) -> None:
     trt = fake_tensorrt()
     entries, _ = build(bundle, trt, "fp16", batch_opt=2)
     by_graph = {e.graph: e.info["profile"] for e in entries}
-    # the routed UNet also runs the guided pair and the fused step, so its B reaches 3 * batch_max (CALL_MULTIPLES)
-    for graph, k, top in ((graph_io.UNET, 1, 12), (graph_io.UNET_INJECT, 2, 4), (graph_io.UNET_EMIT, 3, 4)):
+    # the routed UNet also runs the guided batch and the fused step, with a prompt's text rows [cg, neg, null, text],
+    # so its B reaches 4 * batch_max (CALL_MULTIPLES)
+    for graph, k, top in ((graph_io.UNET, 1, 16), (graph_io.UNET_INJECT, 2, 4), (graph_io.UNET_EMIT, 3, 4)):
         prof = by_graph[graph]
         assert prof[graph_io.SAMPLE] == {"min": [k, 4, 8, 8], "opt": [2 * k, 4, 8, 8], "max": [top * k, 4, 8, 8]}
         assert prof[graph_io.ENCODER_HIDDEN_STATES] == {"min": [k, 77, 16], "opt": [2 * k, 77, 16],
@@ -176,13 +177,13 @@ def test_a_dynamic_size_graph_gets_one_profile_over_the_bundles_size_range_or_it
     (entry,), _ = build(root, fake_tensorrt(), "fp16", batch_opt=1)
     # sizes 128x128 .. 1024x768 in multiples of 64, tuned for the example size 512x512 (latent 64x64)
     assert entry.info["profile"][graph_io.SAMPLE] == {"min": [1, 4, 16, 16], "opt": [1, 4, 64, 64],
-                                                "max": [12, 4, 96, 128]}
+                                                "max": [16, 4, 96, 128]}
     assert entry.info["sizes"] == {"min": [2, 2], "opt": [8, 8], "max": [16, 12]}  # [W, H] in multiples
     trt = fake_tensorrt()
     (static,), lines = build(root, trt, "fp16", batch_opt=1, sizes="opt")
     assert "built in" in lines[0] and static.key != entry.key  # another profile: another engine
     assert static.info["profile"][graph_io.SAMPLE] == {"min": [1, 4, 64, 64], "opt": [1, 4, 64, 64],
-                                                 "max": [12, 4, 64, 64]}
+                                                 "max": [16, 4, 64, 64]}
     with pytest.raises(ValueError, match="sizes"):
         trtb.TrtBuildConfig("fp16", sizes="any")
 
@@ -190,7 +191,8 @@ def test_a_dynamic_size_graph_gets_one_profile_over_the_bundles_size_range_or_it
 def test_batch_opt_defaults_to_batch_max(bundle: Path) -> None:
     entries, _ = build(bundle, fake_tensorrt(), "fp16", batch_opt=None)
     by_graph = {e.graph: e.info["batch"] for e in entries}
-    assert by_graph[graph_io.UNET] == {"min": 1, "opt": 4, "max": 12}  # B, the guided pair's 2B, the fused step's 3B
+    # B, the guided batch's 2B (3B with a prompt's text row), the fused step's 3B (4B)
+    assert by_graph[graph_io.UNET] == {"min": 1, "opt": 4, "max": 16}
     assert by_graph[graph_io.UNET_EMIT] == {"min": 1, "opt": 4, "max": 4}
     with pytest.raises(ValueError, match="outside the bundle's batch range"):
         build(bundle, fake_tensorrt(), "bf16", batch_opt=5)

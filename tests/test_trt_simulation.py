@@ -303,10 +303,10 @@ def test_bindings_that_do_not_fit_the_engine_are_refused(sim_bundle: Path, bundl
         with pytest.raises(ValueError, match=rf"output eps is \[1, {C}, 32, 32\] for these input shapes.*\[2, {C}, 32"):
             be.call(graph_io.UNET, {**ok, graph_io.EPS: be.empty((2, *lat))})
         with pytest.raises(ValueError, match=r"outside the engine's optimization profile.*r2r-export build-engines"):
-            be.call(graph_io.UNET, {**ok, graph_io.SAMPLE: be.empty((13, *lat)),
-                                    graph_io.ENCODER_HIDDEN_STATES: be.empty((13, 77, 64)),
-                                    graph_io.EPS: be.empty((13, *lat)),
-                                    graph_io.TAC_SRC: be.empty((13,), np.int64)})  # profile 1..12
+            be.call(graph_io.UNET, {**ok, graph_io.SAMPLE: be.empty((17, *lat)),
+                                    graph_io.ENCODER_HIDDEN_STATES: be.empty((17, 77, 64)),
+                                    graph_io.EPS: be.empty((17, *lat)),
+                                    graph_io.TAC_SRC: be.empty((17,), np.int64)})  # profile 1..16
         host = np.zeros((1, *lat), np.float32)
         with pytest.raises(ValueError, match="not memory of this TensorRT backend"):
             be.call(graph_io.UNET, {**ok, graph_io.SAMPLE: DeviceArray(host.ctypes.data, host.shape, host.dtype, host)})
@@ -432,9 +432,9 @@ def test_simulated_plans_map_back_to_their_graph(sim_bundle: Path) -> None:
     assert names == [graph_io.SAMPLE, graph_io.TIMESTEP, graph_io.ENCODER_HIDDEN_STATES, graph_io.TAC_SRC, graph_io.EPS]
     assert list(engine.get_tensor_shape(graph_io.SAMPLE)) == [-1, C, -1, -1]  # batch and sides free
     assert engine.get_tensor_mode(graph_io.EPS) == trt.TensorIOMode.OUTPUT
-    # batch 1..3x4, sides 64..2048 px (latent 8..256), tuned for batch 4 at the example size 256x256
+    # batch 1..4x4, sides 64..2048 px (latent 8..256), tuned for batch 4 at the example size 256x256
     assert [list(d) for d in engine.get_tensor_profile_shape(graph_io.SAMPLE, 0)] == [[1, C, 8, 8], [4, C, 32, 32],
-                                                                                 [12, C, 256, 256]]
+                                                                                 [16, C, 256, 256]]
     trt.__version__ = "10.8.0.43"  # a plan from another TensorRT version does not deserialize
     assert trt.Runtime(trt.Logger()).deserialize_cuda_engine((sim_bundle / entry.files[0]).read_bytes()) is None
     assert "not compatible with this version of TensorRT" in trt._fake_log[-1]
@@ -466,8 +466,8 @@ def test_tensorrt_engines_pass_their_canaries_and_one_that_holds_other_weights_i
     trt, cudart = gpu_sim.sim_modules(sim_bundle)
     with TrtBackend(bundle, "fp32", trt=trt, cudart=cudart) as backend:
         verified = verify_graphs(backend, bundle, program_graphs(Variant(fused=True), step_graphs=True))
-        assert {r.graph for r in verified.results} == {*graph_io.STEP_GRAPHS, graph_io.VAE_ENCODER, graph_io.UNET,
-                                                       graph_io.VAE_DECODER}
+        assert {r.graph for r in verified.results} == {graph_io.DDIM_STEP, graph_io.GUIDED_STEP, graph_io.VAE_ENCODER,
+                                                       graph_io.UNET, graph_io.VAE_DECODER}
         assert all(r.ok and r.precision == "tf32" for r in verified.results)
     root = copy_bundle(sim_bundle, tmp_path / "bundle")
     negate_conv_kernels(root, graph_io.VAE_DECODER)

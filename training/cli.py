@@ -294,12 +294,13 @@ def pretrain_tiny_cmd(data: Path, out: Path, seed: int, threads: int, vae_steps:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option("--no-progress", is_flag=True)
-@click.option("--text-guidance", "text_guidance", type=click.FloatRange(min=0.0, min_open=True), multiple=True,
+@click.option("--caption-guidance", "caption_guidance", type=click.FloatRange(min=0.0, min_open=True),
+              multiple=True,
               help="Also a row with each test render's caption (its metadata.jsonl text) as the prompt, at this "
                    "text guidance w_t (repeatable; docs/design.md, \"Prompts\").")
 def evaluate_cmd(source: ModelSource, base_model: Path | None, base_embedding: Path | None, data: Path, out: Path,
                  limit: int | None, method: Method, batch_size: int, classifier_steps: int, seed: int,
-                 threads: int | None, no_progress: bool, text_guidance: tuple[float, ...]) -> None:
+                 threads: int | None, no_progress: bool, caption_guidance: tuple[float, ...]) -> None:
     """The ablation on the test split: SSIM/PSNR vs the real ground truth, SSIM vs the render, realism."""
     from dataclasses import replace
 
@@ -312,7 +313,7 @@ def evaluate_cmd(source: ModelSource, base_model: Path | None, base_embedding: P
     resolved = resolve_source(source)
     cfg = EvalConfig(resolved.model, resolved.embedding, data, out, base_model, base_embedding, limit,
                      replace(method, tac_divisor=method.divisor), batch_size, classifier_steps, seed,
-                     progress=not no_progress, text_guidance=text_guidance)
+                     progress=not no_progress, text_guidance=caption_guidance)
     try:
         report = evaluate(cfg)
     except _train_errors() as exc:
