@@ -247,3 +247,16 @@ def test_the_api_takes_one_prompt_per_image_or_one_for_all(runtime, images, tmp_
     assert table.for_input(tmp_path / "x" / "y.png") == "a coat" and table.for_input("s3://b/y.png") == "a coat"
     assert table.for_input(tmp_path / "y" / "z.png") is None
     assert prompts_for(table, [str(tmp_path / "x" / "y.png"), None]) == ["a coat", None]
+
+
+def test_openvino_runs_the_text_rows(tiny_bundle: Path, reference, images) -> None:
+    from r2r.runtime.backend_ov import OpenVinoBackend
+
+    b = open_bundle(tiny_bundle)
+    m = b.method(Method(**QUICK, text_guidance=3.0), True)
+    rows = PromptEncoder(b).rows(PROMPTS, m)
+    assert rows is not None
+    got = text_scheduler(b, OpenVinoBackend(b, "fp32", threads=1), m)(images, text=(rows.cond, rows.weights))
+    for g, e in zip(got, reference(images, m, prompts=PROMPTS), strict=True):
+        print(f"OpenVINO fp32 vs the reference with a prompt: {psnr(g, e):.1f} dB")
+        assert psnr(g, e) >= 45.0
