@@ -77,6 +77,14 @@ class ConditioningCache(Generic[C]):
                 check_prompt(p, self.token)
 
 
+def text_weights(prompts: Sequence[str | None] | None, text_guidance: float) -> list[float] | None:
+    """Each image's text guidance in a batch (0 for one without a prompt), or None where the batch has no text rows:
+    no image has a prompt, or w_t is 0 (the paper's program exactly). The one rule of when text rows exist."""
+    if text_guidance == 0 or not prompts or not any(prompts):
+        return None
+    return [text_guidance if p else 0.0 for p in prompts]
+
+
 # A prompts file is small text: one record per image. Past this it is not one (a hostile or mistaken path).
 MAX_PROMPTS_FILE_BYTES = 64 << 20
 MAX_PROMPT_CHARS = 4096  # far past 77 tokens: a longer "prompt" is not one
@@ -139,4 +147,4 @@ class PromptTable:
 
 
 __all__ = ["MAX_PROMPTS_FILE_BYTES", "MAX_PROMPT_CHARS", "PROMPT_CACHE", "ConditioningCache", "PromptError",
-           "PromptTable", "check_prompt", "tokenize", "words"]
+           "PromptTable", "check_prompt", "text_weights", "tokenize", "words"]

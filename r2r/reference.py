@@ -19,7 +19,7 @@ import torch
 from r2r.config import Inversion, Method
 from r2r.imageio import to_model_input
 from r2r.models import Components, encode_conditioning, load_embedding
-from r2r.prompts import ConditioningCache
+from r2r.prompts import ConditioningCache, text_weights
 from r2r.schedule import Schedule, ddim_transfer, guide, make_schedule
 from r2r.step_cache import full_calls, shallow_layers, unet_split
 from r2r.tac import TACMode, TACPlan, TACState, install_tac, plan_tac, tac_window
@@ -95,12 +95,12 @@ class ReferencePipeline:
         paper's program exactly)."""
         if prompts is not None and len(prompts) != batch:
             raise ValueError(f"{len(prompts)} prompts for {batch} images")
-        if method.text_guidance == 0 or not prompts or not any(prompts):
+        weights = text_weights(prompts, method.text_guidance)
+        if prompts is None or weights is None:
             return None, None
         self.prompts.check(prompts)
         c_text = torch.cat([self.prompts(p) if p else self.c_null for p in prompts])
-        w_text = torch.tensor([method.text_guidance if p else 0.0 for p in prompts], dtype=self.dtype,
-                              device=self.device).view(-1, 1, 1, 1)
+        w_text = torch.tensor(weights, dtype=self.dtype, device=self.device).view(-1, 1, 1, 1)
         return c_text, w_text
 
     @property

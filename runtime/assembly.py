@@ -26,6 +26,7 @@ from r2r.config import Inversion, Method, Variant
 from r2r.errors import FlagError
 from r2r.log import log
 from r2r.models import EMBEDDED_DEFAULT, EMBEDDING_FILE, default_resolution, model_defaults, sha256_file
+from r2r.prompts import text_weights
 from r2r.runtime.bundle_reader import Bundle, open_bundle
 from r2r.runtime.device import Backend
 from r2r.runtime.prompt_encoder import PromptEncoder, TextRows
@@ -337,8 +338,8 @@ class SchedulerCache:
 
     def text_rows(self, prompts: Prompts, method: Method) -> TextRows | None:
         """The batch's text rows (None: the program without them)."""
-        if method.text_guidance == 0 or not prompts or not any(prompts):
-            return None
+        if prompts is None or text_weights(prompts, method.text_guidance) is None:
+            return None  # no encoder opened for a batch without text rows
         return self.encoder().rows(prompts, method)
 
     def put(self, key: Any, scheduler: Any) -> None:

@@ -17,7 +17,7 @@ from r2r import graph_io
 from r2r.config import Method
 from r2r.errors import R2RError
 from r2r.manifest import BundleError, bundle_path
-from r2r.prompts import ConditioningCache
+from r2r.prompts import ConditioningCache, text_weights
 from r2r.runtime.bundle_reader import Bundle
 
 # How far the empty prompt's encoding may be from the bundle's c_null (both fp32, the same weights: only the order
@@ -38,12 +38,6 @@ class TextRows:
     weights: np.ndarray  # [k] float32
 
 
-def missing_encoder_message(bundle: Bundle) -> str:
-    return (f"{bundle.root}: the bundle has no text encoder, so it cannot take a prompt; export one with it: "
-            f"`r2r-export onnx --text-encoder --out {bundle.root}` with its model (or run without --engine: r2r-run "
-            "exports it into its cache)")
-
-
 class PromptEncoder:
     """prompt -> conditioning [1, 77, d], with the bundle's text encoder and tokenizer."""
 
@@ -55,7 +49,9 @@ class PromptEncoder:
 
         entry = bundle.manifest.text_encoder
         if not entry:
-            raise BundleError(missing_encoder_message(bundle))
+            raise BundleError(f"{bundle.root}: the bundle has no text encoder, so it cannot take a prompt; export one "
+                              f"with it: `r2r-export onnx --text-encoder --out {bundle.root}` with its model (or run "
+                              "without --engine: r2r-run exports it into its cache)")
         self.bundle = bundle
         tokenizer = CLIPTokenizer.from_pretrained(bundle_path(bundle.root, entry["tokenizer"]), local_files_only=True)
         self.session = open_session(ort, bundle_path(bundle.root, entry["file"]), threads, ["CPUExecutionProvider"])
@@ -79,12 +75,12 @@ class PromptEncoder:
     def rows(self, prompts: Sequence[str | None], method: Method) -> TextRows | None:
         """The text rows of a batch (None where no image has a prompt or w_t is 0: the program without text rows,
         the paper's exactly)."""
-        if method.text_guidance == 0 or not any(prompts):
+        weights = text_weights(prompts, method.text_guidance)
+        if weights is None:
             return None
         self.check(prompts)
         cond = np.concatenate([self.cache(p) if p else self.bundle.c_null for p in prompts])
-        weights = np.asarray([method.text_guidance if p else 0.0 for p in prompts], np.float32)
-        return TextRows(cond, weights)
+        return TextRows(cond, np.asarray(weights, np.float32))
 
 
-__all__ = ["PromptEncoder", "PromptEncoderError", "TextRows", "missing_encoder_message"]
+__all__ = ["PromptEncoder", "PromptEncoderError", "TextRows"]

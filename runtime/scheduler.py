@@ -246,11 +246,9 @@ class CoupledScheduler:
         """The last generation step's latents [B, C, h, w] (what the decoder reads)."""
         return self.pair(self.schedule.n)[:self.batch]
 
-    def upload_text(self, cond: np.ndarray, weights: np.ndarray) -> None:
+    def _upload_text(self, cond: np.ndarray, weights: np.ndarray) -> None:
         """A batch's text rows (runtime.prompt_encoder.TextRows: [k, 77, d] and [k], k <= B; padded like the
         images) into the guided and fused batches' text blocks."""
-        if not self.text:
-            raise ValueError("this program has no text rows; build it with text=True")
         b, k = self.batch, cond.shape[0]
         if not 1 <= k <= b or weights.shape != (k,):
             raise ValueError(f"text rows of {k} conditionings and {weights.shape} weights for a batch of {b}")
@@ -275,7 +273,7 @@ class CoupledScheduler:
         if text is not None:
             if text[0].shape[0] != k:
                 raise ValueError(f"text rows for {text[0].shape[0]} images, {k} given")
-            self.upload_text(*text)
+            self._upload_text(*text)
         x = np.stack([to_model_input(im) for im in images] + [to_model_input(images[-1])] * (self.batch - k))
         self.backend.upload(self.image_in, x)
         if on_step is not None and self.backend.reports_steps:

@@ -302,20 +302,18 @@ def stream_batches(paths: Iterable[Location], runtime: Runtime, batch_size: int,
     yield from failed
 
 
-def prompt_of(prompts: str | PromptTable | None, path: Location) -> str | None:
-    """An input's prompt: the one for all, its record in a table, or none."""
+def prompt_of(prompts: str | PromptTable | None, path: Location | os.PathLike[str] | None) -> str | None:
+    """An input's prompt: the one for all, its record in a table (none for an image not given by path), or none."""
     if isinstance(prompts, PromptTable):
-        return prompts.for_input(path)
+        return None if path is None else prompts.for_input(path)
     return prompts or None
 
 
 def prompts_for(prompts: PromptsLike, paths: Sequence[str | os.PathLike[str] | None]) -> list[str | None]:
     """One prompt (or None) per image: `prompts` for all, per image, or from a table by each path-given image's
     name."""
-    if prompts is None or isinstance(prompts, str):
-        return [prompts or None] * len(paths)
-    if isinstance(prompts, PromptTable):
-        return [None if p is None else prompts.for_input(p) for p in paths]
+    if prompts is None or isinstance(prompts, str | PromptTable):
+        return [prompt_of(prompts, p) for p in paths]
     given = list(prompts)
     if len(given) != len(paths):
         raise FlagError(f"{len(given)} prompts for {len(paths)} images: give one per image, or one string for all")
